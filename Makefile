@@ -1,0 +1,18 @@
+# The two commands of the README:
+#   make quickstart   set everything up and run the main job on the embedded default corpus
+#   make test         set everything up and run the test suite (what CI runs)
+PY ?= python3
+
+.PHONY: install quickstart test bench
+
+# torch==2.13.0 is the CPU build on machines without CUDA; a bare `torch` requirement with no
+# torch installed would pull a multi-GB CUDA build.
+install:
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+
+quickstart: install
+	$(PY) -m megalite quickstart --output-dir runs/quickstart
+
+test: install
+	$(PY) -m pytest tests

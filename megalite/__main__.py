@@ -1,0 +1,3 @@
+from megalite.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Build and install megalite, including the C++ extension ``megalite._C``.
+
+``pip install .`` (or ``pip install -e .``) compiles every ``csrc/*.cpp`` into one pybind11
+module with -O3 and C++17; nothing is compiled at run time.
+
+Install ``torch==2.13.0`` (CPU build) first on machines without CUDA: a bare ``torch``
+requirement with no torch installed pulls a multi-GB CUDA build.
+"""
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext = Pybind11Extension(
+    "megalite._C",
+    sorted(glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+)
+
+setup(
+    name="megalite",
+    version="0.1.0",
+    description="Megatron-style distributed pretraining for Transformer language models",
+    packages=find_packages(include=["megalite", "megalite.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "pyyaml",
+    ],
+    extras_require={
+        "hf": ["transformers", "safetensors"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "transformers", "safetensors"],
+    },
+    entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
+)
