@@ -263,15 +263,15 @@ class IndexedDataset:
                 f"documents={self.num_documents}, tokens={self.num_tokens})")
 
 
-def _token_array(tokens, what: str = "tokens") -> np.ndarray:
+def _token_array(tokens, prefix: str) -> np.ndarray:
     """A 1-D, contiguous integer array over ``tokens`` (no copy when it already is one)."""
     arr = np.asarray(tokens)
     if arr.size == 0 and arr.dtype.kind == "f":
         arr = arr.astype(np.int64)  # np.asarray([]) is float64
     if arr.dtype.kind not in "iu":
-        raise DataFormatError(f"{what} must be integers, got dtype {arr.dtype}")
+        raise DataFormatError(f"{prefix}: token ids must be integers, got dtype {arr.dtype}")
     if arr.ndim != 1:
-        raise DataFormatError(f"{what} must be 1-D, got shape {arr.shape}")
+        raise DataFormatError(f"{prefix}: tokens must be 1-D, got shape {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
@@ -326,13 +326,13 @@ class IndexedDatasetBuilder:
         ``sentence_lengths`` splits it into sequences (must sum to ``len(tokens)``); None makes the
         whole document one sequence. ``mode``: one int8 for all sequences, or one per sequence
         (multimodal builders only; otherwise it must be 0)."""
-        arr = _token_array(tokens)
+        arr = _token_array(tokens, self.prefix)
         lengths = [len(arr)] if sentence_lengths is None else [int(x) for x in sentence_lengths]
         self._call(self._impl.add_document, arr, lengths, self._modes(mode))
 
     def add_item(self, tokens, mode: int = 0) -> None:
         """Appends one sequence; the document stays open until :meth:`end_document`."""
-        self._call(self._impl.add_item, _token_array(tokens), int(mode))
+        self._call(self._impl.add_item, _token_array(tokens, self.prefix), int(mode))
 
     def end_document(self) -> None:
         self._call(self._impl.end_document)
