@@ -1,0 +1,206 @@
+"""Tokenizers behind one small interface, selected by Megatron-LM's ``--tokenizer-type`` names.
+
+=========================  ===========================  ==========================================
+``--tokenizer-type``       file flag                    library, end-of-document id (``eod``)
+=========================  ===========================  ==========================================
+SentencePieceTokenizer     ``--tokenizer-model M.model``  sentencepiece; the model's eos (``</s>``)
+BertWordPieceLowerCase     ``--vocab-file vocab.txt``   tokenizers WordPiece (lower-cased); ``[SEP]``
+BertWordPieceCase          ``--vocab-file vocab.txt``   tokenizers WordPiece (cased); ``[SEP]``
+HuggingFaceTokenizer       ``--tokenizer-model tokenizer.json`` (or its directory)
+                                                        tokenizers; eos from ``tokenizer_config.json``
+                                                        next to it, else ``</s>``/``<|endoftext|>``/...
+=========================  ===========================  ==========================================
+
+``encode`` never adds special tokens (no BOS, no [CLS]/[SEP]): a pretraining document is its
+text's ids, and the document boundary is the ``eod`` id that ``preprocess --append-eod`` appends.
+
+``encode_batch`` runs on the calling thread only: the preprocessing tool gets its parallelism
+from worker processes, and a tokenizer that starts its own threads would oversubscribe the cores
+(for the ``tokenizers`` library set ``TOKENIZERS_PARALLELISM=false`` in such processes).
+"""
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+from megalite.errors import MegaliteError
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
+                   "HuggingFaceTokenizer")
+
+# End-of-document candidates for a bare tokenizer.json, most common first.
+_HF_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. ``vocab_size`` bounds every id; ``eod`` ends a document."""
+
+    vocab_size: int
+    eod: int
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, no special tokens added."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``, possibly faster; single-threaded."""
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (special tokens kept)."""
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` (e.g. one written by ``megalite train-tokenizer``)."""
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        self.model_file = model_file
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.load(model_file)
+        except (OSError, RuntimeError) as e:
+            raise MegaliteError(f"--tokenizer-model {model_file}: not a SentencePiece model ({e})")
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod = self._sp.eos_id()
+        if self.eod < 0:
+            raise MegaliteError(f"--tokenizer-model {model_file}: the model has no end-of-sentence "
+                                f"piece (eos_id is -1); retrain it with an eos, e.g. with "
+                                f"`megalite train-tokenizer`")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class _HFTokenizersTokenizer(Tokenizer):
+    """Shared code for tokenizers built on the Hugging Face ``tokenizers`` library."""
+
+    _tok = None  # a tokenizers.Tokenizer, set by the subclass
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class BertWordPieceTokenizer(_HFTokenizersTokenizer):
+    """BERT WordPiece from a ``vocab.txt`` (one token per line), cased or lower-cased.
+
+    BERT's basic tokenisation (clean-up, CJK characters split apart, punctuation split, accents
+    stripped when lower-casing) then greedy longest-match WordPiece with ``##`` continuations.
+    """
+
+    def __init__(self, vocab_file: str, lower_case: bool):
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+        try:
+            vocab = models.WordPiece.read_file(vocab_file)
+        except Exception as e:  # the Rust side raises a plain Exception on I/O or format errors
+            raise MegaliteError(f"--vocab-file {vocab_file}: cannot read the WordPiece vocab ({e})")
+        for special in ("[UNK]", "[SEP]"):
+            if special not in vocab:
+                raise MegaliteError(f"--vocab-file {vocab_file}: no {special} token in the vocab")
+        tok = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lower_case)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        self._tok = tok
+        self.vocab_file = vocab_file
+        self.lower_case = lower_case
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eod = vocab["[SEP]"]
+
+
+class HuggingFaceTokenizer(_HFTokenizersTokenizer):
+    """A ``tokenizer.json`` (a file, or a directory that holds one) loaded with ``tokenizers``.
+
+    ``eod``: the ``eos_token`` of a ``tokenizer_config.json`` in the same directory if there is
+    one, else the first of ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``... found
+    in the vocabulary.
+    """
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise MegaliteError(f"--tokenizer-model {path}: no tokenizer.json there")
+        try:
+            self._tok = HFTokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a plain Exception for bad JSON
+            raise MegaliteError(f"--tokenizer-model {file}: not a tokenizers JSON file ({e})")
+        self.tokenizer_file = file
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos = _configured_eos(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
+        candidates = (eos,) if eos else _HF_EOS_CANDIDATES
+        for token in candidates:
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                self.eod = token_id
+                return
+        raise MegaliteError(f"--tokenizer-model {file}: no end-of-document token; looked for "
+                            f"{', '.join(candidates)}")
+
+
+def _configured_eos(config_file: str) -> str | None:
+    """``eos_token`` of a transformers ``tokenizer_config.json`` (a string or an AddedToken dict)."""
+    if not os.path.isfile(config_file):
+        return None
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+    except (OSError, ValueError, AttributeError) as e:
+        raise MegaliteError(f"{config_file}: cannot read eos_token ({e})")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
+
+
+def _require_file(flag: str, path: str | None, tokenizer_type: str, directory_ok=False) -> str:
+    if not path:
+        raise MegaliteError(f"--tokenizer-type {tokenizer_type} needs {flag}")
+    if not (os.path.isfile(path) or (directory_ok and os.path.isdir(path))):
+        raise MegaliteError(f"{flag} {path}: no such file")
+    return path
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
+                    vocab_file: str | None = None) -> Tokenizer:
+    """The tokenizer named by ``tokenizer_type`` (one of :data:`TOKENIZER_TYPES`).
+
+    Raises :class:`MegaliteError` naming the flag for an unknown type, a missing file, or a file
+    flag the type does not use (``--vocab-file`` for a model-file type and vice versa).
+    """
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise MegaliteError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
+                            f"{', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+        if vocab_file:
+            raise MegaliteError(f"--vocab-file is not used by --tokenizer-type {tokenizer_type}; "
+                                f"pass the model with --tokenizer-model")
+        if tokenizer_type == "SentencePieceTokenizer":
+            return SentencePieceTokenizer(
+                _require_file("--tokenizer-model", tokenizer_model, tokenizer_type))
+        return HuggingFaceTokenizer(
+            _require_file("--tokenizer-model", tokenizer_model, tokenizer_type, directory_ok=True))
+    if tokenizer_model:
+        raise MegaliteError(f"--tokenizer-model is not used by --tokenizer-type {tokenizer_type}; "
+                            f"pass the vocab with --vocab-file")
+    return BertWordPieceTokenizer(_require_file("--vocab-file", vocab_file, tokenizer_type),
+                                  lower_case=tokenizer_type == "BertWordPieceLowerCase")

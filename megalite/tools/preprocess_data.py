@@ -1,0 +1,332 @@
+"""``megalite preprocess`` (also ``tools/preprocess/preprocess_data.py``): jsonl -> .bin/.idx.
+
+Data flow: the parent streams the input as chunks of whole lines (about ``--chunk-bytes`` each)
+and keeps at most ``4 x --workers`` chunks in flight; worker processes parse and tokenise a chunk
+and return flat numpy token arrays; the parent takes the results back in submission order and
+appends each document through the C++ MMIDIDX writer. Order is fixed by the chunk sequence, so the
+output bytes are the same for any ``--workers``, and memory stays bounded whatever the input size.
+
+Shards (``--shard-index i --num-shards n``) follow :mod:`megalite.tools.jsonl_input`'s rule: a
+contiguous byte slice of the sorted inputs, lines owned by the shard holding their first byte,
+``.gz`` files assigned whole.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import contextlib
+import itertools
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megalite.errors import MegaliteError
+from megalite.tools.jsonl_input import ChunkReader, parse_line, plan_shard, resolve_inputs, split_lines
+
+MAX_SHOWN_SKIPS = 10  # skipped lines reported one by one before only counting them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megalite preprocess",
+        description="Tokenize jsonl into Megatron-compatible MMIDIDX token files "
+                    "OUTPUT_PREFIX_{KEY}_document.bin/.idx (uint16 tokens when the vocabulary has "
+                    "fewer than 65,500 entries, else int32). One document per jsonl line; blank "
+                    "lines are ignored. Sentence splitting (Megatron's --split-sentences) is not "
+                    "supported: every document is one sequence.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                   help="jsonl or jsonl.gz files, globs (quote them) or directories; all matches "
+                        "are read in sorted path order")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys to tokenize; one output dataset per key (a line must have them all)")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed lines (bad JSON or UTF-8, missing key, non-string or empty "
+                        "value) and count them per reason; default: stop with FILE:LINE: reason")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="NOT SUPPORTED (kept so Megatron command lines fail with a clear message)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True,
+                   help="SentencePieceTokenizer | HuggingFaceTokenizer (with --tokenizer-model) | "
+                        "BertWordPieceLowerCase | BertWordPieceCase (with --vocab-file)")
+    g.add_argument("--tokenizer-model", help="SentencePiece .model, or tokenizer.json (or its directory)")
+    g.add_argument("--vocab-file", help="WordPiece vocab.txt")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append the end-of-document id (SentencePiece eos, [SEP], HF eos) to each document")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True,
+                   help="output datasets are OUTPUT_PREFIX_{KEY}_document (sharded runs: "
+                        "OUTPUT_PREFIX_shardIIIII-of-NNNNN_{KEY}_document)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+    g.add_argument("--log-interval", type=int, default=1000,
+                   help="print progress on stderr every this many documents")
+    g.add_argument("--chunk-bytes", type=int, default=1 << 20,
+                   help="input bytes per work item sent to a worker")
+    g = p.add_argument_group("sharding (e.g. one SLURM array task per shard)")
+    g.add_argument("--shard-index", type=int, default=0, help="which shard this run writes, 0-based")
+    g.add_argument("--num-shards", type=int, default=1,
+                   help="split the input into this many contiguous shards: the sorted files are "
+                        "treated as one byte stream cut into equal byte ranges; a line belongs to "
+                        "the shard holding its first byte, a .gz file goes whole to the shard "
+                        "holding its first byte. `megalite merge-datasets` over shards 0..N-1 in "
+                        "order gives exactly the unsharded output")
+    return p
+
+
+def output_prefixes(output_prefix: str, keys, shard_index: int = 0, num_shards: int = 1) -> list[str]:
+    """The dataset prefix written for each key (shard-tagged when ``num_shards > 1``)."""
+    base = output_prefix
+    if num_shards > 1:
+        base = f"{output_prefix}_shard{shard_index:05d}-of-{num_shards:05d}"
+    return [f"{base}_{key}_document" for key in keys]
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+@dataclass
+class _WorkerConfig:
+    """What a worker process needs to rebuild the tokenizer and encode chunks."""
+
+    tokenizer_type: str
+    """``--tokenizer-type``."""
+    tokenizer_model: str | None
+    """``--tokenizer-model``."""
+    vocab_file: str | None
+    """``--vocab-file``."""
+    keys: list
+    """``--json-keys``."""
+    append_eod: bool
+    """Append the tokenizer's eod to each document."""
+    dtype: str
+    """numpy dtype name of the output tokens."""
+    skip_bad_lines: bool
+    """Keep going past bad lines (else stop the chunk at the first)."""
+
+
+@dataclass
+class ChunkResult:
+    """Tokens of one chunk. ``tokens[k]``: 1-D, all documents of key k back to back;
+    ``lengths[k]``: int64 ``[documents]``; ``bad``: ``(line offset in the piece, reason, message)``."""
+
+    tokens: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    documents: int = 0
+    blank: int = 0
+    bad: list = field(default_factory=list)
+
+
+class _ChunkEncoder:
+    """Parses and tokenises chunks; one per worker process (or used directly, in-process)."""
+
+    def __init__(self, cfg: _WorkerConfig):
+        from megalite.data.tokenizers import build_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file)
+        self.dtype = np.dtype(cfg.dtype)
+
+    def __call__(self, line_offset: int, data: bytes) -> ChunkResult:
+        cfg, result = self.cfg, ChunkResult()
+        texts = [[] for _ in cfg.keys]
+        for i, line in enumerate(split_lines(data)):
+            values, bad = parse_line(line, cfg.keys)
+            if values is None:
+                if bad is None:
+                    result.blank += 1
+                    continue
+                result.bad.append((line_offset + i, *bad))
+                if not cfg.skip_bad_lines:
+                    return result
+                continue
+            for column, value in zip(texts, values):
+                column.append(value)
+        result.documents = len(texts[0])
+        for column in texts:
+            ids = self.tokenizer.encode_batch(column)
+            if cfg.append_eod:
+                eod = self.tokenizer.eod
+                for doc in ids:
+                    doc.append(eod)
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype,
+                               count=int(lengths.sum()))
+            result.tokens.append(flat)
+            result.lengths.append(lengths)
+        return result
+
+
+# The worker process's encoder: a ProcessPoolExecutor initializer can only leave state behind
+# in a module global. Set in worker processes only, never in the parent.
+_worker_encoder: _ChunkEncoder | None = None
+
+
+def _init_worker(cfg: _WorkerConfig) -> None:
+    global _worker_encoder
+    # Parallelism comes from the worker processes; a tokenizer's own thread pool would
+    # oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = _ChunkEncoder(cfg)
+
+
+def _encode_in_worker(line_offset: int, data: bytes) -> ChunkResult:
+    return _worker_encoder(line_offset, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+
+class _Progress:
+    """Counts and the periodic progress line on stderr."""
+
+    def __init__(self, total_bytes: int, log_interval: int):
+        self.t0 = time.perf_counter()
+        self.total_bytes = total_bytes
+        self.log_interval = log_interval
+        self.documents = self.tokens = self.blank = 0
+        self.skipped = collections.Counter()
+        self.shown_skips = 0
+        self._next_log = log_interval
+
+    def maybe_log(self, bytes_done: int) -> None:
+        if self.documents < self._next_log:
+            return
+        self._next_log = (self.documents // self.log_interval + 1) * self.log_interval
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        line = (f"{self.documents} docs, {self.tokens} tokens | {bytes_done / dt / 1e6:.2f} MB/s, "
+                f"{self.documents / dt:.0f} docs/s, {self.tokens / dt:.0f} tokens/s")
+        if self.total_bytes > 0 and bytes_done > 0:
+            frac = min(bytes_done / self.total_bytes, 1.0)
+            line += f" | {100 * frac:.1f}% of input, ETA {dt * (1 - frac) / frac:.0f} s"
+        print(line, file=sys.stderr, flush=True)
+
+
+def _check_args(args) -> None:
+    if args.split_sentences:
+        raise MegaliteError("--split-sentences is not supported: each jsonl line is one document "
+                            "and one sequence")
+    if args.workers < 1:
+        raise MegaliteError(f"--workers {args.workers}: must be at least 1")
+    if args.log_interval < 1:
+        raise MegaliteError(f"--log-interval {args.log_interval}: must be at least 1")
+    if args.chunk_bytes < 1:
+        raise MegaliteError(f"--chunk-bytes {args.chunk_bytes}: must be at least 1")
+    if args.num_shards < 1:
+        raise MegaliteError(f"--num-shards {args.num_shards}: must be at least 1")
+    if not 0 <= args.shard_index < args.num_shards:
+        raise MegaliteError(f"--shard-index {args.shard_index}: must be in [0, {args.num_shards})")
+    if len(set(args.json_keys)) != len(args.json_keys):
+        raise MegaliteError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated")
+
+
+class _ChunkStream:
+    """``(reader, line_offset, data)`` over all pieces in order, with the bytes read so far."""
+
+    def __init__(self, pieces, chunk_bytes: int):
+        self.pieces, self.chunk_bytes = pieces, chunk_bytes
+        self._finished_bytes = 0
+        self._reader = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self._finished_bytes + (self._reader.consumed if self._reader else 0)
+
+    def __iter__(self):
+        for piece in self.pieces:
+            self._reader = ChunkReader(piece, self.chunk_bytes)
+            for line_offset, data in self._reader:
+                yield self._reader, line_offset, data
+            self._finished_bytes += self._reader.consumed
+            self._reader = None
+
+
+def preprocess(args: argparse.Namespace) -> dict:
+    """Run the tool for parsed ``args``; return the summary (also used by the benchmark)."""
+    from megalite.data.indexed import IndexedDatasetBuilder, best_dtype
+    from megalite.data.tokenizers import build_tokenizer
+
+    _check_args(args)
+    files = resolve_inputs(args.input)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file)
+    dtype = np.dtype(best_dtype(tokenizer.vocab_size))
+    cfg = _WorkerConfig(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                        list(args.json_keys), args.append_eod, dtype.name, args.skip_bad_lines)
+    pieces = plan_shard(files, args.shard_index, args.num_shards)
+    prefixes = output_prefixes(args.output_prefix, args.json_keys, args.shard_index, args.num_shards)
+    progress = _Progress(sum(p.end - p.start for p in pieces), args.log_interval)
+    stream = _ChunkStream(pieces, args.chunk_bytes)
+
+    def consume(reader, result: ChunkResult, builders) -> None:
+        for offset, reason, message in result.bad:
+            where = f"{reader.piece.path}:{reader.line_number(offset)}"
+            if not args.skip_bad_lines:
+                raise MegaliteError(f"{where}: {message}")
+            progress.skipped[reason] += 1
+            if progress.shown_skips < MAX_SHOWN_SKIPS:
+                progress.shown_skips += 1
+                more = " (further skipped lines are only counted)" if progress.shown_skips == MAX_SHOWN_SKIPS else ""
+                print(f"skipped {where}: {message}{more}", file=sys.stderr)
+        for builder, flat, lengths in zip(builders, result.tokens, result.lengths):
+            start = 0
+            for n in lengths.tolist():
+                builder.add_document(flat[start:start + n])
+                start += n
+        progress.documents += result.documents
+        progress.tokens += sum(int(flat.size) for flat in result.tokens)
+        progress.blank += result.blank
+        progress.maybe_log(stream.bytes_read)
+
+    with contextlib.ExitStack() as stack:
+        builders = [stack.enter_context(IndexedDatasetBuilder(p, dtype)) for p in prefixes]
+        pool = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(cfg,))
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        window = collections.deque()  # (reader, future) in submission order
+
+        def drain(keep: int) -> None:
+            while len(window) > keep:
+                reader, future = window.popleft()
+                try:
+                    result = future.result()
+                except cf.process.BrokenProcessPool as e:
+                    raise MegaliteError(f"a tokenizer worker process died ({e}); out of memory? "
+                                        f"try fewer --workers") from None
+                consume(reader, result, builders)
+
+        max_in_flight = 4 * args.workers
+        for reader, line_offset, data in stream:
+            window.append((reader, pool.submit(_encode_in_worker, line_offset, data)))
+            drain(max_in_flight - 1)
+        drain(0)
+        for builder in builders:
+            builder.finalize()
+    elapsed = time.perf_counter() - progress.t0
+    return {"documents": progress.documents, "tokens": progress.tokens, "blank_lines": progress.blank,
+            "skipped": dict(progress.skipped), "seconds": elapsed, "input_files": files,
+            "input_bytes": progress.total_bytes, "outputs": prefixes, "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    s = preprocess(args)
+    dt = max(s["seconds"], 1e-9)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(s["skipped"].items())) or "none"
+    outputs = "\n".join(f"  {p}.bin  {p}.idx" for p in s["outputs"])
+    shard = f" (shard {args.shard_index} of {args.num_shards})" if args.num_shards > 1 else ""
+    print(f"done{shard}: {s['documents']} documents, {s['tokens']} tokens ({s['dtype']}) in {dt:.1f} s, "
+          f"{s['tokens'] / dt:.0f} tokens/s, {s['input_bytes'] / dt / 1e6:.2f} MB/s; "
+          f"skipped lines: {sum(s['skipped'].values())} ({skipped}); blank lines: {s['blank_lines']}\n"
+          f"wrote:\n{outputs}", file=sys.stderr)
+    if s["documents"] == 0:
+        print("warning: no documents were written (empty input or shard)", file=sys.stderr)
+    return 0

@@ -1,0 +1,153 @@
+"""``megalite train-tokenizer``: train a SentencePiece model from jsonl text.
+
+The text streams to SentencePiece through a sentence iterator (each non-empty line of each
+document is one "sentence"); no whole-corpus temporary file is written. SentencePiece itself
+samples ``--input-sentence-size`` sentences (reservoir sampling, seeded by ``--seed``) when the
+corpus is larger, which bounds memory.
+
+Special pieces are always: ``<unk>`` 0, ``<s>`` 1 (bos), ``</s>`` 2 (eos: the end-of-document
+id of ``SentencePieceTokenizer``), ``<pad>`` 3. ``PREFIX.model`` and ``PREFIX.vocab`` are
+written under temporary names and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from megalite.errors import MegaliteError
+from megalite.tools.jsonl_input import iter_records, resolve_inputs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megalite train-tokenizer",
+        description="Train a SentencePiece tokenizer (BPE or unigram) from jsonl files; writes "
+                    "OUTPUT_PREFIX.model and OUTPUT_PREFIX.vocab. Special ids: <unk> 0, <s> 1, "
+                    "</s> 2 (eos, used as end-of-document), <pad> 3.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                   help="jsonl or jsonl.gz files, globs (quote them) or directories")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys whose string values are training text")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--vocab-size", type=int, default=32000, help="pieces in the model, specials included")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="fraction of characters the pieces must cover; rarer characters become "
+                        "<unk> (or bytes with --byte-fallback). 0.9995 suits large character sets "
+                        "(Chinese, Japanese); use 1.0 for small alphabets (English, European languages)")
+    p.add_argument("--input-sentence-size", type=int, default=0,
+                   help="train on a random sample of this many sentences (lines); 0 = all")
+    p.add_argument("--max-sentence-length", type=int, default=8192,
+                   help="lines longer than this many bytes are skipped by SentencePiece")
+    p.add_argument("--byte-fallback", action="store_true",
+                   help="add the 256 byte pieces, so unseen characters decompose into bytes instead of <unk>")
+    p.add_argument("--normalization", default="nmt_nfkc",
+                   choices=("nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"),
+                   help="SentencePiece normalization rule (identity keeps the text as it is)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of SentencePiece's random generator")
+    p.add_argument("--num-threads", type=int, default=min(16, os.cpu_count() or 1),
+                   help="SentencePiece trainer threads")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed lines (counted in the summary) instead of stopping at the first")
+    p.add_argument("--verbose", action="store_true", help="show SentencePiece's own progress log")
+    return p
+
+
+class _Sentences:
+    """Iterator over the non-empty lines of every document; remembers an error to re-raise.
+
+    SentencePiece's C++ side calls this; an exception escaping into it would be reported as a
+    generic training failure, so it is stored and re-raised after training stops.
+    """
+
+    def __init__(self, records):
+        self._records = iter(records)
+        self._lines = iter(())
+        self.error: BaseException | None = None
+        self.documents = 0
+        self.sentences = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            for line in self._lines:
+                line = line.strip()
+                if line:
+                    self.sentences += 1
+                    return line
+            try:
+                texts = next(self._records)
+            except StopIteration:
+                raise
+            except BaseException as e:  # noqa: BLE001 - re-raised by train()
+                self.error = e
+                raise StopIteration
+            self.documents += 1
+            self._lines = iter([ln for t in texts for ln in t.splitlines()])
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train and write the model; return a summary dict."""
+    import sentencepiece as spm
+
+    if args.vocab_size < 8:
+        raise MegaliteError(f"--vocab-size {args.vocab_size} is too small")
+    if not 0.0 < args.character_coverage <= 1.0:
+        raise MegaliteError(f"--character-coverage {args.character_coverage} is not in (0, 1]")
+    files = resolve_inputs(args.input)
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise MegaliteError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist")
+    skipped: dict = {}
+    sentences = _Sentences(iter_records(files, args.json_keys, args.skip_bad_lines, skipped))
+    tmp_dir = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=out_dir)
+    tmp_prefix = os.path.join(tmp_dir, "model")
+    t0 = time.perf_counter()
+    try:
+        spm.set_random_generator_seed(args.seed)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences, model_prefix=tmp_prefix, vocab_size=args.vocab_size,
+                model_type=args.model_type, character_coverage=args.character_coverage,
+                input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
+                max_sentence_length=args.max_sentence_length, byte_fallback=args.byte_fallback,
+                normalization_rule_name=args.normalization, num_threads=args.num_threads,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+                minloglevel=0 if args.verbose else 1)
+        except RuntimeError as e:
+            if sentences.error is not None:
+                raise sentences.error from None
+            hint = " (lower --vocab-size)" if "vocab" in str(e).lower() else ""
+            raise MegaliteError(f"SentencePiece training failed: {str(e).strip()}{hint}") from None
+        if sentences.error is not None:
+            raise sentences.error
+        if sentences.sentences == 0:
+            raise MegaliteError(f"--input: no text found under --json-keys {' '.join(args.json_keys)}")
+        outputs = []
+        for ext in (".model", ".vocab"):
+            os.replace(tmp_prefix + ext, args.output_prefix + ext)
+            outputs.append(args.output_prefix + ext)
+    finally:
+        for name in os.listdir(tmp_dir):
+            os.unlink(os.path.join(tmp_dir, name))
+        os.rmdir(tmp_dir)
+    return {"documents": sentences.documents, "sentences": sentences.sentences,
+            "skipped": skipped, "seconds": time.perf_counter() - t0, "outputs": outputs}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = train(args)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary["skipped"].items())) or "none"
+    print(f"trained a {args.model_type} SentencePiece model, vocab {args.vocab_size}, on "
+          f"{summary['documents']} documents ({summary['sentences']} lines) in "
+          f"{summary['seconds']:.1f} s; skipped lines: {skipped}\n"
+          f"wrote {' and '.join(summary['outputs'])}", file=sys.stderr)
+    return 0
