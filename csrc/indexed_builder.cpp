@@ -29,6 +29,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -225,11 +226,13 @@ class IndexedDatasetBuilder {
     if (multimodal_) modes_.push_back(int8_t(mode));
   }
 
-  // A whole document: its tokens split into sequences of `lengths` (which must sum to the token
-  // count); `modes` holds one mode for every sequence, or a single one for all of them.
-  void add_document(const py::array &tokens, const std::vector<int64_t> &lengths, const std::vector<int> &modes) {
+  // A whole document, ended here: its tokens split into sequences of `lengths` (which must sum to
+  // the token count; None = one sequence); `modes` is one int for all sequences or one per sequence.
+  void add_document(const py::array &tokens, const std::optional<std::vector<int64_t>> &lengths_arg,
+                    const py::object &modes_arg) {
     require_open();
     const py::ssize_t n = check_tokens(tokens);
+    const std::vector<int64_t> lengths = lengths_arg ? *lengths_arg : std::vector<int64_t>{int64_t(n)};
     int64_t total = 0;
     for (size_t i = 0; i < lengths.size(); ++i) {
       if (lengths[i] < 0 || lengths[i] > std::numeric_limits<int32_t>::max())
@@ -240,15 +243,20 @@ class IndexedDatasetBuilder {
     if (total != n)
       throw std::invalid_argument("sentence lengths sum to " + std::to_string(total) + " but the document has " +
                                   std::to_string(n) + " tokens");
-    if (modes.size() != 1 && modes.size() != lengths.size())
-      throw std::invalid_argument("got " + std::to_string(modes.size()) + " modes for " +
-                                  std::to_string(lengths.size()) + " sentences (give one, or one per sentence)");
+    std::vector<int> modes;
+    if (py::isinstance<py::int_>(modes_arg)) {
+      modes.assign(lengths.size(), modes_arg.cast<int>());
+    } else {
+      modes = modes_arg.cast<std::vector<int>>();
+      if (modes.size() != lengths.size())
+        throw std::invalid_argument("got " + std::to_string(modes.size()) + " modes for " +
+                                    std::to_string(lengths.size()) + " sentences (give one, or one per sentence)");
+    }
     for (int m : modes) check_mode(m);
     write_tokens(tokens);
     lengths_.insert(lengths_.end(), lengths.begin(), lengths.end());
     tokens_ += uint64_t(n);
-    if (multimodal_)
-      for (size_t i = 0; i < lengths.size(); ++i) modes_.push_back(int8_t(modes.size() == 1 ? modes[0] : modes[i]));
+    if (multimodal_) modes_.insert(modes_.end(), modes.begin(), modes.end());
     end_document();
   }
 
@@ -500,9 +508,10 @@ Not thread-safe: use one builder per thread or process.)doc")
            "Creates bin_path (which must not exist); idx_path is created by finalize().")
       .def("add_item", &IndexedDatasetBuilder::add_item, py::arg("tokens"), py::arg("mode") = 0,
            "Appends one sequence; the current document stays open.")
-      .def("add_document", &IndexedDatasetBuilder::add_document, py::arg("tokens"), py::arg("lengths"),
-           py::arg("modes") = std::vector<int>{0},
-           "Appends a document split into sequences of `lengths` tokens (summing to len(tokens)) and ends it.")
+      .def("add_document", &IndexedDatasetBuilder::add_document, py::arg("tokens"), py::arg("lengths") = py::none(),
+           py::arg("modes") = 0,
+           "Appends a document split into sequences of `lengths` tokens (summing to len(tokens); None: one "
+           "sequence) and ends it. `modes`: one int for every sequence, or a list with one per sequence.")
       .def("end_document", &IndexedDatasetBuilder::end_document, "Ends the current document.")
       .def("add_index", &IndexedDatasetBuilder::add_index, py::arg("bin_path"), py::arg("sequence_lengths"),
            py::arg("document_indices"), py::arg("modes") = py::none(),

@@ -317,18 +317,14 @@ class IndexedDatasetBuilder:
         except RuntimeError as e:
             raise MegaliteError(f"{self.prefix}: {e}") from None
 
-    @staticmethod
-    def _modes(mode) -> list[int]:
-        return [int(mode)] if np.ndim(mode) == 0 else [int(m) for m in mode]
-
     def add_document(self, tokens, sentence_lengths: Sequence[int] | None = None, mode=0) -> None:
         """Appends one document and ends it. ``tokens``: 1-D ints (list, numpy, CPU torch tensor).
         ``sentence_lengths`` splits it into sequences (must sum to ``len(tokens)``); None makes the
         whole document one sequence. ``mode``: one int8 for all sequences, or one per sequence
         (multimodal builders only; otherwise it must be 0)."""
-        arr = _token_array(tokens, self.prefix)
-        lengths = [len(arr)] if sentence_lengths is None else [int(x) for x in sentence_lengths]
-        self._call(self._impl.add_document, arr, lengths, self._modes(mode))
+        lengths = None if sentence_lengths is None else [int(x) for x in sentence_lengths]
+        modes = int(mode) if isinstance(mode, (int, np.integer)) else [int(m) for m in mode]
+        self._call(self._impl.add_document, _token_array(tokens, self.prefix), lengths, modes)
 
     def add_item(self, tokens, mode: int = 0) -> None:
         """Appends one sequence; the document stays open until :meth:`end_document`."""
