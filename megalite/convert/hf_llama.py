@@ -1,0 +1,136 @@
+"""megalite LLaMA recipe <-> ``transformers.LlamaForCausalLM``: the one name map.
+
+==========================================  ===============================================
+megalite (full tensor)                      Hugging Face
+==========================================  ===============================================
+embedding.word_embeddings.weight [Vp, h]    model.embed_tokens.weight [V, h] (padding dropped)
+layers.i.input_norm.weight                  model.layers.i.input_layernorm.weight
+layers.i.attention.linear_qkv.weight        model.layers.i.self_attn.{q,k,v}_proj.weight
+  [(a + 2g) d, h], grouped (see convert)      (concatenated per key/value group)
+layers.i.attention.linear_qkv.bias          ...{q,k,v}_proj.bias (attention_bias only)
+layers.i.attention.linear_proj.weight       model.layers.i.self_attn.o_proj.weight (+ .bias)
+layers.i.post_attention_norm.weight         model.layers.i.post_attention_layernorm.weight
+layers.i.mlp.linear_fc1.weight [2f, h]      model.layers.i.mlp.{gate,up}_proj.weight ([gate; up])
+layers.i.mlp.linear_fc2.weight [h, f]       model.layers.i.mlp.down_proj.weight (+ .bias)
+final_norm.weight                           model.norm.weight
+output_layer.weight [Vp, h] (untied)        lm_head.weight [V, h]
+==========================================  ===============================================
+
+RoPE uses the same rotate-half convention on both sides, so q/k need no permutation.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from megalite.convert import (ParamMapping, from_hf_state_dict, grouped_to_qkv, identity_mapping,
+                              qkv_to_grouped, to_hf_state_dict, vocab_mapping)
+from megalite.errors import MegaliteError
+from megalite.model.config import GPTConfig
+
+
+def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[ParamMapping]:
+    """Every megalite parameter of the full model with its LLaMA tensors (module table)."""
+    c = config
+    vp = padded_vocab or c.padded_vocab(1)
+    a, g, d, f = c.num_attention_heads, c.query_groups, c.head_dim, c.ffn_size
+    maps = [vocab_mapping("embedding.word_embeddings.weight", "model.embed_tokens.weight",
+                          c.vocab_size, vp)]
+    suffixes = ("weight", "bias") if c.add_bias_linear else ("weight",)
+    for i in range(c.num_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        maps.append(identity_mapping(m + "input_norm.weight", h + "input_layernorm.weight"))
+        for s in suffixes:
+            maps.append(ParamMapping(
+                f"{m}attention.linear_qkv.{s}",
+                tuple(f"{h}self_attn.{p}_proj.{s}" for p in "qkv"),
+                lambda t: grouped_to_qkv(t, a, g, d),
+                lambda q, k, v: qkv_to_grouped(q, k, v, g)))
+            maps.append(identity_mapping(f"{m}attention.linear_proj.{s}",
+                                         f"{h}self_attn.o_proj.{s}"))
+        maps.append(identity_mapping(m + "post_attention_norm.weight",
+                                     h + "post_attention_layernorm.weight"))
+        for s in suffixes:
+            maps.append(ParamMapping(
+                f"{m}mlp.linear_fc1.{s}", (f"{h}mlp.gate_proj.{s}", f"{h}mlp.up_proj.{s}"),
+                lambda t: tuple(x.contiguous() for x in torch.split(t, f, dim=0)),
+                lambda gate, up: torch.cat([gate, up], dim=0)))
+            maps.append(identity_mapping(f"{m}mlp.linear_fc2.{s}", f"{h}mlp.down_proj.{s}"))
+    maps.append(identity_mapping("final_norm.weight", "model.norm.weight"))
+    if not c.tied_embeddings:
+        maps.append(vocab_mapping("output_layer.weight", "lm_head.weight", c.vocab_size, vp))
+    return maps
+
+
+def _check(config: GPTConfig) -> None:
+    c = config
+    if (c.normalization, c.position_embedding_type, c.activation) != ("RMSNorm", "rope", "swiglu"):
+        raise MegaliteError("LLaMA conversion needs normalization=RMSNorm, "
+                            "position_embedding_type=rope, activation=swiglu")
+
+
+def to_hf(state: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    """Full megalite state dict -> ``LlamaForCausalLM`` state dict."""
+    _check(config)
+    extra = {"lm_head.weight": "model.embed_tokens.weight"} if config.tied_embeddings else None
+    return to_hf_state_dict(state, param_mappings(config, _padded_rows(state, config)), extra)
+
+
+def from_hf(hf_state: Mapping[str, Tensor], config: GPTConfig,
+            padded_vocab: int | None = None) -> dict[str, Tensor]:
+    """``LlamaForCausalLM`` state dict -> full megalite state dict."""
+    _check(config)
+    ignore = ("lm_head.weight",) if config.tied_embeddings else ()
+    return from_hf_state_dict(hf_state, param_mappings(config, padded_vocab), ignore)
+
+
+def _padded_rows(state: Mapping[str, Tensor], config: GPTConfig) -> int:
+    emb = state.get("embedding.word_embeddings.weight")
+    return emb.shape[0] if emb is not None else config.padded_vocab(1)
+
+
+def config_to_hf(config: GPTConfig):
+    """``transformers.LlamaConfig`` with the same shapes (dropout off: attention only)."""
+    from transformers import LlamaConfig
+    _check(config)
+    c = config
+    return LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.query_groups, head_dim=c.head_dim, hidden_act="silu",
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": float(c.rotary_base)},
+        tie_word_embeddings=c.tied_embeddings, attention_bias=c.add_bias_linear,
+        mlp_bias=c.add_bias_linear, attention_dropout=c.attention_dropout,
+        initializer_range=c.init_method_std, bos_token_id=None, eos_token_id=None)
+
+
+def config_from_hf(hf) -> GPTConfig:
+    """:class:`GPTConfig` from a ``transformers.LlamaConfig`` (errors on unsupported options)."""
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise MegaliteError(f"LLaMA config: hidden_act={hf.hidden_act!r} is not supported "
+                            "(only silu, i.e. SwiGLU)")
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise MegaliteError(f"LLaMA config: rope_type={rope.get('rope_type')!r} is not "
+                            "supported (only default rotary embedding)")
+    theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    if bool(getattr(hf, "attention_bias", False)) != bool(getattr(hf, "mlp_bias", False)):
+        raise MegaliteError("LLaMA config: attention_bias and mlp_bias must agree "
+                            "(megalite has one add_bias_linear switch)")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return GPTConfig(
+        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
+        num_attention_heads=hf.num_attention_heads, vocab_size=hf.vocab_size,
+        num_query_groups=(None if hf.num_key_value_heads in (None, hf.num_attention_heads)
+                          else hf.num_key_value_heads),
+        ffn_hidden_size=hf.intermediate_size,
+        kv_channels=None if head_dim * hf.num_attention_heads == hf.hidden_size else head_dim,
+        max_position_embeddings=hf.max_position_embeddings, position_embedding_type="rope",
+        rotary_base=float(theta), normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps,
+        activation="swiglu", add_bias_linear=bool(getattr(hf, "attention_bias", False)),
+        untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
+        attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+        init_method_std=hf.initializer_range)

@@ -1,0 +1,205 @@
+"""Typed configuration of the GPT model family (both recipes).
+
+The *classic* recipe (GPT-2 style): learned or sinusoidal absolute positions, LayerNorm, GELU,
+biases, output layer tied to the word embedding. The *LLaMA* recipe: rotary positions, RMSNorm,
+SwiGLU, grouped-query attention, no biases, untied output layer. Every combination of the switches
+below is a valid model; the presets in :mod:`megalite.model.presets` name the common ones.
+
+Field names follow Megatron's arguments where one exists (``num_query_groups``,
+``ffn_hidden_size``, ``kv_channels``, ``make_vocab_size_divisible_by``, ...), so flags map 1:1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megalite.errors import MegaliteError
+
+POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+# "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation (what GPT-2 checkpoints
+# were trained with, HF's "gelu_new"); "swiglu" is silu(x W_gate) * (x W_up).
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
+    """The vocabulary size rounded up to a multiple of ``multiple * tp_size`` (as Megatron does).
+
+    Every tensor-parallel rank then holds an equal slice of ``padded / tp_size`` rows whose
+    size is a multiple of ``multiple`` (good GEMM shapes). The extra rows are never predicted:
+    the model masks their logits (see :class:`megalite.model.gpt.GPTModel`).
+    """
+    if vocab_size < 1 or tp_size < 1 or multiple < 1:
+        raise MegaliteError(f"padded_vocab_size: vocab_size={vocab_size}, tp_size={tp_size} and "
+                            f"multiple={multiple} must all be >= 1")
+    step = multiple * tp_size
+    return -(-vocab_size // step) * step
+
+
+@dataclass
+class GPTConfig:
+    """Shapes, recipe switches and regularisation of one GPT model.
+
+    Derived quantities (``head_dim``, ``ffn_size``, ``query_groups``) are properties so the
+    stored config stays exactly what the user asked for.
+    """
+
+    num_layers: int
+    """Number of transformer layers (blocks)."""
+    hidden_size: int
+    """Width of the residual stream, h."""
+    num_attention_heads: int
+    """Number of query heads."""
+    vocab_size: int
+    """Vocabulary size of the tokenizer (unpadded; the model pads it, see padded_vocab_size)."""
+    num_query_groups: int | None = None
+    """Number of key/value heads for grouped-query attention; None means num_attention_heads
+    (plain multi-head attention). Must divide num_attention_heads."""
+    ffn_hidden_size: int | None = None
+    """Inner width of the MLP; None means 4 * hidden_size. For swiglu this is the width of each
+    of the gate and up projections (LLaMA-2-7B: 11008)."""
+    kv_channels: int | None = None
+    """Per-head width; None means hidden_size // num_attention_heads."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the position embedding supports (rows of the learned table; the RoPE and
+    sinusoidal tables are computed up to this length)."""
+    seq_length: int | None = None
+    """Training sequence length; None means max_position_embeddings. Used by FLOPs accounting and
+    the trainer; the model itself accepts any length <= max_position_embeddings."""
+    position_embedding_type: str = "learned_absolute"
+    """One of "rope", "learned_absolute", "sinusoidal"."""
+    rotary_base: float = 10000.0
+    """Base (theta) of the rotary frequencies: inv_freq_i = base^(-2i/head_dim)."""
+    normalization: str = "LayerNorm"
+    """"LayerNorm" (weight and bias) or "RMSNorm" (weight only)."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon added to the variance in every norm."""
+    activation: str = "gelu"
+    """MLP activation: "gelu", "gelu_tanh" or "swiglu"."""
+    add_bias_linear: bool = True
+    """Biases on the QKV, attention output and both MLP linears (classic: True, LLaMA: False)."""
+    untie_embeddings_and_output_weights: bool = False
+    """False: logits use the word-embedding matrix (tied, GPT-2). True: a separate output layer."""
+    hidden_dropout: float = 0.0
+    """Dropout after the embedding and on each residual branch (attention and MLP outputs)."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+    init_method_std: float = 0.02
+    """Std of the normal init of all weight matrices; the attention output and second MLP
+    projection use init_method_std / sqrt(2 * num_layers)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the tensor-parallel size."""
+    sequence_parallel: bool = False
+    """Split norms/dropout/residual activations along the sequence over the tensor-parallel
+    ranks (all-gather / reduce-scatter instead of all-reduce). Needs seq % tp == 0."""
+    recompute_granularity: str | None = None
+    """Activation checkpointing: None, "full" (recompute each layer in backward) or
+    "selective" (recompute only the attention core, whose activations grow with s^2)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def query_groups(self) -> int:
+        """Number of key/value heads (num_query_groups or, if unset, the number of heads)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width (kv_channels or hidden_size // num_attention_heads)."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """MLP inner width (ffn_hidden_size or 4 * hidden_size)."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def training_seq_length(self) -> int:
+        """seq_length or, if unset, max_position_embeddings."""
+        return self.seq_length or self.max_position_embeddings
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the output layer reuses the word-embedding matrix."""
+        return not self.untie_embeddings_and_output_weights
+
+    def padded_vocab(self, tp_size: int) -> int:
+        """Padded vocabulary size for this tensor-parallel size."""
+        return padded_vocab_size(self.vocab_size, tp_size, self.make_vocab_size_divisible_by)
+
+    def replace(self, **changes) -> "GPTConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise MegaliteError naming the field when the config is inconsistent."""
+        def bad(msg: str) -> None:
+            raise MegaliteError(f"model config: {msg}")
+
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                     "max_position_embeddings", "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "seq_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                bad(f"{name} must be a positive integer or None, got {value!r}")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            bad(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
+                f"got {self.position_embedding_type!r}")
+        if self.normalization not in NORMALIZATIONS:
+            bad(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.activation not in ACTIVATIONS:
+            bad(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            bad(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "
+                f"got {self.recompute_granularity!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            bad(f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} (or set kv_channels)")
+        if self.num_attention_heads % self.query_groups:
+            bad(f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.query_groups}")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            bad(f"rope needs an even head dimension, got {self.head_dim}")
+        if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
+            bad(f"sinusoidal positions need an even hidden_size, got {self.hidden_size}")
+        if self.seq_length is not None and self.seq_length > self.max_position_embeddings:
+            bad(f"seq_length={self.seq_length} exceeds max_position_embeddings="
+                f"{self.max_position_embeddings}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                bad(f"{name} must be in [0, 1), got {p!r}")
+        if not self.init_method_std > 0:
+            bad(f"init_method_std must be > 0, got {self.init_method_std!r}")
+        if not self.layernorm_epsilon > 0:
+            bad(f"layernorm_epsilon must be > 0, got {self.layernorm_epsilon!r}")
+        if not self.rotary_base > 0:
+            bad(f"rotary_base must be > 0, got {self.rotary_base!r}")
+
+    def validate_parallel(self, tp_size: int, seq_length: int | None = None) -> None:
+        """Raise MegaliteError when this model cannot be split over ``tp_size`` ranks.
+
+        Heads and key/value groups are split across ranks (each rank owns whole heads and the
+        groups they read), the MLP inner width is split, and with sequence parallelism the
+        sequence must split evenly.
+        """
+        def bad(msg: str) -> None:
+            raise MegaliteError(f"model config with --tensor-model-parallel-size {tp_size}: {msg}")
+
+        if self.num_attention_heads % tp_size:
+            bad(f"num_attention_heads={self.num_attention_heads} is not divisible by {tp_size}")
+        if self.query_groups % tp_size:
+            bad(f"num_query_groups={self.query_groups} is not divisible by {tp_size}")
+        if self.ffn_size % tp_size:
+            bad(f"ffn_hidden_size={self.ffn_size} is not divisible by {tp_size}")
+        if self.sequence_parallel and seq_length is not None and seq_length % tp_size:
+            bad(f"--sequence-parallel needs the sequence length ({seq_length}) divisible by "
+                f"{tp_size}")

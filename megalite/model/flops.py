@@ -1,0 +1,52 @@
+"""Model FLOPs per training iteration (used for TFLOP/s and MFU).
+
+Derivation. Notation: B sequences per iteration (global batch), s tokens per sequence, L layers,
+h hidden size, a query heads, g key/value groups, d head width, f MLP inner width, V vocabulary
+(unpadded: the padding rows are not useful work). A GEMM of [m, k] x [k, n] costs 2*m*k*n FLOPs
+(one multiply and one add per term). Per token and per layer, the forward pass runs:
+
+====================  ===================  ===================================================
+GEMM                  FLOPs per token      note
+====================  ===================  ===================================================
+QKV projection        2 * h * (a + 2g) * d  GQA-aware: g key and g value heads
+scores Q K^T          a * d * s             2*a*d*s for the full s x s matrix, halved: causal
+probs x V             a * d * s             idem (only the lower triangle is useful work)
+output projection     2 * a * d * h
+MLP                   2 * m * h * f         m = 2 for GELU (up, down), 3 for SwiGLU (gate, up,
+                                            down)
+====================  ===================  ===================================================
+
+plus the output layer (logits), 2 * h * V per token. Each GEMM runs three times per iteration:
+forward, gradient w.r.t. its input (dgrad) and w.r.t. its weight (wgrad; for the two attention
+batched matmuls the second "weight" is the other activation) -- hence the factor 3:
+
+    flops = 3 * B * s * ( L * [2h(a+2g)d + 2ads + 2adh + 2mhf] + 2hV )
+
+Not counted: activation recompute (these are *model* FLOPs, the MFU convention, not hardware
+FLOPs), norms, softmax, activations, RoPE, the embedding lookup and the loss (all O(h) per
+token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L*s*h per token.
+"""
+from __future__ import annotations
+
+from megalite.errors import MegaliteError
+from megalite.model.config import GPTConfig
+
+
+def forward_flops_per_token(config: GPTConfig, seq_length: int) -> float:
+    """Forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module doc)."""
+    h, a, g, d = config.hidden_size, config.num_attention_heads, config.query_groups, config.head_dim
+    f, L, V, s = config.ffn_size, config.num_layers, config.vocab_size, seq_length
+    mlp_mats = 3 if config.activation == "swiglu" else 2
+    per_layer = (2 * h * (a + 2 * g) * d      # QKV projection
+                 + 2 * a * d * s               # causal Q K^T and P V, half of 4*a*d*s
+                 + 2 * a * d * h               # attention output projection
+                 + 2 * mlp_mats * h * f)       # MLP
+    return float(L * per_layer + 2 * h * V)
+
+
+def flops_per_iteration(config: GPTConfig, global_batch_size: int, seq_length: int) -> float:
+    """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch."""
+    if global_batch_size < 1 or seq_length < 1:
+        raise MegaliteError(f"flops_per_iteration: global_batch_size={global_batch_size} and "
+                            f"seq_length={seq_length} must be >= 1")
+    return 3.0 * global_batch_size * seq_length * forward_flops_per_token(config, seq_length)

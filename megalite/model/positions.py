@@ -1,0 +1,82 @@
+"""Position information: rotary embedding (RoPE) and the fixed sinusoidal table.
+
+(The learned absolute table is a plain replicated ``nn.Embedding`` owned by the embedding block
+in :mod:`megalite.model.gpt`.)
+
+RoPE uses the "rotate half" convention of Megatron and Hugging Face's LLaMA: the head vector is
+split into halves (x1, x2) and pair i = (x1[i], x2[i]) is rotated by angle pos * inv_freq[i],
+inv_freq[i] = base^(-2i/d). Weights converted from HF LLaMA therefore need no permutation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_table(num_positions: int, dim: int, *, dtype=torch.float32, device=None) -> Tensor:
+    """[num_positions, dim]: PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(...).
+
+    Computed in float64 then cast, so the table does not depend on the device's float32 math.
+    """
+    pos = torch.arange(num_positions, dtype=torch.float64, device=device)[:, None]
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64, device=device)
+    angle = pos / torch.pow(10000.0, two_i / dim)              # [P, dim/2]
+    table = torch.empty(num_positions, dim, dtype=torch.float64, device=device)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle)
+    return table.to(dtype)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal table (no parameters); ``forward(s) -> [s, h]``.
+
+    The table is a non-persistent buffer: it is recomputed at construction, never checkpointed.
+    """
+
+    def __init__(self, max_positions: int, hidden_size: int, device=None):
+        super().__init__()
+        meta = device is not None and torch.device(device).type == "meta"
+        table = (torch.empty(max_positions, hidden_size, device="meta") if meta
+                 else sinusoidal_table(max_positions, hidden_size, device=device))
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, seq_len: int) -> Tensor:
+        return self.table[:seq_len]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding for heads of width ``head_dim``.
+
+    ``forward(s) -> (cos, sin)``, each [s, 1, 1, head_dim] in float32, broadcastable against
+    sequence-first heads [s, b, n, head_dim]. The tables are recomputed per call (cheap next to
+    attention) rather than cached, so they never go stale across devices or dtypes.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+
+    def forward(self, seq_len: int, device=None) -> tuple[Tensor, Tensor]:
+        # inv_freq computed the way HF LLaMA computes it (int64 arange -> float32), so angles
+        # agree bit for bit with the reference.
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
+        inv_freq = 1.0 / (self.base ** (exponent / self.head_dim))            # [d/2]
+        pos = torch.arange(seq_len, dtype=torch.int64, device=device).float()
+        freqs = torch.outer(pos, inv_freq)                                     # [s, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                                # [s, d]
+        return emb.cos()[:, None, None, :], emb.sin()[:, None, None, :]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate heads ``x`` [s, b, n, d] by the angles behind (cos, sin) [s, 1, 1, d].
+
+    Math in float32, result in x's dtype.
+    """
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)

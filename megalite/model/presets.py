@@ -1,0 +1,68 @@
+"""Named model shapes: ``get_preset(name) -> GPTConfig``.
+
+=============  ======================================================================  ==========
+name           shape                                                                   parameters
+=============  ======================================================================  ==========
+tiny           classic, 2 layers, h=64, 4 heads, vocab 1000, 128 learned positions     ~0.2M
+tiny-llama     LLaMA recipe, 2 layers, h=64, 4 heads / 2 kv groups, vocab 1000         ~0.2M
+gpt2-small     GPT-2 124M: 12 layers, h=768, 12 heads, vocab 50257, 1024 positions     124,439,808
+1b             LLaMA recipe with TinyLlama-1.1B shapes: 22 layers, h=2048, 32 heads,   1,100,048,384
+               4 kv groups, ffn 5632, vocab 32000, 2048 positions
+llama2-7b      exactly LLaMA-2-7B: 32 layers, h=4096, 32 heads, ffn 11008, vocab 32000  6,738,415,616
+=============  ======================================================================  ==========
+
+Parameter counts use the unpadded vocabulary (what the Hugging Face model holds); the megalite
+model adds ``padded_vocab - vocab`` rows to the embedding (and untied output layer), which is
+zero for vocab 32000 at tensor-parallel sizes 1, 2 (32000 = 250 * 128) and nonzero from 4 on.
+"""
+from __future__ import annotations
+
+from megalite.errors import MegaliteError
+from megalite.model.config import GPTConfig
+
+
+def _classic(**kw) -> GPTConfig:
+    base = dict(position_embedding_type="learned_absolute", normalization="LayerNorm",
+                activation="gelu", add_bias_linear=True, untie_embeddings_and_output_weights=False,
+                layernorm_epsilon=1e-5)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def _llama(**kw) -> GPTConfig:
+    base = dict(position_embedding_type="rope", normalization="RMSNorm", activation="swiglu",
+                add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                layernorm_epsilon=1e-5, rotary_base=10000.0)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+_BUILDERS = {
+    "tiny": lambda: _classic(num_layers=2, hidden_size=64, num_attention_heads=4,
+                             vocab_size=1000, max_position_embeddings=128, seq_length=64),
+    "tiny-llama": lambda: _llama(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                 num_query_groups=2, ffn_hidden_size=176, vocab_size=1000,
+                                 max_position_embeddings=128, seq_length=64),
+    # GPT-2 checkpoints were trained with the tanh approximation of GELU (HF "gelu_new").
+    "gpt2-small": lambda: _classic(num_layers=12, hidden_size=768, num_attention_heads=12,
+                                   vocab_size=50257, max_position_embeddings=1024,
+                                   activation="gelu_tanh"),
+    "1b": lambda: _llama(num_layers=22, hidden_size=2048, num_attention_heads=32,
+                         num_query_groups=4, ffn_hidden_size=5632, vocab_size=32000,
+                         max_position_embeddings=2048),
+    "llama2-7b": lambda: _llama(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                ffn_hidden_size=11008, vocab_size=32000,
+                                max_position_embeddings=4096),
+}
+
+PRESETS: list[str] = list(_BUILDERS)
+"""Names accepted by :func:`get_preset`."""
+
+
+def get_preset(name: str) -> GPTConfig:
+    """A fresh :class:`GPTConfig` for preset ``name`` (one of :data:`PRESETS`)."""
+    try:
+        return _BUILDERS[name]()
+    except KeyError:
+        raise MegaliteError(f"unknown model preset {name!r}; choose one of "
+                            f"{', '.join(PRESETS)}") from None
