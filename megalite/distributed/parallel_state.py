@@ -1,0 +1,248 @@
+"""Process-group layout: tensor (TP), pipeline (PP) and data (DP) parallelism.
+
+One :class:`ParallelState` object describes the layout and holds this rank's groups; it is
+passed explicitly to every layer and function that communicates (no module globals).
+
+Rank order (as Megatron): tensor-parallel ranks are contiguous, then data-parallel, then
+pipeline-parallel::
+
+    rank = pp_rank * (tp * dp) + dp_rank * tp + tp_rank
+
+so the TP group (the chattiest: several collectives per layer) stays inside a node. Example,
+world 8 = tp 2 x dp 2 x pp 2::
+
+    tp groups [0,1] [2,3] [4,5] [6,7]     dp groups [0,2] [1,3] [4,6] [5,7]
+    pp groups [0,4] [1,5] [2,6] [3,7]     mp (tp x pp) groups [0,1,4,5] [2,3,6,7]
+
+:func:`rank_layout` computes all of this without processes (pure, unit-tested); ``build`` creates
+the real groups after ``torch.distributed.init_process_group``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megalite.errors import MegaliteError
+
+__all__ = ["RankLayout", "rank_layout", "ParallelState", "init_distributed"]
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Every process group of a layout, as lists of global ranks (no processes involved)."""
+
+    world_size: int
+    """Total number of processes."""
+    tp_size: int
+    """Tensor-parallel size."""
+    pp_size: int
+    """Pipeline-parallel size."""
+    dp_size: int
+    """Data-parallel size: world_size / (tp_size * pp_size)."""
+    tp_groups: tuple[tuple[int, ...], ...]
+    """Ranks holding the shards of the same layers (contiguous ranks)."""
+    dp_groups: tuple[tuple[int, ...], ...]
+    """Ranks holding identical model shards that see different data."""
+    pp_groups: tuple[tuple[int, ...], ...]
+    """Ranks forming one pipeline, ordered by stage."""
+    mp_groups: tuple[tuple[int, ...], ...]
+    """Model-parallel groups (tp x pp: one whole model replica), e.g. for global grad norms."""
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """``(tp_rank, dp_rank, pp_rank)`` of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise MegaliteError(f"rank {rank} is outside world size {self.world_size}")
+        tp_rank = rank % self.tp_size
+        dp_rank = (rank // self.tp_size) % self.dp_size
+        pp_rank = rank // (self.tp_size * self.dp_size)
+        return tp_rank, dp_rank, pp_rank
+
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        """Global rank of the given coordinates."""
+        return pp_rank * self.tp_size * self.dp_size + dp_rank * self.tp_size + tp_rank
+
+    def group_of(self, groups: tuple[tuple[int, ...], ...], rank: int) -> tuple[int, ...]:
+        """The group among ``groups`` that contains ``rank``."""
+        return next(g for g in groups if rank in g)
+
+
+def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
+                pipeline_model_parallel_size: int = 1) -> RankLayout:
+    """Compute every group of the layout; MegaliteError if the sizes do not fit the world."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp),
+                        ("--pipeline-model-parallel-size", pp), ("world size", world_size)):
+        if not isinstance(value, int) or value < 1:
+            raise MegaliteError(f"{flag} must be a positive integer, got {value!r}")
+    if world_size % (tp * pp) != 0:
+        raise MegaliteError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} = {tp * pp}; choose sizes whose product "
+            f"divides the number of processes")
+    dp = world_size // (tp * pp)
+
+    def r(t: int, d: int, p: int) -> int:
+        return p * tp * dp + d * tp + t
+
+    tp_groups = tuple(tuple(r(t, d, p) for t in range(tp)) for p in range(pp) for d in range(dp))
+    dp_groups = tuple(tuple(r(t, d, p) for d in range(dp)) for p in range(pp) for t in range(tp))
+    pp_groups = tuple(tuple(r(t, d, p) for p in range(pp)) for d in range(dp) for t in range(tp))
+    mp_groups = tuple(tuple(sorted(r(t, d, p) for p in range(pp) for t in range(tp)))
+                      for d in range(dp))
+    return RankLayout(world_size, tp, pp, dp, tp_groups, dp_groups, pp_groups, mp_groups)
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """This process's place in the layout and its process groups.
+
+    Groups are ``None`` when there is no ``torch.distributed`` (``single``/``for_shapes``); code
+    must then not communicate, which every collective in megalite guarantees by checking the
+    relevant size first (a size-1 group never communicates).
+    """
+
+    tp_size: int
+    """Tensor-parallel size: ranks sharing the layers' weights (Megatron's TP)."""
+    pp_size: int
+    """Pipeline-parallel size: stages the layers are split into."""
+    dp_size: int
+    """Data-parallel size: model replicas."""
+    rank: int
+    """Global rank."""
+    world_size: int
+    """Global number of processes (tp_size * pp_size * dp_size)."""
+    tp_rank: int
+    """Rank inside the tensor-parallel group (which vocabulary/column/row shard it holds)."""
+    pp_rank: int
+    """Pipeline stage of this rank."""
+    dp_rank: int
+    """Replica index of this rank (which data it reads)."""
+    tp_group: dist.ProcessGroup | None = None
+    """Tensor-parallel process group, None when not distributed."""
+    pp_group: dist.ProcessGroup | None = None
+    """Pipeline process group, None when not distributed."""
+    dp_group: dist.ProcessGroup | None = None
+    """Data-parallel process group, None when not distributed."""
+    mp_group: dist.ProcessGroup | None = None
+    """Model-parallel (tp x pp) process group, None when not distributed."""
+    tp_group_ranks: tuple[int, ...] = field(default=(0,))
+    """Global ranks of this rank's tensor-parallel group, in tp_rank order."""
+    pp_group_ranks: tuple[int, ...] = field(default=(0,))
+    """Global ranks of this rank's pipeline group, in stage order (for p2p send/recv)."""
+    dp_group_ranks: tuple[int, ...] = field(default=(0,))
+    """Global ranks of this rank's data-parallel group, in dp_rank order."""
+    mp_group_ranks: tuple[int, ...] = field(default=(0,))
+    """Global ranks of this rank's model-parallel group, sorted."""
+
+    # -- constructors ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, tensor_model_parallel_size: int = 1,
+              pipeline_model_parallel_size: int = 1) -> "ParallelState":
+        """Create every group of the layout; call on all ranks after ``init_process_group``.
+
+        All ranks must call this with the same sizes (``new_group`` is collective).
+        """
+        if not dist.is_available() or not dist.is_initialized():
+            raise MegaliteError("ParallelState.build needs torch.distributed to be initialized "
+                                "first (call megalite.distributed.parallel_state.init_distributed)")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        layout = rank_layout(world, tensor_model_parallel_size, pipeline_model_parallel_size)
+        tp_rank, dp_rank, pp_rank = layout.coordinates(rank)
+
+        def mine(groups: tuple[tuple[int, ...], ...]) -> dist.ProcessGroup:
+            # new_group is collective over the whole world: every rank creates every group in
+            # the same order and keeps the one it belongs to.
+            found = None
+            for ranks in groups:
+                g = dist.new_group(list(ranks))
+                if rank in ranks:
+                    found = g
+            return found
+
+        return cls(
+            tp_size=layout.tp_size, pp_size=layout.pp_size, dp_size=layout.dp_size,
+            rank=rank, world_size=world, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
+            tp_group=mine(layout.tp_groups), pp_group=mine(layout.pp_groups),
+            dp_group=mine(layout.dp_groups), mp_group=mine(layout.mp_groups),
+            tp_group_ranks=layout.group_of(layout.tp_groups, rank),
+            pp_group_ranks=layout.group_of(layout.pp_groups, rank),
+            dp_group_ranks=layout.group_of(layout.dp_groups, rank),
+            mp_group_ranks=layout.group_of(layout.mp_groups, rank),
+        )
+
+    @classmethod
+    def single(cls) -> "ParallelState":
+        """One process, no parallelism, no ``torch.distributed`` needed."""
+        return cls(tp_size=1, pp_size=1, dp_size=1, rank=0, world_size=1,
+                   tp_rank=0, pp_rank=0, dp_rank=0)
+
+    @classmethod
+    def for_shapes(cls, tp_size: int, tp_rank: int = 0, pp_size: int = 1, pp_rank: int = 0,
+                   dp_size: int = 1) -> "ParallelState":
+        """A group-less state for building a rank's model (e.g. on the meta device) to inspect
+        its per-rank shapes; it must never be used to communicate."""
+        layout = rank_layout(tp_size * pp_size * dp_size, tp_size, pp_size)
+        for name, value, size in (("tp_rank", tp_rank, tp_size), ("pp_rank", pp_rank, pp_size)):
+            if not 0 <= value < size:
+                raise MegaliteError(f"{name} {value} is outside size {size}")
+        rank = layout.rank_of(tp_rank, 0, pp_rank)
+        return cls(tp_size=tp_size, pp_size=pp_size, dp_size=dp_size, rank=rank,
+                   world_size=layout.world_size, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=0,
+                   tp_group_ranks=layout.group_of(layout.tp_groups, rank),
+                   pp_group_ranks=layout.group_of(layout.pp_groups, rank),
+                   dp_group_ranks=layout.group_of(layout.dp_groups, rank),
+                   mp_group_ranks=layout.group_of(layout.mp_groups, rank))
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        """True when this state holds real process groups."""
+        return self.tp_group is not None
+
+    @property
+    def is_first_pp_stage(self) -> bool:
+        """True on the pipeline stage that holds the input embedding."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp_stage(self) -> bool:
+        """True on the pipeline stage that holds the output layer and computes the loss."""
+        return self.pp_rank == self.pp_size - 1
+
+    def layout(self) -> RankLayout:
+        """All groups of this layout as rank lists."""
+        return rank_layout(self.world_size, self.tp_size, self.pp_size)
+
+    def __repr__(self) -> str:  # groups are opaque handles; print the coordinates
+        return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/"
+                f"{self.tp_size}, dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/"
+                f"{self.pp_size}, distributed={self.distributed})")
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
+    """Initialize ``torch.distributed`` from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``.
+
+    ``backend``: ``None`` picks NCCL when CUDA is available, else gloo. On CUDA the current
+    device becomes ``LOCAL_RANK``. A no-op when already initialized.
+    """
+    if dist.is_initialized():
+        return
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise MegaliteError(
+            f"cannot initialize torch.distributed: environment variable(s) {', '.join(missing)} "
+            f"not set (launch with torchrun, or srun/mpirun through megalite's launcher)")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise MegaliteError(f"unknown torch.distributed backend {backend!r} (use gloo or nccl)")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise MegaliteError("backend nccl needs CUDA, which is not available")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, init_method="env://",
+                            timeout=timedelta(seconds=timeout_s))
