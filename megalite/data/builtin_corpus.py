@@ -104,27 +104,32 @@ def _class_text(qualname: str, cls: type) -> str:
     return "\n\n".join(parts)
 
 
-def _module_texts(module_name: str) -> Iterator[str]:
-    try:
-        with warnings.catch_warnings():  # a deprecated module's import warning is not our business
-            warnings.simplefilter("ignore")
+def _module_texts(module_name: str) -> list[str]:
+    # Importing a deprecated module, or touching a deprecated attribute (typing.io), warns; that
+    # is not the corpus reader's business. The list is built inside the filter, not yielded from
+    # it, because a generator would leave the process-wide warning filter changed between items.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
             module = importlib.import_module(module_name)
-    except ImportError:  # e.g. a Python built without sqlite3/ssl/lzma
-        return
-    text = _doc(module)
-    if text:
-        yield f"Module {module_name}\n\n{text}"
-    for name, obj in _members(vars(module)):
-        # Only what the module itself defines: re-exports would duplicate other modules' docs.
-        if module_name != "builtins" and getattr(obj, "__module__", None) != module.__name__:
-            continue
-        qualname = f"{module_name}.{name}"
-        if inspect.isclass(obj):
-            yield _class_text(qualname, obj)
-        elif callable(obj):
-            text = _doc(obj)
-            if text:
-                yield f"{qualname}\n\n{text}"
+        except ImportError:  # e.g. a Python built without sqlite3/ssl/lzma
+            return []
+        texts = []
+        text = _doc(module)
+        if text:
+            texts.append(f"Module {module_name}\n\n{text}")
+        for name, obj in _members(vars(module)):
+            # Only what the module itself defines: re-exports would duplicate other modules' docs.
+            if module_name != "builtins" and getattr(obj, "__module__", None) != module.__name__:
+                continue
+            qualname = f"{module_name}.{name}"
+            if inspect.isclass(obj):
+                texts.append(_class_text(qualname, obj))
+            elif callable(obj):
+                text = _doc(obj)
+                if text:
+                    texts.append(f"{qualname}\n\n{text}")
+        return texts
 
 
 def iter_builtin_texts() -> Iterator[str]:

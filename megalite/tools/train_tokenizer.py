@@ -92,6 +92,22 @@ class _Sentences:
             self._lines = iter([ln for t in texts for ln in t.splitlines()])
 
 
+def _set_model_prefix(model_file: str, prefix: str) -> None:
+    """Record the final ``prefix`` in the model, not the random temporary one, so that the same
+    input and seed give the same bytes. Needs protobuf; without it the model keeps the temporary
+    prefix (the pieces are the same, only that field differs)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except ImportError:
+        return
+    proto = model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = prefix
+    with open(model_file, "wb") as f:
+        f.write(proto.SerializeToString())
+
+
 def train(args: argparse.Namespace) -> dict:
     """Train and write the model; return a summary dict."""
     import sentencepiece as spm
@@ -130,6 +146,7 @@ def train(args: argparse.Namespace) -> dict:
             raise sentences.error
         if sentences.sentences == 0:
             raise MegaliteError(f"--input: no text found under --json-keys {' '.join(args.json_keys)}")
+        _set_model_prefix(tmp_prefix + ".model", args.output_prefix)
         outputs = []
         for ext in (".model", ".vocab"):
             os.replace(tmp_prefix + ext, args.output_prefix + ext)

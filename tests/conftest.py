@@ -1,0 +1,99 @@
+"""Shared, session-scoped test data, all made locally (no downloads), each in its own tmp dir.
+
+- ``corpus_jsonl``: the built-in corpus (pydoc topics + stdlib docstrings, ~2 MB, ~3k documents)
+  as jsonl ``{"text": ...}``; ``corpus_texts``: its documents as a list of str.
+- ``sp_model``: a SentencePiece BPE ``.model`` (vocab 1000) trained on it with
+  ``megalite train-tokenizer``; eos ``</s>`` = 2.
+- ``wordpiece_vocab``: a BERT ``vocab.txt`` (vocab 2000, lower-cased) trained with ``tokenizers``.
+- ``hf_tokenizer_json``: a byte-level BPE ``tokenizer.json`` (vocab 2000) with ``<|endoftext|>``.
+- ``corpus_token_dataset``: prefix of the corpus tokenised with ``sp_model`` (``--append-eod``),
+  i.e. ``PREFIX.bin``/``PREFIX.idx``, uint16.
+
+Each is built once per test session (a few seconds in all).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SP_VOCAB_SIZE = 1000
+WORDPIECE_VOCAB_SIZE = 2000
+HF_BPE_VOCAB_SIZE = 2000
+
+
+def read_jsonl_texts(path, key: str = "text") -> list[str]:
+    """The ``key`` values of a jsonl file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)[key] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> str:
+    from megalite.data.builtin_corpus import write_builtin_corpus
+
+    path = str(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+    write_builtin_corpus(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_texts(corpus_jsonl) -> list[str]:
+    """The documents of ``corpus_jsonl``, in file order."""
+    return read_jsonl_texts(corpus_jsonl)
+
+
+@pytest.fixture(scope="session")
+def sp_model(corpus_jsonl, tmp_path_factory) -> str:
+    from megalite.tools import train_tokenizer
+
+    prefix = str(tmp_path_factory.mktemp("sp") / "sp")
+    rc = train_tokenizer.main(["--input", corpus_jsonl, "--output-prefix", prefix,
+                               "--vocab-size", str(SP_VOCAB_SIZE), "--model-type", "bpe",
+                               "--num-threads", "2"])
+    assert rc == 0
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="session")
+def wordpiece_vocab(corpus_jsonl, tmp_path_factory) -> str:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=WORDPIECE_VOCAB_SIZE, show_progress=False,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(read_jsonl_texts(corpus_jsonl), trainer=trainer)
+    out = tmp_path_factory.mktemp("wordpiece")
+    (path,) = tok.model.save(str(out))  # writes vocab.txt
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_json(corpus_jsonl, tmp_path_factory) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=HF_BPE_VOCAB_SIZE, show_progress=False,
+                                  special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(read_jsonl_texts(corpus_jsonl), trainer=trainer)
+    path = str(tmp_path_factory.mktemp("hf") / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_token_dataset(corpus_jsonl, sp_model, tmp_path_factory) -> str:
+    from megalite.tools import preprocess_data
+
+    prefix = str(tmp_path_factory.mktemp("tokens") / "corpus")
+    rc = preprocess_data.main(["--input", corpus_jsonl, "--output-prefix", prefix,
+                               "--tokenizer-type", "SentencePieceTokenizer",
+                               "--tokenizer-model", sp_model, "--append-eod", "--workers", "1",
+                               "--log-interval", "1000000"])
+    assert rc == 0
+    return prefix + "_text_document"
