@@ -1,0 +1,106 @@
+"""Benchmark: GPT dataset index building (C++ vs the Python reference) and cached-index opening.
+
+Synthetic corpora are just arrays of document lengths (the index builders never read tokens):
+lengths uniform in [1, 2 * mean - 1], so ``documents * mean`` tokens on average. One epoch's
+worth of samples is indexed (``(tokens - 1) // seq_length``), as in a one-epoch pretraining run.
+
+Prints one JSON object per measured corpus, e.g.::
+
+    python benchmarks/index_build.py                          # 1B tokens, C++ and reference
+    python benchmarks/index_build.py --documents 200000000 --no-reference   # 100B tokens, C++
+
+Timings are wall-clock seconds of one run (best of ``--repeat`` for the C++ builders).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+from megalite import _C
+from megalite.data import index_reference as ref
+from megalite.data.gpt_dataset import final_epoch_split, num_epochs
+from megalite.data.index_cache import load_or_build
+
+NAMES = ["document_index", "sample_index", "shuffle_index"]
+
+
+def build(impl, sizes: np.ndarray, tokens: int, seq_length: int, num_samples: int, seed: int):
+    """The three arrays as GPTDataset builds them; returns (arrays, seconds per array)."""
+    epochs = num_epochs(tokens, seq_length, num_samples)
+    first = final_epoch_split(tokens, seq_length, num_samples)
+    times = {}
+    t0 = time.perf_counter()
+    doc = impl.build_document_index(0, len(sizes), epochs, first is not None, seed)
+    t1 = time.perf_counter()
+    sample = impl.build_sample_index(sizes, doc, seq_length, num_samples)
+    t2 = time.perf_counter()
+    shuffle = impl.build_shuffle_index(num_samples, num_samples if first is None else first,
+                                       seed + 1)
+    t3 = time.perf_counter()
+    times = {"document_index": t1 - t0, "sample_index": t2 - t1, "shuffle_index": t3 - t2,
+             "total": t3 - t0}
+    return {"document_index": doc, "sample_index": sample, "shuffle_index": shuffle}, times
+
+
+def rounded(times: dict) -> dict:
+    return {k: round(v, 4) for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--documents", type=int, default=2_000_000, help="number of documents")
+    p.add_argument("--mean-length", type=int, default=500, help="mean document length in tokens")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--repeat", type=int, default=3, help="C++ runs (best is reported)")
+    p.add_argument("--no-reference", action="store_true", help="skip the Python reference")
+    p.add_argument("--cache-dir", default=None,
+                   help="where to write the cache entry for the open-time measurement "
+                        "(default: a temporary directory, removed afterwards)")
+    args = p.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 2 * args.mean_length, size=args.documents, dtype=np.int32)
+    tokens = int(sizes.sum(dtype=np.int64))
+    num_samples = (tokens - 1) // args.seq_length
+    result = {"benchmark": "index_build", "documents": args.documents, "tokens": tokens,
+              "seq_length": args.seq_length, "num_samples": num_samples,
+              "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
+
+    best = None
+    for _ in range(args.repeat):
+        arrays, times = build(_C, sizes, tokens, args.seq_length, num_samples, args.seed)
+        if best is None or times["total"] < best["total"]:
+            best = times
+    result["cpp_seconds"] = rounded(best)
+    result["index_bytes"] = {n: int(a.nbytes) for n, a in arrays.items()}
+
+    if not args.no_reference:
+        ref_arrays, ref_times = build(ref, sizes, tokens, args.seq_length, num_samples, args.seed)
+        result["reference_seconds"] = rounded(ref_times)
+        result["speedup"] = round(ref_times["total"] / best["total"], 1)
+        result["identical"] = all(np.array_equal(arrays[n], ref_arrays[n]) for n in NAMES)
+        del ref_arrays
+
+    with tempfile.TemporaryDirectory(dir=args.cache_dir) as cache:
+        description = {"kind": "benchmark", "documents": args.documents, "seed": args.seed}
+        t0 = time.perf_counter()
+        load_or_build(cache, description, NAMES, lambda: arrays)
+        t1 = time.perf_counter()
+        opened, built = load_or_build(cache, description, NAMES, lambda: arrays)
+        t2 = time.perf_counter()
+        assert not built and all(np.array_equal(opened[n], arrays[n]) for n in NAMES)
+        result["cache_write_seconds"] = round(t1 - t0, 4)
+        result["cache_open_seconds"] = round(t2 - t1, 6)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
