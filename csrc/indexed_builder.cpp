@@ -1,26 +1,20 @@
-// MMIDIDX token-file builder (the write side of megalite/data/indexed.py).
+// MMIDIDX token-file builder, the write side of megalite/data/indexed.py. Layout (see
+// shared/spec/indexed-dataset.md): PREFIX.bin = every sequence's tokens back to back in one dtype;
+// PREFIX.idx = 34-byte header, int32 lengths, int64 byte pointers, int64 document index, and int8
+// modes for multimodal builds. Little-endian, no padding.
 //
-// Layout (see shared/spec/indexed-dataset.md): PREFIX.bin holds every sequence's token ids back to
-// back in one dtype; PREFIX.idx holds a 34-byte header, int32 sequence lengths, int64 byte pointers,
-// the int64 document index and, for multimodal builds, int8 modes. Little-endian, no padding.
-//
-// This class writes to the temporary paths it is given; the Python wrapper chooses those names and
-// renames both files into place after finalize(). If the builder is aborted or destroyed before
-// finalize() succeeds, it removes the temporaries, so a half-written dataset never appears.
-//
-// Why C++: tokenizing workers hand over one document at a time, millions of times. Here each
-// document is range-checked and converted straight into an 8 MiB write buffer (no per-token
-// syscalls, no Python objects per token), and merging copies whole .bin files in large blocks.
-//
-// Every check on an input (token range, sentence lengths, mode values, array types) runs before
-// anything is written, so a rejected call leaves the builder unchanged and still usable. An I/O
-// error, in contrast, puts it into a failed state: only abort() (or destruction) is allowed then.
+// It writes to the temporary paths it is given; the Python wrapper renames both into place after
+// finalize(). Aborted or destroyed before finalize() succeeds, it removes the temporaries.
+// Why C++: workers hand over one document at a time, millions of times; each is range-checked and
+// converted straight into an 8 MiB write buffer (no per-token syscalls or Python objects), and a
+// merge copies whole .bin files in large blocks.
+// Every input check runs before anything is written, so a rejected call leaves the builder
+// unchanged and usable; an I/O error leaves it failed (only abort() or destruction remain).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -37,8 +31,7 @@
 
 namespace py = pybind11;
 
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
-              "MMIDIDX files are little-endian and this writer stores host integers as they are");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "MMIDIDX is little-endian; host integers are written as is");
 
 namespace {
 
@@ -55,31 +48,18 @@ struct FileError : std::runtime_error {
 };
 
 const char *dtype_name(int code) {
-  switch (code) {
-    case 1: return "uint8";
-    case 2: return "int8";
-    case 3: return "int16";
-    case 4: return "int32";
-    case 5: return "int64";
-    case 6: return "float64";
-    case 7: return "float32";
-    case 8: return "uint16";
-    default: return "unknown";
-  }
+  static const char *names[] = {"?", "uint8", "int8", "int16", "int32", "int64", "float64", "float32", "uint16"};
+  return code >= 1 && code <= 8 ? names[code] : "?";
 }
 
 // Calls f(T{}) with T the C++ type of MMIDIDX dtype code `code`.
 template <typename F>
 void dispatch_code(int code, F &&f) {
   switch (code) {
-    case 1: f(uint8_t{}); break;
-    case 2: f(int8_t{}); break;
-    case 3: f(int16_t{}); break;
-    case 4: f(int32_t{}); break;
-    case 5: f(int64_t{}); break;
-    case 6: f(double{}); break;
-    case 7: f(float{}); break;
-    case 8: f(uint16_t{}); break;
+    case 1: f(uint8_t{}); break;   case 2: f(int8_t{}); break;
+    case 3: f(int16_t{}); break;   case 4: f(int32_t{}); break;
+    case 5: f(int64_t{}); break;   case 6: f(double{}); break;
+    case 7: f(float{}); break;     case 8: f(uint16_t{}); break;
     default: throw std::invalid_argument("unknown MMIDIDX dtype code " + std::to_string(code));
   }
 }
@@ -119,12 +99,9 @@ inline bool fits(In v) {
   return uint64_t(v) <= Exact<Out>::hi;
 }
 
+// Reads through memcpy: numpy data may be unaligned (e.g. the arrays inside a memory-mapped .idx).
 template <typename T>
-inline T load(const char *p) {  // numpy data may be unaligned (e.g. arrays inside a memory-mapped .idx)
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
+inline T load(const char *p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
 
 // A write-only file with one large buffer. Owns its descriptor; never throws from the destructor.
 class OutFile {
@@ -134,13 +111,11 @@ class OutFile {
     fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd_ < 0) throw FileError(errno, path_, "cannot create");
   }
-  OutFile(const OutFile &) = delete;
-  OutFile &operator=(const OutFile &) = delete;
+  OutFile(const OutFile &) = delete;  // owns a descriptor
   ~OutFile() { close_quietly(); }
 
   const std::string &path() const { return path_; }
   uint64_t size() const { return flushed_ + used_; }
-
   // Returns room for at least `min_bytes` (<= kBufferBytes) contiguous bytes in the buffer.
   char *room(size_t min_bytes, size_t *available) {
     if (kBufferBytes - used_ < min_bytes) flush();
@@ -148,18 +123,14 @@ class OutFile {
     return buf_.get() + used_;
   }
   void commit(size_t n) { used_ += n; }
-
   void write(const void *data, size_t n) {
-    const char *p = static_cast<const char *>(data);
-    if (n >= kBufferBytes) {  // large blocks bypass the buffer
-      flush();
-      write_all(p, n);
-      flushed_ += n;
-      return;
+    for (const char *p = static_cast<const char *>(data); n > 0;) {
+      size_t k = 0;
+      char *dst = room(1, &k);
+      k = std::min(k, n);
+      std::memcpy(dst, p, k);
+      used_ += k, p += k, n -= k;
     }
-    if (kBufferBytes - used_ < n) flush();
-    std::memcpy(buf_.get() + used_, p, n);
-    used_ += n;
   }
 
   void flush() {
@@ -178,21 +149,15 @@ class OutFile {
     if (::close(fd) != 0) throw FileError(errno, path_, "cannot close");
   }
 
-  void close_quietly() noexcept {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
+  void close_quietly() noexcept { if (fd_ >= 0) ::close(fd_); fd_ = -1; }
 
  private:
   void write_all(const char *p, size_t n) {
     while (n > 0) {
       const ssize_t w = ::write(fd_, p, n);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        throw FileError(errno, path_, "cannot write");
-      }
-      p += w;
-      n -= size_t(w);
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) throw FileError(errno, path_, "cannot write");
+      p += w, n -= size_t(w);
     }
   }
 
@@ -203,7 +168,13 @@ class OutFile {
   int fd_ = -1;
 };
 
-void remove_quietly(const std::string &path) noexcept { ::unlink(path.c_str()); }
+struct ReadFd {  // closes on every exit path
+  explicit ReadFd(const std::string &path) : fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+    if (fd < 0) throw FileError(errno, path, "cannot open");
+  }
+  ~ReadFd() { ::close(fd); }
+  int fd;
+};
 
 class IndexedDatasetBuilder {
  public:
@@ -219,6 +190,7 @@ class IndexedDatasetBuilder {
   void add_item(const py::array &tokens, int mode) {
     require_open();
     const py::ssize_t n = check_tokens(tokens);
+    check_lengths(std::vector<int64_t>{int64_t(n)}, n);
     check_mode(mode);
     write_tokens(tokens);
     lengths_.push_back(int32_t(n));
@@ -233,16 +205,7 @@ class IndexedDatasetBuilder {
     require_open();
     const py::ssize_t n = check_tokens(tokens);
     const std::vector<int64_t> lengths = lengths_arg ? *lengths_arg : std::vector<int64_t>{int64_t(n)};
-    int64_t total = 0;
-    for (size_t i = 0; i < lengths.size(); ++i) {
-      if (lengths[i] < 0 || lengths[i] > std::numeric_limits<int32_t>::max())
-        throw std::invalid_argument("sentence length " + std::to_string(lengths[i]) + " (sentence " +
-                                    std::to_string(i) + ") is not in [0, 2^31)");
-      total += lengths[i];
-    }
-    if (total != n)
-      throw std::invalid_argument("sentence lengths sum to " + std::to_string(total) + " but the document has " +
-                                  std::to_string(n) + " tokens");
+    check_lengths(lengths, n);
     std::vector<int> modes;
     if (py::isinstance<py::int_>(modes_arg)) {
       modes.assign(lengths.size(), modes_arg.cast<int>());
@@ -258,6 +221,23 @@ class IndexedDatasetBuilder {
     tokens_ += uint64_t(n);
     if (multimodal_) modes_.insert(modes_.end(), modes.begin(), modes.end());
     end_document();
+  }
+
+  // Many whole documents in one call (one sequence each): `tokens` is their concatenation and
+  // `lengths` their sizes. Saves the per-call overhead when a tokenizer hands over a batch.
+  void add_documents(const py::array &tokens, const std::vector<int64_t> &lengths, int mode) {
+    require_open();
+    if (document_open())
+      throw std::invalid_argument("add_documents: the current document is still open; call end_document() first");
+    const py::ssize_t n = check_tokens(tokens);
+    check_lengths(lengths, n);
+    check_mode(mode);
+    write_tokens(tokens);
+    lengths_.insert(lengths_.end(), lengths.begin(), lengths.end());
+    tokens_ += uint64_t(n);
+    if (multimodal_) modes_.insert(modes_.end(), lengths.size(), int8_t(mode));
+    for (size_t i = 0, first = lengths_.size() - lengths.size(); i < lengths.size(); ++i)
+      document_indices_.push_back(int64_t(first + i + 1));
   }
 
   void end_document() {
@@ -280,13 +260,12 @@ class IndexedDatasetBuilder {
       throw std::invalid_argument("add_index: document index of " + src_bin + " must run from 0 to " +
                                   std::to_string(n));
     const char *mode_p = nullptr;
+    if (multimodal_ == modes.is_none())
+      throw std::invalid_argument("add_index: modes must be given exactly when the builder is multimodal");
     if (multimodal_) {
-      if (modes.is_none()) throw std::invalid_argument("add_index: a multimodal builder needs the modes of " + src_bin);
       py::array m = modes.cast<py::array>();
       mode_p = array_data(m, 'i', 1, "modes");
       if (m.size() != n) throw std::invalid_argument("add_index: modes of " + src_bin + " do not match its sequences");
-    } else if (!modes.is_none()) {
-      throw std::invalid_argument("add_index: modes given to a builder that is not multimodal");
     }
     uint64_t tokens = 0;
     for (py::ssize_t i = 0; i < n; ++i) {
@@ -324,11 +303,10 @@ class IndexedDatasetBuilder {
     OutFile &f = *idx_;
     const uint8_t code = uint8_t(code_);
     const uint64_t n = lengths_.size(), d = document_indices_.size();
-    f.write(kMagic, sizeof(kMagic));
-    f.write(&kVersion, 8);
-    f.write(&code, 1);
-    f.write(&n, 8);
-    f.write(&d, 8);
+    char header[34];  // magic, u64 version, u8 dtype code, u64 sequence_count, u64 document_count
+    std::memcpy(header, kMagic, 9), std::memcpy(header + 9, &kVersion, 8), std::memcpy(header + 17, &code, 1);
+    std::memcpy(header + 18, &n, 8), std::memcpy(header + 26, &d, 8);
+    f.write(header, sizeof(header));
     f.write(lengths_.data(), n * 4);
     std::vector<int64_t> chunk(1 << 16);  // pointers are a running sum, produced in chunks
     int64_t pointer = 0;
@@ -351,22 +329,14 @@ class IndexedDatasetBuilder {
   void abort() noexcept {
     if (finalized_ || aborted_) return;
     aborted_ = true;
-    if (bin_) {
-      bin_->close_quietly();
-      remove_quietly(bin_->path());
-    }
-    if (idx_) {
-      idx_->close_quietly();
-      remove_quietly(idx_->path());
-    }
+    for (OutFile *f : {bin_.get(), idx_.get()})
+      if (f) f->close_quietly(), ::unlink(f->path().c_str());
   }
 
   uint64_t sequence_count() const { return lengths_.size(); }
   uint64_t document_count() const { return document_indices_.size() - 1; }
   uint64_t num_tokens() const { return tokens_; }
   bool document_open() const { return int64_t(lengths_.size()) != document_indices_.back(); }
-  bool finalized() const { return finalized_; }
-  int dtype_code() const { return code_; }
 
  private:
   void require_open() const {
@@ -380,6 +350,20 @@ class IndexedDatasetBuilder {
       throw std::invalid_argument("mode " + std::to_string(mode) + " given to a builder that is not multimodal");
     if (mode < std::numeric_limits<int8_t>::min() || mode > std::numeric_limits<int8_t>::max())
       throw std::invalid_argument("mode " + std::to_string(mode) + " does not fit int8");
+  }
+
+  // Sequence lengths must fit the int32 length field and add up to the `n` tokens given.
+  static void check_lengths(const std::vector<int64_t> &lengths, py::ssize_t n) {
+    int64_t total = 0;
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      if (lengths[i] < 0 || lengths[i] > std::numeric_limits<int32_t>::max())
+        throw std::invalid_argument("sequence length " + std::to_string(lengths[i]) + " (sequence " +
+                                    std::to_string(i) + " of this call) is not in [0, 2^31)");
+      total += lengths[i];
+    }
+    if (total != n)
+      throw std::invalid_argument("sequence lengths sum to " + std::to_string(total) + " but " +
+                                  std::to_string(n) + " tokens were given");
   }
 
   static const char *array_data(const py::array &a, char kind, py::ssize_t itemsize, const char *what) {
@@ -396,16 +380,11 @@ class IndexedDatasetBuilder {
       throw std::invalid_argument("tokens must be a 1-D array, got " + std::to_string(tokens.ndim()) + " dimensions");
     if (!(tokens.flags() & py::array::c_style)) throw std::invalid_argument("tokens must be a contiguous array");
     const py::ssize_t n = tokens.size();
-    if (n > std::numeric_limits<int32_t>::max())
-      throw std::invalid_argument("a sequence of " + std::to_string(n) + " tokens does not fit the int32 length field");
     const char *p = static_cast<const char *>(tokens.data());
     dispatch_array(tokens, [&](auto in) {
       using In = decltype(in);
       dispatch_code(code_, [&](auto out) {
         using Out = decltype(out);
-        bool bad = false;
-        for (py::ssize_t i = 0; i < n; ++i) bad |= !fits<Out>(load<In>(p + i * sizeof(In)));
-        if (!bad) return;
         for (py::ssize_t i = 0; i < n; ++i) {
           const In v = load<In>(p + i * sizeof(In));
           if (!fits<Out>(v))
@@ -444,28 +423,18 @@ class IndexedDatasetBuilder {
   }
 
   void copy_file(const std::string &src, uint64_t expected) {
-    const int fd = ::open(src.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw FileError(errno, src, "cannot open");
+    ReadFd in(src);
     uint64_t copied = 0;
-    try {
-      for (;;) {
-        size_t room = 0;
-        char *dst = bin_->room(kBufferBytes, &room);  // flushes: reads go straight into the empty buffer
-        const ssize_t r = ::read(fd, dst, room);
-        if (r < 0) {
-          if (errno == EINTR) continue;
-          throw FileError(errno, src, "cannot read");
-        }
-        if (r == 0) break;
-        bin_->commit(size_t(r));
-        copied += uint64_t(r);
-        if (copied > expected) break;
-      }
-    } catch (...) {
-      ::close(fd);
-      throw;
+    while (copied <= expected) {
+      size_t room = 0;
+      char *dst = bin_->room(kBufferBytes, &room);  // flushes: reads go straight into the empty buffer
+      const ssize_t r = ::read(in.fd, dst, room);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) throw FileError(errno, src, "cannot read");
+      if (r == 0) break;
+      bin_->commit(size_t(r));
+      copied += uint64_t(r);
     }
-    ::close(fd);
     if (copied != expected)
       throw std::invalid_argument(src + " changed while it was copied: expected " + std::to_string(expected) +
                                   " bytes, read " + std::to_string(copied));
@@ -498,11 +467,9 @@ void bind_indexed_builder(py::module_ &m) {
   });
 
   py::class_<IndexedDatasetBuilder>(m, "IndexedDatasetBuilder", R"doc(
-Writes one MMIDIDX dataset to two temporary files (bin_path, idx_path); the caller renames them
-into place after finalize(). Destroying or aborting it before finalize() removes the temporaries.
-Token arrays must be 1-D, C-contiguous and of an integer dtype; every value is checked against the
-dataset dtype before anything is written (ValueError names the value and its position).
-Not thread-safe: use one builder per thread or process.)doc")
+Writes one MMIDIDX dataset to temporary files (bin_path, idx_path) that the caller renames after
+finalize(); abort() or destruction before that removes them. Tokens: 1-D contiguous integer arrays,
+range-checked before anything is written (ValueError names value and position). Not thread-safe.)doc")
       .def(py::init<std::string, std::string, int, bool>(), py::arg("bin_path"), py::arg("idx_path"),
            py::arg("dtype_code"), py::arg("multimodal") = false,
            "Creates bin_path (which must not exist); idx_path is created by finalize().")
@@ -512,6 +479,9 @@ Not thread-safe: use one builder per thread or process.)doc")
            py::arg("modes") = 0,
            "Appends a document split into sequences of `lengths` tokens (summing to len(tokens); None: one "
            "sequence) and ends it. `modes`: one int for every sequence, or a list with one per sequence.")
+      .def("add_documents", &IndexedDatasetBuilder::add_documents, py::arg("tokens"), py::arg("lengths"),
+           py::arg("mode") = 0,
+           "Appends len(lengths) whole documents (one sequence each) whose concatenation is `tokens`.")
       .def("end_document", &IndexedDatasetBuilder::end_document, "Ends the current document.")
       .def("add_index", &IndexedDatasetBuilder::add_index, py::arg("bin_path"), py::arg("sequence_lengths"),
            py::arg("document_indices"), py::arg("modes") = py::none(),
@@ -525,7 +495,5 @@ Not thread-safe: use one builder per thread or process.)doc")
                              "Documents ended so far.")
       .def_property_readonly("num_tokens", &IndexedDatasetBuilder::num_tokens)
       .def_property_readonly("document_open", &IndexedDatasetBuilder::document_open,
-                             "Whether sequences were added since the last document ended.")
-      .def_property_readonly("finalized", &IndexedDatasetBuilder::finalized)
-      .def_property_readonly("dtype_code", &IndexedDatasetBuilder::dtype_code);
+                             "Whether sequences were added since the last document ended.");
 }

@@ -326,6 +326,17 @@ class IndexedDatasetBuilder:
         modes = int(mode) if isinstance(mode, (int, np.integer)) else [int(m) for m in mode]
         self._call(self._impl.add_document, _token_array(tokens, self.prefix), lengths, modes)
 
+    def add_documents(self, tokens, document_lengths: Sequence[int], mode: int = 0) -> None:
+        """Appends ``len(document_lengths)`` whole documents (one sequence each) in one call:
+        ``tokens`` is their concatenation. Same bytes as calling :meth:`add_document` per document,
+        without the per-call overhead. No document may be open."""
+        lengths = np.asarray(document_lengths)
+        if lengths.size == 0:
+            lengths = lengths.astype(np.int64)
+        if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+            raise DataFormatError(f"{self.prefix}: document lengths must be a 1-D integer sequence")
+        self._call(self._impl.add_documents, _token_array(tokens, self.prefix), lengths.tolist(), int(mode))
+
     def add_item(self, tokens, mode: int = 0) -> None:
         """Appends one sequence; the document stays open until :meth:`end_document`."""
         self._call(self._impl.add_item, _token_array(tokens, self.prefix), int(mode))

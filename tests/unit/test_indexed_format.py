@@ -78,18 +78,37 @@ def random_docs(rng, n_docs, dtype, max_sentences=1, max_len=50):
 
 
 def build(prefix, docs, dtype, multimodal=False, modes=None, style="document"):
-    """Builds ``docs`` with the C++ builder; ``style`` picks the API (add_document vs add_item)."""
-    seq_modes = iter(modes or [])
+    """Builds ``docs`` with the C++ builder; ``style`` picks the API: "document" (add_document with
+    sentence lengths), "item" (add_item + end_document) or "bulk" (runs of single-sentence
+    documents with equal modes through add_documents, the rest through add_document)."""
+    seq_modes = list(modes or [0] * sum(len(d) for d in docs))
+    pos, batch, batch_mode = 0, [], None
     with IndexedDatasetBuilder(prefix, dtype, multimodal=multimodal) as b:
+        def flush():
+            if batch:
+                b.add_documents(np.concatenate([np.array(s, np.int64) for s in batch]), [len(s) for s in batch],
+                                mode=batch_mode)
+                batch.clear()
+
         for doc in docs:
-            if style == "document":
-                flat = np.array([t for s in doc for t in s], dtype=np.int64)
-                m = [next(seq_modes) for _ in doc] if multimodal else 0
-                b.add_document(flat, [len(s) for s in doc], mode=m)
-            else:
-                for s in doc:
-                    b.add_item(s, mode=next(seq_modes) if multimodal else 0)
+            m = seq_modes[pos:pos + len(doc)]
+            pos += len(doc)
+            if style == "bulk" and len(doc) == 1 and (not batch or m[0] == batch_mode):
+                batch.append(doc[0])
+                batch_mode = m[0]
+                continue
+            flush()
+            if style == "bulk" and len(doc) == 1:
+                batch.append(doc[0])
+                batch_mode = m[0]
+            elif style == "item":
+                for s, mode in zip(doc, m):
+                    b.add_item(s, mode=mode)
                 b.end_document()
+            else:
+                flat = np.array([t for s in doc for t in s], dtype=np.int64)
+                b.add_document(flat, [len(s) for s in doc], mode=m)
+        flush()
         b.finalize()
 
 
@@ -133,7 +152,7 @@ def test_whole_documents_byte_level(tmp_path, dtype):
     assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]  # no temporaries left
 
 
-@pytest.mark.parametrize("style", ["document", "item"])
+@pytest.mark.parametrize("style", ["document", "item", "bulk"])
 def test_sentence_split_documents(tmp_path, style):
     rng = np.random.default_rng(1)
     docs = random_docs(rng, 25, np.uint16, max_sentences=5)
@@ -214,7 +233,7 @@ def test_builder_matches_spec_writer(tmp_path_factory, data, dtype, multimodal):
     docs = data.draw(_docs_strategy(dtype))
     n = sum(len(d) for d in docs)
     modes = data.draw(st.lists(st.integers(-128, 127), min_size=n, max_size=n)) if multimodal else None
-    style = data.draw(st.sampled_from(["document", "item"]))
+    style = data.draw(st.sampled_from(["document", "item", "bulk"]))
     prefix = str(tmp_path_factory.mktemp("prop") / "ds")
     build(prefix, docs, np.dtype(dtype), multimodal=multimodal, modes=modes, style=style)
     assert read_pair(prefix) == spec_write(docs, dtype, modes)
@@ -349,10 +368,17 @@ def test_bad_builder_arguments(tmp_path):
     with pytest.raises(DataFormatError, match="unsupported token dtype"):
         IndexedDatasetBuilder(p, np.complex64)
     with IndexedDatasetBuilder(p, np.uint16) as b:
-        with pytest.raises(DataFormatError, match="sum to 3 but the document has 2 tokens"):
+        with pytest.raises(DataFormatError, match="sum to 3 but 2 tokens were given"):
             b.add_document([1, 2], [1, 2])
-        with pytest.raises(DataFormatError, match="not in"):
+        with pytest.raises(DataFormatError, match=r"length -1 \(sequence 1 of this call\) is not in"):
             b.add_document([1, 2], [3, -1])
+        with pytest.raises(DataFormatError, match="sum to 1 but 2 tokens were given"):
+            b.add_documents([1, 2], [1])
+        with pytest.raises(DataFormatError, match="1-D integer"):
+            b.add_documents([1, 2], [1.0, 1.0])
+        b.add_item([1])
+        with pytest.raises(DataFormatError, match="still open"):
+            b.add_documents([1, 2], [1, 1])
         with pytest.raises(DataFormatError, match="not multimodal"):
             b.add_item([1], mode=3)
     with IndexedDatasetBuilder(p, np.uint16, multimodal=True) as b:
