@@ -194,12 +194,22 @@ py::array_t<int64_t> build_shuffle_index(int64_t num_samples, int64_t first, uin
   return out;
 }
 
-// Blending index. At step t (0-based) draw the dataset k with the largest
-// weights[k] * (t + 1) - drawn[k], evaluated in IEEE double exactly as written (the lowest k
-// wins ties); the sample taken from it is drawn[k], which then increases by one. The weights
-// are used as given (callers normalise them). This keeps every count within one of its ideal
-// share weights[k] * steps. Note: no FMA contraction happens here because the extension is
-// built for baseline x86-64/aarch64 without -ffast-math; the Python twin rounds identically.
+// Blending index: Tijdeman's solution of the "chairman assignment problem" (R. Tijdeman, 1980),
+// which keeps every dataset's count within 1 - delta < 1 of its ideal share after *every* step.
+// (The simpler "draw the largest weights[k] * (t + 1) - drawn[k]" rule can drift past one with
+// three or more datasets, e.g. weights 8, 8, 1.0625, 1.0625, 1.0625 at step 12.)
+//
+//   K      number of positive weights; delta = 1 / (2K - 2), or 0 when K == 1
+//   step t (1-based; output row t - 1): dataset k is eligible when weights[k] > 0 and
+//          weights[k] * t - drawn[k] >= delta; draw the eligible k with the smallest deadline
+//          (drawn[k] + 1 - delta) / weights[k], lowest k on ties. Should rounding leave no
+//          dataset eligible, draw the k with the largest weights[k] * t - drawn[k].
+//   row    dataset_index[t - 1] = k, dataset_sample_index[t - 1] = drawn[k]; drawn[k] += 1.
+//
+// Weights are used as given (callers normalise them to sum to 1). All arithmetic is IEEE double
+// in exactly the order written, as in the Python twin: setup.py builds with -std=c++17, an ISO
+// mode in which GCC does not contract a * b - c into an FMA, and without -ffast-math. The tests
+// compare both twins bit for bit, so a toolchain that differs is caught.
 std::pair<py::array_t<int16_t>, py::array_t<int64_t>> build_blending_index(CArray<double> weights,
                                                                            int64_t size) {
   const int64_t k_count = weights.size();
@@ -207,9 +217,14 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> build_blending_index(CArra
     throw std::invalid_argument("build_blending_index: need 1 to 32767 weights");
   if (size < 0) throw std::invalid_argument("build_blending_index: size must be >= 0");
   const double *w = weights.data();
-  for (int64_t k = 0; k < k_count; ++k)
+  int64_t positive = 0;
+  for (int64_t k = 0; k < k_count; ++k) {
     if (!std::isfinite(w[k]) || w[k] < 0)
       throw std::invalid_argument("build_blending_index: weights must be finite and >= 0");
+    positive += w[k] > 0;
+  }
+  if (positive == 0) throw std::invalid_argument("build_blending_index: all weights are 0");
+  const double delta = positive > 1 ? 1.0 / static_cast<double>(2 * positive - 2) : 0.0;
   py::array_t<int16_t> dataset_index(size);
   py::array_t<int64_t> sample_index(size);
   int16_t *di = dataset_index.mutable_data();
@@ -217,19 +232,32 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> build_blending_index(CArra
   {
     py::gil_scoped_release nogil;
     std::vector<int64_t> drawn(k_count, 0);
-    for (int64_t t = 0; t < size; ++t) {
-      const double steps = static_cast<double>(t + 1);
-      int64_t best = 0;
-      double best_err = w[0] * steps - static_cast<double>(drawn[0]);
-      for (int64_t k = 1; k < k_count; ++k) {
-        const double err = w[k] * steps - static_cast<double>(drawn[k]);
-        if (err > best_err) {
-          best_err = err;
+    for (int64_t t = 1; t <= size; ++t) {
+      const double steps = static_cast<double>(t);
+      int64_t best = -1;
+      double best_deadline = 0;
+      for (int64_t k = 0; k < k_count; ++k) {
+        if (!(w[k] > 0)) continue;
+        const double deficit = w[k] * steps - static_cast<double>(drawn[k]);
+        if (deficit < delta) continue;
+        const double deadline = (static_cast<double>(drawn[k]) + 1.0 - delta) / w[k];
+        if (best < 0 || deadline < best_deadline) {
           best = k;
+          best_deadline = deadline;
         }
       }
-      di[t] = static_cast<int16_t>(best);
-      si[t] = drawn[best]++;
+      if (best < 0) {  // rounding fallback: the largest deficit
+        double best_deficit = 0;
+        for (int64_t k = 0; k < k_count; ++k) {
+          const double deficit = w[k] * steps - static_cast<double>(drawn[k]);
+          if (best < 0 || deficit > best_deficit) {
+            best = k;
+            best_deficit = deficit;
+          }
+        }
+      }
+      di[t - 1] = static_cast<int16_t>(best);
+      si[t - 1] = drawn[best]++;
     }
   }
   return {dataset_index, sample_index};
@@ -262,8 +290,8 @@ void bind_index_helpers(py::module_ &m) {
         "int64[num_samples]: permutation of the sample ids; [0, first) and [first, num_samples) "
         "shuffled separately.");
   m.def("build_blending_index", &build_blending_index, py::arg("weights"), py::arg("size"),
-        "(int16[size] dataset, int64[size] sample-within-dataset): at step t draw the dataset "
-        "with the largest weights[k]*(t+1) - drawn[k] (lowest k on ties).");
+        "(int16[size] dataset, int64[size] sample-within-dataset) by Tijdeman's rule: every "
+        "count stays within 1 - 1/(2K-2) of weights[k] * steps (see index_helpers.cpp).");
   m.def("splitmix64_outputs", &splitmix64_outputs, py::arg("seed"), py::arg("count"),
         py::arg("bound") = 0,
         "First `count` splitmix64 outputs from `seed` (bound == 0) or bounded draws in [0, bound).");

@@ -1,10 +1,13 @@
 """Blending several GPT datasets by weight, and the train/valid/test builder the trainer calls.
 
-Blending rule (``megalite._C.build_blending_index``): weights are normalised to sum to 1; at step
-t (0-based) the dataset k with the largest ``w[k] * (t + 1) - drawn[k]`` is drawn (lowest k on
-ties), taking its sample number ``drawn[k]``. After any number n of steps every count is within
-one of its ideal share ``w[k] * n``. The blending index is deterministic (no seed) and cheap
-(O(size * datasets) in C++), so it is computed, not cached.
+Blending rule (``megalite._C.build_blending_index``, stated in full in ``csrc/index_helpers.cpp``):
+weights are normalised to sum to 1, and the datasets are interleaved by Tijdeman's solution of the
+chairman assignment problem: after every step t, each dataset's count is within ``1 - 1/(2K-2)``
+(< 1) of its ideal share ``w[k] * t`` (K positive weights). In short: among the datasets at least
+``1/(2K-2)`` behind their share, draw the one whose next sample is due soonest. (Megatron's
+greedy "largest ``w * t - drawn``" rule can fall more than one behind with three or more
+datasets.) Dataset k's samples are taken in order 0, 1, 2, ... The index is deterministic (no
+seed) and cheap (O(size * datasets) in C++), so it is computed, not cached.
 """
 from __future__ import annotations
 

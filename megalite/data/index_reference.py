@@ -111,18 +111,30 @@ def build_shuffle_index(num_samples: int, first: int, seed: int) -> np.ndarray:
 
 
 def build_blending_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(int16 ``[size]`` dataset id, int64 ``[size]`` sample within that dataset).
+    """(int16 ``[size]`` dataset id, int64 ``[size]`` sample within that dataset), by Tijdeman's
+    chairman-assignment rule (the full statement is in ``csrc/index_helpers.cpp``).
 
-    At step ``t`` draw the dataset ``k`` with the largest ``weights[k] * (t + 1) - drawn[k]``
-    (Python floats are IEEE doubles, rounded as in C++; the lowest ``k`` wins ties)."""
+    With K positive weights and ``delta = 1 / (2K - 2)`` (0 if K == 1), at step t = 1, 2, ...
+    the datasets with ``w * t - drawn >= delta`` are eligible and the one with the smallest
+    ``(drawn + 1 - delta) / w`` is drawn (lowest k on ties; if none is eligible, the largest
+    ``w * t - drawn``). Python floats are IEEE doubles, rounded exactly as in C++."""
     weights = [float(w) for w in weights]
+    if not weights or any(not np.isfinite(w) or w < 0 for w in weights) or max(weights) == 0:
+        raise ValueError("weights must be finite, >= 0 and not all 0")
+    positive = sum(1 for w in weights if w > 0)
+    delta = 1.0 / (2 * positive - 2) if positive > 1 else 0.0
     drawn = [0] * len(weights)
     dataset_index = np.zeros(size, dtype=np.int16)
     sample_index = np.zeros(size, dtype=np.int64)
-    for t in range(size):
-        errors = [w * float(t + 1) - float(c) for w, c in zip(weights, drawn)]
-        best = errors.index(max(errors))
-        dataset_index[t] = best
-        sample_index[t] = drawn[best]
+    for t in range(1, size + 1):
+        eligible = [k for k, w in enumerate(weights) if w > 0 and w * t - drawn[k] >= delta]
+        if eligible:
+            deadlines = [(drawn[k] + 1 - delta) / weights[k] for k in eligible]
+            best = eligible[deadlines.index(min(deadlines))]
+        else:
+            deficits = [w * t - c for w, c in zip(weights, drawn)]
+            best = deficits.index(max(deficits))
+        dataset_index[t - 1] = best
+        sample_index[t - 1] = drawn[best]
         drawn[best] += 1
     return dataset_index, sample_index

@@ -139,14 +139,18 @@ def test_shuffle_index_matches_reference(n, data, seed):
 
 
 def assert_counts_within_one(weights, dataset_index):
-    """After every prefix of t steps, each dataset's count is within one of w * t."""
+    """After every prefix of t steps, each count is within 1 - delta (< 1) of w * t, the bound of
+    Tijdeman's rule with delta = 1 / (2K - 2) for K positive weights."""
     w = np.asarray(weights, np.float64)
+    positive = int((w > 0).sum())
+    bound = 1 - 1 / (2 * positive - 2) if positive > 1 else 0.0
     onehot = np.zeros((len(dataset_index), len(w)))
     onehot[np.arange(len(dataset_index)), dataset_index] = 1
     counts = np.cumsum(onehot, axis=0)
     ideal = np.arange(1, len(dataset_index) + 1)[:, None] * w[None, :]
-    # 1e-9: the comparison itself is in floats; the rule's guarantee is strict (< 1).
-    assert np.all(np.abs(counts - ideal) < 1 + 1e-9), np.abs(counts - ideal).max()
+    # 1e-9: w * t is itself rounded; the guarantee is for exact arithmetic.
+    deviation = np.abs(counts - ideal).max(initial=0)
+    assert deviation <= bound + 1e-9 and deviation < 1, (deviation, bound)
 
 
 @SETTINGS
@@ -165,7 +169,9 @@ def test_blending_index_matches_reference_and_is_within_one(raw, size):
 
 
 @pytest.mark.parametrize("weights", [[0.5, 0.5], [0.3, 0.7], [0.01, 0.99], [1 / 3] * 3,
-                                     [0.1, 0.2, 0.3, 0.4], [0.0, 0.25, 0.75]])
+                                     [0.1, 0.2, 0.3, 0.4], [0.0, 0.25, 0.75],
+                                     # the greedy largest-deficit rule drifts past 1 on this one
+                                     list(np.array([8, 8, 1.0625, 1.0625, 1.0625]) / 19.1875)])
 def test_blending_counts_within_one_of_ideal(weights):
     dataset_index, _ = _C.build_blending_index(np.array(weights), 20000)
     assert_counts_within_one(weights, dataset_index)
@@ -178,3 +184,5 @@ def test_blending_index_bad_weights():
         _C.build_blending_index(np.array([1.5, -0.5]), 10)
     with pytest.raises(ValueError, match="weights"):
         _C.build_blending_index(np.array([]), 10)
+    with pytest.raises(ValueError, match="all weights are 0"):
+        _C.build_blending_index(np.array([0.0, 0.0]), 10)
