@@ -42,6 +42,8 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 # -- plain (non-autograd) primitives ------------------------------------------------------------
+# They return new tensors without autograd history (the autograd functions below wrap them).
+@torch.no_grad()
 def all_reduce(x: Tensor, ps: ParallelState) -> Tensor:
     """Sum ``x`` over the TP group (returns a new tensor; ``x`` is untouched)."""
     out = x.contiguous().clone()
@@ -49,6 +51,7 @@ def all_reduce(x: Tensor, ps: ParallelState) -> Tensor:
     return out
 
 
+@torch.no_grad()
 def split(x: Tensor, dim: int, ps: ParallelState) -> Tensor:
     """This rank's chunk of ``x`` along ``dim`` (contiguous copy so that autograd/collectives
     never see a view into another rank's data)."""
@@ -59,6 +62,7 @@ def split(x: Tensor, dim: int, ps: ParallelState) -> Tensor:
     return x.chunk(ps.tp_size, dim=dim)[ps.tp_rank].contiguous()
 
 
+@torch.no_grad()
 def all_gather(x: Tensor, dim: int, ps: ParallelState) -> Tensor:
     """Concatenate every rank's ``x`` along ``dim`` (in tp_rank order)."""
     dim = dim % x.dim()
@@ -72,6 +76,7 @@ def all_gather(x: Tensor, dim: int, ps: ParallelState) -> Tensor:
     return torch.cat(parts, dim=dim)
 
 
+@torch.no_grad()
 def reduce_scatter(x: Tensor, ps: ParallelState) -> Tensor:
     """Sum ``x`` over the TP group and keep this rank's chunk of dim 0."""
     if x.shape[0] % ps.tp_size:

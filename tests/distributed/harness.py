@@ -112,15 +112,17 @@ class DistributedWorkers:
     """
 
     def __init__(self, world_size: int, *, timeout: float = 300.0, init_process_group: bool = True,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, failure_grace_s: float = FAILURE_GRACE_S):
         """``timeout``: seconds one ``run`` may take before all processes are killed.
-        ``env``: extra environment variables for the workers."""
+        ``env``: extra environment variables for the workers.
+        ``failure_grace_s``: after one rank failed, how long the others may still take."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
         self.timeout = timeout
         self.init_process_group = init_process_group
         self.env = dict(env or {})
+        self.failure_grace_s = failure_grace_s
         self._ctx = mp.get_context("spawn")
         self._procs: list = []
         self._tasks: list = []
@@ -209,14 +211,14 @@ class DistributedWorkers:
                 elif time.monotonic() > deadline:
                     waiting = [r for r in range(self.world_size)
                                if r not in outputs and r not in failures]
-                    problem = (f"rank(s) {waiting} still busy {FAILURE_GRACE_S:.0f} s after "
+                    problem = (f"rank(s) {waiting} still busy {self.failure_grace_s:g} s after "
                                f"rank(s) {sorted(failures)} failed; killed" if failures else
                                f"timed out waiting for rank(s) {waiting} "
                                f"(limit {limit:.0f} s; a deadlock in a collective?)")
                 if problem is None and failures:
                     # Once a rank failed its peers may wait forever in a collective; give them
                     # a short while to fail on their own, then kill.
-                    deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+                    deadline = min(deadline, time.monotonic() + self.failure_grace_s)
                 if problem:
                     break
                 continue
