@@ -3,7 +3,7 @@
 - ``corpus_jsonl``: the built-in corpus (pydoc topics + stdlib docstrings, ~2 MB, ~3k documents)
   as jsonl ``{"text": ...}``; ``corpus_texts``: its documents as a list of str.
 - ``sp_model``: a SentencePiece BPE ``.model`` (vocab 1000) trained on it with
-  ``megalite train-tokenizer``; eos ``</s>`` = 2.
+  ``megalite train-tokenizer --character-coverage 1.0``; eos ``</s>`` = 2; no ``<unk>`` on the corpus.
 - ``wordpiece_vocab``: a BERT ``vocab.txt`` (vocab 2000, lower-cased) trained with ``tokenizers``.
 - ``hf_tokenizer_json``: a byte-level BPE ``tokenizer.json`` (vocab 2000) with ``<|endoftext|>``.
 - ``corpus_token_dataset``: prefix of the corpus tokenised with ``sp_model`` (``--append-eod``),
@@ -50,6 +50,7 @@ def sp_model(corpus_jsonl, tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("sp") / "sp")
     rc = train_tokenizer.main(["--input", corpus_jsonl, "--output-prefix", prefix,
                                "--vocab-size", str(SP_VOCAB_SIZE), "--model-type", "bpe",
+                               "--character-coverage", "1.0",
                                "--num-threads", "2"])
     assert rc == 0
     return prefix + ".model"

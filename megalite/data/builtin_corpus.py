@@ -21,6 +21,8 @@ import importlib
 import inspect
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from typing import Iterator
@@ -133,7 +135,12 @@ def _module_texts(module_name: str) -> list[str]:
 
 
 def iter_builtin_texts() -> Iterator[str]:
-    """Yield the corpus documents (non-empty, distinct strings) in their fixed order."""
+    """Yield the corpus documents (non-empty, distinct strings) in their fixed order.
+
+    This reads the modules as this process sees them: a test runner or library that replaced a
+    standard-library function (pytest swaps ``sys.unraisablehook``) changes the result. Use
+    :func:`write_builtin_corpus`, which runs it in a fresh interpreter, for the reproducible corpus.
+    """
     from pydoc_data.topics import topics
 
     seen = set()
@@ -146,12 +153,7 @@ def iter_builtin_texts() -> Iterator[str]:
                 yield text
 
 
-def write_builtin_corpus(path: str, max_documents: int | None = None) -> int:
-    """Write the corpus as jsonl lines ``{"text": ...}`` to ``path``; return the document count.
-
-    ``max_documents`` keeps only the first documents (tests use a small prefix). The file is
-    written under a temporary name in the same directory and renamed into place.
-    """
+def _write_here(path: str, max_documents: int | None) -> int:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-corpus-", dir=directory)
     count = 0
@@ -170,3 +172,28 @@ def write_builtin_corpus(path: str, max_documents: int | None = None) -> int:
         os.unlink(tmp)
         raise
     return count
+
+
+def write_builtin_corpus(path: str, max_documents: int | None = None) -> int:
+    """Write the corpus as jsonl lines ``{"text": ...}`` to ``path``; return the document count.
+
+    ``max_documents`` keeps only the first documents. The work runs in a fresh, isolated
+    interpreter (``python -I -S`` on this file, which imports only the standard library), so the
+    bytes depend only on the Python installation, not on what the calling process has imported
+    or patched, and the ~200 module imports stay out of the caller. The file is written under a
+    temporary name in the same directory and renamed into place.
+    """
+    from megalite.errors import MegaliteError  # not at the top: this file also runs under -I -S
+
+    limit = "-1" if max_documents is None else str(int(max_documents))
+    proc = subprocess.run([sys.executable, "-I", "-S", os.path.abspath(__file__), str(path), limit],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MegaliteError(f"writing the built-in corpus to {path} failed: "
+                            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return int(proc.stdout.strip())
+
+
+if __name__ == "__main__":  # the fresh interpreter of write_builtin_corpus
+    _limit = int(sys.argv[2])
+    print(_write_here(sys.argv[1], None if _limit < 0 else _limit))

@@ -1,9 +1,11 @@
 """``megalite train-tokenizer``: train a SentencePiece model from jsonl text.
 
 The text streams to SentencePiece through a sentence iterator (each non-empty line of each
-document is one "sentence"); no whole-corpus temporary file is written. SentencePiece itself
-samples ``--input-sentence-size`` sentences (reservoir sampling, seeded by ``--seed``) when the
-corpus is larger, which bounds memory.
+document is one "sentence"); no whole-corpus temporary file is written. With
+``--input-sentence-size N`` the lines go through a reservoir sample of N lines (Python's
+``random.Random(--seed)``) first, which bounds memory. The sampling is done here rather than by
+SentencePiece because SentencePiece seeds its generator once per process: a second training in
+the same process would ignore ``--seed``.
 
 Special pieces are always: ``<unk>`` 0, ``<s>`` 1 (bos), ``</s>`` 2 (eos: the end-of-document
 id of ``SentencePieceTokenizer``), ``<pad>`` 3. ``PREFIX.model`` and ``PREFIX.vocab`` are
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import tempfile
 import time
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalization", default="nmt_nfkc",
                    choices=("nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"),
                    help="SentencePiece normalization rule (identity keeps the text as it is)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of SentencePiece's random generator")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="seed of the --input-sentence-size sample (and of SentencePiece's generator)")
     p.add_argument("--num-threads", type=int, default=min(16, os.cpu_count() or 1),
                    help="SentencePiece trainer threads")
     p.add_argument("--skip-bad-lines", action="store_true",
@@ -92,6 +96,24 @@ class _Sentences:
             self._lines = iter([ln for t in texts for ln in t.splitlines()])
 
 
+def _sample(lines, size: int, seed: int):
+    """All of ``lines`` if ``size <= 0``, else a uniform sample of ``size`` of them in their
+    original order (reservoir sampling, algorithm R; memory: ``size`` lines)."""
+    if size <= 0:
+        return lines
+    rng = random.Random(seed)
+    reservoir = []  # (position, line)
+    for n, line in enumerate(lines):
+        if n < size:
+            reservoir.append((n, line))
+        else:
+            j = rng.randrange(n + 1)
+            if j < size:
+                reservoir[j] = (n, line)
+    reservoir.sort()
+    return iter([line for _, line in reservoir])
+
+
 def _set_model_prefix(model_file: str, prefix: str) -> None:
     """Record the final ``prefix`` in the model, not the random temporary one, so that the same
     input and seed give the same bytes. Needs protobuf; without it the model keeps the temporary
@@ -118,8 +140,7 @@ def train(args: argparse.Namespace) -> dict:
         raise MegaliteError(f"--character-coverage {args.character_coverage} is not in (0, 1]")
     files = resolve_inputs(args.input)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise MegaliteError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist")
+    os.makedirs(out_dir, exist_ok=True)
     skipped: dict = {}
     sentences = _Sentences(iter_records(files, args.json_keys, args.skip_bad_lines, skipped))
     tmp_dir = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=out_dir)
@@ -127,11 +148,14 @@ def train(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     try:
         spm.set_random_generator_seed(args.seed)
+        corpus = _sample(sentences, args.input_sentence_size, args.seed)
+        if sentences.error is not None:  # raised while sampling: no need to train first
+            raise sentences.error
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences, model_prefix=tmp_prefix, vocab_size=args.vocab_size,
+                sentence_iterator=corpus, model_prefix=tmp_prefix, vocab_size=args.vocab_size,
                 model_type=args.model_type, character_coverage=args.character_coverage,
-                input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
+                input_sentence_size=0, shuffle_input_sentence=False,
                 max_sentence_length=args.max_sentence_length, byte_fallback=args.byte_fallback,
                 normalization_rule_name=args.normalization, num_threads=args.num_threads,
                 unk_id=0, bos_id=1, eos_id=2, pad_id=3,
@@ -140,6 +164,9 @@ def train(args: argparse.Namespace) -> dict:
         except RuntimeError as e:
             if sentences.error is not None:
                 raise sentences.error from None
+            if sentences.sentences == 0:
+                raise MegaliteError(f"--input: no text found under --json-keys "
+                                    f"{' '.join(args.json_keys)}") from None
             hint = " (lower --vocab-size)" if "vocab" in str(e).lower() else ""
             raise MegaliteError(f"SentencePiece training failed: {str(e).strip()}{hint}") from None
         if sentences.error is not None:
