@@ -60,7 +60,8 @@ def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[P
                                  qkv_to_hf, qkv_from_hf))
         maps.append(ParamMapping(f"{m}attention.linear_qkv.bias", (f"{h}attn.c_attn.bias",),
                                  qkv_to_hf, qkv_from_hf))
-        maps.append(transposed_mapping(f"{m}attention.linear_proj.weight", f"{h}attn.c_proj.weight"))
+        maps.append(transposed_mapping(f"{m}attention.linear_proj.weight",
+                                       f"{h}attn.c_proj.weight"))
         maps.append(identity_mapping(f"{m}attention.linear_proj.bias", f"{h}attn.c_proj.bias"))
         for s in ("weight", "bias"):
             maps.append(identity_mapping(f"{m}post_attention_norm.{s}", f"{h}ln_2.{s}"))

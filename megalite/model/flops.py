@@ -34,7 +34,8 @@ from megalite.model.config import GPTConfig
 
 def forward_flops_per_token(config: GPTConfig, seq_length: int) -> float:
     """Forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module doc)."""
-    h, a, g, d = config.hidden_size, config.num_attention_heads, config.query_groups, config.head_dim
+    h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
+    d = config.head_dim
     f, L, V, s = config.ffn_size, config.num_layers, config.vocab_size, seq_length
     mlp_mats = 3 if config.activation == "swiglu" else 2
     per_layer = (2 * h * (a + 2 * g) * d      # QKV projection

@@ -21,7 +21,7 @@ def mark_replicated(module: nn.Module, sequence_parallel: bool) -> None:
         p.sequence_parallel = sequence_parallel
 
 
-def build_norm(config: GPTConfig, device=None) -> nn.Module:
+def build_norm(config: GPTConfig, device=None, dtype=None) -> nn.Module:
     """``config.normalization`` over ``config.hidden_size``: input [..., h] -> [..., h].
 
     Uses torch's own ``nn.LayerNorm`` (weight and bias) and ``nn.RMSNorm`` (weight only), which
@@ -29,8 +29,8 @@ def build_norm(config: GPTConfig, device=None) -> nn.Module:
     """
     h, eps = config.hidden_size, config.layernorm_epsilon
     if config.normalization == "LayerNorm":
-        norm = nn.LayerNorm(h, eps=eps, device=device)
+        norm = nn.LayerNorm(h, eps=eps, device=device, dtype=dtype)
     else:
-        norm = nn.RMSNorm(h, eps=eps, device=device)
+        norm = nn.RMSNorm(h, eps=eps, device=device, dtype=dtype)
     mark_replicated(norm, config.sequence_parallel)
     return norm

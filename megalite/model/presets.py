@@ -8,7 +8,7 @@ tiny-llama     LLaMA recipe, 2 layers, h=64, 4 heads / 2 kv groups, vocab 1000  
 gpt2-small     GPT-2 124M: 12 layers, h=768, 12 heads, vocab 50257, 1024 positions     124,439,808
 1b             LLaMA recipe with TinyLlama-1.1B shapes: 22 layers, h=2048, 32 heads,   1,100,048,384
                4 kv groups, ffn 5632, vocab 32000, 2048 positions
-llama2-7b      exactly LLaMA-2-7B: 32 layers, h=4096, 32 heads, ffn 11008, vocab 32000  6,738,415,616
+llama2-7b      exactly LLaMA-2-7B: 32 layers, h=4096, 32 heads, ffn 11008, vocab 32000 6,738,415,616
 =============  ======================================================================  ==========
 
 Parameter counts use the unpadded vocabulary (what the Hugging Face model holds); the megalite

@@ -1,0 +1,88 @@
+"""Causal self-attention with grouped-query heads, split over tensor-parallel ranks by heads.
+
+Shapes (sequence-first, as everywhere inside the transformer; a = query heads, g = key/value
+groups, d = head width, tp = tensor-parallel size):
+
+* input x: [s, b, h] (with sequence parallelism [s/tp, b, h]; ``linear_qkv`` all-gathers it)
+* ``linear_qkv`` (column-parallel) -> [s, b, (a + 2g) d / tp]. Its full weight is stored grouped
+  (per group: a/g query heads, one key head, one value head), so the contiguous row split gives
+  rank r the groups g*r/tp .. and exactly the query heads that read them: attention needs no
+  communication.
+* rotary embedding on q and k (LLaMA recipe), then
+  ``torch.nn.functional.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` on
+  [b, a/tp, s, d] queries against [b, g/tp, s, d] keys/values (query head j reads group
+  j // (a/g), the same pairing as Hugging Face's ``repeat_kv``), scale 1/sqrt(d).
+* ``linear_proj`` (row-parallel) -> [s, b, h] (all-reduce) or [s/tp, b, h] (SP reduce-scatter).
+
+Attention dropout acts on a tensor split by heads, so it draws from the tracker's
+"model-parallel" stream (different masks on different ranks). Selective recompute wraps the
+attention core (the part whose activations grow with s^2) in
+``megalite.parallel.random.checkpoint``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megalite.distributed.parallel_state import ParallelState
+from megalite.model.config import GPTConfig
+from megalite.model.positions import apply_rotary
+from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megalite.parallel.random import RNGStatesTracker, checkpoint
+
+
+class Attention(nn.Module):
+    """``forward(x, rope=None) -> [s, b, h]``; ``rope`` is (cos, sin) from RotaryEmbedding."""
+
+    def __init__(self, config: GPTConfig, ps: ParallelState, rng_tracker: RNGStatesTracker,
+                 device=None, dtype=None):
+        super().__init__()
+        c, tp = config, ps.tp_size
+        config.validate_parallel(tp)
+        self.rng_tracker = rng_tracker
+        self.head_dim = c.head_dim
+        self.local_heads = c.num_attention_heads // tp
+        self.local_groups = c.query_groups // tp
+        self.heads_per_group = c.num_attention_heads // c.query_groups
+        self.dropout = c.attention_dropout
+        self.selective_recompute = c.recompute_granularity == "selective"
+        qkv_size = (c.num_attention_heads + 2 * c.query_groups) * c.head_dim
+        self.linear_qkv = ColumnParallelLinear(
+            c.hidden_size, qkv_size, ps=ps, bias=c.add_bias_linear, gather_output=False,
+            sequence_parallel=c.sequence_parallel, device=device, dtype=dtype)
+        self.linear_proj = RowParallelLinear(
+            c.num_attention_heads * c.head_dim, c.hidden_size, ps=ps, bias=c.add_bias_linear,
+            input_is_parallel=True, sequence_parallel=c.sequence_parallel, device=device,
+            dtype=dtype)
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the probabilities.
+
+        q [b, a/tp, s, d], k and v [b, g/tp, s, d] -> [b, a/tp, s, d].
+        """
+        p = self.dropout if self.training else 0.0
+        ctx = self.rng_tracker.fork() if p > 0 else contextlib.nullcontext()
+        with ctx:
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=True,
+                enable_gqa=self.local_heads != self.local_groups)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        qkv = self.linear_qkv(x)                                # [s, b, gl * (a/g + 2) * d]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, self.local_heads, self.head_dim)
+        k = qkv[:, :, :, self.heads_per_group]                  # [s, b, g/tp, d]
+        v = qkv[:, :, :, self.heads_per_group + 1]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # -> [b, n, s, d]
+        if self.selective_recompute and torch.is_grad_enabled():
+            ctx = checkpoint(self.core, self.rng_tracker, q, k, v)
+        else:
+            ctx = self.core(q, k, v)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+        return self.linear_proj(ctx)
