@@ -5,7 +5,9 @@
 Builds a synthetic uint16 dataset (random token ids; document lengths uniform in
 [--min-doc, --max-doc]) with the C++ builder, and a second copy with a plain-Python writer
 (``ndarray.astype(uint16).tofile`` per document, numpy for the index) to compare write throughput
-in the same run; both writers fsync and rename, so they do the same work. Each writer runs
+in the same run; all writers fsync and rename, so they do the same work. The C++ builder runs
+twice: ``add_document`` per document, and ``add_documents`` per batch of ``--batch`` documents
+(given already concatenated, as preprocessing workers return them). Each writer runs
 ``--repeats`` times, alternating, and the median is reported. The builder is fed int64 arrays,
 as a tokenizer produces them, so both writers convert int64 -> uint16. Writing is measured twice:
 for long documents (the read dataset) and for short ones ([--short-min-doc, --short-max-doc]),
@@ -55,6 +57,14 @@ def write_cpp(prefix: str, docs) -> None:
         b.finalize()
 
 
+def write_cpp_batched(prefix: str, batches) -> None:
+    """``add_documents``: one call per batch of documents, as a tokenizer worker returns them."""
+    with IndexedDatasetBuilder(prefix, np.uint16) as b:
+        for flat, lengths in batches:
+            b.add_documents(flat, lengths)
+        b.finalize()
+
+
 def write_python(prefix: str, docs) -> None:
     """The baseline: what one would write without the C++ builder (same temp + fsync + rename)."""
     tmp_bin, tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
@@ -79,21 +89,28 @@ def write_python(prefix: str, docs) -> None:
     os.replace(tmp_idx, prefix + ".idx")
 
 
-def compare_writers(cpp_prefix: str, py_prefix: str, docs, repeats: int) -> dict:
-    """Median write throughput of both writers over ``repeats`` alternating runs; checks they agree."""
+def compare_writers(cpp_prefix: str, py_prefix: str, docs, repeats: int, batch: int) -> dict:
+    """Median write throughput of the three writers over ``repeats`` alternating runs; checks that
+    their outputs are identical. The batches for ``add_documents`` are made before timing."""
     tokens = sum(len(d) for d in docs)
-    cpp_s, py_s = [], []
+    batches = [(np.concatenate(docs[i:i + batch]), [len(d) for d in docs[i:i + batch]])
+               for i in range(0, len(docs), batch)]
+    cpp_s, bulk_s, py_s = [], [], []
     for _ in range(repeats):
         py_s.append(timed(write_python, py_prefix, docs))
+        bulk_s.append(timed(write_cpp_batched, cpp_prefix + "_bulk", batches))
         cpp_s.append(timed(write_cpp, cpp_prefix, docs))
     identical = True
-    for ext in (".bin", ".idx"):
-        with open(cpp_prefix + ext, "rb") as a, open(py_prefix + ext, "rb") as b:
-            identical &= a.read() == b.read()
+    for other in (py_prefix, cpp_prefix + "_bulk"):
+        for ext in (".bin", ".idx"):
+            with open(cpp_prefix + ext, "rb") as a, open(other + ext, "rb") as b:
+                identical &= a.read() == b.read()
     return {
         "cpp_builder_tokens_per_s": rate(tokens, statistics.median(cpp_s)),
+        "cpp_add_documents_tokens_per_s": rate(tokens, statistics.median(bulk_s)),
         "python_tofile_tokens_per_s": rate(tokens, statistics.median(py_s)),
-        "cpp_seconds": [round(s, 3) for s in cpp_s], "python_seconds": [round(s, 3) for s in py_s],
+        "cpp_seconds": [round(s, 3) for s in cpp_s], "cpp_add_documents_seconds": [round(s, 3) for s in bulk_s],
+        "python_seconds": [round(s, 3) for s in py_s], "add_documents_batch": batch,
         "outputs_identical": identical,
     }
 
@@ -120,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--sample-length", type=int, default=2049, help="tokens per random read (default: %(default)s)")
     p.add_argument("--reads", type=int, default=200_000, help="random reads per measurement (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each writer; median reported (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1024,
+                   help="documents per add_documents call in the batched writer (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", help="work directory (default: a fresh temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the files written")
@@ -138,7 +157,7 @@ def main(argv=None) -> int:
         for name, lo, hi in (("short_documents", args.short_min_doc, args.short_max_doc),
                              ("long_documents", args.min_doc, args.max_doc)):
             docs = make_documents(args.tokens, lo, hi, args.seed)
-            out["write"][name] = compare_writers(cpp_prefix, py_prefix, docs, args.repeats)
+            out["write"][name] = compare_writers(cpp_prefix, py_prefix, docs, args.repeats, args.batch)
             out["write"][name].update(documents=len(docs), doc_length_range=[lo, hi])
             del docs
 

@@ -1,13 +1,11 @@
 // MMIDIDX token-file builder, the write side of megalite/data/indexed.py. Layout (see
 // shared/spec/indexed-dataset.md): PREFIX.bin = every sequence's tokens back to back in one dtype;
 // PREFIX.idx = 34-byte header, int32 lengths, int64 byte pointers, int64 document index, and int8
-// modes for multimodal builds. Little-endian, no padding.
-//
-// It writes to the temporary paths it is given; the Python wrapper renames both into place after
-// finalize(). Aborted or destroyed before finalize() succeeds, it removes the temporaries.
-// Why C++: workers hand over one document at a time, millions of times; each is range-checked and
-// converted straight into an 8 MiB write buffer (no per-token syscalls or Python objects), and a
-// merge copies whole .bin files in large blocks.
+// modes for multimodal builds. Little-endian, no padding. It writes to the temporary paths it is
+// given; the Python wrapper renames both into place after finalize(); aborted or destroyed before
+// finalize() succeeds, it removes the temporaries. Why C++: workers hand over documents one at a
+// time, millions of times; each is range-checked and converted straight into an 8 MiB write buffer
+// (no per-token syscalls or Python objects), and a merge copies whole .bin files in large blocks.
 // Every input check runs before anything is written, so a rejected call leaves the builder
 // unchanged and usable; an I/O error leaves it failed (only abort() or destruction remain).
 #include <pybind11/numpy.h>
@@ -190,7 +188,8 @@ class IndexedDatasetBuilder {
   void add_item(const py::array &tokens, int mode) {
     require_open();
     const py::ssize_t n = check_tokens(tokens);
-    check_lengths(std::vector<int64_t>{int64_t(n)}, n);
+    const int64_t length = n;
+    check_lengths(&length, 1, n);
     check_mode(mode);
     write_tokens(tokens);
     lengths_.push_back(int32_t(n));
@@ -205,7 +204,7 @@ class IndexedDatasetBuilder {
     require_open();
     const py::ssize_t n = check_tokens(tokens);
     const std::vector<int64_t> lengths = lengths_arg ? *lengths_arg : std::vector<int64_t>{int64_t(n)};
-    check_lengths(lengths, n);
+    check_lengths(lengths.data(), lengths.size(), n);
     std::vector<int> modes;
     if (py::isinstance<py::int_>(modes_arg)) {
       modes.assign(lengths.size(), modes_arg.cast<int>());
@@ -225,18 +224,22 @@ class IndexedDatasetBuilder {
 
   // Many whole documents in one call (one sequence each): `tokens` is their concatenation and
   // `lengths` their sizes. Saves the per-call overhead when a tokenizer hands over a batch.
-  void add_documents(const py::array &tokens, const std::vector<int64_t> &lengths, int mode) {
+  void add_documents(const py::array &tokens, const py::array_t<int64_t, py::array::c_style> &lengths_arg,
+                     int mode) {
     require_open();
     if (document_open())
       throw std::invalid_argument("add_documents: the current document is still open; call end_document() first");
     const py::ssize_t n = check_tokens(tokens);
-    check_lengths(lengths, n);
+    if (lengths_arg.ndim() != 1) throw std::invalid_argument("document lengths must be 1-D");
+    const int64_t *lengths = lengths_arg.data();
+    const size_t k = size_t(lengths_arg.size());
+    check_lengths(lengths, k, n);
     check_mode(mode);
     write_tokens(tokens);
-    lengths_.insert(lengths_.end(), lengths.begin(), lengths.end());
+    lengths_.insert(lengths_.end(), lengths, lengths + k);
     tokens_ += uint64_t(n);
-    if (multimodal_) modes_.insert(modes_.end(), lengths.size(), int8_t(mode));
-    for (size_t i = 0, first = lengths_.size() - lengths.size(); i < lengths.size(); ++i)
+    if (multimodal_) modes_.insert(modes_.end(), k, int8_t(mode));
+    for (size_t i = 0, first = lengths_.size() - k; i < k; ++i)
       document_indices_.push_back(int64_t(first + i + 1));
   }
 
@@ -345,7 +348,7 @@ class IndexedDatasetBuilder {
     if (failed_) throw std::runtime_error("an earlier write failed; abort() this builder");
   }
 
-  void check_mode(int mode) const {
+  void check_mode(int mode) const {  // int8, and 0 unless multimodal
     if (!multimodal_ && mode != 0)
       throw std::invalid_argument("mode " + std::to_string(mode) + " given to a builder that is not multimodal");
     if (mode < std::numeric_limits<int8_t>::min() || mode > std::numeric_limits<int8_t>::max())
@@ -353,9 +356,9 @@ class IndexedDatasetBuilder {
   }
 
   // Sequence lengths must fit the int32 length field and add up to the `n` tokens given.
-  static void check_lengths(const std::vector<int64_t> &lengths, py::ssize_t n) {
+  static void check_lengths(const int64_t *lengths, size_t count, py::ssize_t n) {
     int64_t total = 0;
-    for (size_t i = 0; i < lengths.size(); ++i) {
+    for (size_t i = 0; i < count; ++i) {
       if (lengths[i] < 0 || lengths[i] > std::numeric_limits<int32_t>::max())
         throw std::invalid_argument("sequence length " + std::to_string(lengths[i]) + " (sequence " +
                                     std::to_string(i) + " of this call) is not in [0, 2^31)");
@@ -367,8 +370,7 @@ class IndexedDatasetBuilder {
   }
 
   static const char *array_data(const py::array &a, char kind, py::ssize_t itemsize, const char *what) {
-    if (a.ndim() != 1 || a.dtype().kind() != kind || a.itemsize() != itemsize ||
-        !(a.flags() & py::array::c_style))
+    if (a.ndim() != 1 || a.dtype().kind() != kind || a.itemsize() != itemsize || !(a.flags() & py::array::c_style))
       throw std::invalid_argument(std::string(what) + " must be a contiguous 1-D array of " + kind +
                                   std::to_string(itemsize * 8));
     return static_cast<const char *>(a.data());
@@ -487,12 +489,10 @@ range-checked before anything is written (ValueError names value and position). 
            py::arg("document_indices"), py::arg("modes") = py::none(),
            "Appends an existing dataset: copies bin_path, appends its int32 lengths, its int64 document "
            "index shifted, and its int8 modes (multimodal builders only).")
-      .def("finalize", &IndexedDatasetBuilder::finalize,
-           "Ends an open document, writes the .idx and fsyncs both temporaries.")
+      .def("finalize", &IndexedDatasetBuilder::finalize, "Ends an open document, writes the .idx, fsyncs both.")
       .def("abort", &IndexedDatasetBuilder::abort, "Removes the temporaries unless finalized.")
       .def_property_readonly("sequence_count", &IndexedDatasetBuilder::sequence_count)
-      .def_property_readonly("document_count", &IndexedDatasetBuilder::document_count,
-                             "Documents ended so far.")
+      .def_property_readonly("document_count", &IndexedDatasetBuilder::document_count)  // ended so far
       .def_property_readonly("num_tokens", &IndexedDatasetBuilder::num_tokens)
       .def_property_readonly("document_open", &IndexedDatasetBuilder::document_open,
                              "Whether sequences were added since the last document ended.");

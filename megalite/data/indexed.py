@@ -335,7 +335,8 @@ class IndexedDatasetBuilder:
             lengths = lengths.astype(np.int64)
         if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
             raise DataFormatError(f"{self.prefix}: document lengths must be a 1-D integer sequence")
-        self._call(self._impl.add_documents, _token_array(tokens, self.prefix), lengths.tolist(), int(mode))
+        self._call(self._impl.add_documents, _token_array(tokens, self.prefix),
+                   np.ascontiguousarray(lengths, dtype=np.int64), int(mode))
 
     def add_item(self, tokens, mode: int = 0) -> None:
         """Appends one sequence; the document stays open until :meth:`end_document`."""
