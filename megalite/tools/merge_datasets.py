@@ -4,7 +4,7 @@ Inputs are dataset prefixes (``PREFIX`` of ``PREFIX.bin``/``PREFIX.idx``; a path
 ``.bin`` or ``.idx`` is taken as its prefix), globs of those, or directories: a directory means
 every dataset in it. Within a directory or glob the datasets are merged in natural order
 (``shard2`` before ``shard10``), so the shards of ``megalite preprocess --num-shards`` come back in
-shard order; explicit prefixes keep the order given.
+shard order; explicit prefixes keep the order given (a dataset named twice is included twice).
 """
 from __future__ import annotations
 
@@ -86,8 +86,6 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.output_prefix)
     if out in {os.path.abspath(p) for p in prefixes}:
         raise MegaliteError(f"--output-prefix {args.output_prefix} is also an input")
-    if len(set(map(os.path.abspath, prefixes))) != len(prefixes):
-        raise MegaliteError("--input names the same dataset twice")
     t0 = time.perf_counter()
     merge_datasets(prefixes, args.output_prefix)
     merged = IndexedDataset(args.output_prefix)
