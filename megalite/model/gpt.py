@@ -223,6 +223,9 @@ class GPTModel(nn.Module):
         logits = self._logits(self.final_norm(x))               # [s, b, Vp/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
+        if labels.shape != logits.shape[1::-1]:
+            raise MegaliteError(f"labels shape {tuple(labels.shape)} does not match the tokens "
+                                f"[batch, seq] = {list(logits.shape[1::-1])}")
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.ps)  # [s, b]
         return loss.transpose(0, 1).contiguous()
 

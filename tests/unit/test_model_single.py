@@ -174,6 +174,8 @@ def test_bad_inputs_are_clear_errors():
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(MegaliteError, match=r"\[batch, seq\]"):
         model(torch.zeros(16, dtype=torch.long))
+    with pytest.raises(MegaliteError, match="labels shape"):
+        model(torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 7, dtype=torch.long))
     sd = model.full_state_dict()
     sd.pop("final_norm.bias")
     with pytest.raises(MegaliteError, match="final_norm.bias"):
@@ -182,6 +184,8 @@ def test_bad_inputs_are_clear_errors():
 
 def test_full_state_dict_round_trip_changes_padding_only(cfg):
     model = build(cfg, seed=5)
+    with pytest.raises(MegaliteError, match="labels shape"):
+        model(torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 7, dtype=torch.long))
     sd = model.full_state_dict()
     sd = {k: v[:cfg.vocab_size] if k.endswith(("word_embeddings.weight", "output_layer.weight"))
           else v for k, v in sd.items()}                   # unpadded, as from Hugging Face
