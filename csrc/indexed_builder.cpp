@@ -40,7 +40,7 @@ constexpr uint64_t kVersion = 1;
 // An operating-system error on a named file; translated to Python's OSError(errno, msg, path).
 struct FileError : std::runtime_error {
   FileError(int err, std::string path, const std::string &action)
-      : std::runtime_error(action + " " + path + ": " + std::strerror(err)), err(err), path(std::move(path)) {}
+      : std::runtime_error(action + ": " + std::strerror(err)), err(err), path(std::move(path)) {}
   int err;
   std::string path;
 };

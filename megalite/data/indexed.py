@@ -265,7 +265,10 @@ class IndexedDataset:
 
 def _token_array(tokens, prefix: str) -> np.ndarray:
     """A 1-D, contiguous integer array over ``tokens`` (no copy when it already is one)."""
-    arr = np.asarray(tokens)
+    try:
+        arr = np.asarray(tokens)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, GPU tensors, ...
+        raise DataFormatError(f"{prefix}: tokens must be a 1-D integer array: {e}") from None
     if arr.size == 0 and arr.dtype.kind == "f":
         arr = arr.astype(np.int64)  # np.asarray([]) is float64
     if arr.dtype.kind not in "iu":

@@ -354,6 +354,8 @@ def test_rejected_input_leaves_builder_usable(tmp_path):
     (np.uint8, [256], r"token id 256 .* uint8"),
     (np.uint16, [1.5, 2.0], r"token.*integers, got dtype float64"),
     (np.uint16, [[1, 2]], r"must be 1-D"),
+    (np.uint16, [[1, 2], [3]], r"must be a 1-D integer array"),
+    (np.uint16, [True, False], r"integers, got dtype bool"),
 ])
 def test_tokens_that_do_not_fit_are_clear_errors(tmp_path, dtype, tokens, pattern):
     with pytest.raises(DataFormatError, match=pattern) as err:
@@ -438,3 +440,33 @@ def test_finalize_closes_an_open_document(tmp_path):
         b.add_item([2, 3])
         b.finalize()
     assert read_pair(prefix) == spec_write([[[1], [2, 3]]], "uint16")
+
+
+_WRITE_FAILS = r"""
+import os, resource, signal, sys
+import numpy as np
+from megalite.data.indexed import IndexedDatasetBuilder
+from megalite.errors import MegaliteError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so an oversized write fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    with IndexedDatasetBuilder(sys.argv[1], np.int32) as b:
+        for _ in range(4):
+            b.add_document(np.arange(300_000))
+        b.finalize()
+except MegaliteError as e:
+    print("ERROR", e)
+"""
+
+
+def test_write_error_is_clear_and_cleans_up(tmp_path):
+    """A failing write (here: a 1 MiB file-size limit, EFBIG) is one clear error, and nothing is left."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _WRITE_FAILS, str(tmp_path / "ds")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ERROR cannot write dataset " + str(tmp_path / "ds")), r.stdout
+    assert "File too large" in r.stdout and "ds.bin.tmp-" in r.stdout
+    assert os.listdir(tmp_path) == []
