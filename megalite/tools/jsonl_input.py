@@ -172,16 +172,18 @@ def split_lines(data: bytes) -> list[bytes]:
 
 
 # Reasons a line is rejected, as counted in the tools' summaries.
-BAD_JSON, BAD_UTF8, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY = (
-    "malformed JSON", "invalid UTF-8", "not a JSON object", "missing key", "not a string",
-    "empty document")
+BAD_JSON, BAD_UTF8, BAD_UNICODE, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY = (
+    "malformed JSON", "invalid UTF-8", "invalid Unicode escape", "not a JSON object", "missing key",
+    "not a string", "empty document")
+
+try:  # orjson parses ~3x faster than json; the accepted lines and texts are the same (see below)
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - optional
+    _fast_loads = None
 
 
-def parse_line(line: bytes, keys: Sequence[str]):
-    """Check one jsonl line; return ``(texts, None)`` or ``(None, (reason, message))``.
-
-    ``texts`` has one string per key. A blank line returns ``(None, None)`` (callers skip it).
-    """
+def _slow_parse(line: bytes):
+    """``(record, None)``, ``(None, None)`` for a blank line, or ``(None, (reason, message))``."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -189,11 +191,32 @@ def parse_line(line: bytes, keys: Sequence[str]):
     if not text.strip():
         return None, None
     try:
-        record = json.loads(text)
+        return json.loads(text), None
     except ValueError as e:
         msg = getattr(e, "msg", str(e))
         col = getattr(e, "colno", None)
         return None, (BAD_JSON, f"malformed JSON ({msg}" + (f" at column {col})" if col else ")"))
+
+
+def parse_line(line: bytes, keys: Sequence[str]):
+    """Check one jsonl line; return ``(texts, None)`` or ``(None, (reason, message))``.
+
+    ``texts`` has one string per key. A blank line returns ``(None, None)`` (callers skip it).
+    The standard ``json`` module decides what is valid: orjson, when installed, is only a fast
+    path for the lines it accepts (it rejects some that json accepts, such as NaN values, which
+    then take the json path); the strings it returns are the same.
+    """
+    record = None
+    if _fast_loads is not None:
+        try:
+            record = _fast_loads(line)
+        except ValueError:
+            record = None
+    checked_unicode = record is not None  # orjson rejects lone surrogates; json lets them through
+    if record is None:
+        record, bad = _slow_parse(line)
+        if bad is not None or record is None and not line.strip():
+            return None, bad
     if not isinstance(record, dict):
         return None, (NOT_OBJECT, f"expected a JSON object, got {type(record).__name__}")
     texts = []
@@ -203,8 +226,14 @@ def parse_line(line: bytes, keys: Sequence[str]):
         value = record[key]
         if not isinstance(value, str):
             return None, (NOT_STRING, f"value of {key!r} is {type(value).__name__}, not a string")
-        if not value.strip():
+        if not value or value.isspace():
             return None, (EMPTY, f"value of {key!r} is empty")
+        if not checked_unicode:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return None, (BAD_UNICODE, f"value of {key!r} has a lone surrogate "
+                                           f"(\\u{ord(value[e.start]):04x}), which is not Unicode text")
         texts.append(value)
     return texts, None
 

@@ -276,10 +276,7 @@ def preprocess(args: argparse.Namespace) -> dict:
                 more = " (further skipped lines are only counted)" if progress.shown_skips == MAX_SHOWN_SKIPS else ""
                 print(f"skipped {where}: {message}{more}", file=sys.stderr)
         for builder, flat, lengths in zip(builders, result.tokens, result.lengths):
-            start = 0
-            for n in lengths.tolist():
-                builder.add_document(flat[start:start + n])
-                start += n
+            builder.add_documents(flat, lengths)  # one C++ call per chunk, not per document
         progress.documents += result.documents
         progress.tokens += sum(int(flat.size) for flat in result.tokens)
         progress.blank += result.blank

@@ -11,6 +11,7 @@ from megalite.cli import run_main
 from megalite.data.indexed import IndexedDataset
 from megalite.data.tokenizers import build_tokenizer
 from megalite.tools import preprocess_data
+from megalite.tools.jsonl_input import parse_line
 
 GOOD = [b'{"text": "The first good document."}', b'{"text": "A second, good one."}']
 BAD = {  # case -> (line, words the message must contain, summary reason)
@@ -21,6 +22,7 @@ BAD = {  # case -> (line, words the message must contain, summary reason)
     "null": (b'{"text": null}', "not a string", "not a string"),
     "empty": (b'{"text": " \\n\\t "}', "empty", "empty document"),
     "array": (b'["text", "x"]', "expected a JSON object", "not a JSON object"),
+    "surrogate": (b'{"text": "half an emoji \\ud83d"}', "lone surrogate (\\ud83d)", "invalid Unicode escape"),
 }
 
 
@@ -74,12 +76,22 @@ def test_skip_bad_lines_counts_each_reason_and_keeps_good_docs(sp_model, tmp_pat
     rc, err = run(["--input", src, "--output-prefix", tmp_path / "o", *tok_args(sp_model),
                    "--skip-bad-lines", "--append-eod", "--workers", "2", "--chunk-bytes", "64"], capsys)
     assert rc == 0, err
-    assert ("skipped lines: 7 (1 empty document, 1 invalid UTF-8, 1 malformed JSON, 1 missing key, "
-            "1 not a JSON object, 2 not a string); blank lines: 1") in err, err
+    assert ("skipped lines: 8 (1 empty document, 1 invalid UTF-8, 1 invalid Unicode escape, "
+            "1 malformed JSON, 1 missing key, 1 not a JSON object, 2 not a string); blank lines: 1") in err, err
     assert f"skipped {src}:2: malformed JSON" in err
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model)
     ds = IndexedDataset(str(tmp_path / "o_text_document"))
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in good_texts]
+
+
+def test_validity_is_the_json_module_s_even_with_orjson_installed():
+    """orjson (a fast path when installed) rejects NaN and lone surrogates; json decides."""
+    assert parse_line(b'{"text": "a", "score": NaN}', ["text"]) == (["a"], None)
+    assert parse_line(b'{"text": "b", "n": 123456789012345678901234567890}', ["text"]) == (["b"], None)
+    assert parse_line(b'{"text": "\\ud83d\\ude00 ok"}', ["text"]) == (["\U0001F600 ok"], None)
+    assert parse_line(b'{"text": "\\ud83d"}', ["text"])[1][0] == "invalid Unicode escape"
+    assert parse_line(b"null", ["text"])[1][0] == "not a JSON object"
+    assert parse_line(b" \t", ["text"]) == (None, None)  # blank
 
 
 def test_missing_key_among_several_keys_skips_the_whole_line(sp_model, tmp_path, capsys):
