@@ -311,16 +311,8 @@ class IndexedDatasetBuilder {
     std::memcpy(header + 18, &n, 8), std::memcpy(header + 26, &d, 8);
     f.write(header, sizeof(header));
     f.write(lengths_.data(), n * 4);
-    std::vector<int64_t> chunk(1 << 16);  // pointers are a running sum, produced in chunks
-    int64_t pointer = 0;
-    for (size_t i = 0; i < n;) {
-      const size_t k = std::min(chunk.size(), size_t(n - i));
-      for (size_t j = 0; j < k; ++j, ++i) {
-        chunk[j] = pointer;
-        pointer += int64_t(lengths_[i]) * int64_t(itemsize_);
-      }
-      f.write(chunk.data(), k * 8);
-    }
+    for (int64_t i = 0, pointer = 0; i < int64_t(n); pointer += int64_t(lengths_[i++]) * int64_t(itemsize_))
+      f.write(&pointer, 8);  // pointers: the running sum of length x itemsize
     f.write(document_indices_.data(), d * 8);
     if (multimodal_) f.write(modes_.data(), n);
     f.close();
@@ -328,12 +320,15 @@ class IndexedDatasetBuilder {
     finalized_ = true;
   }
 
-  // Removes the temporaries unless finalize() succeeded. Safe to call repeatedly.
+  // Removes the temporaries unless finalize() succeeded. Safe to call repeatedly. A forked child's
+  // copy only closes its descriptors: the files belong to the process that created them.
   void abort() noexcept {
     if (finalized_ || aborted_) return;
     aborted_ = true;
-    for (OutFile *f : {bin_.get(), idx_.get()})
-      if (f) f->close_quietly(), ::unlink(f->path().c_str());
+    for (OutFile *f : {bin_.get(), idx_.get()}) {
+      if (f) f->close_quietly();
+      if (f && ::getpid() == owner_) ::unlink(f->path().c_str());
+    }
   }
 
   uint64_t sequence_count() const { return lengths_.size(); }
@@ -346,6 +341,7 @@ class IndexedDatasetBuilder {
     if (finalized_) throw std::runtime_error("the builder is already finalized");
     if (aborted_) throw std::runtime_error("the builder was aborted");
     if (failed_) throw std::runtime_error("an earlier write failed; abort() this builder");
+    if (::getpid() != owner_) throw std::runtime_error("this builder belongs to the process that created it");
   }
 
   void check_mode(int mode) const {  // int8, and 0 unless multimodal
@@ -452,6 +448,7 @@ class IndexedDatasetBuilder {
   std::vector<int8_t> modes_;
   uint64_t tokens_ = 0;
   bool finalized_ = false, aborted_ = false, failed_ = false;
+  const pid_t owner_ = ::getpid();
 };
 
 }  // namespace

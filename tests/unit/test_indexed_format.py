@@ -470,3 +470,28 @@ def test_write_error_is_clear_and_cleans_up(tmp_path):
     assert r.stdout.startswith("ERROR cannot write dataset " + str(tmp_path / "ds")), r.stdout
     assert "File too large" in r.stdout and "ds.bin.tmp-" in r.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_forked_child_neither_writes_nor_removes_the_parents_files(tmp_path):
+    """A child forked while a builder is open (e.g. a fork-based worker pool) must not touch it:
+    writes raise, and dropping its copy leaves the parent's temporaries alone."""
+    prefix = str(tmp_path / "ds")
+    b = IndexedDatasetBuilder(prefix, np.uint16)
+    b.add_document([1, 2])
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status, never return into pytest
+        code = 0
+        try:
+            b.add_document([3])
+            code = 1
+        except MegaliteError as e:
+            code = 0 if "belongs to the process" in str(e) else 2
+        b.abort()
+        del b
+        gc.collect()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    b.add_document([4])
+    b.finalize()
+    assert read_pair(prefix) == spec_write([[[1, 2]], [[4]]], "uint16")
