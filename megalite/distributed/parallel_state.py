@@ -217,6 +217,14 @@ class ParallelState:
         """All groups of this layout as rank lists."""
         return rank_layout(self.world_size, self.tp_size, self.pp_size)
 
+    def __deepcopy__(self, memo: dict) -> "ParallelState":
+        # Immutable, and process groups are shared handles that cannot be copied: deep-copying a
+        # model (EMA weights, tests) must share the state rather than fail on the groups.
+        return self
+
+    def __copy__(self) -> "ParallelState":
+        return self
+
     def __repr__(self) -> str:  # groups are opaque handles; print the coordinates
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/"
                 f"{self.tp_size}, dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/"

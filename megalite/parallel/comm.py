@@ -46,7 +46,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 @torch.no_grad()
 def all_reduce(x: Tensor, ps: ParallelState) -> Tensor:
     """Sum ``x`` over the TP group (returns a new tensor; ``x`` is untouched)."""
-    out = x.contiguous().clone()
+    out = x.clone(memory_format=torch.contiguous_format)  # one copy, even if x is strided
     dist.all_reduce(out, group=ps.tp_group)
     return out
 

@@ -82,6 +82,9 @@ def check_layouts():
             assert tuple(int(m) for m in members) == ranks, (tp, pp, members, ranks)
             if my is not None:
                 assert ranks[my] == rank
+    import copy  # a model holding real groups can be deep-copied (EMA, tests); the state is shared
+    col = ColumnParallelLinear(4, 8, ps=ps)
+    assert copy.deepcopy(col).ps is ps
     try:
         ParallelState.build(tensor_model_parallel_size=3)
     except MegaliteError as e:

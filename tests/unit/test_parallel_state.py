@@ -95,3 +95,10 @@ def test_build_and_init_without_environment_are_clear_errors(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "1")
     with pytest.raises(MegaliteError, match="unknown torch.distributed backend 'mpi'"):
         init_distributed("mpi")
+
+
+def test_deepcopy_shares_the_state():
+    import copy
+
+    ps = ParallelState.for_shapes(2, 1)
+    assert copy.deepcopy(ps) is ps and copy.copy(ps) is ps
