@@ -292,19 +292,21 @@ class IndexedDatasetBuilder:
         from megalite import _C
 
         self.prefix = str(prefix)
-        self.dtype = np.dtype(dtype)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            self.dtype = None
         if self.dtype not in DTYPE_TO_CODE:
-            raise DataFormatError(f"unsupported token dtype {self.dtype} for {self.prefix} "
+            raise DataFormatError(f"unsupported token dtype {dtype!r} for {self.prefix} "
                                   f"(supported: {', '.join(str(t) for t in DTYPE_TO_CODE)})")
         self.multimodal = bool(multimodal)
-        parent = os.path.dirname(os.path.abspath(self.prefix))
-        os.makedirs(parent, exist_ok=True)
         # Same directory as the targets so that the final rename is atomic; the suffix is unique
         # per builder, so concurrent writers never share a temporary.
         tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self._tmp_bin = data_file_path(self.prefix) + tag
         self._tmp_idx = index_file_path(self.prefix) + tag
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
             self._impl = _C.IndexedDatasetBuilder(self._tmp_bin, self._tmp_idx, DTYPE_TO_CODE[self.dtype],
                                                   self.multimodal)
         except OSError as e:
@@ -313,7 +315,7 @@ class IndexedDatasetBuilder:
     def _call(self, fn, *args):
         try:
             return fn(*args)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: e.g. a mode that is no C int at all
             raise DataFormatError(f"{self.prefix}: {e}") from None
         except OSError as e:
             raise MegaliteError(f"cannot write dataset {self.prefix}: {e}") from e

@@ -369,6 +369,11 @@ def test_bad_builder_arguments(tmp_path):
     p = str(tmp_path / "ds")
     with pytest.raises(DataFormatError, match="unsupported token dtype"):
         IndexedDatasetBuilder(p, np.complex64)
+    with pytest.raises(DataFormatError, match="unsupported token dtype 'no-such-type'"):
+        IndexedDatasetBuilder(p, "no-such-type")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(MegaliteError, match="cannot write dataset .*afile/ds"):
+        IndexedDatasetBuilder(str(tmp_path / "afile" / "ds"), np.uint16)
     with IndexedDatasetBuilder(p, np.uint16) as b:
         with pytest.raises(DataFormatError, match="sum to 3 but 2 tokens were given"):
             b.add_document([1, 2], [1, 2])
@@ -386,6 +391,8 @@ def test_bad_builder_arguments(tmp_path):
     with IndexedDatasetBuilder(p, np.uint16, multimodal=True) as b:
         with pytest.raises(DataFormatError, match="does not fit int8"):
             b.add_item([1], mode=200)
+        with pytest.raises(DataFormatError):
+            b.add_item([1], mode=2**40)
         with pytest.raises(DataFormatError, match="modes for 2 sentences"):
             b.add_document([1, 2], [1, 1], mode=[1, 2, 3])
     os.makedirs(tmp_path / "ro")
