@@ -110,7 +110,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, config: GPTConfig, ps: ParallelState, rng_tracker: RNGStatesTracker,
                  device=None, dtype=None):
         super().__init__()
-        self.p = config.hidden_dropout
+        self.hidden_dropout = config.hidden_dropout
         self.split = config.sequence_parallel and ps.tp_size > 1
         self.rng_tracker = rng_tracker
         self.input_norm = build_norm(config, device, dtype)
@@ -120,7 +120,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
         rope = None if cos is None else (cos, sin)
-        drop = lambda t: _dropout(t, self.p, self.training, self.rng_tracker, self.split)  # noqa
+        drop = lambda t: _dropout(t, self.hidden_dropout, self.training, self.rng_tracker, self.split)  # noqa
         x = x + drop(self.attention(self.input_norm(x), rope))
         return x + drop(self.mlp(self.post_attention_norm(x)))
 

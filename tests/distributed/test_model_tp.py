@@ -93,7 +93,18 @@ def worker_recompute(tp):
         res[gran] = run_case(cfg.replace(recompute_granularity=gran), ps, tracker)
     # Dropout must really act: another seed gives another loss.
     res["other_seed_loss"] = run_case(cfg, ps, model_parallel_seed(124, ps))["loss"]
-    return res if ps.rank == 0 else None
+    # Without SP the residual stream is replicated: its dropout masks (default generator, same
+    # seed on all tp ranks) must agree, so every rank ends with the same hidden states, while
+    # attention dropout (model-parallel stream) acts on each rank's own heads.
+    body = GPTModel(cfg.replace(sequence_parallel=False), ps, post_process=False,
+                    rng_tracker=model_parallel_seed(125, ps))
+    body.init_weights(SEED)
+    hidden = body(batch(cfg)[0]).detach()
+    dropless = GPTModel(cfg.replace(sequence_parallel=False, hidden_dropout=0.0,
+                                    attention_dropout=0.0), ps, post_process=False)
+    dropless.init_weights(SEED)
+    res["hidden"] = (hidden, dropless(batch(cfg)[0]).detach())
+    return res if ps.rank == 0 else {"hidden": res["hidden"]}
 
 
 def worker_hf_load(tp):
@@ -176,7 +187,11 @@ def test_tp_matches_single_process(tp, references):
         results = workers.run(worker_all_cases, tp)
         check_against_reference(results, references, tp)
         if tp == 2:
-            rec = workers.run(worker_recompute, tp)[0]
+            per_rank = workers.run(worker_recompute, tp)
+            rec = per_rank[0]
+            for r in range(1, tp):
+                assert torch.equal(per_rank[r]["hidden"][0], rec["hidden"][0]), r
+            assert not torch.equal(rec["hidden"][0], rec["hidden"][1])   # dropout acted
             base = rec[None]
             assert not torch.equal(rec["other_seed_loss"], base["loss"])
             for gran in ("full", "selective"):
