@@ -120,9 +120,11 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
         rope = None if cos is None else (cos, sin)
-        drop = lambda t: _dropout(t, self.hidden_dropout, self.training, self.rng_tracker, self.split)  # noqa
-        x = x + drop(self.attention(self.input_norm(x), rope))
-        return x + drop(self.mlp(self.post_attention_norm(x)))
+        x = x + self._drop(self.attention(self.input_norm(x), rope))
+        return x + self._drop(self.mlp(self.post_attention_norm(x)))
+
+    def _drop(self, t: Tensor) -> Tensor:
+        return _dropout(t, self.hidden_dropout, self.training, self.rng_tracker, self.split)
 
 
 class GPTModel(nn.Module):
