@@ -131,7 +131,6 @@ py::array_t<int64_t> build_sample_index(CArray<int32_t> sizes, CArray<int32_t> d
   py::array_t<int64_t> out({num_samples + 1, static_cast<int64_t>(2)});
   int64_t *o = out.mutable_data();
   std::string error;
-  constexpr int64_t kPrefetchRows = 16;
   {
     py::gil_scoped_release nogil;
     int64_t pos = 0, off = 0;
@@ -141,12 +140,6 @@ py::array_t<int64_t> build_sample_index(CArray<int32_t> sizes, CArray<int32_t> d
       // Tokens of sample i-1 still to be placed, counting the one at the current position.
       int64_t remaining = seq_length + 1;
       while (true) {
-        // The document index is shuffled, so sz[doc[pos]] is a random read; on corpora far
-        // larger than the cache, fetching it kPrefetchRows rows early hides the latency.
-        if (pos + kPrefetchRows < num_rows) {
-          const int32_t ahead = doc[pos + kPrefetchRows];
-          if (ahead >= 0 && ahead < num_sizes) __builtin_prefetch(sz + ahead);
-        }
         if (pos >= num_rows) {
           error = "build_sample_index: the document index holds fewer than " +
                   std::to_string(num_samples) + " samples of " + std::to_string(seq_length) +

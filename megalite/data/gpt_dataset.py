@@ -111,6 +111,18 @@ def _prefix_of(indexed) -> str:
                         "(no .prefix), so its index cannot be cached")
 
 
+def _count_tokens(indexed, seq_lo: int, seq_hi: int) -> int:
+    """Tokens in sequences [seq_lo, seq_hi). O(1) from the byte pointers when the reader has them
+    (they are validated running sums), so reopening a cached dataset does not scan the lengths."""
+    if seq_hi <= seq_lo:
+        return 0
+    pointers, itemsize = getattr(indexed, "sequence_pointers", None), getattr(indexed, "dtype", None)
+    if pointers is not None and itemsize is not None:
+        span = int(pointers[seq_hi - 1]) - int(pointers[seq_lo])
+        return span // np.dtype(itemsize).itemsize + int(indexed.sequence_lengths[seq_hi - 1])
+    return int(np.asarray(indexed.sequence_lengths[seq_lo:seq_hi]).sum(dtype=np.int64))
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """``num_samples`` samples of ``seq_length + 1`` tokens from documents ``document_range``.
 
@@ -137,7 +149,7 @@ class GPTDataset(torch.utils.data.Dataset):
         if seq_hi > 2**31:
             raise MegaliteError(f"{prefix}: more than 2^31 sequences are not supported")
         sizes = np.asarray(indexed.sequence_lengths)
-        tokens = int(sizes[seq_lo:seq_hi].sum(dtype=np.int64))
+        tokens = _count_tokens(indexed, seq_lo, seq_hi)
         if tokens == 0:
             raise MegaliteError(
                 f"{prefix}: the {name} split (documents [{lo}, {hi}) of {num_docs}) contains no "

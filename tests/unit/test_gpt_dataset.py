@@ -124,6 +124,7 @@ def test_samples_are_cuts_of_the_document_stream(corpus, tmp_path, num_samples):
     if num_samples * 16 >= len(tokens) - 1:
         assert np.isin(tokens, seen).all()
     # The document index tiles the split's documents num_epochs times.
+    assert ds.tokens_per_epoch == len(tokens)
     assert ds.num_epochs == num_epochs(len(tokens), 16, num_samples)
     assert np.array_equal(np.sort(ds.document_index),
                           np.repeat(np.arange(*rng_range), ds.num_epochs))
