@@ -10,6 +10,7 @@ gives the unsharded dataset byte for byte.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import gzip
 import json
@@ -21,6 +22,15 @@ from typing import Iterator, Sequence
 from megalite.errors import MegaliteError
 
 _COUNT_BLOCK = 1 << 22  # bytes per read when counting the newlines before a shard's start
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where there is a default worth showing (not None/False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[str]:

@@ -16,6 +16,7 @@ import sys
 import time
 
 from megalite.errors import MegaliteError
+from megalite.tools.jsonl_input import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge MMIDIDX datasets (.bin/.idx pairs of one dtype) into one, in order. "
                     "Merging the shards 0..N-1 of a sharded `megalite preprocess` run gives the "
                     "unsharded output byte for byte.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_PREFIX",
                    help="dataset prefixes (PREFIX.bin/PREFIX.idx; a .bin/.idx path works too), "
                         "globs of them, or directories (every dataset inside); directories and "

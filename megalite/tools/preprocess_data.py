@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megalite.errors import MegaliteError
-from megalite.tools.jsonl_input import ChunkReader, parse_line, plan_shard, resolve_inputs, split_lines
+from megalite.tools.jsonl_input import (ChunkReader, HelpFormatter, parse_line, plan_shard,
+                                        resolve_inputs, split_lines)
 
 MAX_SHOWN_SKIPS = 10  # skipped lines reported one by one before only counting them
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fewer than 65,500 entries, else int32). One document per jsonl line; blank "
                     "lines are ignored. Sentence splitting (Megatron's --split-sentences) is not "
                     "supported: every document is one sequence.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
                    help="jsonl or jsonl.gz files, globs (quote them) or directories; all matches "
@@ -47,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys to tokenize; one output dataset per key (a line must have them all)")
     g.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip malformed lines (bad JSON or UTF-8, missing key, non-string or empty "
-                        "value) and count them per reason; default: stop with FILE:LINE: reason")
+                   help="skip bad lines (malformed JSON, invalid UTF-8 or Unicode escape, not an "
+                        "object, missing key, non-string or empty value) and count them per reason; "
+                        "without it the first bad line stops the run with FILE:LINE: reason, exit "
+                        "status 2, and no output")
     g.add_argument("--split-sentences", action="store_true",
                    help="NOT SUPPORTED (kept so Megatron command lines fail with a clear message)")
     g = p.add_argument_group("tokenizer")
@@ -64,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output datasets are OUTPUT_PREFIX_{KEY}_document (sharded runs: "
                         "OUTPUT_PREFIX_shardIIIII-of-NNNNN_{KEY}_document)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+    g.add_argument("--workers", type=int, default=1,
+                   help="tokenizer worker processes (the output does not depend on it); at most "
+                        "4 x WORKERS chunks are in flight, which bounds memory")
     g.add_argument("--log-interval", type=int, default=1000,
-                   help="print progress on stderr every this many documents")
+                   help="print progress on stderr every this many documents (documents, tokens, "
+                        "MB/s, docs/s, ETA; for .gz input from compressed bytes read)")
     g.add_argument("--chunk-bytes", type=int, default=1 << 20,
                    help="input bytes per work item sent to a worker")
     g = p.add_argument_group("sharding (e.g. one SLURM array task per shard)")

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from megalite.errors import MegaliteError
-from megalite.tools.jsonl_input import iter_records, resolve_inputs
+from megalite.tools.jsonl_input import HelpFormatter, iter_records, resolve_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,14 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a SentencePiece tokenizer (BPE or unigram) from jsonl files; writes "
                     "OUTPUT_PREFIX.model and OUTPUT_PREFIX.vocab. Special ids: <unk> 0, <s> 1, "
                     "</s> 2 (eos, used as end-of-document), <pad> 3.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
                    help="jsonl or jsonl.gz files, globs (quote them) or directories")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys whose string values are training text")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, default=32000, help="pieces in the model, specials included")
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                   help="SentencePiece algorithm (Llama-style models use bpe)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="fraction of characters the pieces must cover; rarer characters become "
                         "<unk> (or bytes with --byte-fallback). 0.9995 suits large character sets "

@@ -139,3 +139,16 @@ def test_large_vocab_writes_int32(tmp_path):
     ds = IndexedDataset(str(tmp_path / "o_text_document"))
     assert ds.dtype == np.int32
     assert ds[0].tolist() == [1, 69999, 65535, 70000, 70001]
+
+
+def test_shared_token_dataset_fixture(corpus_token_dataset, corpus_texts, sp_model):
+    """The session fixture other tests train on: one document per corpus text, each ending in eod."""
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model)
+    ds = IndexedDataset(corpus_token_dataset)
+    assert ds.num_documents == len(corpus_texts)
+    assert ds[0].tolist() == tok.encode(corpus_texts[0]) + [tok.eod]
+    # Every document ends in eod, and eod appears nowhere else (the text never encodes to </s>).
+    tokens = np.fromfile(corpus_token_dataset + ".bin", dtype=np.uint16)
+    ends = (ds.sequence_pointers // 2 + ds.sequence_lengths - 1).astype(np.int64)
+    assert (tokens[ends] == tok.eod).all()
+    assert int((tokens == tok.eod).sum()) == ds.num_documents
