@@ -91,8 +91,14 @@ def _worker_main(rank: int, world_size: int, env: dict, store_path: str | None,
         results.put((rank, _READY, False, traceback.format_exc()))
         return
     results.put((rank, _READY, True, b""))
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=2.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test process died (e.g. SIGKILL): don't linger
+                break
+            continue
         if task is None:
             break
         task_id, fn, args, kwargs = task
