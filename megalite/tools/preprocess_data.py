@@ -20,6 +20,7 @@ import itertools
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -175,12 +176,21 @@ class _ChunkEncoder:
 _worker_encoder: _ChunkEncoder | None = None
 
 
-def _init_worker(cfg: _WorkerConfig) -> None:
+def _init_worker(cfg: _WorkerConfig, parent_pid: int) -> None:
     global _worker_encoder
     # Parallelism comes from the worker processes; a tokenizer's own thread pool would
     # oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = _ChunkEncoder(cfg)
+    # If the parent is killed (SIGKILL, OOM killer) the pool's queues never close, because every
+    # worker holds both ends; without this the workers would wait forever as orphans.
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _encode_in_worker(line_offset: int, data: bytes) -> ChunkResult:
@@ -291,7 +301,7 @@ def preprocess(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as stack:
         builders = [stack.enter_context(IndexedDatasetBuilder(p, dtype)) for p in prefixes]
         pool = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(cfg,))
+                                      initializer=_init_worker, initargs=(cfg, os.getpid()))
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         window = collections.deque()  # (reader, future) in submission order
 
