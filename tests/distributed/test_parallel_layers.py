@@ -143,6 +143,16 @@ def check_comm(tp):
     cmp("sp_reduce_scatter",
         run(lambda x: comm.reduce_scatter_to_sequence_parallel_region(x, ps), xs[r], seq_g[r]),
         (sum(xs).chunk(tp, 0)[r], torch.cat(seq_g, 0)))
+
+    # The fallback for gloo builds without reduce-scatter (all-reduce, keep own chunk).
+    def no_reduce_scatter(*a, **k):
+        raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+    real, comm._reduce_scatter_single = comm._reduce_scatter_single, no_reduce_scatter
+    try:
+        errs["sp_reduce_scatter.fallback"] = rel(comm.reduce_scatter(xs[r], ps),
+                                                 sum(xs).chunk(tp, 0)[r])
+    finally:
+        comm._reduce_scatter_single = real
     return errs
 
 
