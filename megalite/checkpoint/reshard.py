@@ -1,0 +1,232 @@
+"""Model weights from a checkpoint of any (TP, PP, virtual-stage) layout into this rank's chunks.
+
+The checkpoint's ``meta.json`` indexes every parameter name (global layer ids, so names do not
+depend on the pipeline split) with the pipeline stage whose files hold it and its sharding
+metadata (``tensor_parallel_dim``, ``partition_stride``, full shape). For each parameter of this
+rank's chunks the loader opens the files of that stage with ``safetensors.safe_open`` (memory
+mapped, one tensor at a time), and
+
+* same tensor-parallel size and full shape: copies the matching shard as it is;
+* otherwise: reads every saved TP shard of that one tensor, unshards it
+  (:func:`~megalite.parallel.layers.unshard_tensors`), fixes the vocabulary padding, and keeps this
+  rank's shard (:func:`~megalite.parallel.layers.shard_tensor`).
+
+Peak extra memory is therefore one full tensor (the largest: the embedding), never the model.
+
+Vocabulary matrices (word embedding, output layer) are padded to a multiple of
+``make_vocab_size_divisible_by * tp``, which differs between TP sizes: the ``vocab_size`` real
+rows are copied and the padding rows set to zero. A tied output layer held by the last pipeline
+stage (``shared_embedding``) is read from the saved ``output_layer.weight`` when the saved layout
+had one, else from the word embedding (a layout whose first and last stage coincide).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+
+from megalite.checkpoint import io
+from megalite.distributed.parallel_state import ParallelState
+from megalite.errors import MegaliteError
+from megalite.model.config import GPTConfig
+from megalite.parallel.layers import full_shape, shard_tensor, unshard_tensors
+
+__all__ = ["load_model_weights", "load_model_weights_from", "read_model_config",
+           "read_train_config", "model_file_name", "VOCAB_TENSORS", "WORD_EMBEDDINGS"]
+
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+VOCAB_TENSORS = (WORD_EMBEDDINGS, OUTPUT_LAYER)
+# GPTConfig fields that change what the weights compute; the others (dropout, recompute,
+# sequence parallelism, padding multiple, sequence lengths, init) may differ at load time.
+_NUMERIC_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                   "num_query_groups", "ffn_hidden_size", "kv_channels", "position_embedding_type",
+                   "rotary_base", "normalization", "layernorm_epsilon", "activation",
+                   "add_bias_linear", "untie_embeddings_and_output_weights")
+
+
+def model_file_name(tp_rank: int, pp_rank: int) -> str:
+    """File of the model shard held by (tp_rank, pp_rank): ``model_tp00_pp00.safetensors``."""
+    return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+
+
+def read_model_config(directory: str, iteration: int | None = None) -> GPTConfig:
+    """The GPTConfig a checkpoint was saved with (to build the model before loading weights)."""
+    path = _resolve(directory, iteration)
+    meta = io.read_json(os.path.join(path, io.META))
+    return _model_config(meta, path)
+
+
+def read_train_config(directory: str, iteration: int | None = None) -> Any:
+    """The checkpoint's ``config.json``: a ``TrainConfig`` when it was saved from one (via
+    ``TrainConfig.from_dict``), else the plain dict that was saved."""
+    path = _resolve(directory, iteration)
+    meta = io.read_json(os.path.join(path, io.META))
+    cfg = io.read_json(os.path.join(path, io.CONFIG))
+    if meta.get("config_type") == "TrainConfig":
+        from megalite.config import TrainConfig   # noqa: PLC0415 (config imports models)
+        try:
+            return TrainConfig.from_dict(cfg)
+        except MegaliteError:
+            raise
+        except Exception as e:   # a config from another megalite version, say
+            raise MegaliteError(f"{os.path.join(path, io.CONFIG)} is not a valid TrainConfig: "
+                                f"{type(e).__name__}: {e}") from None
+    return cfg
+
+
+def load_model_weights(directory: str, model_chunks: Iterable[torch.nn.Module], ps: ParallelState,
+                       *, iteration: int | None = None, verify_checksums: bool = True) -> Any:
+    """Fill this rank's model chunks from the checkpoint in ``directory`` (``latest`` or the given
+    ``iteration``), saved under any TP/PP/virtual-stage layout; returns its config
+    (:func:`read_train_config`).
+
+    Not collective: every rank reads what it needs. Every file's size is checked against the
+    manifest; with ``verify_checksums`` every file this rank reads is hashed first.
+    """
+    path = _resolve(directory, iteration)
+    files = io.verify_manifest(path)
+    meta = io.read_json(os.path.join(path, io.META))
+    load_model_weights_from(path, meta, files, list(model_chunks), ps,
+                            verify_checksums=verify_checksums)
+    return read_train_config(path)
+
+
+def _resolve(directory: str, iteration: int | None) -> str:
+    path = io.resolve_checkpoint(directory, iteration)
+    if path is None:
+        raise MegaliteError(f"no checkpoint found in {directory} (no '{io.LATEST}' file and no "
+                            f"complete iter_* directory)")
+    return path
+
+
+def _model_config(meta: dict, path: str) -> GPTConfig:
+    raw = meta.get("model_config")
+    if not isinstance(raw, dict):
+        raise MegaliteError(f"{os.path.join(path, io.META)} has no model_config")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise MegaliteError(f"{os.path.join(path, io.META)}: model_config has fields this "
+                            f"megalite does not know: {unknown}")
+    return GPTConfig(**raw)
+
+
+def check_model_config(saved: GPTConfig, ours: GPTConfig, path: str) -> None:
+    """MegaliteError listing the fields where the model differs from the checkpoint's."""
+    diff = [f"{f}: checkpoint {getattr(saved, f)!r}, model {getattr(ours, f)!r}"
+            for f in _NUMERIC_FIELDS if getattr(saved, f) != getattr(ours, f)]
+    if diff:
+        raise MegaliteError(f"the model does not match checkpoint {path}: " + "; ".join(diff))
+
+
+class _ShardReader:
+    """Lazily opened safetensors files of one checkpoint (checksum verified on first open)."""
+
+    def __init__(self, path: str, files: dict, verify: bool, stack: contextlib.ExitStack):
+        self.path, self.files, self.verify, self.stack = path, files, verify, stack
+        self.handles: dict[str, Any] = {}
+
+    def get(self, file_name: str, name: str) -> torch.Tensor:
+        handle = self.handles.get(file_name)
+        full = os.path.join(self.path, file_name)
+        if handle is None:
+            if file_name not in self.files:
+                raise MegaliteError(f"{full} is not in the checkpoint's manifest")
+            if self.verify:
+                io.verify_checksum(self.path, file_name, self.files)
+            try:
+                handle = self.stack.enter_context(safe_open(full, framework="pt", device="cpu"))
+            except Exception as e:   # SafetensorError, OSError: header unreadable
+                raise MegaliteError(f"{full} is not a readable safetensors file: {e}") from None
+            self.handles[file_name] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise MegaliteError(f"{full} does not hold tensor {name!r} the checkpoint index "
+                                f"promises: {e}") from None
+
+
+def _fit_vocab(full: torch.Tensor, rows: int, vocab_size: int, name: str) -> torch.Tensor:
+    """``full`` with its rows padded/cut to ``rows``: real rows copied, padding zero."""
+    if full.shape[0] == rows:
+        return full
+    if full.shape[0] < vocab_size:
+        raise MegaliteError(f"{name}: checkpoint has {full.shape[0]} rows, fewer than "
+                            f"vocab_size={vocab_size}")
+    out = full.new_zeros((rows, *full.shape[1:]))
+    out[:vocab_size] = full[:vocab_size]
+    return out
+
+
+@torch.no_grad()
+def load_model_weights_from(path: str, meta: dict, files: dict, model_chunks: list,
+                            ps: ParallelState, *, verify_checksums: bool = True) -> None:
+    """:func:`load_model_weights` on an already resolved checkpoint ``path`` (with its parsed
+    ``meta.json`` and the manifest entries of :func:`io.verify_manifest`)."""
+    saved_config = _model_config(meta, path)
+    for chunk in model_chunks:
+        check_model_config(saved_config, chunk.config, path)
+    index: dict[str, dict] = meta.get("tensors") or {}
+    saved_tp = int(meta["layout"]["tp_size"])
+    vocab_size = saved_config.vocab_size
+    missing: list[str] = []
+    with contextlib.ExitStack() as stack:
+        reader = _ShardReader(path, files, verify_checksums, stack)
+        for chunk in model_chunks:
+            for name, param in chunk.named_parameters():
+                src = name
+                if src not in index and name == OUTPUT_LAYER and \
+                        getattr(param, "shared_embedding", False):
+                    src = WORD_EMBEDDINGS
+                entry = index.get(src)
+                if entry is None:
+                    missing.append(name)
+                    continue
+                dim = getattr(param, "tensor_parallel_dim", None)
+                stride = getattr(param, "partition_stride", 1)
+                if (entry["tensor_parallel_dim"], entry["partition_stride"]) != (dim, stride):
+                    raise MegaliteError(
+                        f"{name}: saved split over dim {entry['tensor_parallel_dim']} (stride "
+                        f"{entry['partition_stride']}), the model splits dim {dim} (stride "
+                        f"{stride}); checkpoint {path}")
+                target = list(full_shape(param, ps.tp_size))
+                saved_full = list(entry["full_shape"])
+                pp = int(entry["pp_rank"])
+                if saved_tp == ps.tp_size and saved_full == target:
+                    # Same layout along TP: this rank's shard is stored as it is.
+                    t = reader.get(model_file_name(ps.tp_rank if dim is not None else 0, pp),
+                                   src)
+                else:
+                    ranks = range(saved_tp) if dim is not None else range(1)
+                    full = unshard_tensors([reader.get(model_file_name(r, pp), src)
+                                            for r in ranks], dim, stride)
+                    if src in VOCAB_TENSORS:
+                        full = _fit_vocab(full, target[0], vocab_size, name)
+                    if list(full.shape) != target:
+                        raise MegaliteError(f"{name}: checkpoint full shape "
+                                            f"{tuple(full.shape)}, model expects {tuple(target)}")
+                    t = shard_tensor(full, dim, stride, ps.tp_rank, ps.tp_size)
+                    del full
+                if t.shape != param.shape:
+                    raise MegaliteError(f"{name}: checkpoint shard shape {tuple(t.shape)}, model "
+                                        f"expects {tuple(param.shape)} (checkpoint {path})")
+                param.copy_(t)
+    if missing:
+        raise MegaliteError(f"checkpoint {path} lacks {len(missing)} parameter(s) of the "
+                            f"model: {missing[:6]}")
+
+
+def file_metadata(tp_rank: int, pp_rank: int, ps: ParallelState,
+                  tensors: dict[str, dict]) -> dict[str, str]:
+    """The safetensors header metadata of one model file (strings only): the same per-tensor
+    sharding entries as meta.json, so a single file describes itself."""
+    return {"format": "megalite-model-shard-1",
+            "megalite": json.dumps({"tp_rank": tp_rank, "pp_rank": pp_rank,
+                                    "tp_size": ps.tp_size, "pp_size": ps.pp_size,
+                                    "tensors": tensors}, sort_keys=True)}
