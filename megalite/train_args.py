@@ -1,0 +1,300 @@
+"""``megalite train`` options: a YAML file (``--config``) overridden by Megatron-LM-style flags.
+
+Precedence, lowest first: the dataclass defaults (megalite.config), the model preset
+(``--model-preset`` or YAML ``model.preset``), the YAML file, the flags. Every value, from YAML
+or a flag, goes through the same checks (megalite.config); errors name the flag, the YAML key
+and, for a value from the file, the file.
+
+The vocabulary size: ``--vocab-size`` / ``model.vocab_size`` if given; else the tokenizer's
+(``--tokenizer-type`` ...; an explicit size must be at least the tokenizer's); else the
+preset's (for ``--mock-data``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from megalite.config import (LR_DECAY_STYLES, ConfigError, DataConfig, OptimConfig,
+                             ParallelConfig, PrecisionConfig, TrainConfig, TrainingConfig,
+                             build_model_config, check_keys, option_name, SECTIONS)
+from megalite.errors import MegaliteError
+from megalite.model.config import NORMALIZATIONS, POSITION_EMBEDDING_TYPES, ACTIVATIONS
+from megalite.model.presets import PRESETS, get_preset
+
+_SECTION_TYPES = {"parallel": ParallelConfig, "optim": OptimConfig, "precision": PrecisionConfig,
+                  "data": DataConfig, "training": TrainingConfig}
+
+# (argument-group title, section, [(flag, field or None (= flag name), argparse kwargs, help)])
+_OPTIONS = [
+    ("model (start from --model-preset, then override single fields)", "model", [
+        ("--model-preset", "_preset", dict(choices=PRESETS, metavar="NAME"),
+         f"named model shape to start from: {', '.join(PRESETS)}"),
+        ("--num-layers", None, dict(type=int), "transformer layers"),
+        ("--hidden-size", None, dict(type=int), "hidden size h"),
+        ("--num-attention-heads", None, dict(type=int), "query heads"),
+        ("--ffn-hidden-size", None, dict(type=int), "MLP inner width (default 4h)"),
+        ("--kv-channels", None, dict(type=int), "per-head width (default h / heads)"),
+        ("--group-query-attention", "_gqa", dict(action="store_true"),
+         "grouped-query attention with --num-query-groups key/value heads"),
+        ("--num-query-groups", None, dict(type=int), "key/value heads (needs "
+         "--group-query-attention)"),
+        ("--seq-length", None, dict(type=int), "training sequence length"),
+        ("--max-position-embeddings", None, dict(type=int),
+         "longest supported sequence (default: --seq-length)"),
+        ("--vocab-size", None, dict(type=int), "vocabulary size (default: the tokenizer's; "
+         "needed with --mock-data unless the preset has one)"),
+        ("--position-embedding-type", None, dict(choices=POSITION_EMBEDDING_TYPES), "positions"),
+        ("--rotary-base", None, dict(type=float), "RoPE base theta"),
+        ("--normalization", None, dict(choices=NORMALIZATIONS), "norm layers"),
+        ("--norm-epsilon", "layernorm_epsilon", dict(type=float), "epsilon of the norms"),
+        ("--swiglu", "_swiglu", dict(action="store_true"), "SwiGLU MLP (activation=swiglu)"),
+        ("--activation", None, dict(choices=ACTIVATIONS), "MLP activation"),
+        ("--disable-bias-linear", "_no_bias", dict(action="store_true"),
+         "no biases in the attention and MLP linears"),
+        ("--untie-embeddings-and-output-weights", None, dict(action="store_true"),
+         "a separate output layer instead of the word embedding"),
+        ("--hidden-dropout", None, dict(type=float), "dropout on embeddings and residuals"),
+        ("--attention-dropout", None, dict(type=float), "dropout on attention probabilities"),
+        ("--init-method-std", None, dict(type=float), "std of the weight init"),
+        ("--make-vocab-size-divisible-by", None, dict(type=int),
+         "pad the vocabulary to a multiple of this x TP size"),
+        ("--recompute-granularity", None, dict(choices=("full", "selective")),
+         "activation recompute: every layer, or the attention core only"),
+    ]),
+    ("parallelism", "parallel", [
+        ("--tensor-model-parallel-size", None, dict(type=int), "tensor-parallel size"),
+        ("--pipeline-model-parallel-size", None, dict(type=int), "pipeline stages"),
+        ("--sequence-parallel", None, dict(action="store_true"),
+         "sequence parallelism inside the tensor-parallel group"),
+        ("--num-layers-per-virtual-pipeline-stage", None, dict(type=int),
+         "interleaved 1F1B with this many layers per virtual stage"),
+        ("--pipeline-layer-split", None, dict(type=int, nargs="+", metavar="N"),
+         "layers per pipeline stage, e.g. 3 5 5 3 (default: even)"),
+        ("--zero-stage", None, dict(type=int, choices=(0, 1, 2, 3)),
+         "DeepSpeed ZeRO stage (1: with TP and PP; 2: with TP; 3: neither)"),
+        ("--deepspeed-config", None, dict(metavar="FILE"), "a DeepSpeed JSON config to merge"),
+    ]),
+    ("optimizer and learning rate", "optim", [
+        ("--lr", None, dict(type=float), "peak learning rate"),
+        ("--min-lr", None, dict(type=float), "learning rate at the end of the decay"),
+        ("--lr-warmup-iters", None, dict(type=int), "linear warmup iterations"),
+        ("--lr-decay-iters", None, dict(type=int), "decay length (default --train-iters)"),
+        ("--lr-decay-style", None, dict(choices=LR_DECAY_STYLES), "decay after the warmup"),
+        ("--weight-decay", None, dict(type=float), "AdamW weight decay (not on biases/norms)"),
+        ("--adam-beta1", None, dict(type=float), "AdamW beta1"),
+        ("--adam-beta2", None, dict(type=float), "AdamW beta2"),
+        ("--adam-eps", None, dict(type=float), "AdamW epsilon"),
+        ("--clip-grad", None, dict(type=float), "clip the global gradient norm (0: off)"),
+    ]),
+    ("precision", "precision", [
+        ("--bf16", None, dict(action="store_true"), "bf16 model, fp32 master weights and grads"),
+        ("--fp16", None, dict(action="store_true"), "fp16 model with dynamic loss scaling"),
+        ("--initial-loss-scale", None, dict(type=float), "fp16: first dynamic loss scale"),
+        ("--min-loss-scale", None, dict(type=float), "fp16: lowest dynamic loss scale"),
+        ("--loss-scale-window", None, dict(type=int), "fp16: clean iterations before x2"),
+        ("--hysteresis", None, dict(type=int), "fp16: overflows tolerated before /2"),
+        ("--loss-scale", None, dict(type=float), "fp16: a static loss scale"),
+    ]),
+    ("data and tokenizer", "data", [
+        ("--data-path", None, dict(nargs="+", metavar="[WEIGHT] PREFIX"),
+         "token files PREFIX.bin/.idx, optionally weighted: 0.3 A 0.7 B"),
+        ("--split", None, dict(), "train,valid,test document weights"),
+        ("--mock-data", None, dict(action="store_true"), "random tokens, no files"),
+        ("--tokenizer-type", None, dict(), "SentencePieceTokenizer, HuggingFaceTokenizer, "
+         "BertWordPieceLowerCase or BertWordPieceCase"),
+        ("--tokenizer-model", None, dict(metavar="FILE"), "SentencePiece .model / tokenizer.json"),
+        ("--vocab-file", None, dict(metavar="FILE"), "vocab.txt for the WordPiece tokenizers"),
+        ("--data-cache-path", None, dict(metavar="DIR"), "where dataset index caches go"),
+        ("--num-workers", None, dict(type=int), "data-loading workers per rank"),
+    ]),
+    ("training and logging", "training", [
+        ("--micro-batch-size", None, dict(type=int), "sequences per microbatch per DP rank"),
+        ("--global-batch-size", None, dict(type=int),
+         "sequences per iteration over all ranks (default: micro x DP)"),
+        ("--train-iters", None, dict(type=int), "iterations to train"),
+        ("--seed", None, dict(type=int), "random seed"),
+        ("--log-interval", None, dict(type=int), "iterations between metric logs"),
+        ("--eval-interval", None, dict(type=int), "iterations between validation runs"),
+        ("--eval-iters", None, dict(type=int), "batches per validation/test run (0: none)"),
+        ("--log-json", None, dict(metavar="FILE"), "append one JSON object per log line"),
+        ("--tensorboard-dir", None, dict(metavar="DIR"), "write TensorBoard scalars here"),
+        ("--peak-tflops", None, dict(type=float),
+         "peak TFLOP/s per device for MFU (default: GPU table, measured on CPU)"),
+        ("--exit-duration-in-mins", None, dict(type=float), "save and stop after this long"),
+    ]),
+    ("checkpoints", "training", [
+        ("--save", None, dict(metavar="DIR"), "checkpoint directory to write"),
+        ("--load", None, dict(metavar="DIR"), "checkpoint directory to resume from"),
+        ("--save-interval", None, dict(type=int), "iterations between checkpoints"),
+    ]),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are MegaliteErrors (one line, exit 2 from the CLI)."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see megalite train --help)")
+
+
+def _default_text(section: str, name: str) -> str:
+    if section == "model":
+        return ""
+    f = {f.name: f for f in dataclasses.fields(_SECTION_TYPES[section])}.get(name)
+    if f is None or f.default is None or f.default is False or f.default is dataclasses.MISSING:
+        return ""
+    return f" [default: {f.default}]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``megalite train`` (flag values only; defaults are SUPPRESSed
+    so a flag overrides the YAML only when given)."""
+    p = _Parser(prog="megalite train", argument_default=argparse.SUPPRESS,
+                description="Pretrain a GPT (classic or LLaMA recipe) with tensor, pipeline and "
+                "data parallelism. Settings come from --config FILE.yaml (sections model, "
+                "parallel, optim, precision, data, training holding the field names of "
+                "megalite.config, plus model.preset), overridden by the flags below.",
+                epilog="Example: megalite train --config configs/tiny-gpt.yaml --mock-data "
+                "--train-iters 20; several processes: torchrun --nproc-per-node 4 -m megalite "
+                "train --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 ...")
+    p.add_argument("--config", dest="_config", metavar="FILE.yaml",
+                   help="YAML file with the settings; flags override it")
+    for title, section, options in _OPTIONS:
+        group = p.add_argument_group(title)
+        for flag, name, kwargs, help_text in options:
+            name = name or flag[2:].replace("-", "_")
+            dest = name if name.startswith("_") else f"{section}.{name}"
+            if "metavar" not in kwargs and "choices" not in kwargs and "action" not in kwargs:
+                kwargs = {**kwargs, "metavar": {int: "N", float: "X"}.get(kwargs.get("type"),
+                                                                        name.upper())}
+            group.add_argument(flag, dest=dest, help=help_text + _default_text(section, name),
+                               **kwargs)
+    return p
+
+
+def load_yaml(path: str) -> dict[str, dict]:
+    """{section: {key: value}} of a YAML config; ConfigError naming the file for bad YAML,
+    an unknown section or key."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}:{where} not valid YAML "
+                          f"({getattr(e, 'problem', None) or e})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections "
+                          f"({', '.join(SECTIONS)}), got {type(doc).__name__}")
+    out = {}
+    for section, values in doc.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"--config {path}: unknown section {section!r} (expected "
+                              f"{', '.join(SECTIONS)})")
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: section {section} must be a mapping of keys, "
+                              f"got {values!r}")
+        check_keys(values, section, f"--config {path}",
+                   extra=("preset",) if section == "model" else ())
+        out[section] = dict(values)
+    if "sequence_parallel" in out.get("model", {}):
+        raise ConfigError(f"--config {path}: model.sequence_parallel is derived; set "
+                          "parallel.sequence_parallel instead", "model", "sequence_parallel")
+    return out
+
+
+def _model_values(flags: dict, specials: dict, ym: dict) -> tuple[dict, bool]:
+    """Merged GPTConfig field values (preset < YAML < flags) and whether the vocabulary size
+    was given explicitly."""
+    preset = specials.get("_preset") or ym.pop("preset", None)
+    ym.pop("preset", None)
+    base = {}
+    if preset is not None:
+        base = dataclasses.asdict(get_preset(str(preset)))
+        del base["sequence_parallel"]
+    fm = dict(flags)
+    if specials.get("_swiglu"):
+        if fm.get("activation", "swiglu") != "swiglu":
+            raise ConfigError(f"--swiglu contradicts --activation {fm['activation']}",
+                              "model", "activation")
+        fm["activation"] = "swiglu"
+    if specials.get("_no_bias"):
+        fm["add_bias_linear"] = False
+    if "num_query_groups" in fm and not specials.get("_gqa"):
+        raise ConfigError("--num-query-groups needs --group-query-attention", "model",
+                          "num_query_groups")
+    values = {**base, **ym, **fm}
+    if specials.get("_gqa") and values.get("num_query_groups") is None:
+        raise ConfigError("--group-query-attention needs --num-query-groups N", "model",
+                          "num_query_groups")
+    if values.get("max_position_embeddings") is None and values.get("seq_length") is not None:
+        values["max_position_embeddings"] = values["seq_length"]
+    return values, "vocab_size" in ym or "vocab_size" in fm
+
+
+def parse_train_args(argv=None) -> TrainConfig:
+    """``megalite train`` argv -> a validated TrainConfig whose model has its vocabulary size
+    (loading the tokenizer when one is configured). Raises ConfigError (a MegaliteError) naming
+    the flag, the YAML key and file."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("_config", None)
+    yaml_sections = load_yaml(path) if path else {}
+    specials = {k: v for k, v in args.items() if k.startswith("_")}
+    flags: dict[str, dict] = {s: {} for s in SECTIONS}
+    for dest, value in args.items():
+        if not dest.startswith("_"):
+            section, name = dest.split(".", 1)
+            flags[section][name] = value
+
+    def from_yaml(section, name) -> bool:
+        return name in yaml_sections.get(section, {}) and name not in flags[section]
+
+    def located(e: ConfigError) -> ConfigError:
+        if path and e.section and from_yaml(e.section, e.name):
+            return ConfigError(f"--config {path}: {e}", e.section, e.name)
+        return e
+
+    try:
+        sections = {s: cls(**{**yaml_sections.get(s, {}), **flags[s]})
+                    for s, cls in _SECTION_TYPES.items()}
+        model_values, explicit_vocab = _model_values(flags["model"], specials,
+                                                     dict(yaml_sections.get("model", {})))
+        data = sections["data"]
+        if data.tokenizer_type is not None:
+            from megalite.data.tokenizers import build_tokenizer
+
+            tok_vocab = build_tokenizer(data.tokenizer_type, data.tokenizer_model,
+                                        data.vocab_file).vocab_size
+            if not explicit_vocab:
+                model_values["vocab_size"] = tok_vocab
+            elif model_values["vocab_size"] < tok_vocab:
+                raise ConfigError(f"{option_name('model', 'vocab_size')}: "
+                                  f"{model_values['vocab_size']} is smaller than the vocabulary "
+                                  f"of the tokenizer ({tok_vocab})", "model", "vocab_size")
+        elif model_values.get("vocab_size") is None:
+            raise ConfigError("the vocabulary size is unknown: give --vocab-size N (e.g. with "
+                              "--mock-data), a --model-preset, or a tokenizer "
+                              "(--tokenizer-type with --tokenizer-model/--vocab-file)",
+                              "model", "vocab_size")
+        config = TrainConfig(model=build_model_config(model_values), **sections)
+    except ConfigError as e:
+        raise located(e) from None
+    if not data.mock_data and not data.data_path:
+        raise ConfigError("no training data: give --data-path PREFIX (data.data_path) or "
+                          "--mock-data (data.mock_data)", "data", "data_path")
+    ds = config.parallel.deepspeed_config
+    if ds is not None and not os.path.isfile(ds):
+        raise located(ConfigError(f"{option_name('parallel', 'deepspeed_config')}: {ds}: no "
+                                  "such file", "parallel", "deepspeed_config"))
+    return config
+
+
+__all__ = ["build_parser", "load_yaml", "parse_train_args", "MegaliteError"]
