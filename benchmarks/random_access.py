@@ -9,7 +9,7 @@ in the same run; all writers fsync and rename, so they do the same work. The C++
 twice: ``add_document`` per document, and ``add_documents`` per batch of ``--batch`` documents
 (given already concatenated, as preprocessing workers return them). Each writer runs
 ``--repeats`` times, alternating, and the median is reported. The builder is fed int64 arrays,
-as a tokenizer produces them, so both writers convert int64 -> uint16. Writing is measured twice:
+as a tokenizer produces them, so every writer converts int64 -> uint16. Writing is measured twice:
 for long documents (the read dataset) and for short ones ([--short-min-doc, --short-max-doc]),
 where the per-document call overhead dominates.
 
@@ -21,6 +21,7 @@ were just written; dropping caches would disturb other users of the machine):
 * ``get_copy``: the same, materialised as ``np.array(view, dtype=np.int64)`` like a sample.
 * ``document_copy``: ``ds.document(d)`` for a random document, copied to int64.
 
+the time to open (and fully validate) an index of ``--validate-sequences`` one-token documents,
 and ``merge_datasets`` of the dataset with itself (block copy of the .bin). Prints one JSON object.
 """
 from __future__ import annotations
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of each writer; median reported (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1024,
                    help="documents per add_documents call in the batched writer (default: %(default)s)")
+    p.add_argument("--validate-sequences", type=int, default=10_000_000,
+                   help="sequences in the index whose open+validate time is measured (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", help="work directory (default: a fresh temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the files written")
@@ -198,6 +201,19 @@ def main(argv=None) -> int:
             "checksum": checksum,
         }
         del ds
+
+        # Validation cost on open grows with the number of sequences, not tokens: time it on an
+        # index of many one-token documents.
+        many = os.path.join(work, "many")
+        with IndexedDatasetBuilder(many, np.uint16) as b:
+            for lo in range(0, args.validate_sequences, 1 << 20):
+                k = min(1 << 20, args.validate_sequences - lo)
+                b.add_documents(np.ones(k, np.int64), np.ones(k, np.int64))
+            b.finalize()
+        t0 = time.perf_counter()
+        IndexedDataset(many)
+        out["open_and_validate_many"] = {"sequences": args.validate_sequences,
+                                         "seconds": round(time.perf_counter() - t0, 4)}
 
         merged = os.path.join(work, "merged")
         merge_s = timed(merge_datasets, [cpp_prefix, cpp_prefix], merged)
