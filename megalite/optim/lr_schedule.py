@@ -1,0 +1,65 @@
+"""Learning rate as a function of the iteration: linear warmup, then constant/linear/cosine decay.
+
+Iterations count from 1: the optimizer step of iteration ``t`` uses ``lr_at(t)``. With ``W``
+warmup iterations, peak ``lr``, floor ``min_lr`` and decay end ``D`` (``decay_iters``):
+
+* ``t <= W``: ``lr * t / W`` (linear from 0: the first step already moves, the W-th uses lr);
+* ``W < t <= D``: with ``r = (t - W) / (D - W)``,
+  ``linear``: ``min_lr + (lr - min_lr) * (1 - r)``;
+  ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2``;
+  ``constant``: ``lr``;
+* ``t > D``: ``min_lr`` (``lr`` for ``constant``).
+
+The schedule is stateless (a pure function of ``t``), so resuming from a checkpoint only needs
+the iteration.
+"""
+from __future__ import annotations
+
+import math
+
+from megalite.errors import MegaliteError
+
+DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+class LRSchedule:
+    """``lr_at(iteration)`` for warmup then decay (see the module docstring)."""
+
+    def __init__(self, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
+                 decay_style: str = "cosine"):
+        if decay_style not in DECAY_STYLES:
+            raise MegaliteError(f"--lr-decay-style {decay_style!r}: choose one of "
+                                f"{', '.join(DECAY_STYLES)}")
+        if not (0 <= min_lr <= lr):
+            raise MegaliteError(f"--min-lr {min_lr} and --lr {lr}: need 0 <= min-lr <= lr")
+        if warmup_iters < 0 or decay_iters < 1:
+            raise MegaliteError(f"--lr-warmup-iters {warmup_iters} must be >= 0 and the decay "
+                                f"length {decay_iters} >= 1")
+        if decay_style != "constant" and warmup_iters > decay_iters:
+            raise MegaliteError(f"--lr-warmup-iters {warmup_iters} exceeds the decay length "
+                                f"{decay_iters} (--lr-decay-iters, default --train-iters)")
+        self.lr, self.min_lr = float(lr), float(min_lr)
+        self.warmup_iters, self.decay_iters = int(warmup_iters), int(decay_iters)
+        self.decay_style = decay_style
+
+    def lr_at(self, iteration: int) -> float:
+        """Learning rate of the optimizer step of ``iteration`` (1-based)."""
+        if iteration < 1:
+            raise MegaliteError(f"lr_at: iterations count from 1, got {iteration}")
+        w, d = self.warmup_iters, self.decay_iters
+        if iteration <= w:
+            return self.lr * iteration / w
+        if self.decay_style == "constant":
+            return self.lr
+        if iteration >= d:
+            return self.min_lr
+        ratio = (iteration - w) / (d - w)
+        if self.decay_style == "linear":
+            coeff = 1.0 - ratio
+        else:
+            coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+        return self.min_lr + (self.lr - self.min_lr) * coeff
+
+    def __repr__(self) -> str:
+        return (f"LRSchedule(lr={self.lr}, min_lr={self.min_lr}, warmup_iters={self.warmup_iters}, "
+                f"decay_iters={self.decay_iters}, decay_style={self.decay_style!r})")
