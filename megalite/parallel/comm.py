@@ -53,13 +53,13 @@ def all_reduce(x: Tensor, ps: ParallelState) -> Tensor:
 
 @torch.no_grad()
 def split(x: Tensor, dim: int, ps: ParallelState) -> Tensor:
-    """This rank's chunk of ``x`` along ``dim`` (contiguous copy so that autograd/collectives
-    never see a view into another rank's data)."""
+    """This rank's chunk of ``x`` along ``dim``: always a contiguous copy, never a view, so that
+    an in-place op on the result cannot reach the other ranks' part of ``x``."""
     size = x.shape[dim]
     if size % ps.tp_size:
         raise MegaliteError(f"cannot split dimension {dim} of size {size} into "
                             f"{ps.tp_size} tensor-parallel shards")
-    return x.chunk(ps.tp_size, dim=dim)[ps.tp_rank].contiguous()
+    return x.chunk(ps.tp_size, dim=dim)[ps.tp_rank].clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
