@@ -27,105 +27,22 @@ One source of truth: sequence parallelism is ``parallel.sequence_parallel``; the
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 
 import torch
 
+from megalite.config_checks import (ConfigError, at_least, bad, check_types, coerce, flag_name,
+                                    option_name)
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
 
+__all__ = ["SECTIONS", "ConfigError", "flag_name", "option_name", "ParallelConfig", "OptimConfig",
+           "PrecisionConfig", "DataConfig", "TrainingConfig", "TrainConfig", "check_batch_sizes",
+           "resolve_vocab_size", "parse_train_args"]
+
 SECTIONS = ("model", "parallel", "optim", "precision", "data", "training")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
-
-# Fields whose flag is not "--" + field name with "_" -> "-".
-_FLAG_EXCEPTIONS = {
-    ("model", "activation"): "--swiglu/--activation",
-    ("model", "add_bias_linear"): "--disable-bias-linear",
-    ("model", "layernorm_epsilon"): "--norm-epsilon",
-}
-
-
-def flag_name(section: str, name: str) -> str:
-    """The command-line flag that sets ``section.name`` (e.g. ``--lr`` for optim.lr)."""
-    return _FLAG_EXCEPTIONS.get((section, name), "--" + name.replace("_", "-"))
-
-
-def option_name(section: str, name: str) -> str:
-    """How errors name a setting: its flag and its YAML key, ``--lr (optim.lr)``."""
-    return f"{flag_name(section, name)} ({section}.{name})"
-
-
-class ConfigError(MegaliteError):
-    """A bad value of one setting; ``section``/``name`` say which (None: several settings)."""
-
-    def __init__(self, message: str, section: str | None = None, name: str | None = None):
-        super().__init__(message)
-        self.section, self.name = section, name
-
-
-def _bad(section: str, name: str, message: str):
-    raise ConfigError(f"{option_name(section, name)}: {message}", section, name)
-
-
-# ---- type checking and coercion (shared by YAML, from_dict and direct construction) --------------
-def _coerce(value, tp, section: str, name: str):
-    """``value`` converted to the annotated type ``tp`` the way the flag's parser would convert
-    it (numbers written as strings, e.g. YAML's ``3e-4``, are accepted), else a ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], section, name)
-    want = getattr(tp, "__name__", str(tp))
-    if origin is list:
-        items = value.split(",") if isinstance(value, str) and args[0] is int else value
-        items = [items] if isinstance(items, str) else items
-        if not isinstance(items, (list, tuple)):
-            _bad(section, name, f"expected a list, got {value!r}")
-        return [_coerce(v, args[0], section, name) for v in items]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        _bad(section, name, f"expected true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, str):
-            try:
-                value = tp(value.strip())
-            except ValueError:
-                _bad(section, name, f"expected {want}, got {value!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _bad(section, name, f"expected {want}, got {value!r}")
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                _bad(section, name, f"expected an integer, got {value!r}")
-            return int(value)
-        return float(value)
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        _bad(section, name, f"expected a string, got {value!r}")
-    return value
-
-
-def _check_types(obj, section: str) -> None:
-    """Coerce every field of dataclass ``obj`` to its annotated type, in place."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        object.__setattr__(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name],
-                                                section, f.name))
-
-
-def _at_least(obj, section: str, name: str, low: float, optional: bool = False,
-              strict: bool = False) -> None:
-    value = getattr(obj, name)
-    if value is None and optional:
-        return
-    if value is None or (value <= low if strict else value < low):
-        _bad(section, name, f"must be {'>' if strict else '>='} {low}, got {value!r}")
-
 
 # ---- the sections -------------------------------------------------------------------------------
 @dataclass
@@ -151,26 +68,26 @@ class ParallelConfig:
     """A user's DeepSpeed JSON config, merged with (and checked against) megalite's flags."""
 
     def __post_init__(self) -> None:
-        _check_types(self, "parallel")
+        check_types(self, "parallel")
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            _at_least(self, "parallel", name, 1)
-        _at_least(self, "parallel", "num_layers_per_virtual_pipeline_stage", 1, optional=True)
+            at_least(self, "parallel", name, 1)
+        at_least(self, "parallel", "num_layers_per_virtual_pipeline_stage", 1, optional=True)
         if self.zero_stage not in (0, 1, 2, 3):
-            _bad("parallel", "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+            bad("parallel", "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.num_layers_per_virtual_pipeline_stage is not None:
             if self.pipeline_model_parallel_size < 2:
-                _bad("parallel", "num_layers_per_virtual_pipeline_stage",
+                bad("parallel", "num_layers_per_virtual_pipeline_stage",
                      "interleaving needs --pipeline-model-parallel-size >= 2")
             if self.pipeline_layer_split is not None:
-                _bad("parallel", "pipeline_layer_split", "cannot be combined with "
+                bad("parallel", "pipeline_layer_split", "cannot be combined with "
                      "--num-layers-per-virtual-pipeline-stage (interleaving splits evenly)")
         split = self.pipeline_layer_split
         if split is not None:
             if len(split) != self.pipeline_model_parallel_size:
-                _bad("parallel", "pipeline_layer_split", f"{split} has {len(split)} entries, "
+                bad("parallel", "pipeline_layer_split", f"{split} has {len(split)} entries, "
                      f"expected one per pipeline stage ({self.pipeline_model_parallel_size})")
             if any(n < 0 for n in split):
-                _bad("parallel", "pipeline_layer_split", f"layer counts must be >= 0, got {split}")
+                bad("parallel", "pipeline_layer_split", f"layer counts must be >= 0, got {split}")
 
     def virtual_pipeline_size(self, num_layers: int) -> int:
         """Model chunks per pipeline stage (1 unless interleaved)."""
@@ -204,19 +121,19 @@ class OptimConfig:
     """Clip the global gradient norm (over all ranks) to this; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        _check_types(self, "optim")
+        check_types(self, "optim")
         for name in ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad"):
-            _at_least(self, "optim", name, 0)
-        _at_least(self, "optim", "lr_decay_iters", 1, optional=True)
-        _at_least(self, "optim", "adam_eps", 0, strict=True)
+            at_least(self, "optim", name, 0)
+        at_least(self, "optim", "lr_decay_iters", 1, optional=True)
+        at_least(self, "optim", "adam_eps", 0, strict=True)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                _bad("optim", name, f"must be in [0, 1), got {getattr(self, name)!r}")
+                bad("optim", name, f"must be in [0, 1), got {getattr(self, name)!r}")
         if self.lr_decay_style not in LR_DECAY_STYLES:
-            _bad("optim", "lr_decay_style", f"must be one of {', '.join(LR_DECAY_STYLES)}, "
+            bad("optim", "lr_decay_style", f"must be one of {', '.join(LR_DECAY_STYLES)}, "
                  f"got {self.lr_decay_style!r}")
         if self.min_lr > self.lr:
-            _bad("optim", "min_lr", f"{self.min_lr} exceeds --lr {self.lr}")
+            bad("optim", "min_lr", f"{self.min_lr} exceeds --lr {self.lr}")
 
 
 @dataclass
@@ -239,20 +156,20 @@ class PrecisionConfig:
     """fp16: a static loss scale instead of the dynamic one; None: dynamic."""
 
     def __post_init__(self) -> None:
-        _check_types(self, "precision")
+        check_types(self, "precision")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 (precision.bf16) and --fp16 (precision.fp16) are mutually "
                               "exclusive", "precision", "fp16")
         for name in ("initial_loss_scale", "min_loss_scale"):
-            _at_least(self, "precision", name, 0, strict=True)
-        _at_least(self, "precision", "loss_scale", 0, strict=True, optional=True)
+            at_least(self, "precision", name, 0, strict=True)
+        at_least(self, "precision", "loss_scale", 0, strict=True, optional=True)
         for name in ("loss_scale_window", "hysteresis"):
-            _at_least(self, "precision", name, 1)
+            at_least(self, "precision", name, 1)
         if self.min_loss_scale > self.initial_loss_scale:
-            _bad("precision", "min_loss_scale", f"{self.min_loss_scale} exceeds "
+            bad("precision", "min_loss_scale", f"{self.min_loss_scale} exceeds "
                  f"--initial-loss-scale {self.initial_loss_scale}")
         if self.loss_scale is not None and not self.fp16:
-            _bad("precision", "loss_scale", "a loss scale is only used with --fp16")
+            bad("precision", "loss_scale", "a loss scale is only used with --fp16")
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -286,8 +203,8 @@ class DataConfig:
         from megalite.data.gpt_dataset import parse_split
         from megalite.data.tokenizers import TOKENIZER_TYPES
 
-        _check_types(self, "data")
-        _at_least(self, "data", "num_workers", 0)
+        check_types(self, "data")
+        at_least(self, "data", "num_workers", 0)
         for name, check in (("split", lambda: parse_split(self.split)),
                             ("data_path", lambda: self.data_path and parse_data_path(self.data_path))):
             try:
@@ -295,12 +212,12 @@ class DataConfig:
             except MegaliteError as e:
                 raise ConfigError(f"{e} ({'data.' + name})", "data", name) from None
         if self.mock_data and self.data_path:
-            _bad("data", "mock_data", "cannot be combined with --data-path")
+            bad("data", "mock_data", "cannot be combined with --data-path")
         if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
-            _bad("data", "tokenizer_type", f"must be one of {', '.join(TOKENIZER_TYPES)}, "
+            bad("data", "tokenizer_type", f"must be one of {', '.join(TOKENIZER_TYPES)}, "
                  f"got {self.tokenizer_type!r}")
         if self.tokenizer_type is None and (self.tokenizer_model or self.vocab_file):
-            _bad("data", "tokenizer_type", "--tokenizer-model/--vocab-file need --tokenizer-type")
+            bad("data", "tokenizer_type", "--tokenizer-model/--vocab-file need --tokenizer-type")
 
 
 @dataclass
@@ -337,20 +254,20 @@ class TrainingConfig:
     """Save and stop after this many minutes of training."""
 
     def __post_init__(self) -> None:
-        _check_types(self, "training")
+        check_types(self, "training")
         for name in ("micro_batch_size", "train_iters", "log_interval", "eval_interval"):
-            _at_least(self, "training", name, 1)
-        _at_least(self, "training", "eval_iters", 0)
+            at_least(self, "training", name, 1)
+        at_least(self, "training", "eval_iters", 0)
         for name in ("global_batch_size", "save_interval"):
-            _at_least(self, "training", name, 1, optional=True)
+            at_least(self, "training", name, 1, optional=True)
         for name in ("peak_tflops", "exit_duration_in_mins"):
-            _at_least(self, "training", name, 0, strict=True, optional=True)
+            at_least(self, "training", name, 0, strict=True, optional=True)
         g, m = self.global_batch_size, self.micro_batch_size
         if g is not None and g % m:
-            _bad("training", "global_batch_size", f"{g} is not a multiple of "
+            bad("training", "global_batch_size", f"{g} is not a multiple of "
                  f"--micro-batch-size {m}")
         if self.save_interval is not None and not self.save:
-            _bad("training", "save_interval", "needs --save DIR")
+            bad("training", "save_interval", "needs --save DIR")
 
 
 def check_batch_sizes(training: TrainingConfig, dp_size: int) -> int:
@@ -359,7 +276,7 @@ def check_batch_sizes(training: TrainingConfig, dp_size: int) -> int:
     step = training.micro_batch_size * dp_size
     g = training.global_batch_size or step
     if g % step:
-        _bad("training", "global_batch_size", f"{g} is not a multiple of --micro-batch-size "
+        bad("training", "global_batch_size", f"{g} is not a multiple of --micro-batch-size "
              f"{training.micro_batch_size} x data-parallel size {dp_size} (= world size / "
              f"(tensor x pipeline parallel size))")
     return g // step
@@ -412,20 +329,20 @@ class TrainConfig:
             raise ConfigError(str(e), "parallel", "tensor_model_parallel_size") from None
         per = par.num_layers_per_virtual_pipeline_stage
         if per is not None and L % (pp * per):
-            _bad("parallel", "num_layers_per_virtual_pipeline_stage",
+            bad("parallel", "num_layers_per_virtual_pipeline_stage",
                  f"--num-layers {L} is not a multiple of --pipeline-model-parallel-size {pp} "
                  f"x {per}")
         if par.pipeline_layer_split is not None:
             if sum(par.pipeline_layer_split) != L:
-                _bad("parallel", "pipeline_layer_split", f"{par.pipeline_layer_split} sums to "
+                bad("parallel", "pipeline_layer_split", f"{par.pipeline_layer_split} sums to "
                      f"{sum(par.pipeline_layer_split)}, not --num-layers {L}")
         elif per is None and L % pp:
-            _bad("parallel", "pipeline_model_parallel_size", f"--num-layers {L} is not "
+            bad("parallel", "pipeline_model_parallel_size", f"--num-layers {L} is not "
                  f"divisible by {pp} (or give --pipeline-layer-split)")
         o, iters = self.optim, self.training.train_iters
         decay = o.lr_decay_iters or iters
         if o.lr_decay_style != "constant" and o.lr_warmup_iters > decay:
-            _bad("optim", "lr_warmup_iters", f"{o.lr_warmup_iters} exceeds the decay length "
+            bad("optim", "lr_warmup_iters", f"{o.lr_warmup_iters} exceeds the decay length "
                  f"{decay} (--lr-decay-iters, default --train-iters)")
 
     # ---- serialization (checkpoints store this) ------------------------------------------
@@ -448,19 +365,24 @@ class TrainConfig:
         if "model" not in d:
             raise ConfigError(f"{source}: the model section is missing")
         sections = {}
-        for name in SECTIONS:
-            values = dict(d.get(name) or {})
-            check_keys(values, name, source)
-            if name == "model":
-                sp = values.pop("sequence_parallel", None)
-                par_sp = (d.get("parallel") or {}).get("sequence_parallel", False)
-                if sp is not None and sp != par_sp:
-                    raise ConfigError(f"{source}: model.sequence_parallel={sp} disagrees with "
-                                      f"parallel.sequence_parallel={par_sp}")
-                sections[name] = build_model_config(values, vocab_required=True)
-            else:
-                sections[name] = _SECTION_TYPES[name](**values)
-        return cls(**sections)
+        try:
+            for name in SECTIONS:
+                values = dict(d.get(name) or {})
+                check_keys(values, name, source)
+                if name == "model":
+                    sp = values.pop("sequence_parallel", None)
+                    par_sp = (d.get("parallel") or {}).get("sequence_parallel", False)
+                    if sp is not None and sp != par_sp:
+                        raise ConfigError(f"model.sequence_parallel={sp} disagrees with "
+                                          f"parallel.sequence_parallel={par_sp}")
+                    sections[name] = build_model_config(values)
+                else:
+                    sections[name] = _SECTION_TYPES[name](**values)
+            return cls(**sections)
+        except ConfigError as e:
+            if str(e).startswith(f"{source}: "):
+                raise
+            raise ConfigError(f"{source}: {e}", e.section, e.name) from None
 
 
 def section_fields(section: str) -> list[str]:
@@ -481,12 +403,10 @@ def check_keys(values: dict, section: str, source: str, extra: tuple[str, ...] =
             raise ConfigError(f"{source}: unknown key {section}.{key}{hint}", section, str(key))
 
 
-def build_model_config(values: dict, vocab_required: bool = True) -> GPTConfig:
+def build_model_config(values: dict) -> GPTConfig:
     """GPTConfig(**values) with types checked and errors naming flags and YAML keys."""
     hints = typing.get_type_hints(GPTConfig)
-    values = {k: _coerce(v, hints[k], "model", k) for k, v in values.items()}
-    if "vocab_size" not in values and not vocab_required:
-        values["vocab_size"] = 1  # placeholder: only to validate the other fields
+    values = {k: coerce(v, hints[k], "model", k) for k, v in values.items()}
     missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
                if values.get(n) is None]
     if missing:
@@ -499,7 +419,7 @@ def build_model_config(values: dict, vocab_required: bool = True) -> GPTConfig:
         named = [n for n in hints if n + "=" in message or n + " " in message]
         where = ", ".join(option_name("model", n) for n in named)
         raise ConfigError(f"{message}" + (f" [set by {where}]" if where else ""), "model",
-                          named[0] if named else None) from None
+                          named[0] if named else None, tuple(named)) from None
 
 
 def resolve_vocab_size(config: TrainConfig, vocab_size: int) -> TrainConfig:

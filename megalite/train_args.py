@@ -258,8 +258,8 @@ def parse_train_args(argv=None) -> TrainConfig:
         return name in yaml_sections.get(section, {}) and name not in flags[section]
 
     def located(e: ConfigError) -> ConfigError:
-        if path and e.section and from_yaml(e.section, e.name):
-            return ConfigError(f"--config {path}: {e}", e.section, e.name)
+        if path and e.section and any(from_yaml(e.section, n) for n in e.names):
+            return ConfigError(f"--config {path}: {e}", e.section, e.name, e.names)
         return e
 
     try:
