@@ -2,7 +2,8 @@
 
 Inputs are dataset prefixes (``PREFIX`` of ``PREFIX.bin``/``PREFIX.idx``; a path ending in
 ``.bin`` or ``.idx`` is taken as its prefix), globs of those, or directories: a directory means
-every dataset in it. Within a directory or glob the datasets are merged in natural order
+every dataset in it (all must be numbered variants of one name, such as the shards of one key).
+Within a directory or glob the datasets are merged in natural order
 (``shard2`` before ``shard10``), so the shards of ``megalite preprocess --num-shards`` come back in
 shard order; explicit prefixes keep the order given (a dataset named twice is included twice).
 """
@@ -28,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_PREFIX",
                    help="dataset prefixes (PREFIX.bin/PREFIX.idx; a .bin/.idx path works too), "
-                        "globs of them, or directories (every dataset inside); directories and "
-                        "globs expand in natural sort order")
+                        "globs of them (quoted), or directories (every dataset inside, which must "
+                        "be numbered variants of one name, e.g. the shards of one key); "
+                        "directories and globs expand in natural sort order (shard2 < shard10)")
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
     return p
 
@@ -62,6 +64,13 @@ def resolve_prefixes(inputs) -> list[str]:
             found = _datasets_in(os.path.join(item, name) for name in os.listdir(item))
             if not found:
                 raise MegaliteError(f"--input {item}: the directory holds no .bin/.idx dataset")
+            # Shards differ only in their numbers; anything else (e.g. the _text_ and _title_
+            # datasets of one run) must not be merged together by accident.
+            kinds = sorted({re.sub(r"\d+", "N", os.path.basename(p)) for p in found})
+            if len(kinds) > 1:
+                raise MegaliteError(f"--input {item}: the directory holds datasets of several kinds "
+                                    f"({', '.join(kinds)}); name the ones to merge with a glob, "
+                                    f"e.g. '{item}/*_text_document'")
         else:
             prefix = _strip_suffix(item)
             if os.path.isfile(prefix + ".idx") or os.path.isfile(prefix + ".bin"):

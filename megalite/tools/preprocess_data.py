@@ -303,21 +303,27 @@ def preprocess(args: argparse.Namespace) -> dict:
         pool = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_init_worker, initargs=(cfg, os.getpid()))
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        window = collections.deque()  # (reader, future) in submission order
+        window = collections.deque()  # (reader, line_offset, future) in submission order
 
         def drain(keep: int) -> None:
             while len(window) > keep:
-                reader, future = window.popleft()
+                reader, line_offset, future = window.popleft()
                 try:
                     result = future.result()
                 except cf.process.BrokenProcessPool as e:
                     raise MegaliteError(f"a tokenizer worker process died ({e}); out of memory? "
                                         f"try fewer --workers") from None
+                except MegaliteError:
+                    raise
+                except Exception as e:  # a tokenizer failing on some text: say where
+                    raise MegaliteError(f"{reader.piece.path}: tokenizing the lines from line "
+                                        f"{reader.line_number(line_offset)} failed: "
+                                        f"{type(e).__name__}: {e}") from e
                 consume(reader, result, builders)
 
         max_in_flight = 4 * args.workers
         for reader, line_offset, data in stream:
-            window.append((reader, pool.submit(_encode_in_worker, line_offset, data)))
+            window.append((reader, line_offset, pool.submit(_encode_in_worker, line_offset, data)))
             drain(max_in_flight - 1)
         drain(0)
         for builder in builders:

@@ -152,3 +152,20 @@ def test_shared_token_dataset_fixture(corpus_token_dataset, corpus_texts, sp_mod
     ends = (ds.sequence_pointers // 2 + ds.sequence_lengths - 1).astype(np.int64)
     assert (tokens[ends] == tok.eod).all()
     assert int((tokens == tok.eod).sum()) == ds.num_documents
+
+
+def test_merging_a_directory_of_several_keys_needs_a_glob(sp_model, tmp_path, capsys):
+    src = tmp_path / "two_keys.jsonl"
+    src.write_text("".join(f'{{"title": "Title {i}", "text": "Body number {i}."}}\n' for i in range(20)))
+    common = ("SentencePieceTokenizer", "--tokenizer-model", sp_model, "--json-keys", "text", "title")
+    run_preprocess([str(src)], tmp_path / "full", *common)
+    for i in range(2):
+        run_preprocess([str(src)], tmp_path / "s" / "p", *common, "--num-shards", "2", "--shard-index", str(i))
+    from megalite.cli import run_main
+
+    rc = run_main(merge_datasets.main, ["--input", str(tmp_path / "s"), "--output-prefix", str(tmp_path / "m")])
+    assert rc == 2 and "datasets of several kinds" in capsys.readouterr().err
+    for key in ("text", "title"):
+        out = str(tmp_path / f"m_{key}")
+        assert merge_datasets.main(["--input", str(tmp_path / "s" / f"*_{key}_document"), "--output-prefix", out]) == 0
+        assert same_files(tmp_path / f"full_{key}_document", out)
