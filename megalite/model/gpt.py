@@ -259,6 +259,22 @@ class GPTModel(nn.Module):
         return logits
 
     # ---- weights ---------------------------------------------------------------------------
+    def to_empty(self, *, device, recurse: bool = True) -> "GPTModel":
+        """``nn.Module.to_empty`` keeping the parameters' sharding attributes.
+
+        Moving off the meta device makes torch create new Parameter objects, which would drop
+        ``tensor_parallel_dim`` / ``partition_stride`` / ``sequence_parallel`` /
+        ``shared_embedding``; they are copied over. Follow with :meth:`init_weights` or
+        :meth:`load_full_state_dict`.
+        """
+        saved = {n: dict(vars(p)) for n, p in self.named_parameters()}
+        super().to_empty(device=device, recurse=recurse)
+        for n, p in self.named_parameters():
+            for key, value in saved.get(n, {}).items():
+                if not hasattr(p, key):
+                    setattr(p, key, value)
+        return self
+
     def init_weights(self, seed: int) -> None:
         """Megatron-style init, identical full weights for every tensor-parallel layout.
 
@@ -267,8 +283,12 @@ class GPTModel(nn.Module):
         0; norm weights 1. Each full tensor is drawn from a generator seeded by (seed, name),
         then sharded, so TP=1, 2, 4, 8 see the same full model. Vocabulary matrices draw only
         their ``vocab_size`` real rows (padding rows are zero), so they agree across layouts
-        whose padding differs.
+        whose padding differs. Also recomputes the fixed sinusoidal table, so a model built on
+        the meta device and materialized with ``to_empty(device=...)`` is complete after this.
         """
+        for m in self.modules():            # buffers too: a model materialized from the meta
+            if isinstance(m, SinusoidalPositions):   # device with to_empty holds garbage
+                m.reset()
         std = self.config.init_method_std
         out_std = std / math.sqrt(2.0 * self.config.num_layers)
         vocab = self.config.vocab_size

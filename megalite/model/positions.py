@@ -30,7 +30,8 @@ def sinusoidal_table(num_positions: int, dim: int, *, dtype=torch.float32, devic
 class SinusoidalPositions(nn.Module):
     """Fixed sinusoidal table (no parameters); ``forward(s) -> [s, h]``.
 
-    The table is a non-persistent buffer: it is recomputed at construction, never checkpointed.
+    The table is a non-persistent buffer: computed at construction (or by :meth:`reset` after
+    a meta-device model was materialized with ``to_empty``), never checkpointed.
     """
 
     def __init__(self, max_positions: int, hidden_size: int, device=None):
@@ -39,6 +40,12 @@ class SinusoidalPositions(nn.Module):
         table = (torch.empty(max_positions, hidden_size, device="meta") if meta
                  else sinusoidal_table(max_positions, hidden_size, device=device))
         self.register_buffer("table", table, persistent=False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Recompute the table in place (no-op on the meta device)."""
+        if self.table.device.type != "meta":
+            self.table.copy_(sinusoidal_table(*self.table.shape, device=self.table.device))
 
     def forward(self, seq_len: int) -> Tensor:
         return self.table[:seq_len]

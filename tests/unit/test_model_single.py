@@ -206,3 +206,24 @@ def test_bfloat16_model_tracks_float32(cfg):
     assert loss.dtype == torch.float32
     assert (loss - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
     assert torch.all(model(ids)[..., cfg.vocab_size:] == torch.finfo(torch.bfloat16).min)
+
+
+def test_meta_build_then_materialize_equals_direct_build():
+    """Build on meta (no memory), to_empty, init_weights: the same model as a direct build
+    (the way large models avoid drawing weights twice)."""
+    cfg = get_preset("tiny").replace(position_embedding_type="sinusoidal", vocab_size=200)
+    direct = build(cfg, seed=2)
+    lazy = GPTModel(cfg, ParallelState.single(), device="meta").to_empty(device="cpu")
+    lazy.init_weights(2)
+    ids = ids_for(cfg)
+    assert torch.equal(lazy(ids), direct(ids))
+    # Sharding metadata survives materialization (torch makes new Parameter objects).
+    ps = ParallelState.for_shapes(2, 1)
+    shard = GPTModel(cfg, ps, device="meta").to_empty(device="cpu")
+    shard.init_weights(2)
+    ref = GPTModel(cfg, ps)
+    ref.init_weights(2)
+    for (n, p), q in zip(shard.named_parameters(), ref.parameters()):
+        assert (p.tensor_parallel_dim, p.partition_stride, p.sequence_parallel) == (
+            q.tensor_parallel_dim, q.partition_stride, q.sequence_parallel), n
+        assert torch.equal(p, q), n
