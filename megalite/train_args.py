@@ -218,7 +218,10 @@ def _model_values(flags: dict, specials: dict, ym: dict) -> tuple[dict, bool]:
     ym.pop("preset", None)
     base = {}
     if preset is not None:
-        base = dataclasses.asdict(get_preset(str(preset)))
+        try:
+            base = dataclasses.asdict(get_preset(str(preset)))
+        except MegaliteError as e:
+            raise ConfigError(f"--model-preset (model.preset): {e}", "model", "preset") from None
         del base["sequence_parallel"]
     fm = dict(flags)
     if specials.get("_swiglu"):
@@ -290,6 +293,14 @@ def parse_train_args(argv=None) -> TrainConfig:
     if not data.mock_data and not data.data_path:
         raise ConfigError("no training data: give --data-path PREFIX (data.data_path) or "
                           "--mock-data (data.mock_data)", "data", "data_path")
+    if config.parallel.zero_stage:
+        # Early, before any process group exists (data-parallel size unknown: stage limits
+        # depend on TP/PP and precision only); build_optimizer checks again with the real layout.
+        from megalite.optim.zero import validate_zero
+
+        par = config.parallel
+        validate_zero(par.zero_stage, (par.tensor_model_parallel_size,
+                                       par.pipeline_model_parallel_size, 1), config.precision)
     ds = config.parallel.deepspeed_config
     if ds is not None and not os.path.isfile(ds):
         raise located(ConfigError(f"{option_name('parallel', 'deepspeed_config')}: {ds}: no "

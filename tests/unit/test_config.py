@@ -253,6 +253,9 @@ BAD_FLAGS = [
     (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--pipeline-layer-split", "1",
       "3", "--num-layers-per-virtual-pipeline-stage", "1"], ["--pipeline-layer-split"]),
     (["--zero-stage", "4"], ["--zero-stage"]),
+    (["--zero-stage", "3", "--tensor-model-parallel-size", "2"], ["--zero-stage 3"]),
+    (["--zero-stage", "2", "--num-layers", "4", "--pipeline-model-parallel-size", "2"],
+     ["--zero-stage 2", "--pipeline-model-parallel-size"]),
     (["--deepspeed-config", "/nonexistent/ds.json"], ["--deepspeed-config"]),
     (["--micro-batch-size", "0"], ["--micro-batch-size"]),
     (["--micro-batch-size", "4", "--global-batch-size", "10"], ["--global-batch-size"]),
@@ -335,6 +338,12 @@ def test_bad_yaml_names_file_and_key(tmp_path, text, names):
         assert name in msg, (name, msg)
 
 
+def test_unknown_yaml_preset_names_file_and_key(tmp_path):
+    path = write_yaml(tmp_path, "model: {preset: nano}")
+    msg = error_of(["--mock-data", "--config", path])
+    assert path in msg and "model.preset" in msg and "unknown model preset 'nano'" in msg
+
+
 def test_missing_yaml_file_names_it():
     assert "--config /nonexistent/x.yaml" in error_of(["--config", "/nonexistent/x.yaml"])
 
@@ -344,5 +353,11 @@ def test_flag_fixes_a_bad_yaml_value(tmp_path):
     assert parse_train_args(TINY + ["--config", path, "--lr", "0.1"]).optim.lr == 0.1
 
 
-def test_config_error_is_a_megalite_error():
-    assert issubclass(ConfigError, MegaliteError)
+def test_cli_turns_errors_into_one_line_and_exit_2(capsys):
+    from megalite.cli import run_main
+
+    assert run_main(parse_train_args, TINY + ["--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --lr (optim.lr)") and "Traceback" not in err
+    assert run_main(parse_train_args, ["--bogus"]) == 2
+    assert "--bogus" in capsys.readouterr().err
