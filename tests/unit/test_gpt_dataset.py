@@ -140,6 +140,9 @@ def test_separate_final_epoch(corpus, tmp_path):
     first = final_epoch_split(tokens, 16, n)
     # The first two epochs are whole permutations of the documents, the third on its own.
     assert np.array_equal(np.sort(ds.document_index[-40:]), np.arange(40))
+    # Samples [0, first) end inside the first two epochs of the document index, so the separately
+    # shuffled final epoch only feeds samples [first, n).
+    assert ds.sample_index[first][0] < 2 * 40 <= ds.sample_index[first + 1][0]
     assert np.array_equal(np.sort(ds.shuffle_index[:first]), np.arange(first))
     assert np.array_equal(np.sort(ds.shuffle_index[first:]), np.arange(first, n))
     stream = stream_of(corpus, ds)
