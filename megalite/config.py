@@ -77,15 +77,15 @@ class ParallelConfig:
         if self.num_layers_per_virtual_pipeline_stage is not None:
             if self.pipeline_model_parallel_size < 2:
                 bad("parallel", "num_layers_per_virtual_pipeline_stage",
-                     "interleaving needs --pipeline-model-parallel-size >= 2")
+                    "interleaving needs --pipeline-model-parallel-size >= 2")
             if self.pipeline_layer_split is not None:
                 bad("parallel", "pipeline_layer_split", "cannot be combined with "
-                     "--num-layers-per-virtual-pipeline-stage (interleaving splits evenly)")
+                    "--num-layers-per-virtual-pipeline-stage (interleaving splits evenly)")
         split = self.pipeline_layer_split
         if split is not None:
             if len(split) != self.pipeline_model_parallel_size:
                 bad("parallel", "pipeline_layer_split", f"{split} has {len(split)} entries, "
-                     f"expected one per pipeline stage ({self.pipeline_model_parallel_size})")
+                    f"expected one per pipeline stage ({self.pipeline_model_parallel_size})")
             if any(n < 0 for n in split):
                 bad("parallel", "pipeline_layer_split", f"layer counts must be >= 0, got {split}")
 
@@ -131,7 +131,7 @@ class OptimConfig:
                 bad("optim", name, f"must be in [0, 1), got {getattr(self, name)!r}")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             bad("optim", "lr_decay_style", f"must be one of {', '.join(LR_DECAY_STYLES)}, "
-                 f"got {self.lr_decay_style!r}")
+                f"got {self.lr_decay_style!r}")
         if self.min_lr > self.lr:
             bad("optim", "min_lr", f"{self.min_lr} exceeds --lr {self.lr}")
 
@@ -167,7 +167,7 @@ class PrecisionConfig:
             at_least(self, "precision", name, 1)
         if self.min_loss_scale > self.initial_loss_scale:
             bad("precision", "min_loss_scale", f"{self.min_loss_scale} exceeds "
-                 f"--initial-loss-scale {self.initial_loss_scale}")
+                f"--initial-loss-scale {self.initial_loss_scale}")
         if self.loss_scale is not None and not self.fp16:
             bad("precision", "loss_scale", "a loss scale is only used with --fp16")
 
@@ -215,7 +215,7 @@ class DataConfig:
             bad("data", "mock_data", "cannot be combined with --data-path")
         if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
             bad("data", "tokenizer_type", f"must be one of {', '.join(TOKENIZER_TYPES)}, "
-                 f"got {self.tokenizer_type!r}")
+                f"got {self.tokenizer_type!r}")
         if self.tokenizer_type is None and (self.tokenizer_model or self.vocab_file):
             bad("data", "tokenizer_type", "--tokenizer-model/--vocab-file need --tokenizer-type")
 
@@ -265,7 +265,7 @@ class TrainingConfig:
         g, m = self.global_batch_size, self.micro_batch_size
         if g is not None and g % m:
             bad("training", "global_batch_size", f"{g} is not a multiple of "
-                 f"--micro-batch-size {m}")
+                f"--micro-batch-size {m}")
         if self.save_interval is not None and not self.save:
             bad("training", "save_interval", "needs --save DIR")
 
@@ -277,8 +277,8 @@ def check_batch_sizes(training: TrainingConfig, dp_size: int) -> int:
     g = training.global_batch_size or step
     if g % step:
         bad("training", "global_batch_size", f"{g} is not a multiple of --micro-batch-size "
-             f"{training.micro_batch_size} x data-parallel size {dp_size} (= world size / "
-             f"(tensor x pipeline parallel size))")
+            f"{training.micro_batch_size} x data-parallel size {dp_size} (= world size / "
+            f"(tensor x pipeline parallel size))")
     return g // step
 
 
@@ -330,20 +330,20 @@ class TrainConfig:
         per = par.num_layers_per_virtual_pipeline_stage
         if per is not None and L % (pp * per):
             bad("parallel", "num_layers_per_virtual_pipeline_stage",
-                 f"--num-layers {L} is not a multiple of --pipeline-model-parallel-size {pp} "
-                 f"x {per}")
+                f"--num-layers {L} is not a multiple of --pipeline-model-parallel-size {pp} "
+                f"x {per}")
         if par.pipeline_layer_split is not None:
             if sum(par.pipeline_layer_split) != L:
                 bad("parallel", "pipeline_layer_split", f"{par.pipeline_layer_split} sums to "
-                     f"{sum(par.pipeline_layer_split)}, not --num-layers {L}")
+                    f"{sum(par.pipeline_layer_split)}, not --num-layers {L}")
         elif per is None and L % pp:
             bad("parallel", "pipeline_model_parallel_size", f"--num-layers {L} is not "
-                 f"divisible by {pp} (or give --pipeline-layer-split)")
+                f"divisible by {pp} (or give --pipeline-layer-split)")
         o, iters = self.optim, self.training.train_iters
         decay = o.lr_decay_iters or iters
         if o.lr_decay_style != "constant" and o.lr_warmup_iters > decay:
             bad("optim", "lr_warmup_iters", f"{o.lr_warmup_iters} exceeds the decay length "
-                 f"{decay} (--lr-decay-iters, default --train-iters)")
+                f"{decay} (--lr-decay-iters, default --train-iters)")
 
     # ---- serialization (checkpoints store this) ------------------------------------------
     def to_dict(self) -> dict:
@@ -425,8 +425,8 @@ def build_model_config(values: dict) -> GPTConfig:
 def resolve_vocab_size(config: TrainConfig, vocab_size: int) -> TrainConfig:
     """A copy of ``config`` whose model has vocabulary size ``vocab_size`` (the tokenizer's).
 
-    :func:`parse_train_args` calls it when a tokenizer is configured and no vocabulary size was
-    given explicitly; callers building a TrainConfig by hand can use it the same way.
+    :func:`parse_train_args` already takes the tokenizer's size when a tokenizer is configured
+    and no size was given explicitly; this is for TrainConfigs built by hand (tests, tools).
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ConfigError(f"resolve_vocab_size: vocab_size must be a positive integer, "
