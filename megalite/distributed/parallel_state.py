@@ -13,6 +13,8 @@ world 8 = tp 2 x dp 2 x pp 2::
 
     tp groups [0,1] [2,3] [4,5] [6,7]     dp groups [0,2] [1,3] [4,6] [5,7]
     pp groups [0,4] [1,5] [2,6] [3,7]     mp (tp x pp) groups [0,1,4,5] [2,3,6,7]
+    embedding groups (first and last stage of each pipeline; only when pp > 1): here the pp
+    groups again; with pp = 4 they would be [stage 0, stage 3] of each pipeline.
 
 :func:`rank_layout` computes all of this without processes (pure, unit-tested); ``build`` creates
 the real groups after ``torch.distributed.init_process_group``.
@@ -51,6 +53,9 @@ class RankLayout:
     """Ranks forming one pipeline, ordered by stage."""
     mp_groups: tuple[tuple[int, ...], ...]
     """Model-parallel groups (tp x pp: one whole model replica), e.g. for global grad norms."""
+    embedding_groups: tuple[tuple[int, ...], ...] = ()
+    """Per (tp_rank, dp_rank): the first and the last pipeline stage, which hold the two copies
+    of a tied word embedding (their gradients are summed over it). Empty when pp == 1."""
 
     def coordinates(self, rank: int) -> tuple[int, int, int]:
         """``(tp_rank, dp_rank, pp_rank)`` of a global rank."""
@@ -93,7 +98,10 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
     pp_groups = tuple(tuple(r(t, d, p) for p in range(pp)) for d in range(dp) for t in range(tp))
     mp_groups = tuple(tuple(sorted(r(t, d, p) for p in range(pp) for t in range(tp)))
                       for d in range(dp))
-    return RankLayout(world_size, tp, pp, dp, tp_groups, dp_groups, pp_groups, mp_groups)
+    embedding_groups = (tuple((r(t, d, 0), r(t, d, pp - 1)) for d in range(dp) for t in range(tp))
+                        if pp > 1 else ())
+    return RankLayout(world_size, tp, pp, dp, tp_groups, dp_groups, pp_groups, mp_groups,
+                      embedding_groups)
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,13 @@ class ParallelState:
     """Global ranks of this rank's data-parallel group, in dp_rank order."""
     mp_group_ranks: tuple[int, ...] = field(default=(0,))
     """Global ranks of this rank's model-parallel group, sorted."""
+    embedding_group: dist.ProcessGroup | None = None
+    """Group of the first and last pipeline stage of this rank's (tp_rank, dp_rank): the
+    ranks holding a tied word embedding's two copies. Only on those two ranks, only when
+    pp > 1 and distributed; None otherwise."""
+    embedding_ranks: tuple[int, ...] | None = None
+    """Global ranks (first stage, last stage) of this rank's (tp_rank, dp_rank) pipeline, for
+    every rank of it; None when pp == 1."""
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
@@ -172,6 +187,10 @@ class ParallelState:
             pp_group_ranks=layout.group_of(layout.pp_groups, rank),
             dp_group_ranks=layout.group_of(layout.dp_groups, rank),
             mp_group_ranks=layout.group_of(layout.mp_groups, rank),
+            # created last, and only when pp > 1 (the same on every rank), so the order of
+            # new_group calls is identical everywhere
+            embedding_group=mine(layout.embedding_groups) if layout.pp_size > 1 else None,
+            embedding_ranks=_embedding_ranks(layout, rank),
         )
 
     @classmethod
@@ -195,7 +214,8 @@ class ParallelState:
                    tp_group_ranks=layout.group_of(layout.tp_groups, rank),
                    pp_group_ranks=layout.group_of(layout.pp_groups, rank),
                    dp_group_ranks=layout.group_of(layout.dp_groups, rank),
-                   mp_group_ranks=layout.group_of(layout.mp_groups, rank))
+                   mp_group_ranks=layout.group_of(layout.mp_groups, rank),
+                   embedding_ranks=_embedding_ranks(layout, rank))
 
     # -- helpers -----------------------------------------------------------------------------
     @property
@@ -229,6 +249,15 @@ class ParallelState:
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/"
                 f"{self.tp_size}, dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/"
                 f"{self.pp_size}, distributed={self.distributed})")
+
+
+def _embedding_ranks(layout: RankLayout, rank: int) -> tuple[int, ...] | None:
+    """(first stage, last stage) of ``rank``'s pipeline; None when pp == 1."""
+    if layout.pp_size == 1:
+        return None
+    tp_rank, dp_rank, _ = layout.coordinates(rank)
+    return (layout.rank_of(tp_rank, dp_rank, 0),
+            layout.rank_of(tp_rank, dp_rank, layout.pp_size - 1))
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
