@@ -1,0 +1,70 @@
+"""Global gradient norm over every rank, each parameter counted exactly once, and clipping.
+
+Which rank holds what (see ``megalite.parallel.layers``):
+
+* tensor-split parameters (``tensor_parallel_dim`` set): each tp rank holds a different shard,
+  so every tp rank contributes its shard's squared norm;
+* replicated parameters (norms, biases of row-parallel layers, position tables): identical on
+  every tp rank after the sequence-parallel sum, so only tp_rank 0 contributes;
+* the last pipeline stage's copy of a tied word embedding (``shared_embedding``): after the
+  embedding-group sum it equals the first stage's copy, which is counted there; never here;
+* data-parallel replicas hold identical (averaged) gradients: the sum runs over the
+  model-parallel (tp x pp) group only.
+
+The squared norms are summed over ``ps.mp_group``; the result is the same float on every rank
+of the world, so decisions taken from it (skip on inf/nan, the clip factor) agree everywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megalite.distributed.parallel_state import ParallelState
+
+__all__ = ["counts_toward_norm", "global_grad_norm", "clip_by_global_norm"]
+
+
+def counts_toward_norm(param: Tensor, ps: ParallelState) -> bool:
+    """True when this rank's copy of ``param`` is the one counted in the global norm."""
+    if getattr(param, "shared_embedding", False):
+        return False
+    return getattr(param, "tensor_parallel_dim", None) is not None or ps.tp_rank == 0
+
+
+def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: ParallelState) -> float:
+    """L2 norm of the full model's gradient. ``grads[i]`` is the gradient of ``params[i]``
+    (``.grad`` or an fp32 ``main_grad``). Collective over ``ps.mp_group`` when it has >1 rank.
+
+    Computed as torch's ``clip_grad_norm_`` does (norm of the per-tensor norms, fp32), so a
+    single process gives the same float; across ranks the squared partial norms are summed.
+    inf/nan in any gradient anywhere gives inf/nan.
+    """
+    norms = [torch.linalg.vector_norm(g.detach().float(), 2.0)
+             for p, g in zip(params, grads) if counts_toward_norm(p, ps)]
+    local = (torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms
+             else torch.zeros((), dtype=torch.float32))
+    mp_size = len(ps.mp_group_ranks)
+    if ps.mp_group is None or mp_size == 1:
+        return float(local)
+    # float64 for the cross-rank sum: squaring an fp32 norm near 1e19 would overflow fp32.
+    total = local.double() ** 2
+    dist.all_reduce(total, group=ps.mp_group)
+    return math.sqrt(float(total))
+
+
+@torch.no_grad()
+def clip_by_global_norm(grads: list[Tensor], total_norm: float, max_norm: float) -> float:
+    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is < 1 (torch's
+    rule; ``max_norm <= 0`` disables clipping). Returns the factor applied (1.0 if none)."""
+    if max_norm <= 0 or not math.isfinite(total_norm):
+        return 1.0
+    # fp32 arithmetic in torch's order, so a single process matches clip_grad_norm_ bitwise.
+    coef = max_norm / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6)
+    if coef >= 1.0:
+        return 1.0
+    torch._foreach_mul_(grads, coef)
+    return float(coef)

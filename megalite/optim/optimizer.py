@@ -1,0 +1,272 @@
+"""megalite's optimizer: AdamW on fp32 master weights, gradient sync, clipping, loss scaling.
+
+One step, in the order the trainer calls it::
+
+    schedule: optimizer.backward(output, grad) per microbatch   (grads accumulate, see below)
+    optimizer.finish_grad_sync()    sequence-parallel sum over tp, tied-embedding sum over the
+                                    first/last stage, average over data-parallel replicas
+    optimizer.step(lr)              unscale (fp16), global norm over all ranks, skip on inf/nan,
+                                    clip, AdamW, copy the fp32 masters back into the model
+    optimizer.zero_grad()
+
+Precision modes (``PrecisionConfig``):
+
+* fp32 (default): no master copy; AdamW updates the model parameters in place and gradients
+  accumulate in ``param.grad`` (fp32) across microbatches.
+* bf16 / fp16: the model parameters are held in half precision (cast here if they are not). An
+  fp32 master copy of every parameter lives in the optimizer; every parameter gets an fp32
+  ``main_grad`` (views into one flat buffer) and a post-accumulate-grad hook that adds the half
+  ``.grad`` of each microbatch into it and frees the half gradient, so accumulation across
+  microbatches (and the data-parallel reduction) runs in fp32. fp16 also scales the loss
+  (:mod:`megalite.optim.loss_scaler`).
+
+Who holds what: every rank holds optimizer state for exactly its own parameter shards (its tp
+shard of its pipeline stage's layers); data-parallel replicas hold identical copies (for
+sharding over data-parallel ranks use :mod:`megalite.optim.zero`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from megalite.distributed.parallel_state import ParallelState
+from megalite.errors import MegaliteError
+from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
+from megalite.optim.loss_scaler import build_loss_scaler
+
+__all__ = ["param_groups", "unique_parameters", "StepResult", "Optimizer", "sync_model_grads"]
+
+
+def unique_parameters(model_chunks) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every trainable parameter of the chunks, each once, in order."""
+    seen, out = set(), []
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append((name, p))
+    return out
+
+
+def _no_decay(name: str, p: Tensor) -> bool:
+    # Biases and norm weights (all 1-D) are not decayed: shrinking them toward zero changes the
+    # function without regularizing any weight matrix.
+    return p.dim() < 2 or name.endswith(".bias")
+
+
+def param_groups(model_chunks, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: matrices with ``weight_decay``, biases and norms (1-D) without.
+
+    Empty groups are left out. Each group also carries ``"names"`` (for error messages and
+    checkpoint manifests; torch's optimizers keep extra keys untouched).
+    """
+    decay: list = []
+    plain: list = []
+    for name, p in unique_parameters(model_chunks):
+        (plain if _no_decay(name, p) else decay).append((name, p))
+    groups = []
+    for members, wd in ((decay, weight_decay), (plain, 0.0)):
+        if members:
+            groups.append({"params": [p for _, p in members], "weight_decay": wd,
+                           "names": [n for n, _ in members]})
+    if not groups:
+        raise MegaliteError("the model has no trainable parameters")
+    return groups
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did (the same values on every rank)."""
+
+    grad_norm: float
+    """Global L2 norm of the unscaled gradient before clipping (inf/nan when it overflowed)."""
+    skipped: bool
+    """True when the step was skipped because a gradient was inf/nan somewhere."""
+    loss_scale: float
+    """Loss scale used for this step's backward (1.0 unless fp16)."""
+
+
+def _sum_over_group(grads: list[Tensor], group, group_size: int) -> None:
+    """All-reduce (sum) ``grads`` in place over ``group`` in one flat collective."""
+    if group is None or group_size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sync_model_grads(model_chunks, params: list[Tensor], grads: list[Tensor], ps: ParallelState,
+                     *, grad_attr: str, data_parallel: bool = True) -> None:
+    """Make ``grads`` (``grads[i]`` belongs to ``params[i]``) the full-batch gradient.
+
+    1. sequence parallelism: parameters marked ``sequence_parallel`` saw only this tp rank's
+       slice of the sequence; their gradients are summed over the tp group;
+    2. tied embeddings with pp > 1: the first stage's word embedding and the last stage's
+       ``shared_embedding`` copy get the sum of both gradients (so both copies stay equal);
+    3. ``data_parallel``: average over the data-parallel replicas (bucketed all-reduce).
+
+    All three are sums (or a mean), so their order does not matter mathematically.
+    ``grad_attr`` names where the gradients live (``"grad"`` or ``"main_grad"``), for the
+    embedding sum which looks them up on the parameters.
+    """
+    sp = [g for p, g in zip(params, grads) if getattr(p, "sequence_parallel", False)]
+    if ps.tp_size > 1:
+        _sum_over_group(sp, ps.tp_group, ps.tp_size)
+    if ps.pp_size > 1:
+        from megalite.parallel.data_parallel import allreduce_embedding_grads
+        allreduce_embedding_grads(model_chunks, ps, grad_attr=grad_attr)
+    if data_parallel and ps.dp_size > 1:
+        from megalite.parallel.data_parallel import allreduce_gradients
+        allreduce_gradients(grads, ps, average=True)
+
+
+class Optimizer:
+    """AdamW + fp32 master weights + gradient sync + global-norm clipping + loss scaling.
+
+    Args:
+        model_chunks: this rank's model chunks (one per virtual pipeline stage).
+        optim: ``OptimConfig`` (lr is passed to :meth:`step`; betas, eps, weight decay,
+            clip_grad from here).
+        precision: ``PrecisionConfig`` (bf16 / fp16 / fp32 and the loss-scale settings).
+        ps: this rank's layout; collectives run over its tp, pp (embedding), dp and mp groups.
+    """
+
+    def __init__(self, model_chunks, optim, precision, ps: ParallelState):
+        if precision.bf16 and precision.fp16:
+            raise MegaliteError("--bf16 and --fp16 are mutually exclusive")
+        self.model_chunks, self.optim, self.precision, self.ps = model_chunks, optim, precision, ps
+        self.half = precision.bf16 or precision.fp16
+        self.dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 \
+            else torch.float32
+        self.scaler = build_loss_scaler(precision)
+        self._groups = param_groups(model_chunks, optim.weight_decay)
+        self.params: list[nn.Parameter] = [p for g in self._groups for p in g["params"]]
+        self._hooks = []
+        if self.half:
+            # Masters from the values as they are now (fp32 init keeps its full precision),
+            # then the model goes to half precision.
+            self.masters = [nn.Parameter(p.detach().to(torch.float32).clone())
+                            for p in self.params]
+            for p in self.params:
+                if p.dtype != self.dtype:
+                    p.data = p.data.to(self.dtype)
+            self._grad_buffer = torch.zeros(sum(p.numel() for p in self.params),
+                                            dtype=torch.float32, device=self.params[0].device)
+            offset = 0
+            for p, m in zip(self.params, self.masters):
+                p.main_grad = self._grad_buffer[offset:offset + p.numel()].view_as(p)
+                m.grad = p.main_grad           # the master's gradient IS the fp32 accumulator
+                offset += p.numel()
+                self._hooks.append(p.register_post_accumulate_grad_hook(_accumulate_main_grad))
+            opt_params = self.masters
+        else:
+            for p in self.params:
+                if p.dtype != torch.float32:
+                    raise MegaliteError(f"fp32 training needs float32 parameters, got {p.dtype}; "
+                                        f"pass --bf16/--fp16 for half precision")
+            opt_params = self.params
+        groups, i = [], 0
+        for g in self._groups:
+            n = len(g["params"])
+            groups.append({"params": opt_params[i:i + n], "weight_decay": g["weight_decay"],
+                           "names": g["names"]})
+            i += n
+        # foreach=False: the per-tensor loop is the implementation ZeRO's flat partitions get
+        # too, so megalite's and DeepSpeed's updates agree elementwise.
+        self.adamw = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.adam_beta1,
+                                       optim.adam_beta2), eps=optim.adam_eps,
+                                       weight_decay=optim.weight_decay, foreach=False)
+
+    # -- the trainer's interface -----------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        """Factor the schedule multiplies each microbatch loss by (1.0 unless fp16)."""
+        return self.scaler.scale
+
+    def backward(self, output: Tensor, grad: Tensor | None) -> None:
+        """The schedule's ``backward_fn``: scalar (already scaled) loss with ``grad=None`` on
+        the last stage, or an activation and the gradient received from the next stage."""
+        torch.autograd.backward(output, grad_tensors=grad)
+
+    def _grads(self) -> list[Tensor]:
+        """This rank's gradient of each parameter (fp32); missing ones become zeros."""
+        if self.half:
+            return [p.main_grad for p in self.params]
+        for p in self.params:
+            if p.grad is None:   # e.g. a layer no microbatch reached: contribute zero
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def finish_grad_sync(self) -> None:
+        """After the last microbatch: SP sum over tp, tied-embedding sum, DP average."""
+        sync_model_grads(self.model_chunks, self.params, self._grads(), self.ps,
+                         grad_attr="main_grad" if self.half else "grad")
+
+    @torch.no_grad()
+    def step(self, lr: float) -> StepResult:
+        """Unscale, global norm (skip the step everywhere on inf/nan), clip, AdamW at ``lr``."""
+        grads = self._grads()
+        scale = self.scaler.scale
+        if scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / scale)
+        norm = global_grad_norm(self.params, grads, self.ps)
+        found_inf = not math.isfinite(norm)
+        self.scaler.update(found_inf)
+        if found_inf:
+            return StepResult(grad_norm=norm, skipped=True, loss_scale=scale)
+        clip_by_global_norm(grads, norm, self.optim.clip_grad)
+        for group in self.adamw.param_groups:
+            group["lr"] = lr
+        self.adamw.step()
+        if self.half:
+            for p, m in zip(self.params, self.masters):
+                p.copy_(m)
+        return StepResult(grad_norm=norm, skipped=False, loss_scale=scale)
+
+    def zero_grad(self) -> None:
+        """Clear the gradients (fp32 accumulators are zeroed in place, not reallocated)."""
+        if self.half:
+            self._grad_buffer.zero_()
+        for p in self.params:
+            p.grad = None
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a bitwise-exact resume needs: AdamW moments and step counts, the fp32
+        master weights (half modes) and the loss-scaler state. Tensors are this rank's."""
+        return {"adamw": self.adamw.state_dict(),
+                "masters": [m.detach().clone() for m in self.masters] if self.half else None,
+                "scaler": self.scaler.state_dict(),
+                "param_names": [n for g in self._groups for n in g["names"]]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (same layout); the masters are copied into the
+        model parameters too, so the model equals the saved run's model."""
+        names = [n for g in self._groups for n in g["names"]]
+        if state.get("param_names") != names:
+            raise MegaliteError("optimizer state does not match the model's parameters "
+                                "(different model or parallel layout)")
+        if (state["masters"] is not None) != self.half:
+            raise MegaliteError("optimizer state was saved with a different precision "
+                                "(bf16/fp16 keep fp32 master weights, fp32 does not)")
+        self.adamw.load_state_dict(state["adamw"])
+        if self.half:
+            for p, m, saved in zip(self.params, self.masters, state["masters"]):
+                m.copy_(saved)
+                p.copy_(m)
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _accumulate_main_grad(p: Tensor) -> None:
+    # Post-accumulate-grad hook (half modes): fold this microbatch's half-precision gradient
+    # into the fp32 accumulator and drop it, so half gradients never sum with each other.
+    p.main_grad.add_(p.grad)
+    p.grad = None
