@@ -14,6 +14,12 @@ groups, d = head width, tp = tensor-parallel size):
   j // (a/g), the same pairing as Hugging Face's ``repeat_kv``), scale 1/sqrt(d).
 * ``linear_proj`` (row-parallel) -> [s, b, h] (all-reduce) or [s/tp, b, h] (SP reduce-scatter).
 
+Inference (``kv_cache`` given, see :mod:`megalite.inference.kv_cache`): the new keys/values of
+this rank's groups are written into the layer's preallocated cache at the current offset, and the
+queries attend to every cached position: with the causal mask when the cache was empty (prefill),
+with no mask for one new token (decode), and with an offset causal mask otherwise. Queries and
+keys arrive already rotated at their absolute positions, so cached keys never change.
+
 Attention dropout acts on a tensor split by heads, so it draws from the tracker's
 "model-parallel" stream (different masks on different ranks). Selective recompute wraps the
 attention core (the part whose activations grow with s^2) in
@@ -70,7 +76,24 @@ class Attention(nn.Module):
                 q, k, v, dropout_p=p, is_causal=True,
                 enable_gqa=self.local_heads != self.local_groups)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def cached_core(self, q: Tensor, k: Tensor, v: Tensor, kv_cache) -> Tensor:
+        """Attention of s new queries q [b, a/tp, s, d] over the cache after appending k, v
+        [b, g/tp, s, d] at ``kv_cache.offset`` -> [b, a/tp, s, d] (no dropout: inference)."""
+        offset, s = kv_cache.offset, q.shape[2]
+        keys, values = kv_cache.append(k, v)                    # [b, g/tp, offset + s, d]
+        mask, causal = None, False
+        if offset == 0:
+            causal = s > 1                                      # prefill: the usual causal mask
+        elif s > 1:    # several new tokens after cached ones: query i sees keys <= offset + i
+            mask = (torch.arange(offset + s, device=q.device)[None, :]
+                    <= offset + torch.arange(s, device=q.device)[:, None])
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.local_heads != self.local_groups)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                kv_cache=None) -> Tensor:
+        """x [s, b, h] -> [s, b, h]; ``kv_cache``: this layer's inference cache
+        (:class:`megalite.inference.kv_cache.LayerKVCache`) or None (training, no cache)."""
         qkv = self.linear_qkv(x)                                # [s, b, gl * (a/g + 2) * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
@@ -80,7 +103,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # -> [b, n, s, d]
-        if self.selective_recompute and torch.is_grad_enabled():
+        if kv_cache is not None:
+            ctx = self.cached_core(q, k, v, kv_cache)
+        elif self.selective_recompute and torch.is_grad_enabled():
             ctx = checkpoint(self.core, self.rng_tracker, q, k, v)
         else:
             ctx = self.core(q, k, v)

@@ -87,10 +87,12 @@ class Embedding(nn.Module):
         elif kind == "sinusoidal":
             self.sinusoidal = SinusoidalPositions(config.max_position_embeddings, h, device=device)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, position_offset: int = 0) -> Tensor:
+        """``position_offset``: absolute position of ``input_ids[:, 0]`` (tokens already in an
+        inference KV cache; 0 in training)."""
         s = input_ids.shape[1]
         x = self.word_embeddings(input_ids).transpose(0, 1).contiguous()   # [s, b, h]
-        positions = torch.arange(s, device=input_ids.device)
+        positions = torch.arange(position_offset, position_offset + s, device=input_ids.device)
         if self.sp:
             x = reduce_scatter_to_sequence_parallel_region(x, self.ps)     # [s/tp, b, h]
             local = s // self.ps.tp_size
@@ -105,7 +107,7 @@ class Embedding(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: ``forward(x [s, b, h], cos=None, sin=None) -> [s, b, h]``."""
+    """Pre-norm block: ``forward(x [s, b, h], cos=None, sin=None, kv_cache=None) -> [s, b, h]``."""
 
     def __init__(self, config: GPTConfig, ps: ParallelState, rng_tracker: RNGStatesTracker,
                  device=None, dtype=None):
@@ -118,9 +120,10 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = build_norm(config, device, dtype)
         self.mlp = MLP(config, ps, device, dtype)
 
-    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
+                kv_cache=None) -> Tensor:
         rope = None if cos is None else (cos, sin)
-        x = x + self._drop(self.attention(self.input_norm(x), rope))
+        x = x + self._drop(self.attention(self.input_norm(x), rope, kv_cache))
         return x + self._drop(self.mlp(self.post_attention_norm(x)))
 
     def _drop(self, t: Tensor) -> Tensor:
@@ -185,7 +188,7 @@ class GPTModel(nn.Module):
                 self.output_layer.weight.shared_embedding = config.tied_embeddings
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, inputs: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, inputs: Tensor, labels: Tensor | None = None, *, kv_cache=None) -> Tensor:
         """Run this model (slice).
 
         inputs: token ids [b, s] when ``pre_process``; else the previous stage's hidden states
@@ -197,29 +200,43 @@ class GPTModel(nn.Module):
         else the per-token cross-entropy [b, s] (fp32, identical on all tp ranks; computed
         without gathering the logits). Without ``post_process``: hidden states [s, b, h]
         ([s/tp, b, h] with SP).
+
+        kv_cache: inference only (:class:`megalite.inference.kv_cache.KVCache`, one per model
+            chunk): the s tokens sit at absolute positions ``kv_cache.offset ..`` and attend to
+            every cached token; their keys/values are appended and the offset advanced by s.
+            Not with sequence parallelism.
         """
         tp = self.ps.tp_size
+        offset = 0
+        if kv_cache is not None:
+            if self.sequence_parallel:
+                raise MegaliteError("a KV cache (inference) cannot be used with sequence "
+                                    "parallelism; build the model with sequence_parallel=False")
+            offset = kv_cache.offset
         if self.pre_process:
             if inputs.dim() != 2:
                 raise MegaliteError(f"GPTModel expects token ids [batch, seq], got shape "
                                     f"{tuple(inputs.shape)}")
             s = inputs.shape[1]
-            self._check_seq(s)
-            x = self.embedding(inputs)
+            self._check_seq(offset + s)
+            x = self.embedding(inputs, offset)
         else:
             x = inputs
             s = x.shape[0] * (tp if self.sequence_parallel else 1)
-            self._check_seq(s)
+            self._check_seq(offset + s)
         cos = sin = None
         if self.rotary is not None:
-            cos, sin = self.rotary(s, device=x.device)
+            cos, sin = self.rotary(offset + s, device=x.device)
+            cos, sin = cos[offset:], sin[offset:]             # the angles of positions offset..
         full_recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
-        for layer in self.layers.values():
-            if full_recompute:
+        for i, layer in self.layers.items():
+            if full_recompute and kv_cache is None:
                 args = (x,) if cos is None else (x, cos, sin)
                 x = checkpoint(layer, self.rng_tracker, *args)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, None if kv_cache is None else kv_cache.layer(int(i)))
+        if kv_cache is not None:
+            kv_cache.advance(s)
         if not self.post_process:
             return x
         logits = self._logits(self.final_norm(x))               # [s, b, Vp/tp]

@@ -1,0 +1,234 @@
+"""``megalite generate``: continue a prompt with a trained checkpoint (KV cache, any TP size).
+
+    megalite generate --load CKPT_DIR --prompt "The os module" --max-new-tokens 40 --greedy
+    megalite generate --load CKPT_DIR --prompt "..." --temperature 0.8 --top-k 50 --top-p 0.95 --seed 7
+    torchrun --nproc-per-node 2 -m megalite generate --load CKPT_DIR --tensor-model-parallel-size 2 ...
+
+The checkpoint may have been saved under any TP/PP layout; its weights are resharded on load
+into a pipeline-free model split over ``--tensor-model-parallel-size`` ranks (default: every
+process; with more processes than that, the data-parallel replicas compute the same thing).
+The tokenizer is the one the checkpoint's config names (a relative path is tried as saved, i.e.
+from the current directory, then from the checkpoint directory and its parent); the tokenizer
+flags override it or stand in when the checkpoint names none (e.g. trained on --mock-data).
+Only global rank 0 prints the continuation (the new text only) to stdout. Generation stops at
+the tokenizer's end-of-document token or after --max-new-tokens tokens. An empty prompt starts
+a new document (the end-of-document token is the context).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megalite.errors import MegaliteError
+
+DEFAULT_SEED = 1234
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are MegaliteErrors (``error: ...`` and exit 2 from the CLI)."""
+
+    def error(self, message):
+        raise MegaliteError(f"{message} (see megalite generate --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="megalite generate",
+                description="Generate a continuation of --prompt from a megalite checkpoint with "
+                "a KV cache, under any tensor-parallel size (torchrun/srun/mpirun for several "
+                "processes). Prints the continuation to stdout (rank 0 only).",
+                epilog="Decoding is greedy unless --temperature, --top-k or --top-p is given "
+                "(then sampled, reproducibly with --seed).")
+    p.add_argument("--load", required=True, metavar="DIR",
+                   help="checkpoint directory (its 'latest'), or one iter_XXXXXXX directory")
+    p.add_argument("--iteration", type=int, default=None, metavar="N",
+                   help="load this iteration instead of the latest")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="generate at most N tokens (fewer if the model's "
+                   "max_position_embeddings is reached) [default: 64]")
+    p.add_argument("--greedy", action="store_true",
+                   help="always take the most likely token (the default without sampling flags)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="sample with logits / T, T > 0 [sampling default: 1.0]")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K most likely tokens (0: all) [sampling default: 0]")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: among the most likely tokens holding probability P, "
+                   "0 < P <= 1 [sampling default: 1.0]")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the sampling generator [default: {DEFAULT_SEED}]")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None, metavar="TP",
+                   help="tensor-parallel size to run at (any size dividing the heads and query "
+                   "groups; need not be the training layout) [default: the number of processes]")
+    p.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (default fp32)")
+    tok = p.add_argument_group("tokenizer (when the checkpoint names none, or to override it)")
+    tok.add_argument("--tokenizer-type", default=None,
+                     help="SentencePieceTokenizer, HuggingFaceTokenizer, BertWordPieceLowerCase, "
+                     "BertWordPieceCase")
+    tok.add_argument("--tokenizer-model", default=None, metavar="FILE",
+                     help="SentencePiece .model / tokenizer.json")
+    tok.add_argument("--vocab-file", default=None, metavar="FILE",
+                     help="vocab.txt for the WordPiece tokenizers")
+    return p
+
+
+def sampling_from_args(args):
+    """The :class:`SamplingConfig` the flags ask for (greedy unless a sampling flag is given)."""
+    from megalite.inference.sampling import SamplingConfig
+    sampling_flags = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                     ("--top-p", args.top_p)) if v is not None]
+    if args.greedy and sampling_flags:
+        raise MegaliteError(f"--greedy cannot be combined with {', '.join(sampling_flags)}")
+    if not sampling_flags:
+        return SamplingConfig(greedy=True)
+    return SamplingConfig(greedy=False,
+                          temperature=1.0 if args.temperature is None else args.temperature,
+                          top_k=0 if args.top_k is None else args.top_k,
+                          top_p=1.0 if args.top_p is None else args.top_p)
+
+
+def _saved_tokenizer(train_config) -> dict:
+    """tokenizer_type/tokenizer_model/vocab_file from a checkpoint's config (TrainConfig or dict)."""
+    keys = ("tokenizer_type", "tokenizer_model", "vocab_file")
+    data = getattr(train_config, "data", None)
+    if data is not None and not isinstance(data, dict):
+        return {k: getattr(data, k, None) for k in keys}
+    data = train_config.get("data") if isinstance(train_config, dict) else None
+    return {k: (data or {}).get(k) for k in keys}
+
+
+def _locate(path: str | None, load_dir: str) -> str | None:
+    """A saved tokenizer path: as saved (cwd), else next to the checkpoint or its parent."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    base = os.path.abspath(load_dir)
+    for root in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
+        candidate = os.path.join(root, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path   # not found: build_tokenizer names the flag and the path
+
+
+def resolve_tokenizer(args, train_config):
+    """The tokenizer: from the flags when given, else from the checkpoint's config."""
+    from megalite.data.tokenizers import build_tokenizer
+    if args.tokenizer_type:
+        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file)
+    if args.tokenizer_model or args.vocab_file:
+        raise MegaliteError("--tokenizer-model/--vocab-file need --tokenizer-type")
+    saved = _saved_tokenizer(train_config)
+    if not saved["tokenizer_type"]:
+        raise MegaliteError(f"the checkpoint in {args.load} names no tokenizer (trained on "
+                            f"--mock-data?); pass --tokenizer-type and --tokenizer-model or "
+                            f"--vocab-file")
+    try:
+        return build_tokenizer(saved["tokenizer_type"], _locate(saved["tokenizer_model"], args.load),
+                               _locate(saved["vocab_file"], args.load))
+    except MegaliteError as e:
+        raise MegaliteError(f"the checkpoint's tokenizer cannot be loaded ({e}); pass the "
+                            f"tokenizer flags to point at it") from None
+
+
+def prepare(args):
+    """Everything that can fail on bad input, checked before any process group exists.
+
+    Returns (model GPTConfig for inference, tokenizer, prompt ids, max new tokens, tp size).
+    """
+    from megalite.checkpoint import read_model_config, read_train_config
+    if not os.path.isdir(args.load):
+        raise MegaliteError(f"--load {args.load}: no such directory")
+    saved = read_model_config(args.load, args.iteration)  # "no checkpoint found in ..." if none
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = args.tensor_model_parallel_size or world
+    if tp < 1:
+        raise MegaliteError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+    saved.validate_parallel(tp)   # names the heads/groups/ffn that tp does not divide
+    if world % tp:
+        raise MegaliteError(f"--tensor-model-parallel-size {tp} does not divide the number of "
+                            f"processes ({world})")
+    if args.max_new_tokens < 0:
+        raise MegaliteError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    tokenizer = resolve_tokenizer(args, read_train_config(args.load, args.iteration))
+    if tokenizer.vocab_size > saved.vocab_size:
+        raise MegaliteError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                            f"{saved.vocab_size}: not the tokenizer this checkpoint was trained "
+                            f"with")
+    ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eod]
+    limit = saved.max_position_embeddings
+    if len(ids) > limit or (len(ids) == limit and args.max_new_tokens > 0):
+        raise MegaliteError(f"--prompt is {len(ids)} tokens long; the model has "
+                            f"max_position_embeddings={limit} positions, leaving no room to "
+                            f"generate")
+    new = min(args.max_new_tokens, limit - len(ids))
+    if new < args.max_new_tokens and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: generating {new} tokens, not {args.max_new_tokens}: the model holds "
+              f"{limit} positions", file=sys.stderr)
+    config = saved.replace(sequence_parallel=False, recompute_granularity=None,
+                           hidden_dropout=0.0, attention_dropout=0.0)
+    return config, tokenizer, ids, new, tp
+
+
+def generate_text(args, ps, device=None, prepared=None):
+    """Load the checkpoint into this rank's model and generate; returns (new ids, text).
+
+    Collective over ``ps``'s tensor-parallel group (every rank calls it with the same args).
+    ``prepared``: what :func:`prepare` returned for these args (computed when None).
+    """
+    import torch
+    from megalite.checkpoint import load_model_weights
+    from megalite.inference import generate_tokens
+    from megalite.model.gpt import GPTModel
+
+    sampling = sampling_from_args(args)
+    config, tokenizer, ids, new, _ = prepared or prepare(args)
+    device = torch.device(device or "cpu")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # Parameters start uninitialized (torch.empty): the checkpoint fills every one of them.
+    model = GPTModel(config, ps, device=device, dtype=dtype).eval()
+    load_model_weights(args.load, [model], ps, iteration=args.iteration)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate_tokens(model, torch.tensor([ids]), new, sampling, eod=tokenizer.eod,
+                          generator=generator)
+    new_ids = out.tokens[0].tolist()
+    if tokenizer.eod in new_ids:
+        new_ids = new_ids[:new_ids.index(tokenizer.eod)]
+    return new_ids, continuation_text(tokenizer, ids if args.prompt else [], new_ids)
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new tokens add to the prompt's (decoded together, so that a word boundary
+    at the seam keeps its space, which decoding the new ids alone would drop)."""
+    if not prompt_ids:
+        return tokenizer.decode(new_ids)
+    before = tokenizer.decode(prompt_ids)
+    after = tokenizer.decode(prompt_ids + new_ids)
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(new_ids)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    sampling_from_args(args)   # flag conflicts before anything heavy
+    prepared = prepare(args)   # bad input fails here, on every rank alike, before any group
+    import torch
+    import torch.distributed as dist
+    from megalite.distributed.parallel_state import ParallelState, init_distributed
+
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        init_distributed()
+        started = True
+    try:
+        if dist.is_initialized():
+            ps = ParallelState.build(args.tensor_model_parallel_size or dist.get_world_size())
+        else:
+            ps = ParallelState.single()
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if torch.cuda.is_available() else torch.device("cpu"))
+        _, text = generate_text(args, ps, device, prepared)
+        if ps.rank == 0:
+            print(text, flush=True)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
