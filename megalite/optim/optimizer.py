@@ -38,7 +38,8 @@ from megalite.errors import MegaliteError
 from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
 from megalite.optim.loss_scaler import build_loss_scaler
 
-__all__ = ["param_groups", "unique_parameters", "StepResult", "Optimizer", "sync_model_grads"]
+__all__ = ["param_groups", "unique_parameters", "StepResult", "Optimizer", "sync_model_grads",
+           "build_optimizer"]
 
 
 def unique_parameters(model_chunks) -> list[tuple[str, nn.Parameter]]:
@@ -263,6 +264,20 @@ class Optimizer:
                 m.copy_(saved)
                 p.copy_(m)
         self.scaler.load_state_dict(state["scaler"])
+
+
+def build_optimizer(model_chunks, config, ps: ParallelState):
+    """megalite's :class:`Optimizer`, or with ``--zero-stage`` / ``--deepspeed-config`` a
+    :class:`megalite.optim.zero.ZeroOptimizer` (same interface). ``config``: a TrainConfig."""
+    par = config.parallel
+    if par.zero_stage == 0 and not par.deepspeed_config:
+        return Optimizer(model_chunks, config.optim, config.precision, ps)
+    from megalite.optim.zero import ZeroOptimizer   # imports deepspeed: only when asked for
+    training = config.training
+    return ZeroOptimizer(model_chunks, config.optim, config.precision, ps, par.zero_stage,
+                         user_config=par.deepspeed_config,
+                         micro_batch_size=training.micro_batch_size,
+                         global_batch_size=training.global_batch_size)
 
 
 def _accumulate_main_grad(p: Tensor) -> None:

@@ -52,8 +52,8 @@ from torch import Tensor, nn
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.optim.optimizer import (Optimizer, StepResult, _accumulate_main_grad, param_groups,
-                                      sync_model_grads)
+from megalite.optim.optimizer import (StepResult, _accumulate_main_grad, build_optimizer,
+                                      param_groups, sync_model_grads)
 
 __all__ = ["DeepSpeedMpu", "validate_zero", "deepspeed_config", "ZeroOptimizer",
            "build_optimizer"]
@@ -444,16 +444,3 @@ class _ShadowModule(nn.Module):
 
     def forward(self, *args, **kwargs):  # pragma: no cover - DeepSpeed only needs parameters
         raise MegaliteError("the ZeRO shadow module is not a model")
-
-
-def build_optimizer(model_chunks, config, ps: ParallelState) -> Optimizer | ZeroOptimizer:
-    """megalite's ``Optimizer`` or, with ``--zero-stage`` / ``--deepspeed-config``, a
-    ``ZeroOptimizer``. ``config`` is a ``TrainConfig``."""
-    par = config.parallel
-    if par.zero_stage == 0 and not par.deepspeed_config:
-        return Optimizer(model_chunks, config.optim, config.precision, ps)
-    training = config.training
-    return ZeroOptimizer(model_chunks, config.optim, config.precision, ps, par.zero_stage,
-                         user_config=par.deepspeed_config,
-                         micro_batch_size=training.micro_batch_size,
-                         global_batch_size=training.global_batch_size)
