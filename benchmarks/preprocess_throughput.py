@@ -110,6 +110,40 @@ def reference_speed(tok_type: str, flags: list[str], texts: list[str], repeats: 
             "tokens_per_s": round(tokens / best), "tokens_per_cpu_s": round(tokens / best_cpu)}
 
 
+def _encode_share(tok_type, flags, path, index, count, barrier) -> tuple[int, float, float]:
+    """One of ``count`` concurrent reference processes: encode documents index::count."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from megalite.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer(tok_type, **{flags[0][2:].replace("-", "_"): flags[1]})
+    with open(path, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f][index::count]
+    barrier.wait()  # all start encoding together, as preprocess workers do
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokens = 0
+    for i in range(0, len(texts), 1500):
+        tokens += sum(map(len, tok.encode_batch(texts[i:i + 1500])))
+    return tokens, time.process_time() - c0, time.perf_counter() - t0
+
+
+def reference_concurrent(tok_type, flags, path, workers) -> dict:
+    """The tokenizer's own encode in ``workers`` processes at once (same split of the work):
+    the ceiling for W workers on this machine, contention between them included."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(workers)
+        with ctx.Pool(workers) as pool:
+            parts = pool.starmap(_encode_share, [(tok_type, flags, path, i, workers, barrier)
+                                                 for i in range(workers)])
+    tokens = sum(p[0] for p in parts)
+    cpu = sum(p[1] for p in parts)
+    wall = max(p[2] for p in parts)
+    return {"workers": workers, "tokens": tokens, "cpu_seconds": round(cpu, 3), "seconds": round(wall, 3),
+            "tokens_per_cpu_s": round(tokens / cpu), "tokens_per_s_per_worker": round(tokens / wall / workers)}
+
+
 def preprocess_speed(tok_type, flags, path, workdir, workers, repeats) -> dict:
     from megalite.tools.preprocess_data import build_parser as pp_parser, preprocess
 
@@ -170,6 +204,13 @@ def main(argv=None) -> int:
             # The same without the workers' fixed start-up cost: the steady-state per-token overhead.
             steady = run["cpu_seconds_workers"] - w * startup
             run["worker_cpu_vs_reference_cpu_after_startup"] = round(ref["cpu_seconds"] / steady, 3)
+            # Against W reference processes running at once: W busy processes slow each other
+            # (shared caches, memory bandwidth, SMT siblings), for the tokenizer alone too.
+            conc = reference_concurrent(tok_type, flags, path, w)
+            run["reference_concurrent"] = conc
+            run["worker_cpu_vs_concurrent_reference_cpu_after_startup"] = round(conc["cpu_seconds"] / steady, 3)
+            run["per_worker_vs_concurrent_reference"] = round(
+                run["tokens_per_s_per_worker"] / conc["tokens_per_s_per_worker"], 3)
             runs.append(run)
             assert run["tokens"] == ref["tokens"], "preprocess and the reference saw different text"
     print(json.dumps({
