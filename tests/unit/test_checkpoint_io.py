@@ -356,3 +356,16 @@ def test_kill_9_mid_save_leaves_the_previous_checkpoint(tmp_path):
             ckio.verify_manifest(str(directory / name))
     # The test is only meaningful if at least one kill hit a save in progress.
     assert killed_mid_write >= 1
+
+
+def test_non_json_extra_fails_the_save_cleanly(tmp_path):
+    model, opt = make(1)
+    with pytest.raises(MegaliteError, match="meta.json is not JSON-serializable"):
+        save_checkpoint(str(tmp_path), 1, model_chunks=[model], optimizer=opt, config={},
+                        ps=PS, extra={"sampler": object()})
+    assert os.listdir(tmp_path) == []
+    # A checkpoint directory itself (not its parent) is accepted too.
+    path = save(tmp_path, 2, model, opt)
+    fresh = GPTModel(CFG, PS)
+    load_model_weights(path, [fresh], PS)
+    assert torch.equal(fresh.final_norm.weight, model.final_norm.weight)
