@@ -9,6 +9,8 @@ BertWordPieceCase          ``--vocab-file vocab.txt``   tokenizers WordPiece (ca
 HuggingFaceTokenizer       ``--tokenizer-model tokenizer.json`` (or its directory)
                                                         tokenizers; eos from ``tokenizer_config.json``
                                                         next to it, else ``</s>``/``<|endoftext|>``/...
+GPT2BPETokenizer           ``--vocab-file vocab.json``  tokenizers byte-level BPE (GPT-2's rules);
+                           ``--merge-file merges.txt``  ``<|endoftext|>``
 =========================  ===========================  ==========================================
 
 ``encode`` never adds special tokens (no BOS, no [CLS]/[SEP]): a pretraining document is its
@@ -28,7 +30,7 @@ from typing import Sequence
 from megalite.errors import MegaliteError
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
-                   "HuggingFaceTokenizer")
+                   "HuggingFaceTokenizer", "GPT2BPETokenizer")
 
 # End-of-document candidates for a bare tokenizer.json, most common first.
 _HF_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -158,6 +160,29 @@ class HuggingFaceTokenizer(_HFTokenizersTokenizer):
                             f"{', '.join(candidates)}")
 
 
+class GPT2BPETokenizer(_HFTokenizersTokenizer):
+    """GPT-2's byte-level BPE from ``vocab.json`` + ``merges.txt``; ``eod`` is ``<|endoftext|>``."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        try:
+            model = models.BPE.from_file(vocab_file, merge_file)
+        except Exception as e:  # the Rust side raises a plain Exception on I/O or format errors
+            raise MegaliteError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot read "
+                                f"GPT-2 BPE files ({e})")
+        tok = HFTokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex split
+        tok.decoder = decoders.ByteLevel()
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        eod = tok.token_to_id("<|endoftext|>")
+        if eod is None:
+            raise MegaliteError(f"--vocab-file {vocab_file}: no <|endoftext|> token in the vocab")
+        self.eod = eod
+
+
 def _configured_eos(config_file: str) -> str | None:
     """``eos_token`` of a transformers ``tokenizer_config.json`` (a string or an AddedToken dict)."""
     if not os.path.isfile(config_file):
@@ -181,18 +206,20 @@ def _require_file(flag: str, path: str | None, tokenizer_type: str, directory_ok
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
-                    vocab_file: str | None = None) -> Tokenizer:
+                    vocab_file: str | None = None, merge_file: str | None = None) -> Tokenizer:
     """The tokenizer named by ``tokenizer_type`` (one of :data:`TOKENIZER_TYPES`).
 
     Raises :class:`MegaliteError` naming the flag for an unknown type, a missing file, or a file
     flag the type does not use (``--vocab-file`` for a model-file type and vice versa).
+    ``merge_file`` is GPT-2's ``merges.txt`` (``--merge-file``), for ``GPT2BPETokenizer`` only.
     """
     if tokenizer_type not in TOKENIZER_TYPES:
         raise MegaliteError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
                             f"{', '.join(TOKENIZER_TYPES)}")
     if tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
-        if vocab_file:
-            raise MegaliteError(f"--vocab-file is not used by --tokenizer-type {tokenizer_type}; "
+        if vocab_file or merge_file:
+            flag = "--vocab-file" if vocab_file else "--merge-file"
+            raise MegaliteError(f"{flag} is not used by --tokenizer-type {tokenizer_type}; "
                                 f"pass the model with --tokenizer-model")
         if tokenizer_type == "SentencePieceTokenizer":
             return SentencePieceTokenizer(
@@ -202,5 +229,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
     if tokenizer_model:
         raise MegaliteError(f"--tokenizer-model is not used by --tokenizer-type {tokenizer_type}; "
                             f"pass the vocab with --vocab-file")
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(_require_file("--vocab-file", vocab_file, tokenizer_type),
+                                _require_file("--merge-file", merge_file, tokenizer_type))
+    if merge_file:
+        raise MegaliteError(f"--merge-file is only used by --tokenizer-type GPT2BPETokenizer")
     return BertWordPieceTokenizer(_require_file("--vocab-file", vocab_file, tokenizer_type),
                                   lower_case=tokenizer_type == "BertWordPieceLowerCase")

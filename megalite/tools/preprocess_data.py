@@ -55,14 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "status 2, and no output")
     g.add_argument("--split-sentences", action="store_true",
                    help="NOT SUPPORTED (kept so Megatron command lines fail with a clear message)")
+    g.add_argument("--dataset-impl", choices=("mmap",), default="mmap",
+                   help="accepted for old Megatron command lines; MMIDIDX (mmap) is the only format")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True,
                    help="SentencePieceTokenizer | HuggingFaceTokenizer (with --tokenizer-model) | "
-                        "BertWordPieceLowerCase | BertWordPieceCase (with --vocab-file)")
+                        "BertWordPieceLowerCase | BertWordPieceCase (with --vocab-file) | "
+                        "GPT2BPETokenizer (with --vocab-file and --merge-file)")
     g.add_argument("--tokenizer-model", help="SentencePiece .model, or tokenizer.json (or its directory)")
-    g.add_argument("--vocab-file", help="WordPiece vocab.txt")
+    g.add_argument("--vocab-file", help="WordPiece vocab.txt, or GPT-2 vocab.json")
+    g.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     g.add_argument("--append-eod", action="store_true",
-                   help="append the end-of-document id (SentencePiece eos, [SEP], HF eos) to each document")
+                   help="append the end-of-document id (SentencePiece eos, [SEP], HF eos, "
+                        "<|endoftext|>) to each document")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
                    help="output datasets are OUTPUT_PREFIX_{KEY}_document (sharded runs: "
@@ -109,6 +114,8 @@ class _WorkerConfig:
     """``--tokenizer-model``."""
     vocab_file: str | None
     """``--vocab-file``."""
+    merge_file: str | None
+    """``--merge-file``."""
     keys: list
     """``--json-keys``."""
     append_eod: bool
@@ -138,7 +145,8 @@ class _ChunkEncoder:
         from megalite.data.tokenizers import build_tokenizer
 
         self.cfg = cfg
-        self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file)
+        self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file,
+                                         cfg.merge_file)
         self.dtype = np.dtype(cfg.dtype)
 
     def __call__(self, line_offset: int, data: bytes) -> ChunkResult:
@@ -272,9 +280,10 @@ def preprocess(args: argparse.Namespace) -> dict:
 
     _check_args(args)
     files = resolve_inputs(args.input)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                                args.merge_file)
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
-    cfg = _WorkerConfig(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+    cfg = _WorkerConfig(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
                         list(args.json_keys), args.append_eod, dtype.name, args.skip_bad_lines)
     pieces = plan_shard(files, args.shard_index, args.num_shards)
     prefixes = output_prefixes(args.output_prefix, args.json_keys, args.shard_index, args.num_shards)

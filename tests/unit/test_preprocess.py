@@ -169,3 +169,17 @@ def test_merging_a_directory_of_several_keys_needs_a_glob(sp_model, tmp_path, ca
         out = str(tmp_path / f"m_{key}")
         assert merge_datasets.main(["--input", str(tmp_path / "s" / f"*_{key}_document"), "--output-prefix", out]) == 0
         assert same_files(tmp_path / f"full_{key}_document", out)
+
+
+def test_gpt2_bpe_files_and_old_megatron_flags(hf_tokenizer_json, tmp_path):
+    from tokenizers import Tokenizer
+
+    vocab, merges = Tokenizer.from_file(hf_tokenizer_json).model.save(str(tmp_path))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "Hello, world."}\n{"text": "def f(x): return x"}\n')
+    run_preprocess([str(src)], tmp_path / "o", "GPT2BPETokenizer", "--vocab-file", vocab,
+                   "--merge-file", merges, "--append-eod", "--dataset-impl", "mmap")
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    ds = IndexedDataset(str(tmp_path / "o_text_document"))
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in
+                                                        ("Hello, world.", "def f(x): return x")]

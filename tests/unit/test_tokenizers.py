@@ -92,6 +92,23 @@ def test_hf_tokenizer_json_file_and_directory(hf_tokenizer_json, corpus_texts, t
         build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d))
 
 
+def test_gpt2_bpe_from_vocab_and_merges(hf_tokenizer_json, corpus_texts, tmp_path):
+    """vocab.json + merges.txt (Megatron's GPT2BPETokenizer files) of the byte-level BPE fixture
+    give the same ids as its tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    vocab, merges = Tokenizer.from_file(hf_tokenizer_json).model.save(str(tmp_path))
+    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    ref = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_json)
+    assert (gpt2.vocab_size, gpt2.eod) == (ref.vocab_size, ref.eod)
+    assert gpt2.encode_batch(corpus_texts[:100]) == ref.encode_batch(corpus_texts[:100])
+    assert gpt2.decode(gpt2.encode(SAMPLE)) == SAMPLE
+    with pytest.raises(MegaliteError, match="GPT2BPETokenizer needs --merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab)
+    with pytest.raises(MegaliteError, match="--merge-file is only used by --tokenizer-type GPT2BPETokenizer"):
+        build_tokenizer("BertWordPieceCase", vocab_file=vocab, merge_file=merges)
+
+
 def test_hf_tokenizer_without_any_eos_is_rejected(tmp_path):
     from tokenizers import Tokenizer, models
 
