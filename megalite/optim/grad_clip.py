@@ -41,19 +41,27 @@ def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: Para
 
     Computed as torch's ``clip_grad_norm_`` does (norm of the per-tensor norms, fp32), so a
     single process gives the same float; across ranks the squared partial norms are summed.
-    inf/nan in any gradient anywhere gives inf/nan.
+    inf/nan in ANY gradient on any rank of the tp x pp group, counted or not (a replicated
+    copy on tp rank 1 may overflow where tp rank 0's did not), gives a non-finite result on
+    all of them: the overflow flag travels in the same all-reduce as the squared norm.
     """
+    params, grads = list(params), list(grads)
     norms = [torch.linalg.vector_norm(g.detach().float(), 2.0)
              for p, g in zip(params, grads) if counts_toward_norm(p, ps)]
     local = (torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms
              else torch.zeros((), dtype=torch.float32))
+    # Uncounted gradients are checked for inf/nan too (counted ones show up in `local`).
+    uncounted = [g for p, g in zip(params, grads) if not counts_toward_norm(p, ps)]
+    bad = any(not bool(torch.isfinite(g).all()) for g in uncounted)
     mp_size = len(ps.mp_group_ranks)
     if ps.mp_group is None or mp_size == 1:
-        return float(local)
+        return float("inf") if bad else float(local)
     # float64 for the cross-rank sum: squaring an fp32 norm near 1e19 would overflow fp32.
-    total = local.double() ** 2
+    total = torch.stack([local.double() ** 2, torch.tensor(float(bad), dtype=torch.float64)])
     dist.all_reduce(total, group=ps.mp_group)
-    return math.sqrt(float(total))
+    if total[1] > 0:
+        return float("inf")
+    return math.sqrt(float(total[0]))
 
 
 @torch.no_grad()

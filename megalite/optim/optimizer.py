@@ -212,7 +212,12 @@ class Optimizer:
 
     @torch.no_grad()
     def step(self, lr: float) -> StepResult:
-        """Unscale, global norm (skip the step everywhere on inf/nan), clip, AdamW at ``lr``."""
+        """Unscale, global norm (skip the step everywhere on inf/nan), clip, AdamW at ``lr``.
+
+        An inf/nan in any rank's gradient reaches every rank's norm without a collective of
+        its own: ``finish_grad_sync``'s data-parallel average spreads it over the replicas and
+        the norm's sum over tp x pp over the rest, so all ranks skip together.
+        """
         grads = self._grads()
         scale = self.scaler.scale
         if scale != 1.0:
@@ -237,6 +242,15 @@ class Optimizer:
             self._grad_buffer.zero_()
         for p in self.params:
             p.grad = None
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes held by the optimizer beyond the model: AdamW moments (+ fp32 masters in
+        bf16/fp16). The same on every data-parallel rank (no sharding; see ZeRO)."""
+        total = sum(m.numel() * m.element_size() for m in self.masters) if self.half else 0
+        for state in self.adamw.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values()
+                         if torch.is_tensor(t) and t.dim() > 0)
+        return total
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
