@@ -21,6 +21,7 @@ checkpoint directory therefore either does not exist under its final name or is 
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -302,19 +303,22 @@ def verify_checksum(ckpt_dir: str, name: str, files: dict[str, dict]) -> None:
 
 
 # -- safe loading ---------------------------------------------------------------------------------
-# Types torch.load(weights_only=True) reconstructs without running code from the file.
+# Types torch.load(weights_only=True) reconstructs without running code from the file. Exact
+# types: subclasses (an IntEnum such as DeepSpeed's ZeroStageEnum, a defaultdict) pickle as a
+# reference to their class, which weights_only refuses.
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_PLAIN_MAPPINGS = (dict, collections.OrderedDict)
 
 
 def check_plain(obj: Any, what: str, path: str = "") -> None:
     """Raise MegaliteError when ``obj`` holds anything but tensors, numbers, strings and plain
     containers, i.e. what ``torch.load(weights_only=True)`` could not load back. Saving checks
     this first so an unloadable checkpoint is refused at save time, naming the offending key."""
-    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN_SCALARS):
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_SCALARS:
         return
-    if isinstance(obj, dict):
+    if type(obj) in _PLAIN_MAPPINGS:
         for k, v in obj.items():
-            if not isinstance(k, (str, int, float, bool, type(None))):
+            if type(k) not in (str, int, float, bool, type(None)):
                 raise MegaliteError(f"{what}: key {k!r} at '{path}' is a {type(k).__name__}; "
                                     f"checkpoints hold plain keys only")
             check_plain(v, what, f"{path}/{k}")
