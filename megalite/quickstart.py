@@ -63,7 +63,8 @@ def main(argv=None) -> int:
 
     t0 = _step(f"training a SentencePiece BPE tokenizer (vocab {args.vocab_size})")
     train_tokenizer.main(["--input", corpus, "--output-prefix", tok_prefix, "--vocab-size",
-                          str(args.vocab_size), "--model-type", "bpe"])
+                          str(args.vocab_size), "--model-type", "bpe",
+                          "--character-coverage", "1.0", "--byte-fallback"])
     _done(t0, f"-> {tok_prefix}.model")
 
     t0 = _step(f"tokenizing into .bin/.idx with {args.workers} workers")
