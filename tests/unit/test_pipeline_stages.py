@@ -1,9 +1,11 @@
 """Layer split, model chunks and schedule orders, without processes.
 
-The schedule checks replay every rank's step list in a simulated pipeline with the executor's
-semantics (sends complete on their own, receives wait) and require that it finishes (no
-deadlock), that each message is received exactly once, in the order it was sent on its link
-(what NCCL's tag-less matching needs), and that every (chunk, microbatch) runs F then B once.
+The schedule checks replay every rank's step list in two simulated pipelines: gloo's semantics
+(sends complete on their own, receives wait) and a model of NCCL's (operations with one peer in
+order on one stream, a send blocks until received, a send grouped with the next receive as the
+executor does). Both must finish (no deadlock); each message must be received exactly once, in
+the order it was sent on its link (what NCCL's tag-less matching needs); every (chunk,
+microbatch) runs F then B once.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from megalite.distributed.parallel_state import ParallelState, rank_layout
 from megalite.errors import MegaliteError
 from megalite.model import get_preset
 from megalite.parallel.pipeline import build_model_chunks, layer_ranges, schedule_order
+from megalite.parallel.pipeline.schedules import schedule_steps
 
 
 # -- layer_ranges ------------------------------------------------------------------------------
@@ -97,45 +100,120 @@ def test_embedding_groups_by_hand():
 
 
 # -- schedules ---------------------------------------------------------------------------------
-def simulate(pp, vp, m, forward_only=False):
-    """Run every rank's order with async sends / blocking receives; return per-link logs."""
-    orders = [schedule_order(pp, r, vp, m, forward_only) for r in range(pp)]
+def programs(pp, vp, m, forward_only=False):
+    """Each rank's exchange steps (schedule_steps), each a list of ``(step, need, produce)``:
+    the message a step needs first and the one it produces, as ``(src, dst, kind, lower
+    virtual stage, mb)``."""
     nv = pp * vp
-    pos = [0] * pp
-    in_flight: dict[tuple, list] = {}          # (src, dst) -> messages not yet received
-    sent_log: dict[tuple, list] = {}
-    recv_log: dict[tuple, list] = {}
+    out = []
+    for r in range(pp):
+        prog = []
+        for group in schedule_steps(pp, r, vp, m, forward_only):
+            items = []
+            for kind, c, mb in group:
+                v = c * pp + r
+                if kind == "F":
+                    need = None if v == 0 else ((r - 1) % pp, r, "act", v - 1, mb)
+                    make = None if v == nv - 1 else (r, (r + 1) % pp, "act", v, mb)
+                else:
+                    need = None if v == nv - 1 else ((r + 1) % pp, r, "grad", v, mb)
+                    make = None if v == 0 else (r, (r - 1) % pp, "grad", v - 1, mb)
+                items.append(((kind, c, mb), need, make))
+            prog.append(items)
+        out.append(prog)
+    return out
 
-    def send(src, dst, msg):
-        in_flight.setdefault((src, dst), []).append(msg)
-        sent_log.setdefault((src, dst), []).append(msg)
 
-    while any(pos[r] < len(orders[r]) for r in range(pp)):
+def simulate_async(progs):
+    """gloo model: sends complete on their own, a step waits for the message it needs."""
+    progs = [[item for group in prog for item in group] for prog in progs]
+    pp = len(progs)
+    pos, posted, sent, received = [0] * pp, set(), {}, {}
+    while any(pos[r] < len(progs[r]) for r in range(pp)):
         progressed = False
         for r in range(pp):
-            if pos[r] == len(orders[r]):
+            if pos[r] == len(progs[r]):
                 continue
-            kind, c, mb = orders[r][pos[r]]
-            v = c * pp + r
-            if kind == "F":
-                need = None if v == 0 else ((r - 1) % pp, r, ("act", v - 1, mb))
-            else:
-                need = None if v == nv - 1 else ((r + 1) % pp, r, ("grad", v, mb))
+            _, need, make = progs[r][pos[r]]
             if need is not None:
-                queue = in_flight.get(need[:2], [])
-                if need[2] not in queue:
+                if need not in posted:
                     continue                       # blocked on a receive
-                queue.remove(need[2])
-                recv_log.setdefault(need[:2], []).append(need[2])
-            if kind == "F" and v < nv - 1:
-                send(r, (r + 1) % pp, ("act", v, mb))
-            if kind == "B" and v > 0:
-                send(r, (r - 1) % pp, ("grad", v - 1, mb))
+                posted.remove(need)
+                received.setdefault(need[:2], []).append(need)
+            if make is not None:
+                posted.add(make)
+                sent.setdefault(make[:2], []).append(make)
             pos[r] += 1
             progressed = True
-        assert progressed, f"deadlock: pp={pp} vp={vp} m={m} at {pos}"
-    assert all(not q for q in in_flight.values()), "messages sent but never received"
-    return orders, sent_log, recv_log
+        assert progressed, f"deadlock at steps {pos}"
+    assert not posted, "messages sent but never received"
+    return sent, received
+
+
+def simulate_streams(progs):
+    """NCCL model of the executor. Before each exchange step its receives are grouped with the
+    previous step's sends (the sends go alone, right away, when the step receives nothing); a
+    group is enqueued once the earlier steps are computed; the operations with one peer run in
+    enqueue order (one stream per rank pair) and are matched in order (no tags); a group holds
+    its streams until all of its operations matched; a step computes once its group is done.
+    """
+    pp = len(progs)
+    groups = []          # dicts: rank, after, ops [(dir, msg)], matched set, streams
+    queues = [dict() for _ in range(pp)]
+    feeds = [dict() for _ in range(pp)]     # exchange step -> group holding its receives
+    for r, prog in enumerate(progs):
+        pending = []
+        for i, group in enumerate(prog + [[]]):
+            needs = [need for _, need, _ in group if need]
+            ops = [("S", msg) for msg in pending] + [("R", msg) for msg in needs]
+            if ops:
+                g = {"rank": r, "after": i, "ops": ops, "matched": set(),
+                     "streams": {frozenset(msg[:2]) for _, msg in ops}}
+                groups.append(g)
+                for key in g["streams"]:
+                    queues[r].setdefault(key, []).append(g)
+                if needs:
+                    feeds[r][i] = g
+            pending = [make for _, _, make in group if make]
+    done = [0] * pp
+    finished = set()
+
+    def active(g):
+        r = g["rank"]
+        return done[r] >= g["after"] and all(queues[r][k][0] is g for k in g["streams"])
+
+    def first_unmatched(g, d, link):
+        return next((j for j, (dd, msg) in enumerate(g["ops"])
+                     if dd == d and msg[:2] == link and j not in g["matched"]), None)
+
+    while any(done[r] < len(progs[r]) for r in range(pp)) or len(finished) < len(groups):
+        progressed = False
+        for r in range(pp):
+            k = done[r]
+            if k < len(progs[r]) and (k not in feeds[r] or id(feeds[r][k]) in finished):
+                done[r] += 1
+                progressed = True
+        live = [g for g in groups if id(g) not in finished and active(g)]
+        for g in live:
+            for link in {msg[:2] for d, msg in g["ops"] if d == "S"}:
+                j = first_unmatched(g, "S", link)
+                h = next((h for h in live if h["rank"] == link[1]
+                          and first_unmatched(h, "R", link) is not None), None)
+                if j is None or h is None:
+                    continue
+                jj = first_unmatched(h, "R", link)
+                assert h["ops"][jj][1] == g["ops"][j][1], \
+                    f"out of order on {link}: {g['ops'][j][1]} meets {h['ops'][jj][1]}"
+                g["matched"].add(j)
+                h["matched"].add(jj)
+                progressed = True
+        for g in live:
+            if len(g["matched"]) == len(g["ops"]):
+                finished.add(id(g))
+                for key in g["streams"]:
+                    queues[g["rank"]][key].pop(0)
+                progressed = True
+        assert progressed, f"deadlock under the stream model at steps {done}"
 
 
 LAYOUTS = [(1, 1, 3), (2, 1, 1), (2, 1, 5), (4, 1, 2), (4, 1, 9), (3, 1, 7),
@@ -145,10 +223,14 @@ LAYOUTS = [(1, 1, 3), (2, 1, 1), (2, 1, 5), (4, 1, 2), (4, 1, 9), (3, 1, 7),
 @pytest.mark.parametrize("pp, vp, m", LAYOUTS)
 @pytest.mark.parametrize("forward_only", [False, True])
 def test_schedule_runs_without_deadlock_in_link_order(pp, vp, m, forward_only):
-    orders, sent, received = simulate(pp, vp, m, forward_only)
+    progs = programs(pp, vp, m, forward_only)
+    sent, received = simulate_async(progs)
     for link in sent:   # received in the order sent on every (src, dst) link, all kinds mixed
         assert received[link] == sent[link], link
-    for r, order in enumerate(orders):
+    simulate_streams(progs)
+    for r, prog in enumerate(progs):
+        order = [step for group in prog for step, _, _ in group]
+        assert order == schedule_order(pp, r, vp, m, forward_only)
         fwd = [(c, mb) for k, c, mb in order if k == "F"]
         bwd = [(c, mb) for k, c, mb in order if k == "B"]
         everything = sorted(itertools.product(range(vp), range(m)))
@@ -161,6 +243,28 @@ def test_schedule_runs_without_deadlock_in_link_order(pp, vp, m, forward_only):
         for c in range(vp):
             assert [x for cc, x in fwd if cc == c] == list(range(m))
             assert [x for cc, x in bwd if cc == c] == ([] if forward_only else list(range(m)))
+
+
+def test_stream_model_catches_a_send_send_cycle():
+    # Two neighbours that each send to the other before receiving: fine with asynchronous
+    # sends, a deadlock under the stream model (the interleaved schedule with one exchange per
+    # forward and per backward ran into exactly this).
+    progs = [[[(("F", 0, 0), None, (0, 1, "act", 0, 0))], [(("X", 0, 0), None, None)],
+              [(("B", 0, 0), (1, 0, "grad", 0, 0), None)]],
+             [[(("F", 0, 0), None, (1, 0, "grad", 0, 0))], [(("X", 0, 0), None, None)],
+              [(("B", 0, 0), (0, 1, "act", 0, 0), None)]]]
+    simulate_async(progs)
+    with pytest.raises(AssertionError, match="deadlock under the stream model"):
+        simulate_streams(progs)
+
+
+def test_one_exchange_per_step_would_deadlock_interleaved_on_nccl():
+    # The reason steady-state forward/backward pairs share one exchange: split them and the
+    # stream model deadlocks for pp=2, vp=2.
+    split = [[[item] for group in prog for item in group] for prog in programs(2, 2, 4)]
+    simulate_async(split)
+    with pytest.raises(AssertionError, match="deadlock under the stream model"):
+        simulate_streams(split)
 
 
 def test_1f1b_limits_live_activations():

@@ -10,15 +10,27 @@ Messages run along the edges of the chain of *virtual stages* ``v = chunk * pp +
 Every tensor has the fixed shape ``[s / (tp if sequence parallel else 1), micro_batch, hidden]``
 and the activation dtype, so no shape is ever exchanged.
 
-Sends are asynchronous (``isend``; the tensor is kept alive until :meth:`P2P.wait_sends`),
-receives block. With that, any schedule whose per-rank order respects the data dependencies
-cannot deadlock, whatever the transport does internally: a rank only ever waits for a message
-that its peer will send without waiting for anything this rank has not yet done. Each message
-carries a tag unique to its (edge, microbatch, kind), so on gloo a receive can only ever match
-the message meant for it, even when activations and gradients travel the same direction
-between the same two ranks (pp = 2 interleaved). NCCL ignores tags and matches in posting
-order per rank pair; our schedules post the sends of each (rank pair, kind) in the same order
-as the peer posts the receives (checked by tests/unit/test_pipeline_stages.py).
+The schedule talks through :meth:`P2P.exchange`: before each of its exchange steps (a lone
+forward or backward, or a steady-state forward + backward pair) it posts what the previous step
+produced together with what this step needs, as one ``batch_isend_irecv`` group. Receives are
+waited for when their tensor is needed; sends stay in flight (their buffers kept alive) until
+:meth:`P2P.wait_sends` at the end of the schedule.
+
+Why this cannot deadlock, on either backend:
+
+* gloo: sends progress on their own, so a rank only ever waits for a message its peer posts
+  without waiting on anything this rank has not done yet; any schedule order that respects
+  the data dependencies completes. Each message carries a tag unique to its (edge,
+  microbatch, kind), so a receive can only match the message meant for it, even when
+  activations and gradients travel between the same two ranks in the same direction (pp = 2
+  interleaved).
+* NCCL ignores tags and runs the operations with one peer in posting order on one stream, a
+  send blocking until the peer receives. Our schedules post the messages of every rank pair in
+  the same order on both ends, and grouping the sends with the following receives (the
+  steady state's forward and backward in one group) lets two neighbours that both send
+  before they receive proceed. Both properties are checked for many
+  (pp, vp, microbatches) by replaying the schedules under this stream model in
+  tests/unit/test_pipeline_stages.py. (No NCCL machine was available to run it for real.)
 """
 from __future__ import annotations
 
@@ -28,9 +40,22 @@ from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 
-__all__ = ["P2P"]
+__all__ = ["P2P", "Incoming"]
 
 _ACTIVATION, _GRADIENT = 0, 1
+
+
+class Incoming:
+    """A posted receive: ``get()`` waits for it (once) and returns the tensor."""
+
+    def __init__(self, buf: Tensor, work):
+        self._buf, self._work = buf, work
+
+    def get(self) -> Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._buf
 
 
 class P2P:
@@ -61,42 +86,53 @@ class P2P:
         # the edge, not from their own chunk index (which differs across the ring's wrap).
         return (microbatch * self.num_virtual + lower_virtual_stage) * 2 + kind
 
-    # -- activations (forward) ---------------------------------------------------------------
-    def send_forward(self, activation: Tensor, chunk: int, microbatch: int) -> None:
-        """Send this chunk's output for ``microbatch`` to the next virtual stage (async)."""
-        self._send(activation, self._next,
-                   self._tag(self.virtual_stage(chunk), microbatch, _ACTIVATION))
+    def exchange(self, sends: list[tuple[str, Tensor, int, int]],
+                 recvs: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], "Incoming"]:
+        """Post ``sends`` and ``recvs`` as one ``batch_isend_irecv`` group.
 
-    def recv_forward(self, chunk: int, microbatch: int) -> Tensor:
-        """Receive the input of ``chunk`` for ``microbatch`` from the previous virtual stage."""
-        return self._recv(self._prev,
-                          self._tag(self.virtual_stage(chunk) - 1, microbatch, _ACTIVATION))
+        ``sends``: ``(direction, tensor, chunk, microbatch)``; ``recvs``: ``(direction, chunk,
+        microbatch)``. direction ``"forward"``: the activation leaving (send) / entering (recv)
+        this rank's ``chunk``; ``"backward"``: the gradient w.r.t. that chunk's input (send) /
+        output (recv). Returns, per receive, an :class:`Incoming` whose ``get()`` waits for the
+        tensor; sends stay in flight until :meth:`wait_sends`.
+        """
+        ops = []
+        for direction, tensor, chunk, microbatch in sends:
+            t = tensor.detach()
+            if t.shape != self.shape or t.dtype != self.dtype:
+                raise RuntimeError(f"pipeline send of shape {tuple(t.shape)} {t.dtype}; the "
+                                   f"schedule expects {self.shape} {self.dtype}")
+            peer, tag = self._route(direction, chunk, microbatch, sending=True)
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), peer, self.ps.pp_group, tag))
+        bufs = []
+        for direction, chunk, microbatch in recvs:
+            buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            peer, tag = self._route(direction, chunk, microbatch, sending=False)
+            ops.append(dist.P2POp(dist.irecv, buf, peer, self.ps.pp_group, tag))
+            bufs.append(buf)
+        if not ops:
+            return {}
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):
+            # NCCL coalesces the group into a single work that stands for every operation
+            works = [works[-1]] * len(ops)
+        n = len(sends)
+        # the send buffers must outlive the transfers
+        self._in_flight += [(w, op.tensor) for w, op in zip(works[:n], ops[:n])]
+        return {key: Incoming(buf, work) for key, buf, work in zip(recvs, bufs, works[n:])}
 
-    # -- gradients (backward) ----------------------------------------------------------------
-    def send_backward(self, input_grad: Tensor, chunk: int, microbatch: int) -> None:
-        """Send d(loss)/d(input of ``chunk``) to the previous virtual stage (async)."""
-        self._send(input_grad, self._prev,
-                   self._tag(self.virtual_stage(chunk) - 1, microbatch, _GRADIENT))
-
-    def recv_backward(self, chunk: int, microbatch: int) -> Tensor:
-        """Receive d(loss)/d(output of ``chunk``) from the next virtual stage."""
-        return self._recv(self._next,
-                          self._tag(self.virtual_stage(chunk), microbatch, _GRADIENT))
-
-    # -- plumbing ----------------------------------------------------------------------------
-    def _send(self, tensor: Tensor, dst: int, tag: int) -> None:
-        t = tensor.detach()
-        if t.shape != self.shape or t.dtype != self.dtype:
-            raise RuntimeError(f"pipeline send of shape {tuple(t.shape)} {t.dtype}; the schedule "
-                               f"expects {self.shape} {self.dtype}")
-        t = t.contiguous()
-        work = dist.isend(t, dst=dst, group=self.ps.pp_group, tag=tag)
-        self._in_flight.append((work, t))   # the buffer must outlive the transfer
-
-    def _recv(self, src: int, tag: int) -> Tensor:
-        buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        dist.irecv(buf, src=src, group=self.ps.pp_group, tag=tag).wait()
-        return buf
+    def _route(self, direction: str, chunk: int, microbatch: int,
+               sending: bool) -> tuple[int, int]:
+        """(peer global rank, tag) of a message. Activations flow to the next virtual stage,
+        gradients to the previous one; the tag names the edge by its lower virtual stage."""
+        v = self.virtual_stage(chunk)
+        if direction == "forward":     # edge (v -> v + 1) when sending, (v - 1 -> v) receiving
+            return ((self._next, self._tag(v, microbatch, _ACTIVATION)) if sending else
+                    (self._prev, self._tag(v - 1, microbatch, _ACTIVATION)))
+        if direction == "backward":    # edge (v - 1 <- v) when sending, (v <- v + 1) receiving
+            return ((self._prev, self._tag(v - 1, microbatch, _GRADIENT)) if sending else
+                    (self._next, self._tag(v, microbatch, _GRADIENT)))
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
 
     def wait_sends(self) -> None:
         """Block until every send of this run has completed (call before returning)."""

@@ -7,8 +7,11 @@ microbatches) through this rank's model chunks and picks the schedule:
 * 1F1B (pp > 1, one chunk per rank);
 * interleaved 1F1B (pp > 1, several chunks per rank = virtual stages).
 
-The schedule is computed first, as a plain list of ``(kind, chunk, microbatch)`` steps
-(:func:`schedule_order`, pure and unit-tested), then executed by one small loop. 1F1B with
+The schedule is computed first, as plain lists of ``(kind, chunk, microbatch)`` steps
+(:func:`schedule_steps`, pure and unit-tested), then executed by one small loop; the
+point-to-point traffic follows from the steps (:mod:`megalite.parallel.pipeline.p2p`): before
+each *exchange step* (a lone warm-up forward, a steady-state forward + backward pair, a lone
+cool-down backward) one group posts the previous step's sends and this step's receives. 1F1B with
 pp = 4, 6 microbatches (``Fm`` / ``Bm``: forward / backward of microbatch m; time runs right)::
 
     stage 0:  F0 F1 F2 F3 B0 F4 B1 F5 B2 B3 B4 B5
@@ -48,7 +51,7 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.parallel.pipeline.p2p import P2P
 
-__all__ = ["LossFn", "forward_backward", "schedule_order"]
+__all__ = ["LossFn", "forward_backward", "schedule_order", "schedule_steps"]
 
 LossFn = Callable[[Tensor, dict], tuple[Tensor, Tensor]]
 """(per-token loss [b, s] from the last chunk, microbatch dict) -> (scalar to backprop,
@@ -57,9 +60,25 @@ scalar to report)."""
 Step = tuple[str, int, int]   # ("F" | "B", chunk, microbatch)
 
 
-def schedule_order(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
-                   forward_only: bool = False) -> list[Step]:
-    """Every step this rank runs, in order: ``("F" | "B", chunk, microbatch)``.
+def _warmup(P: int, r: int, V: int, total: int) -> int:
+    """Forwards stage ``r`` runs before its first backward."""
+    if P == 1:
+        return 0                                   # no pipelining: F0 B0 F1 B1 ...
+    if V == 1:
+        return min(P - r - 1, total)               # 1F1B
+    return min(2 * (P - r - 1) + (V - 1) * P, total)
+
+
+def schedule_steps(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                   forward_only: bool = False) -> list[list[Step]]:
+    """This rank's schedule as *exchange steps*: warm-up forwards one by one, steady-state
+    (forward, backward) pairs, cool-down backwards one by one.
+
+    Each exchange step is preceded by one p2p exchange that posts the sends of the previous
+    step together with every receive this step needs (Megatron's combined
+    send_forward_recv_backward & co.). Pairing the steady state's forward and backward in one
+    exchange is what keeps interleaved schedules deadlock-free when sends block until received
+    (NCCL); with separate exchanges two neighbours can end up both sending.
 
     Each (chunk, microbatch) appears once as F (and once as B unless ``forward_only``), its B
     after its F. Raises MegaliteError if interleaving (num_chunks > 1) is asked with a number
@@ -84,18 +103,20 @@ def schedule_order(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches
 
     forwards = [("F", *unit(k, False)) for k in range(total)]
     if forward_only:
-        return forwards
+        return [[f] for f in forwards]
     backwards = [("B", *unit(k, True)) for k in range(total)]
-    if P == 1 and V == 1:
-        warmup = 0                                     # no pipelining: F0 B0 F1 B1 ...
-    elif V == 1:
-        warmup = min(P - pp_rank - 1, total)           # 1F1B
-    else:
-        warmup = min(2 * (P - pp_rank - 1) + (V - 1) * P, total)
-    order = forwards[:warmup]
-    for k in range(total - warmup):                    # steady: one forward, one backward
-        order += [forwards[warmup + k], backwards[k]]
-    return order + backwards[total - warmup:]          # cool-down
+    warmup = _warmup(P, pp_rank, V, total)
+    steady = [[forwards[warmup + k], backwards[k]] for k in range(total - warmup)]
+    return ([[f] for f in forwards[:warmup]] + steady
+            + [[b] for b in backwards[total - warmup:]])
+
+
+def schedule_order(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                   forward_only: bool = False) -> list[Step]:
+    """Every step this rank runs, in order: ``("F" | "B", chunk, microbatch)`` (the flattened
+    :func:`schedule_steps`)."""
+    return [step for group in schedule_steps(pp_size, pp_rank, num_chunks, num_microbatches,
+                                             forward_only) for step in group]
 
 
 def _default_backward(output: Tensor, grad: Tensor | None) -> None:
@@ -136,7 +157,8 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
         raise MegaliteError("several model chunks (virtual pipeline stages) need "
                             "--pipeline-model-parallel-size > 1")
     backward_fn = backward_fn or _default_backward
-    order = schedule_order(ps.pp_size, ps.pp_rank, num_chunks, num_microbatches, forward_only)
+    steps = schedule_steps(ps.pp_size, ps.pp_rank, num_chunks, num_microbatches,
+                           forward_only)
 
     config = model_chunks[0].config
     sp = config.sequence_parallel and ps.tp_size > 1
@@ -160,33 +182,47 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
     losses: list[Tensor] = []
     saved: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}   # (chunk, m) -> (in, out)
     scale = loss_scale / num_microbatches
+    # Before each exchange step: post the sends of the previous one with this one's receives
+    # (alone right away when there are none: better overlap, and still deadlock-free).
+    pending: list = []
     with torch.set_grad_enabled(not forward_only):
-        for kind, c, m in order:
-            if kind == "F":
-                mb = batch(m)
-                if first(c):
-                    x, model_input = None, mb["tokens"]
+        for group in steps:
+            needs = []
+            for kind, c, m in group:
+                if kind == "F" and not first(c):
+                    needs.append(("forward", c, m))
+                elif kind == "B" and not last(c):
+                    needs.append(("backward", c, m))
+            received = p2p.exchange(pending, needs) if (pending or needs) else {}
+            pending = []
+            for kind, c, m in group:
+                if kind == "F":
+                    mb = batch(m)
+                    x = received[("forward", c, m)].get() if not first(c) else None
+                    if x is not None and not forward_only:
+                        x.requires_grad_()
+                    if last(c):
+                        out = model_chunks[c](mb["tokens"] if x is None else x,
+                                              labels=mb["labels"])
+                        loss, reported = loss_fn(out, mb)
+                        losses.append(reported.detach())
+                        out = loss * scale
+                    else:
+                        out = model_chunks[c](mb["tokens"] if x is None else x)
+                        pending.append(("forward", out, c, m))
+                    if not forward_only:
+                        saved[(c, m)] = (x, out)
                 else:
-                    x = p2p.recv_forward(c, m)
-                    model_input = x.requires_grad_() if not forward_only else x
-                if last(c):
-                    loss, reported = loss_fn(model_chunks[c](model_input, labels=mb["labels"]), mb)
-                    losses.append(reported.detach())
-                    out = loss * scale
-                else:
-                    out = model_chunks[c](model_input)
-                    p2p.send_forward(out, c, m)
-                if not forward_only:
-                    saved[(c, m)] = (x, out)
-            else:
-                x, out = saved.pop((c, m))
-                grad = None if last(c) else p2p.recv_backward(c, m)
-                backward_fn(out, grad)
-                if not first(c):
-                    if x.grad is None:   # the chunk's output did not depend on its input
-                        x.grad = torch.zeros_like(x)
-                    p2p.send_backward(x.grad, c, m)
+                    x, out = saved.pop((c, m))
+                    grad = received[("backward", c, m)].get() if not last(c) else None
+                    backward_fn(out, grad)
+                    if not first(c):
+                        if x.grad is None:   # the chunk's output did not depend on its input
+                            x.grad = torch.zeros_like(x)
+                        pending.append(("backward", x.grad, c, m))
     if p2p is not None:
+        if pending:
+            p2p.exchange(pending, [])
         p2p.wait_sends()
     # Every rank consumes exactly num_microbatches items, so iterators stay aligned.
     batch(num_microbatches - 1)
