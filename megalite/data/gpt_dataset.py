@@ -167,7 +167,7 @@ class GPTDataset(torch.utils.data.Dataset):
 
         def build() -> dict[str, np.ndarray]:
             doc = _C.build_document_index(seq_lo, seq_hi, self.num_epochs,
-                                          self.separate_final_epoch, config.seed)
+                                          self.separate_final_epoch, config.seed % 2**64)
             sample = _C.build_sample_index(sizes, doc, config.seq_length, self.num_samples)
             shuffle = _C.build_shuffle_index(
                 self.num_samples, self.num_samples if first is None else first,

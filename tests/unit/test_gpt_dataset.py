@@ -174,6 +174,15 @@ def test_sentence_split_documents_split_by_document(tmp_path):
         assert np.array_equal(ds[i], stream[j * 4:j * 4 + 5])
 
 
+def test_any_integer_seed(corpus, tmp_path):
+    # Seeds are taken mod 2^64 by the PRNG; negative and huge seeds work and differ.
+    a = GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=-1, cache_dir=str(tmp_path)))
+    b = GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=2**64 - 1, cache_dir=str(tmp_path)))
+    c = GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=7, cache_dir=str(tmp_path)))
+    assert np.array_equal(a.shuffle_index, b.shuffle_index)
+    assert not np.array_equal(a.document_index, c.document_index)
+
+
 def test_indexing_errors(corpus, tmp_path):
     ds = GPTDataset(corpus, (0, 10), 5, GPTDatasetConfig(16, cache_dir=str(tmp_path)))
     assert np.array_equal(ds[-1], ds[4])
