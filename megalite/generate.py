@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "a KV cache, under any tensor-parallel size (torchrun/srun/mpirun for several "
                 "processes). Prints the continuation to stdout (rank 0 only).",
                 epilog="Decoding is greedy unless --temperature, --top-k or --top-p is given "
-                "(then sampled, reproducibly with --seed).")
+                "(then sampled, reproducibly with --seed). Generation stops at the tokenizer's "
+                "end-of-document token or after --max-new-tokens; an empty --prompt starts a new "
+                "document. The tokenizer is the one the checkpoint's config names (a relative "
+                "path is tried from the current directory, then from the checkpoint directory "
+                "and its parents); the tokenizer flags override it. Example: torchrun "
+                "--nproc-per-node 2 -m megalite generate --load ckpt --prompt 'The os module' "
+                "--tensor-model-parallel-size 2 --top-p 0.9")
     p.add_argument("--load", required=True, metavar="DIR",
                    help="checkpoint directory (its 'latest'), or one iter_XXXXXXX directory")
     p.add_argument("--iteration", type=int, default=None, metavar="N",
