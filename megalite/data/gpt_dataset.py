@@ -36,6 +36,9 @@ from megalite.data.index_cache import file_identity, load_or_build
 from megalite.errors import MegaliteError
 
 SPLIT_NAMES = ("train", "valid", "test")
+# Largest document index built (int32 rows: 8 GiB); beyond it the request is almost surely a
+# mistake (a tiny split asked for a huge number of samples) rather than a real training run.
+MAX_DOCUMENT_INDEX_ROWS = 2**31
 
 
 def parse_split(split: str) -> list[float]:
@@ -157,6 +160,12 @@ class GPTDataset(torch.utils.data.Dataset):
                 "--split or use more data")
         self.document_range, self.tokens_per_epoch = (lo, hi), tokens
         self.num_epochs = num_epochs(tokens, config.seq_length, self.num_samples)
+        if self.num_epochs * (seq_hi - seq_lo) > MAX_DOCUMENT_INDEX_ROWS:
+            raise MegaliteError(
+                f"{prefix}: {num_samples} samples of {config.seq_length} tokens need "
+                f"{self.num_epochs} passes over the {tokens} tokens of the {name} split, a "
+                f"document index of {self.num_epochs * (seq_hi - seq_lo)} rows (limit "
+                f"{MAX_DOCUMENT_INDEX_ROWS}); use more data or fewer samples")
         first = final_epoch_split(tokens, config.seq_length, self.num_samples)
         self.separate_final_epoch = first is not None
 

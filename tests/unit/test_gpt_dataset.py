@@ -209,6 +209,8 @@ def test_bad_inputs(corpus, tmp_path):
         GPTDataset(corpus, (0, 5), 0, config)
     with pytest.raises(MegaliteError, match="outside"):
         GPTDataset(corpus, (0, 61), 5, config)
+    with pytest.raises(MegaliteError, match="need 3200000001 passes"):  # not an 8 GB allocation
+        GPTDataset(write_dataset(tmp_path / "tiny", [1]), (0, 1), 200_000_000, config)
     with pytest.raises(MegaliteError, match="seq_length"):
         GPTDataset(corpus, (0, 5), 5, GPTDatasetConfig(0, cache_dir=str(tmp_path)))
 
