@@ -5,7 +5,9 @@
   replica the gradient of the whole batch. Gradients are packed into flat buckets of at most
   ``bucket_bytes`` (one all-reduce per bucket instead of one per parameter: per-call latency
   dominates for the many small tensors of a transformer), the buckets' all-reduces are all in
-  flight at once, then the results are copied back.
+  flight at once, then the results are copied back. Gradients that already lie back to back
+  in one buffer (the optimizer's flat fp32 ``main_grad``) are reduced in place, without the
+  two copies.
 * :func:`allreduce_embedding_grads`: with pp > 1 and tied embeddings the first stage's word
   embedding and the last stage's ``output_layer`` copy (marked ``shared_embedding``) are one
   parameter used twice; each stage only sees its own use's gradient, so the two are summed
@@ -57,16 +59,37 @@ def allreduce_gradients(grads: list[Tensor], ps: ParallelState, *, average: bool
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     pending = []
     for bucket in _buckets(grads, bucket_bytes):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        pending.append((bucket, flat, dist.all_reduce(flat, group=ps.dp_group, async_op=True)))
-    for bucket, flat, work in pending:
+        flat = _flat_view(bucket)
+        packed = flat is None
+        if packed:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+        pending.append((bucket, flat, packed,
+                        dist.all_reduce(flat, group=ps.dp_group, async_op=True)))
+    for bucket, flat, packed, work in pending:
         work.wait()
         if average:
             flat.div_(ps.dp_size)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        if packed:
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _flat_view(bucket: list[Tensor]) -> Tensor | None:
+    """One 1-D view covering the whole bucket when its tensors are contiguous and lie back to
+    back in one storage (e.g. ``main_grad`` views into the optimizer's flat buffer): then the
+    all-reduce works in place, without packing and unpacking copies. None otherwise."""
+    first = bucket[0]
+    storage = first.untyped_storage()
+    expected = first.storage_offset()
+    for g in bucket:
+        if (not g.is_contiguous() or g.untyped_storage().data_ptr() != storage.data_ptr()
+                or g.storage_offset() != expected):
+            return None
+        expected += g.numel()
+    return first.new_empty(0).set_(storage, first.storage_offset(),
+                                   (expected - first.storage_offset(),))
 
 
 def tied_embedding_params(model_chunks) -> list[torch.nn.Parameter]:

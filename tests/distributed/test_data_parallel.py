@@ -41,6 +41,19 @@ def worker_allreduce(average, bucket_bytes):
     return ts
 
 
+def worker_allreduce_flat_buffer():
+    # gradients that are views into one flat buffer (the optimizer's main_grad layout) are
+    # reduced in place; a bucket boundary (96 bytes) falls between them
+    from megalite.parallel.data_parallel import allreduce_gradients
+    ps = ParallelState.build()
+    g = torch.Generator().manual_seed(100 + ps.rank)
+    buf = torch.randn(60, generator=g)
+    before = buf.clone()
+    views = [buf[0:12].view(3, 4), buf[12:20], buf[20:60].view(8, 5)]
+    allreduce_gradients(views, ps, bucket_bytes=96)
+    return before, buf
+
+
 @pytest.fixture(scope="module")
 def workers():
     with DistributedWorkers(2, timeout=120) as w:
@@ -96,3 +109,8 @@ def test_embedding_group_sums_the_two_copies(workers, grad_attr):
     (x0, g0), (x1, g1) = workers.run(worker_embedding_group, grad_attr)
     assert x0 == x1 == 3.0
     assert torch.equal(g0, g1) and torch.all(g0 == 3.0)
+
+
+def test_flat_buffer_views_reduced_in_place(workers):
+    (a, out0), (b, out1) = workers.run(worker_allreduce_flat_buffer)
+    assert torch.equal(out0, (a + b) / 2) and torch.equal(out1, out0)
