@@ -152,6 +152,18 @@ class _ShardReader:
                                 f"promises: {e}") from None
 
 
+def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None):
+    """Context in which DeepSpeed ZeRO-3 partitioned parameters (``ds_id``) hold their full
+    data; a no-op for ordinary parameters. Collective over the data-parallel group when any
+    parameter is partitioned (every rank must enter it with the same parameters).
+    ``modifier_rank``: the rank whose in-place changes are kept (None: read only)."""
+    zero3 = [p for p in params if hasattr(p, "ds_id")]
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed   # noqa: PLC0415 (only for ZeRO-3 models)
+    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
+
+
 def _fit_vocab(full: torch.Tensor, rows: int, vocab_size: int, name: str) -> torch.Tensor:
     """``full`` with its rows padded/cut to ``rows``: real rows copied, padding zero."""
     if full.shape[0] == rows:
@@ -180,46 +192,55 @@ def load_model_weights_from(path: str, meta: dict, files: dict, model_chunks: li
         reader = _ShardReader(path, files, verify_checksums, stack)
         for chunk in model_chunks:
             for name, param in chunk.named_parameters():
-                src = name
-                if src not in index and name == OUTPUT_LAYER and \
-                        getattr(param, "shared_embedding", False):
-                    src = WORD_EMBEDDINGS
-                entry = index.get(src)
-                if entry is None:
-                    missing.append(name)
-                    continue
-                dim = getattr(param, "tensor_parallel_dim", None)
-                stride = getattr(param, "partition_stride", 1)
-                if (entry["tensor_parallel_dim"], entry["partition_stride"]) != (dim, stride):
-                    raise MegaliteError(
-                        f"{name}: saved split over dim {entry['tensor_parallel_dim']} (stride "
-                        f"{entry['partition_stride']}), the model splits dim {dim} (stride "
-                        f"{stride}); checkpoint {path}")
-                target = list(full_shape(param, ps.tp_size))
-                saved_full = list(entry["full_shape"])
-                pp = int(entry["pp_rank"])
-                if saved_tp == ps.tp_size and saved_full == target:
-                    # Same layout along TP: this rank's shard is stored as it is.
-                    t = reader.get(model_file_name(ps.tp_rank if dim is not None else 0, pp),
-                                   src)
-                else:
-                    ranks = range(saved_tp) if dim is not None else range(1)
-                    full = unshard_tensors([reader.get(model_file_name(r, pp), src)
-                                            for r in ranks], dim, stride)
-                    if src in VOCAB_TENSORS:
-                        full = _fit_vocab(full, target[0], vocab_size, name)
-                    if list(full.shape) != target:
-                        raise MegaliteError(f"{name}: checkpoint full shape "
-                                            f"{tuple(full.shape)}, model expects {tuple(target)}")
-                    t = shard_tensor(full, dim, stride, ps.tp_rank, ps.tp_size)
-                    del full
-                if t.shape != param.shape:
-                    raise MegaliteError(f"{name}: checkpoint shard shape {tuple(t.shape)}, model "
-                                        f"expects {tuple(param.shape)} (checkpoint {path})")
-                param.copy_(t)
+                # ZeRO-3: gather one parameter at a time; rank 0's copy is re-partitioned.
+                with gathered([param], modifier_rank=0):
+                    if not _load_one(reader, index, name, param, saved_tp, vocab_size, ps, path):
+                        missing.append(name)
     if missing:
         raise MegaliteError(f"checkpoint {path} lacks {len(missing)} parameter(s) of the "
                             f"model: {missing[:6]}")
+
+
+def _load_one(reader: _ShardReader, index: dict, name: str, param: torch.Tensor, saved_tp: int,
+              vocab_size: int, ps: ParallelState, path: str) -> bool:
+    """Copy one parameter's shard from the checkpoint; False when the index lacks it."""
+    src = name
+    if src not in index and name == OUTPUT_LAYER and \
+            getattr(param, "shared_embedding", False):
+        src = WORD_EMBEDDINGS
+    entry = index.get(src)
+    if entry is None:
+        return False
+    dim = getattr(param, "tensor_parallel_dim", None)
+    stride = getattr(param, "partition_stride", 1)
+    if (entry["tensor_parallel_dim"], entry["partition_stride"]) != (dim, stride):
+        raise MegaliteError(
+            f"{name}: saved split over dim {entry['tensor_parallel_dim']} (stride "
+            f"{entry['partition_stride']}), the model splits dim {dim} (stride "
+            f"{stride}); checkpoint {path}")
+    target = list(full_shape(param, ps.tp_size))
+    saved_full = list(entry["full_shape"])
+    pp = int(entry["pp_rank"])
+    if saved_tp == ps.tp_size and saved_full == target:
+        # Same layout along TP: this rank's shard is stored as it is.
+        t = reader.get(model_file_name(ps.tp_rank if dim is not None else 0, pp),
+                       src)
+    else:
+        ranks = range(saved_tp) if dim is not None else range(1)
+        full = unshard_tensors([reader.get(model_file_name(r, pp), src)
+                                for r in ranks], dim, stride)
+        if src in VOCAB_TENSORS:
+            full = _fit_vocab(full, target[0], vocab_size, name)
+        if list(full.shape) != target:
+            raise MegaliteError(f"{name}: checkpoint full shape "
+                                f"{tuple(full.shape)}, model expects {tuple(target)}")
+        t = shard_tensor(full, dim, stride, ps.tp_rank, ps.tp_size)
+        del full
+    if t.shape != param.shape:
+        raise MegaliteError(f"{name}: checkpoint shard shape {tuple(t.shape)}, model "
+                            f"expects {tuple(param.shape)} (checkpoint {path})")
+    param.copy_(t)
+    return True
 
 
 def file_metadata(tp_rank: int, pp_rank: int, ps: ParallelState,

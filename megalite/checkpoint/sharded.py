@@ -35,7 +35,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megalite.checkpoint import io
-from megalite.checkpoint.reshard import file_metadata, load_model_weights_from, model_file_name
+from megalite.checkpoint.reshard import (file_metadata, gathered, load_model_weights_from,
+                                         model_file_name)
 from megalite.checkpoint.rng import capture_rng_states, restore_rng_states
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
@@ -109,13 +110,15 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
                       rng_tracker) -> dict:
     files: dict[str, tuple[int, str]] = {}
     params = _named_params(model_chunks)
-    tensors = {n: _tensor_entry(p, ps, ps.pp_rank) for n, p in params.items()}
-    if ps.dp_rank == 0:
-        name = model_file_name(ps.tp_rank, ps.pp_rank)
-        path = os.path.join(tmp, name)
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, path,
-                  metadata=file_metadata(ps.tp_rank, ps.pp_rank, ps, tensors))
-        files[name] = io.finish_file(path)
+    # ZeRO-3 partitions parameters over the DP group: gather them (collective) to write them.
+    with gathered(params.values()):
+        tensors = {n: _tensor_entry(p, ps, ps.pp_rank) for n, p in params.items()}
+        if ps.dp_rank == 0:
+            name = model_file_name(ps.tp_rank, ps.pp_rank)
+            path = os.path.join(tmp, name)
+            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, path,
+                      metadata=file_metadata(ps.tp_rank, ps.pp_rank, ps, tensors))
+            files[name] = io.finish_file(path)
     state = {
         "format": FORMAT, "rank": ps.rank,
         "coordinates": {"tp": ps.tp_rank, "pp": ps.pp_rank, "dp": ps.dp_rank},
