@@ -12,12 +12,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from megalite.distributed.parallel_state import ParallelState, rank_layout
 from megalite.errors import MegaliteError
 from megalite.model import get_preset
-from megalite.parallel.pipeline import build_model_chunks, layer_ranges, schedule_order
-from megalite.parallel.pipeline.schedules import schedule_steps
+from megalite.model.gpt import GPTModel
+from megalite.parallel.pipeline import (build_model_chunks, forward_backward, layer_ranges,
+                                       schedule_order, schedule_steps)
 
 
 # -- layer_ranges ------------------------------------------------------------------------------
@@ -289,3 +291,68 @@ def test_interleaved_needs_multiple_of_pp_microbatches():
         schedule_order(2, 0, 2, 3)
     with pytest.raises(MegaliteError, match="microbatches must be >= 1"):
         schedule_order(2, 0, 1, 0)
+
+
+# -- no pipelining (pp = 1) in this process ----------------------------------------------------
+def _tiny_llama():
+    cfg = get_preset("tiny-llama").replace(vocab_size=96, max_position_embeddings=8, seq_length=8)
+    g = torch.Generator().manual_seed(3)
+    mbs = []
+    for _ in range(3):
+        ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+        mbs.append({"tokens": ids[:, :-1], "labels": ids[:, 1:]})
+    return cfg, mbs
+
+
+def _loss_fn(per_token, mb):
+    loss = per_token.float().mean()
+    return loss, loss.detach()
+
+
+def test_no_pipelining_accumulates_exactly_the_mean_gradient():
+    # Gradient accumulation over 3 microbatches vs one backward of the mean over the same 3:
+    # the same products summed in the same order up to autograd's accumulation, so 1e-6 of
+    # each tensor's scale (float32).
+    cfg, mbs = _tiny_llama()
+    ps = ParallelState.single()
+    (chunk,) = build_model_chunks(cfg, ps)
+    chunk.init_weights(5)
+    ref = GPTModel(cfg, ps)
+    ref.init_weights(5)
+    calls = []
+
+    def backward_fn(out, grad):
+        calls.append((out.detach().clone(), grad))
+        torch.autograd.backward(out, grad)
+
+    losses = forward_backward([chunk], iter(mbs), 3, ps, _loss_fn, seq_length=8,
+                              micro_batch_size=2, dtype=torch.float32, backward_fn=backward_fn,
+                              loss_scale=4.0)
+    ref_losses = [ref(mb["tokens"], labels=mb["labels"]).mean() for mb in mbs]
+    (torch.stack(ref_losses).mean() * 4.0).backward()
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses).detach(),
+                               rtol=1e-6, atol=0)
+    # the last stage backpropagates loss * loss_scale / num_microbatches, with grad None
+    assert [g for _, g in calls] == [None] * 3
+    torch.testing.assert_close(torch.stack([o for o, _ in calls]),
+                               torch.stack(ref_losses).detach() * 4.0 / 3, rtol=1e-6, atol=0)
+    for (n, p), q in zip(chunk.named_parameters(), ref.parameters()):
+        scale = q.grad.abs().max()
+        assert scale > 0 and (p.grad - q.grad).abs().max() <= 1e-6 * scale, n
+
+
+def test_forward_only_keeps_no_graph_and_misuse_is_clear():
+    cfg, mbs = _tiny_llama()
+    ps = ParallelState.single()
+    chunks = build_model_chunks(cfg, ps)
+    chunks[0].init_weights(5)
+    losses = forward_backward(chunks, iter(mbs), 3, ps, _loss_fn, seq_length=8,
+                              micro_batch_size=2, dtype=torch.float32, forward_only=True)
+    assert len(losses) == 3 and not any(l.requires_grad for l in losses)
+    assert all(p.grad is None for p in chunks[0].parameters())
+    with pytest.raises(MegaliteError, match="iterator ended after 3 microbatches; 4 were"):
+        forward_backward(chunks, iter(mbs), 4, ps, _loss_fn, seq_length=8, micro_batch_size=2,
+                         dtype=torch.float32, forward_only=True)
+    with pytest.raises(MegaliteError, match="need --pipeline-model-parallel-size > 1"):
+        forward_backward(chunks * 2, iter(mbs), 3, ps, _loss_fn, seq_length=8,
+                         micro_batch_size=2, dtype=torch.float32)
