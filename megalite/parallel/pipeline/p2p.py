@@ -76,6 +76,11 @@ class P2P:
         ranks = ps.pp_group_ranks
         self._next = ranks[(ps.pp_rank + 1) % ps.pp_size]
         self._prev = ranks[(ps.pp_rank - 1) % ps.pp_size]
+        if dist.get_backend(ps.pp_group) == "nccl":
+            # batch_isend_irecv must not be the first call on an NCCL group unless every member
+            # takes part (communicators are created lazily); one tiny collective over the
+            # pipeline group per schedule run guarantees that.
+            dist.all_reduce(torch.zeros(1, device=device), group=ps.pp_group)
 
     def virtual_stage(self, chunk: int) -> int:
         """Position of this rank's ``chunk`` in the chain of virtual stages."""
