@@ -38,7 +38,8 @@ Exactness: each microbatch goes through exactly the layers and operations of the
 of the microbatches accumulate in the same order (0, 1, ...) on every chunk. Results therefore
 equal running all microbatches through the full model in one process up to float32 reduction
 order (the only re-associations are the tied-embedding sum of the two stages' gradients and
-autograd's accumulation order inside a stage): ~1e-7 relative in practice.
+autograd's accumulation order inside a stage): measured max gradient error 2e-7 of the
+tensor's scale at pp 2-4 (tests/distributed/test_pipeline.py), losses bit-identical.
 """
 from __future__ import annotations
 
