@@ -26,6 +26,7 @@ sharding over data-parallel ranks use :mod:`megalite.optim.zero`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -242,6 +243,10 @@ class Optimizer:
             self._grad_buffer.zero_()
         for p in self.params:
             p.grad = None
+
+    def gathered_parameters(self):
+        """A no-op context (parameters are never partitioned here; see ZeroOptimizer)."""
+        return contextlib.nullcontext()
 
     def optimizer_state_bytes(self) -> int:
         """Bytes held by the optimizer beyond the model: AdamW moments (+ fp32 masters in

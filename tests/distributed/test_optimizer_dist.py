@@ -91,16 +91,14 @@ def make_optimizer(chunks, ps, zero_stage: int, precision_kw: dict):
     return Optimizer(chunks, optim, precision, ps)
 
 
-def full_params(chunks, ps, zero_stage: int = 0) -> dict:
-    """This rank's chunks' parameters gathered to full shape over tp (names are global)."""
-    if zero_stage == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(chunks[0].parameters())):
-            return {n: p.detach().float().clone() for n, p in chunks[0].named_parameters()}
+def full_params(chunks, ps, opt) -> dict:
+    """This rank's chunks' parameters gathered to full shape over tp (names are global);
+    inside ``opt.gathered_parameters()`` (ZeRO-3 partitions them)."""
     out = {}
-    for c in chunks:
-        out.update({n: gather_full_tensor(p.detach().float(), p, ps)
-                    for n, p in c.named_parameters()})
+    with opt.gathered_parameters():
+        for c in chunks:
+            out.update({n: gather_full_tensor(p.detach().float(), p, ps)
+                        for n, p in c.named_parameters()})
     return out
 
 
@@ -145,7 +143,7 @@ def train(recipe: str, tp: int = 1, pp: int = 1, zero_stage: int = 0, *, sp: boo
     opt = make_optimizer(chunks, ps, zero_stage, precision_kw)
     losses, results = run_steps(chunks, opt, ps, steps)
     return {"losses": losses, "norms": [r.grad_norm for r in results],
-            "skipped": [r.skipped for r in results], "params": full_params(chunks, ps, zero_stage),
+            "skipped": [r.skipped for r in results], "params": full_params(chunks, ps, opt),
             "state_bytes": opt.optimizer_state_bytes(), "pp_rank": ps.pp_rank}
 
 
@@ -263,7 +261,7 @@ def overflow_on_rank1():
     ps, chunks = build("tiny", 2, 1)
     opt = make_optimizer(chunks, ps, 0, {"fp16": True, "initial_loss_scale": 4096.0,
                                          "hysteresis": 1})
-    before = full_params(chunks, ps)
+    before = full_params(chunks, ps, opt)
 
     def poison(step):
         if step == 0 and dist.get_rank() == 1:
@@ -271,7 +269,7 @@ def overflow_on_rank1():
 
     _, results = run_steps(chunks, opt, ps, 2, before_sync=poison)
     return [(r.skipped, r.loss_scale) for r in results], opt.loss_scale, before, \
-        full_params(chunks, ps)
+        full_params(chunks, ps, opt)
 
 
 def test_fp16_overflow_on_one_rank_skips_everywhere(workers4):

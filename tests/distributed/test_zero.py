@@ -1,156 +1,34 @@
-"""DeepSpeed ZeRO-1/2/3 at DP=2 (and ZeRO-1/2 with TP=2 x DP=2) train exactly like megalite's own
-Optimizer at DP=1 on the same global batch; optimizer-state memory falls as 1/DP; unsupported
-combinations are refused at start-up.
+"""DeepSpeed ZeRO-1/2/3 train exactly like megalite's own Optimizer at DP=1 on the same global
+batch; optimizer-state memory per rank falls as 1/DP; a same-layout resume is bitwise; settings
+DeepSpeed/megalite cannot run are refused at start-up with a clear error.
 
-Reference: the test process runs the same steps with ``ParallelState.single()`` and
-:class:`megalite.optim.optimizer.Optimizer` (global batch split into more microbatches).
+Layouts (real gloo groups, the real pipeline schedule through ``train`` of
+test_optimizer_dist.py): ZeRO-1/2/3 at DP=2; ZeRO-1 at TP=2 x DP=2; ZeRO-2 at TP=2 x DP=2 with
+sequence parallelism; ZeRO-1 at PP=2 x DP=2 with a tied embedding (its last-stage copy must not be
+counted twice in DeepSpeed's norm, and must stay equal to the first stage's). bf16 ZeRO-2 at DP=2
+against megalite's bf16 Optimizer at DP=1.
 
-Tolerance: 1e-5 relative, fp32. The runs compute the same sums in a different order (two
-data-parallel halves reduced by DeepSpeed's reduce-scatter instead of one process summing all
-microbatches; tensor-parallel partial sums; DeepSpeed's clip factor ``g / ((n + 1e-6) / c)`` vs
-torch's ``g * (c / (n + 1e-6))``), which moves results by a few float32 ulps per step. Losses are
-compared per step; parameters per tensor as max|ZeRO - ref| <= 1e-5 * max|ref| (an elementwise
-relative check is meaningless for entries near zero; see EPS for AdamW's eps). Clipping is active (grad norm > clip) and
-every parameter must move, so the comparison cannot pass vacuously.
+Tolerance: 1e-5 relative, fp32 (see test_optimizer_dist.py: the same sums in another order --
+DeepSpeed's reduce-scatter over two replicas, tensor-parallel partial sums, and DeepSpeed's clip
+``g / ((n + 1e-6) / c)`` vs torch's ``g * (c / (n + 1e-6))`` -- move results by float32 ulps;
+AdamW eps 1e-6 so near-zero gradients do not amplify them). bf16: 2e-2 relative on losses/norms.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import DistributedWorkers  # noqa: E402
+from test_optimizer_dist import (BF16_REL, assert_same_training, build, configs,  # noqa: E402
+                                 full_params, make_optimizer, reference, run_steps, train)
 
 from megalite.distributed.parallel_state import ParallelState  # noqa: E402
 from megalite.errors import MegaliteError  # noqa: E402
-from megalite.model import get_preset  # noqa: E402
-from megalite.model.gpt import GPTModel  # noqa: E402
-
-REL = 1e-5
-SEED, STEPS, GLOBAL_BATCH, MICRO, SEQ = 7, 4, 8, 2, 16
-LRS = [1e-3, 2e-3, 2e-3, 1e-3]
-CLIP = 0.5
-# AdamW's eps. With the default 1e-8 the first steps are nearly sign descent, so an element whose
-# gradient is ~0 (a cancellation) moves by +-lr depending on its rounding: merely splitting the
-# same global batch into 4 instead of 2 microbatches in ONE process already moves parameters by
-# 5.5e-4 of their tensor's max after 4 steps (measured). eps=1e-6 keeps such elements in Adam's
-# linear regime (same split: 4.6e-6), so the parameter check below tests ZeRO, not Adam's
-# conditioning. Losses and grad norms are compared too.
-EPS = 1e-6
-
-
-def configs(*, bf16=False, fp16=False, clip=CLIP, wd=0.1, eps=EPS):
-    """(OptimConfig, PrecisionConfig): megalite.config's dataclasses when present."""
-    try:
-        from megalite.config import OptimConfig, PrecisionConfig
-    except ImportError:  # config module not landed yet: same field names
-        return (SimpleNamespace(lr=1e-3, weight_decay=wd, adam_beta1=0.9, adam_beta2=0.95,
-                                adam_eps=eps, clip_grad=clip),
-                SimpleNamespace(bf16=bf16, fp16=fp16, initial_loss_scale=2.0**16,
-                                min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2,
-                                loss_scale=None))
-    return (OptimConfig(lr=1e-3, weight_decay=wd, clip_grad=clip, adam_eps=eps),
-            PrecisionConfig(bf16=bf16, fp16=fp16))
-
-
-VOCAB = 300
-
-
-def model_config(recipe: str):
-    return get_preset(recipe).replace(vocab_size=VOCAB, max_position_embeddings=SEQ,
-                                      seq_length=SEQ)
-
-
-def global_batch(cfg):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    return ids[:, :-1], ids[:, 1:]
-
-
-def train(recipe: str, tp: int, zero_stage: int):
-    """STEPS optimizer steps; returns (losses, grad norms, full params, optimizer-state bytes).
-
-    Distributed when torch.distributed is initialized (dp = world / tp), else one process.
-    """
-    from megalite.optim.optimizer import Optimizer
-    from megalite.optim.zero import ZeroOptimizer
-
-    ps = ParallelState.build(tensor_model_parallel_size=tp) if dist.is_initialized() \
-        else ParallelState.single()
-    cfg = model_config(recipe)
-    model = GPTModel(cfg, ps)
-    model.init_weights(SEED)
-    optim, precision = configs()
-    opt = (ZeroOptimizer([model], optim, precision, ps, zero_stage) if zero_stage
-           else Optimizer([model], optim, precision, ps))
-    tokens, labels = global_batch(cfg)
-    per_rank = GLOBAL_BATCH // ps.dp_size
-    tokens = tokens[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank]
-    labels = labels[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank]
-    n_micro = per_rank // MICRO
-    losses, norms = [], []
-    for lr in LRS[:STEPS]:
-        reported = []
-        for m in range(n_micro):
-            sl = slice(m * MICRO, (m + 1) * MICRO)
-            loss = model(tokens[sl], labels[sl]).mean()   # the model, as the schedule calls it
-            opt.backward(loss * opt.loss_scale / n_micro, None)
-            reported.append(loss.detach())
-        opt.finish_grad_sync()
-        result = opt.step(lr)
-        opt.zero_grad()
-        mean = torch.stack(reported).mean()
-        if ps.dp_size > 1:
-            dist.all_reduce(mean, group=ps.dp_group)
-            mean /= ps.dp_size
-        losses.append(float(mean))
-        norms.append(result.grad_norm)
-        assert not result.skipped
-    if zero_stage == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    else:
-        params = model.full_state_dict()
-    state_bytes = opt.optimizer_state_bytes() if zero_stage else None
-    return losses, norms, params, state_bytes
-
-
-def assert_same_training(got, ref, init):
-    losses, norms, params, _ = got
-    ref_losses, ref_norms, ref_params, _ = ref
-    assert ref_norms[0] > CLIP, "clipping must be active for the test to mean something"
-    for i, (a, b) in enumerate(zip(losses, ref_losses)):
-        assert abs(a - b) <= REL * abs(b), f"step {i + 1}: loss {a} vs reference {b}"
-    for i, (a, b) in enumerate(zip(norms, ref_norms)):
-        assert abs(a - b) <= REL * abs(b), f"step {i + 1}: grad norm {a} vs reference {b}"
-    assert set(params) == set(ref_params)
-    for name, ref_p in ref_params.items():
-        assert not torch.equal(ref_p, init[name]), f"{name} did not move"
-        got_p = params[name]
-        if got_p.shape != ref_p.shape:   # vocabulary padded differently at TP=2: real rows
-            got_p, ref_p = got_p[:VOCAB], ref_p[:VOCAB]
-        err = (got_p - ref_p).abs().max()
-        assert err <= REL * ref_p.abs().max(), f"{name}: max abs error {err}"
-
-
-_REFS: dict = {}
-
-
-def reference(recipe: str):
-    """The DP=1 run with megalite's own Optimizer, computed once per recipe."""
-    if recipe not in _REFS:
-        cfg = model_config(recipe)
-        model = GPTModel(cfg, ParallelState.single())
-        model.init_weights(SEED)
-        init = {n: p.detach().clone() for n, p in model.named_parameters()}
-        _REFS[recipe] = (train(recipe, 1, 0), init)
-    return _REFS[recipe]
 
 
 @pytest.fixture(scope="module")
@@ -165,17 +43,150 @@ def workers4():
         yield w
 
 
+# -- exactness -------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_dp2_matches_single_process(workers2, stage):
     ref, init = reference("tiny")
-    results = workers2.run(train, "tiny", 1, stage)
-    for got in results:
-        assert_same_training(got, ref, init)
+    results = workers2.run(train, "tiny", zero_stage=stage)
+    assert_same_training(results, ref, init)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_tp2_dp2_matches_single_process(workers4, stage):
-    ref, init = reference("tiny-llama")
-    results = workers4.run(train, "tiny-llama", 2, stage)
+@pytest.mark.parametrize("recipe,tp,pp,sp,stage", [
+    ("tiny-llama", 2, 1, False, 1),
+    ("tiny", 2, 1, True, 2),
+    ("tiny", 1, 2, False, 1),
+], ids=["zero1-tp2-dp2", "zero2-tp2-dp2-sp", "zero1-pp2-dp2-tied"])
+def test_zero_with_model_parallelism_matches_single_process(workers4, recipe, tp, pp, sp, stage):
+    ref, init = reference(recipe)
+    results = workers4.run(train, recipe, tp, pp, stage, sp=sp)
+    assert_same_training(results, ref, init, tied=(recipe == "tiny" and pp > 1))
+
+
+def test_zero2_bf16_tracks_bf16_single_process(workers2):
+    ref, _ = reference("tiny-llama", bf16=True)
+    results = workers2.run(train, "tiny-llama", zero_stage=2, bf16=True)
     for got in results:
-        assert_same_training(got, ref, init)
+        for a, b in zip(got["losses"] + got["norms"], ref["losses"] + ref["norms"]):
+            assert abs(a - b) <= BF16_REL * b
+        assert all(p.dtype == torch.float32 for p in got["params"].values())
+    assert results[0]["losses"][-1] < results[0]["losses"][0]
+
+
+# -- memory: optimizer state per rank falls as 1/DP ------------------------------------------
+def state_bytes() -> dict[int, int]:
+    """Optimizer-state bytes on this rank for each stage, after one step (AdamW creates its
+    moments lazily)."""
+    out = {}
+    for stage in (1, 2, 3):
+        ps, chunks = build("tiny", 1, 1)
+        opt = make_optimizer(chunks, ps, stage, {})
+        run_steps(chunks, opt, ps, 1)
+        out[stage] = opt.optimizer_state_bytes()
+    return out
+
+
+def test_optimizer_state_memory_falls_as_one_over_dp(workers2):
+    with DistributedWorkers(1) as one:
+        (dp1,) = one.run(state_bytes)
+    dp2 = workers2.run(state_bytes)
+    _, chunks = build("tiny", 1, 1)
+    numel = sum(p.numel() for p in chunks[0].parameters())
+    for stage in (1, 2, 3):
+        print(f"ZeRO-{stage}: {numel} parameters, optimizer state bytes per rank: DP=1 "
+              f"{dp1[stage]}, DP=2 {[r[stage] for r in dp2]}")
+        # fp32 master partition + AdamW's two moments: 12 bytes per parameter over DP ranks
+        assert abs(dp1[stage] - 12 * numel) <= 0.01 * 12 * numel
+        for r in dp2:   # each rank half of it, within DeepSpeed's alignment padding
+            assert abs(r[stage] - dp1[stage] / 2) <= 0.01 * dp1[stage]
+
+
+# -- resume ----------------------------------------------------------------------------------
+def resume_is_bitwise(stage: int):
+    ps, chunks = build("tiny", 1, 1)
+    opt = make_optimizer(chunks, ps, stage, {})
+    run_steps(chunks, opt, ps, 2)
+    saved_model = {n: p.detach().clone() for n, p in full_params(chunks, ps, opt).items()}
+    saved = opt.state_dict()        # a snapshot (cloned tensors)
+    run_steps(chunks, opt, ps, 2)
+    after = full_params(chunks, ps, opt)
+    # a fresh run from the initial weights, loaded from the saved state
+    ps2, chunks2 = build("tiny", 1, 1)
+    opt2 = make_optimizer(chunks2, ps2, stage, {})
+    opt2.load_state_dict(saved)
+    loaded = full_params(chunks2, ps2, opt2)
+    run_steps(chunks2, opt2, ps2, 2)
+    return saved_model, loaded, after, full_params(chunks2, ps2, opt2)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_resume_is_bitwise(workers2, stage):
+    for saved_model, loaded, after, resumed in workers2.run(resume_is_bitwise, stage):
+        for n in saved_model:
+            assert torch.equal(loaded[n], saved_model[n]), n
+            assert torch.equal(resumed[n], after[n]), n
+
+
+# -- start-up errors -------------------------------------------------------------------------
+@pytest.mark.parametrize("stage,sizes,kw,match", [
+    (2, (1, 2, 2), {}, "--zero-stage 2 cannot be combined with pipeline"),
+    (3, (2, 1, 2), {}, "--zero-stage 3 needs --tensor-model-parallel-size 1"),
+    (3, (1, 2, 2), {}, "--zero-stage 3 needs"),
+    (1, (1, 1, 2), {"fp16": True}, "--fp16 is not supported"),
+    (3, (1, 1, 2), {"bf16": True}, "--zero-stage 3 with --bf16"),
+    (4, (1, 1, 2), {}, "--zero-stage must be 0, 1, 2 or 3"),
+])
+def test_validate_zero_refuses(stage, sizes, kw, match):
+    from megalite.optim.zero import validate_zero
+    _, precision = configs(**kw)
+    with pytest.raises(MegaliteError, match=match):
+        validate_zero(stage, sizes, precision)
+
+
+@pytest.mark.parametrize("stage,sizes", [(1, (2, 2, 2)), (2, (2, 1, 2)), (3, (1, 1, 2)),
+                                          (0, (2, 2, 1))])
+def test_validate_zero_accepts(stage, sizes):
+    from megalite.optim.zero import validate_zero
+    _, precision = configs()
+    validate_zero(stage, sizes, precision)
+    if stage in (1, 2):
+        validate_zero(stage, sizes, configs(bf16=True)[1])
+
+
+@pytest.mark.parametrize("user,match", [
+    ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+    ({"scheduler": {"type": "WarmupLR"}}, "remove the 'scheduler' section"),
+    ({"zero_optimization": {"stage": 2}}, "contradicts --zero-stage 1"),
+    ({"gradient_clipping": 2.0}, "contradicts --clip-grad"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled"),
+    ({"train_micro_batch_size_per_gpu": 7}, "train_micro_batch_size_per_gpu"),
+    ([1, 2], "top level must be a JSON object"),
+])
+def test_deepspeed_config_conflicts_are_clear(tmp_path, user, match):
+    from megalite.optim.zero import deepspeed_config
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    optim, precision = configs()
+    with pytest.raises(MegaliteError, match=match) as err:
+        deepspeed_config(1, optim, precision, ParallelState.single(), str(path),
+                         micro_batch_size=2)
+    assert str(path) in str(err.value)
+
+
+def test_deepspeed_config_merges_and_reads_stage(tmp_path):
+    from megalite.optim.zero import deepspeed_config
+    optim, precision = configs()
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 12345},
+                                "gradient_clipping": optim.clip_grad,
+                                "train_micro_batch_size_per_gpu": 2}))
+    stage, cfg = deepspeed_config(0, optim, precision, ParallelState.single(), str(path),
+                                  micro_batch_size=2)
+    assert stage == 2 and cfg["zero_optimization"]["stage"] == 2
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 12345     # user's tuning kept
+    assert cfg["gradient_clipping"] == optim.clip_grad and cfg["bf16"]["enabled"] is False
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MegaliteError, match=r"bad\.json: not valid JSON \(line 1"):
+        deepspeed_config(1, optim, precision, ParallelState.single(), str(bad))
+    with pytest.raises(MegaliteError, match="cannot read"):
+        deepspeed_config(1, optim, precision, ParallelState.single(), str(tmp_path / "nope"))
