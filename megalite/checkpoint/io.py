@@ -332,14 +332,15 @@ def check_plain(obj: Any, what: str, path: str = "") -> None:
                         f"strings and dict/list/tuple (so loading can never run code)")
 
 
-def safe_torch_load(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` onto the CPU, with clear errors.
+def safe_torch_load(path: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with clear errors; ``mmap``: map
+    the tensors' bytes lazily instead of reading the file (for picking a few tensors).
 
     A file whose pickle asks for any other object (e.g. a crafted ``__reduce__`` calling
     ``os.system``) is refused before the object is built, so nothing in it runs.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()),

@@ -218,29 +218,39 @@ def _load_one(reader: _ShardReader, index: dict, name: str, param: torch.Tensor,
             f"{name}: saved split over dim {entry['tensor_parallel_dim']} (stride "
             f"{entry['partition_stride']}), the model splits dim {dim} (stride "
             f"{stride}); checkpoint {path}")
-    target = list(full_shape(param, ps.tp_size))
-    saved_full = list(entry["full_shape"])
     pp = int(entry["pp_rank"])
-    if saved_tp == ps.tp_size and saved_full == target:
-        # Same layout along TP: this rank's shard is stored as it is.
-        t = reader.get(model_file_name(ps.tp_rank if dim is not None else 0, pp),
-                       src)
-    else:
-        ranks = range(saved_tp) if dim is not None else range(1)
-        full = unshard_tensors([reader.get(model_file_name(r, pp), src)
-                                for r in ranks], dim, stride)
-        if src in VOCAB_TENSORS:
-            full = _fit_vocab(full, target[0], vocab_size, name)
-        if list(full.shape) != target:
-            raise MegaliteError(f"{name}: checkpoint full shape "
-                                f"{tuple(full.shape)}, model expects {tuple(target)}")
-        t = shard_tensor(full, dim, stride, ps.tp_rank, ps.tp_size)
-        del full
+    t = reshard_tensor(lambda r: reader.get(model_file_name(r, pp), src), entry, param,
+                       saved_tp, vocab_size, ps, name, is_vocab=src in VOCAB_TENSORS)
     if t.shape != param.shape:
         raise MegaliteError(f"{name}: checkpoint shard shape {tuple(t.shape)}, model "
                             f"expects {tuple(param.shape)} (checkpoint {path})")
     param.copy_(t)
     return True
+
+
+def reshard_tensor(read_shard, entry: dict, param: torch.Tensor, saved_tp: int,
+                   vocab_size: int, ps: ParallelState, name: str, *,
+                   is_vocab: bool) -> torch.Tensor:
+    """This rank's shard of one saved tensor (a parameter, or optimizer state shaped like it).
+
+    ``read_shard(r)`` returns saved tp rank ``r``'s shard; ``entry`` is the tensor's meta.json
+    index entry; ``param`` (this rank's parameter) gives the target sharding. Same TP size and
+    full shape: shard ``tp_rank`` as stored; otherwise unshard, fix the vocabulary padding, and
+    shard for this layout (one full tensor in memory at a time).
+    """
+    dim = getattr(param, "tensor_parallel_dim", None)
+    stride = getattr(param, "partition_stride", 1)
+    target = list(full_shape(param, ps.tp_size))
+    if saved_tp == ps.tp_size and list(entry["full_shape"]) == target:
+        return read_shard(ps.tp_rank if dim is not None else 0)
+    ranks = range(saved_tp) if dim is not None else range(1)
+    full = unshard_tensors([read_shard(r) for r in ranks], dim, stride)
+    if is_vocab:
+        full = _fit_vocab(full, target[0], vocab_size, name)
+    if list(full.shape) != target:
+        raise MegaliteError(f"{name}: checkpoint full shape {tuple(full.shape)}, model expects "
+                            f"{tuple(target)}")
+    return shard_tensor(full, dim, stride, ps.tp_rank, ps.tp_size)
 
 
 def file_metadata(tp_rank: int, pp_rank: int, ps: ParallelState,

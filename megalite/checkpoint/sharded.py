@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from megalite.checkpoint import io
 from megalite.checkpoint.reshard import (file_metadata, gathered, load_model_weights_from,
                                          model_file_name)
+from megalite.checkpoint.reshard_optim import reshard_optimizer_state, reshardable
 from megalite.checkpoint.rng import capture_rng_states, restore_rng_states
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
@@ -259,15 +260,18 @@ def load_checkpoint(directory: str, *, model_chunks: Iterable, optimizer: Any, p
     """Restore a run from ``directory`` (its ``latest``, or ``iteration``); None if it holds no
     checkpoint. Collective: all ranks call it; a failure on any rank raises on all.
 
-    Model weights load under any layout (:mod:`megalite.checkpoint.reshard`). Optimizer state
-    and RNG states are per rank and need the saved layout (TP, PP, DP, virtual stages, layer
-    split): with another layout and ``load_optimizer`` the load is refused with a clear error
-    (``load_optimizer=False`` loads the weights only; RNG states are then left alone).
+    Model weights load under any layout (:mod:`megalite.checkpoint.reshard`). Under the saved
+    layout (TP, PP, DP, virtual stages, layer split) this rank's optimizer and RNG states are
+    restored exactly. Under another layout, megalite's own optimizer state is resharded by
+    parameter name (:mod:`megalite.checkpoint.reshard_optim`) and the RNG states are left alone
+    (per-rank streams have no counterpart); ZeRO state is refused with a clear error
+    (``load_optimizer=False`` loads the weights only).
     Verification: every manifest file's size always; the sha256 of every file this rank reads
     unless ``verify_checksums=False``. ``config`` is accepted for symmetry and not used.
 
     Returns the saved ``extra`` plus ``iteration``, ``checkpoint_dir``, ``layout_changed``,
-    ``rng_restored`` and ``rng_states`` (this rank's saved states, or None).
+    ``optimizer_resharded``, ``rng_restored`` and ``rng_states`` (this rank's saved states, or
+    None).
     """
     del config
     chunks = list(model_chunks)
@@ -302,12 +306,15 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
     layout = {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
               "vp_size": len(chunks), "world_size": ps.world_size}
     changed = any(saved.get(k) != v for k, v in layout.items())
-    if changed and load_optimizer and optimizer is not None:
+    want_optimizer = load_optimizer and optimizer is not None
+    # Under another layout only megalite's own optimizer state can follow (by parameter name).
+    movable = want_optimizer and reshardable(optimizer.state_dict())
+    if changed and want_optimizer and not movable:
         _refuse(path, saved, layout)
     load_model_weights_from(path, meta, files, chunks, ps, verify_checksums=verify_checksums)
 
     state = None
-    if not changed and (load_optimizer or restore_rng):
+    if not changed and (want_optimizer or restore_rng):
         name = rank_file_name(ps.rank)
         if verify_checksums:
             io.verify_checksum(path, name, files)
@@ -316,11 +323,14 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
             raise MegaliteError(f"{os.path.join(path, name)} is not a megalite rank file")
         params = list(_named_params(chunks))
         if state["param_names"] != params or state["layer_ranges"] != _layer_ranges(chunks):
-            changed = True   # same sizes, different layer split: state does not line up
-    if changed and load_optimizer and optimizer is not None:
-        _refuse(path, saved, layout)
-    if state is not None and not changed:
-        if load_optimizer and optimizer is not None:
+            changed, state = True, None   # same sizes, another layer split: state misaligned
+            if want_optimizer and not movable:
+                _refuse(path, saved, layout)
+    if changed and want_optimizer:
+        reshard_optimizer_state(path, meta, files, chunks, optimizer, ps,
+                                rank_file=rank_file_name, verify_checksums=verify_checksums)
+    elif state is not None:
+        if want_optimizer:
             if state["optimizer"] is None:
                 raise MegaliteError(f"{os.path.join(path, rank_file_name(ps.rank))} holds no "
                                     f"optimizer state (saved without an optimizer)")
@@ -333,16 +343,18 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
             restore_rng_states(state["rng"], rng_tracker)
     out = dict(meta.get("extra") or {})
     out.update(iteration=int(meta["iteration"]), checkpoint_dir=path, layout_changed=changed,
-               rng_restored=bool(restore_rng and state is not None and not changed),
-               rng_states=state["rng"] if state is not None and not changed else None)
+               rng_restored=bool(restore_rng and state is not None),
+               optimizer_resharded=bool(changed and want_optimizer),
+               rng_states=state["rng"] if state is not None else None)
     return out
 
 
 def _refuse(path: str, saved: dict, layout: dict) -> None:
     raise MegaliteError(
         f"checkpoint {path} was saved with layout {_fmt(saved)} (or another pipeline layer "
-        f"split); this run is {_fmt(layout)}: optimizer state cannot be resumed under a "
-        f"different layout yet; load the model weights only (load_optimizer=False)")
+        f"split); this run is {_fmt(layout)}: only megalite's own optimizer state (not ZeRO's "
+        f"partitions) can be resumed under a different layout yet; load the model weights "
+        f"only (load_optimizer=False)")
 
 
 def _fmt(layout: dict) -> str:

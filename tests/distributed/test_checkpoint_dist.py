@@ -239,7 +239,8 @@ def w_dp_resume(root):
                                                      params_of(fresh).values(), strict=True))
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     opt_same = all(torch.equal(s1[k][f], s2[k][f]) for k in s1 for f in ("exp_avg", "exp_avg_sq"))
-    # Another layout with optimizer state: refused on every rank, with the reason.
+    # Another layout with a plain torch optimizer (state not keyed by name): refused on every
+    # rank, with the reason.
     other = ParallelState.build(4, 1)
     try:
         load_checkpoint(directory, model_chunks=build(cfg, other), ps=other,
@@ -342,7 +343,7 @@ def test_dp_ranks_share_model_files_and_resume_exactly(workers, tmp_path):
                                    "rank_00003.pt"]
     for r in results:
         assert r["rng_same"] and r["bitwise"] and r["opt_same"] and r["extra"] == 96
-        assert "optimizer state cannot be resumed under a different layout" in r["refused"]
+        assert "can be resumed under a different layout yet" in r["refused"]
         assert "TP=2 PP=1 DP=2" in r["refused"]
     # The restored tracker streams really differ per tp rank (so restoring them is a real check).
     assert not torch.equal(results[0]["tp_tracker"], results[1]["tp_tracker"])
@@ -444,3 +445,49 @@ def test_zero3_partitioned_weights_round_trip(workers, tmp_path):
     pytest.importorskip("deepspeed")
     for back, plain in workers.run(w_zero3_weights, str(tmp_path), timeout=600):
         assert back and plain
+
+
+def w_trainer_reshard_resume(root, tp, pp, precision=()):
+    """A TP=2 x PP=2 run's checkpoint at iteration 3 resumed as (tp, pp) (DP fills the rest of
+    the 4 processes): model and optimizer state are resharded by name, the run continues."""
+    from megalite.training.trainer import pretrain
+    root = os.path.join(root, "-".join(precision) or "fp32")
+    directory = os.path.join(root, "ref")
+    ps = ParallelState.build(2, 2)
+    common = ["--train-iters", "6", "--clip-grad", "0.5", *precision]
+    if not os.path.exists(os.path.join(root, "ref.losses")):
+        full = pretrain(_train_args(common + [
+            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+            "--save", directory, "--save-interval", "3"]), ps)
+        dist.barrier()
+        if ps.rank == 0:
+            with open(os.path.join(directory, "latest"), "w") as f:
+                f.write("iter_0000003\n")
+            torch.save(full.losses, os.path.join(root, "ref.losses"))
+        dist.barrier()
+    ps = ParallelState.build(tp, pp)
+    resumed = pretrain(_train_args(common + [
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--load", directory]), ps)
+    return torch.load(os.path.join(root, "ref.losses")), resumed.losses
+
+
+@pytest.fixture(scope="module")
+def reshard_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("reshard"))
+
+
+@pytest.mark.parametrize("tp,pp,precision", [(1, 4, ()), (4, 1, ()), (1, 1, ()),
+                                              (1, 4, ("--bf16",))],
+                         ids=["tp1xpp4", "tp4", "dp4", "tp1xpp4-bf16"])
+def test_trainer_resumes_under_another_layout(workers, reshard_root, tp, pp, precision):
+    # fp32: the layouts differ only in summation order, so the continued curve agrees to
+    # float32 rounding amplified over 3 Adam steps (measured <= 1e-6 relative); the issue's bound
+    # is 1e-4 relative. bf16 (fp32 masters and moments resharded exactly, bf16 compute in
+    # another order): measured <= 1.2e-5; the same 1e-4 bound still catches a resume that loses
+    # the optimizer state (that run is off by 4e-4 at iteration 5).
+    for full, resumed in workers.run(w_trainer_reshard_resume, reshard_root, tp, pp, precision,
+                                     timeout=600):
+        assert len(resumed) == 3
+        for a, b in zip(full[3:], resumed, strict=True):
+            assert abs(a - b) <= 1e-4 * abs(a), (full, resumed)
