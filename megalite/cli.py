@@ -13,6 +13,7 @@ from megalite.errors import MegaliteError
 # name -> (module, one-line summary)
 SUBCOMMANDS = {
     "quickstart": ("megalite.quickstart", "run the main job on the built-in corpus (no downloads)"),
+    "train": ("megalite.training.main", "pretrain a GPT model (YAML config + Megatron-LM flags)"),
     "generate": ("megalite.generate", "continue a prompt from a checkpoint (KV cache, any TP size)"),
     "preprocess": ("megalite.tools.preprocess_data", "tokenize jsonl into .bin/.idx token files"),
     "merge-datasets": ("megalite.tools.merge_datasets", "merge several .bin/.idx datasets into one"),

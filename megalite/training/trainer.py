@@ -1,0 +1,276 @@
+"""The pretraining loop: one global batch per iteration, every layout, the same numbers.
+
+One iteration::
+
+    microbatches of this DP rank (training/data.py)
+      -> pipeline schedule: forward/backward of every microbatch through this rank's model chunks
+         (no pipelining, 1F1B or interleaved; backward through the optimizer's backward_fn)
+      -> optimizer.finish_grad_sync(): DP gradient all-reduce (or ZeRO's reduce-scatter), tied
+         embedding and sequence-parallel gradient sums
+      -> optimizer.step(lr): unscale, overflow check, global-norm clip, AdamW
+      -> metrics: the loss is the mean over the whole global batch (all microbatches, all DP ranks)
+
+What each rank holds: the chunks of its pipeline stage, sharded over its tensor-parallel group;
+its own microbatches (sample ids by DP rank); the same global-batch loss after the reduction.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megalite.config import TrainConfig, check_batch_sizes
+from megalite.distributed.parallel_state import ParallelState
+from megalite.errors import MegaliteError
+from megalite.model.flops import flops_per_iteration
+from megalite.optim.lr_schedule import LRSchedule
+from megalite.optim.optimizer import build_optimizer
+from megalite.parallel.pipeline.schedules import forward_backward
+from megalite.parallel.pipeline.stages import build_model_chunks
+from megalite.parallel.random import model_parallel_seed
+from megalite.training.data import BatchIterator, MockGPTDataset
+from megalite.training.metrics import MetricsLogger, device_peak_flops
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; identical on every rank."""
+
+    losses: list[float] = field(default_factory=list)
+    """Global-batch mean training loss of every iteration run in this call, in order."""
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss by iteration (every --eval-interval)."""
+    test_loss: float | None = None
+    """Test loss at the end (None without a test split)."""
+    iteration: int = 0
+    """The last completed iteration."""
+    grad_norms: list[float] = field(default_factory=list)
+    """Gradient norm (before clipping) of every iteration run in this call."""
+
+
+def _loss_fn(per_token_loss: torch.Tensor, microbatch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Microbatch loss: the mean over its tokens (every token counts; GPT pretraining has no mask)."""
+    loss = per_token_loss.float().mean()
+    return loss, loss.detach()
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs the loop.
+
+    Call on every rank of the job after ``torch.distributed`` is initialized (or in a single
+    process without it). ``ps`` may be passed in (tests reuse one process group for many layouts).
+    """
+
+    def __init__(self, config: TrainConfig, ps: ParallelState | None = None):
+        self.config = config
+        par, tr = config.parallel, config.training
+        if ps is None:
+            if dist.is_available() and dist.is_initialized():
+                ps = ParallelState.build(par.tensor_model_parallel_size,
+                                         par.pipeline_model_parallel_size)
+            else:
+                if par.tensor_model_parallel_size * par.pipeline_model_parallel_size != 1:
+                    raise MegaliteError(
+                        "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1 need "
+                        "several processes: start with torchrun, srun or mpirun")
+                ps = ParallelState.single()
+        self.ps = ps
+        self.num_microbatches = check_batch_sizes(tr, ps.dp_size)
+        self.global_batch_size = tr.global_batch_size or tr.micro_batch_size * ps.dp_size
+        self.seq_length = config.model.training_seq_length
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        self.dtype = config.precision.params_dtype
+
+        torch.manual_seed(tr.seed)
+        self.rng_tracker = model_parallel_seed(tr.seed, ps)
+        vp = par.num_layers_per_virtual_pipeline_stage
+        self.vp_size = 1 if vp is None else (
+            config.model.num_layers // (ps.pp_size * vp))
+        self.model_chunks = build_model_chunks(
+            config.model, ps, vp_size=self.vp_size, split=par.pipeline_layer_split,
+            device=self.device, rng_tracker=self.rng_tracker)
+        for chunk in self.model_chunks:
+            chunk.init_weights(tr.seed)
+            chunk.to(dtype=self.dtype)
+        self.optimizer = build_optimizer(self.model_chunks, config, ps)
+        o = config.optim
+        self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters,
+                                      o.lr_decay_iters or tr.train_iters, o.lr_decay_style)
+        self.iteration = 0
+        self.skipped_iters = 0
+        self.train_data, self.valid_data, self.test_data = self._build_data()
+        self.logger = MetricsLogger(enabled=ps.rank == 0, log_json=tr.log_json,
+                                    tensorboard_dir=tr.tensorboard_dir)
+        self.flops_per_iter = flops_per_iteration(config.model, self.global_batch_size,
+                                                  self.seq_length)
+        self.peak_flops = None  # measured lazily, at the first log
+
+    # ---- data ----------------------------------------------------------------------------
+    def _build_data(self):
+        cfg, tr, ps = self.config, self.config.training, self.ps
+        g = self.global_batch_size
+        eval_runs = tr.train_iters // tr.eval_interval + 1 if tr.eval_interval else 0
+        num_samples = (tr.train_iters * g, eval_runs * tr.eval_iters * g, tr.eval_iters * g)
+        if cfg.data.mock_data:
+            datasets = [MockGPTDataset(cfg.model.vocab_size, self.seq_length, n, tr.seed + k)
+                        if n else None for k, n in enumerate(num_samples)]
+        else:
+            if not cfg.data.data_path:
+                raise MegaliteError("no training data: give --data-path PREFIX (or --mock-data)")
+            from megalite.data.blended import build_train_valid_test_datasets
+            datasets = build_train_valid_test_datasets(
+                cfg.data.data_path, cfg.data.split, num_samples, self.seq_length, tr.seed,
+                cache_dir=cfg.data.data_cache_path)
+        if datasets[0] is None:
+            raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
+
+        def iterator(ds):
+            if ds is None:
+                return None
+            return BatchIterator(ds, g, tr.micro_batch_size, ps.dp_size, ps.dp_rank,
+                                 device=self.device)
+        return tuple(iterator(ds) for ds in datasets)
+
+    # ---- one step --------------------------------------------------------------------------
+    def _global_mean(self, losses: list[torch.Tensor]) -> float:
+        """Mean over all microbatches of all DP ranks, from the last pipeline stage's losses;
+        every rank gets it (one all-reduce over the world; only the last stage's tp_rank 0
+        ranks contribute)."""
+        ps = self.ps
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if losses and ps.tp_rank == 0:
+            total += torch.stack([l.double() for l in losses]).sum()
+        if ps.world_size > 1:
+            dist.all_reduce(total)
+        return float(total.item()) / (self.num_microbatches * ps.dp_size)
+
+    def _forward_backward(self, microbatches, forward_only: bool) -> list[torch.Tensor]:
+        return forward_backward(
+            self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, _loss_fn,
+            seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
+            dtype=self.dtype, forward_only=forward_only,
+            backward_fn=None if forward_only else self.optimizer.backward,
+            loss_scale=1.0 if forward_only else self.optimizer.loss_scale)
+
+    def train_step(self) -> tuple[float, "object"]:
+        """Run one iteration; returns (global-batch mean loss, optimizer StepResult)."""
+        for chunk in self.model_chunks:
+            chunk.train()
+        self.optimizer.zero_grad()
+        losses = self._forward_backward(self.train_data.next_global_batch(), forward_only=False)
+        self.optimizer.finish_grad_sync()
+        self.iteration += 1
+        result = self.optimizer.step(self.lr_schedule.lr_at(self.iteration))
+        if result.skipped:
+            self.skipped_iters += 1
+        return self._global_mean(losses), result
+
+    @torch.no_grad()
+    def evaluate(self, data: BatchIterator, iters: int) -> float:
+        """Mean loss over ``iters`` global batches of ``data`` (dropout off)."""
+        for chunk in self.model_chunks:
+            chunk.eval()
+        total = 0.0
+        for _ in range(iters):
+            total += self._global_mean(self._forward_backward(data.next_global_batch(), True))
+        return total / iters
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        tr = self.config.training
+        result = TrainResult()
+        interval_start, interval_iters = time.perf_counter(), 0
+        while self.iteration < tr.train_iters:
+            loss, step = self.train_step()
+            if not math.isfinite(loss):
+                raise MegaliteError(f"iteration {self.iteration}: the loss is {loss}; "
+                                    "lower --lr or use --bf16/--fp16 loss scaling")
+            result.losses.append(loss)
+            result.grad_norms.append(float(step.grad_norm))
+            interval_iters += 1
+            if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+                elapsed = time.perf_counter() - interval_start
+                self._log(loss, step, elapsed / interval_iters)
+                interval_start, interval_iters = time.perf_counter(), 0
+            if tr.eval_interval and self.valid_data and self.iteration % tr.eval_interval == 0:
+                # The k-th evaluation reads the k-th block of validation samples: a function of
+                # the iteration alone, so a resumed run evaluates on the same samples.
+                k = self.iteration // tr.eval_interval - 1
+                self.valid_data.consumed_samples = k * tr.eval_iters * self.global_batch_size
+                result.valid_losses[self.iteration] = self.evaluate(self.valid_data, tr.eval_iters)
+                self.logger.log_eval(self.iteration, "valid", result.valid_losses[self.iteration])
+            if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
+                self.save()
+        if self.test_data is not None and tr.eval_iters:
+            result.test_loss = self.evaluate(self.test_data, tr.eval_iters)
+            self.logger.log_eval(self.iteration, "test", result.test_loss)
+        if tr.save and (not tr.save_interval or self.iteration % tr.save_interval):
+            self.save()
+        result.iteration = self.iteration
+        self.logger.close()
+        return result
+
+    def _log(self, loss: float, step, seconds_per_iter: float) -> None:
+        tr = self.config.training
+        if self.peak_flops is None:
+            self.peak_flops, _ = device_peak_flops(self.dtype, tr.peak_tflops)
+        flops_per_device = self.flops_per_iter / seconds_per_iter / self.ps.world_size
+        if torch.cuda.is_available():
+            peak_mem = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+            peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        self.logger.log_train(self.iteration, {
+            "iteration": self.iteration,
+            "train_iters": tr.train_iters,
+            "consumed_samples": self.train_data.consumed_samples,
+            "loss": loss,
+            "lr": self.lr_schedule.lr_at(self.iteration),
+            "grad_norm": float(step.grad_norm),
+            "loss_scale": float(step.loss_scale),
+            "skipped_iters": self.skipped_iters,
+            "iteration_time_s": seconds_per_iter,
+            "tokens_per_s": self.global_batch_size * self.seq_length / seconds_per_iter,
+            "tflops_per_device": flops_per_device / 1e12,
+            "mfu": flops_per_device / self.peak_flops,
+            "peak_memory_gib": peak_mem,
+        })
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self) -> str:
+        """Collective checkpoint of the whole training state (RNG states included)."""
+        from megalite.checkpoint import save_checkpoint
+        extra = {"consumed_samples": self.train_data.consumed_samples,
+                 "skipped_iters": self.skipped_iters}
+        return save_checkpoint(self.config.training.save, self.iteration,
+                               model_chunks=self.model_chunks, optimizer=self.optimizer,
+                               config=self.config, ps=self.ps, extra=extra,
+                               rng_tracker=self.rng_tracker)
+
+    def load(self, directory: str) -> bool:
+        """Resume from ``directory`` (its ``latest``); False when it holds no checkpoint."""
+        from megalite.checkpoint import load_checkpoint
+        extra = load_checkpoint(directory, model_chunks=self.model_chunks,
+                                optimizer=self.optimizer, ps=self.ps,
+                                rng_tracker=self.rng_tracker)
+        if extra is None:
+            return False
+        self.iteration = int(extra["iteration"])
+        self.skipped_iters = int(extra.get("skipped_iters", 0))
+        self.train_data.consumed_samples = int(extra["consumed_samples"])
+        return True
+
+
+def pretrain(config: TrainConfig, ps: ParallelState | None = None) -> TrainResult:
+    """Build a :class:`Trainer`, resume from ``--load`` if it holds a checkpoint, and train."""
+    trainer = Trainer(config, ps)
+    if config.training.load:
+        if trainer.load(config.training.load) and trainer.ps.rank == 0:
+            print(f"resumed from {config.training.load} at iteration {trainer.iteration}",
+                  flush=True)
+    return trainer.train()
