@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any, NamedTuple
 
 from megalite.errors import MegaliteError
 
@@ -136,10 +137,21 @@ def resolve_tokenizer(args, train_config):
                             f"tokenizer flags to point at it") from None
 
 
-def prepare(args):
+class Prepared(NamedTuple):
+    """Everything :func:`prepare` derived from the flags and the checkpoint."""
+
+    config: Any            # GPTConfig for inference (no SP, no recompute, no dropout)
+    tokenizer: Any         # megalite.data.tokenizers.Tokenizer
+    prompt_ids: list       # the prompt's token ids (may be empty)
+    context: list          # what the model is fed: prompt_ids, or [eod] when that is empty
+    max_new_tokens: int    # --max-new-tokens, capped by max_position_embeddings
+    tp: int                # tensor-parallel size to run at
+
+
+def prepare(args) -> Prepared:
     """Everything that can fail on bad input, checked before any process group exists.
 
-    Returns (model GPTConfig for inference, tokenizer, prompt ids, max new tokens, tp size).
+    Returns a :class:`Prepared`.
     """
     from megalite.checkpoint import read_model_config, read_train_config
     if not os.path.isdir(args.load):
@@ -160,7 +172,8 @@ def prepare(args):
         raise MegaliteError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                             f"{saved.vocab_size}: not the tokenizer this checkpoint was trained "
                             f"with")
-    ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eod]
+    prompt_ids = tokenizer.encode(args.prompt)
+    ids = prompt_ids or [tokenizer.eod]   # nothing to continue: start a new document
     limit = saved.max_position_embeddings
     if len(ids) > limit or (len(ids) == limit and args.max_new_tokens > 0):
         raise MegaliteError(f"--prompt is {len(ids)} tokens long; the model has "
@@ -172,7 +185,7 @@ def prepare(args):
               f"{limit} positions", file=sys.stderr)
     config = saved.replace(sequence_parallel=False, recompute_granularity=None,
                            hidden_dropout=0.0, attention_dropout=0.0)
-    return config, tokenizer, ids, new, tp
+    return Prepared(config, tokenizer, prompt_ids, ids, new, tp)
 
 
 def generate_text(args, ps, device=None, prepared=None):
@@ -187,7 +200,7 @@ def generate_text(args, ps, device=None, prepared=None):
     from megalite.model.gpt import GPTModel
 
     sampling = sampling_from_args(args)
-    config, tokenizer, ids, new, _ = prepared or prepare(args)
+    config, tokenizer, prompt_ids, ids, new, _ = prepared or prepare(args)
     device = torch.device(device or "cpu")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     # Parameters start uninitialized (torch.empty): the checkpoint fills every one of them.
@@ -199,7 +212,7 @@ def generate_text(args, ps, device=None, prepared=None):
     new_ids = out.tokens[0].tolist()
     if tokenizer.eod in new_ids:
         new_ids = new_ids[:new_ids.index(tokenizer.eod)]
-    return new_ids, continuation_text(tokenizer, ids if args.prompt else [], new_ids)
+    return new_ids, continuation_text(tokenizer, prompt_ids, new_ids)
 
 
 def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
