@@ -95,7 +95,7 @@ def test_chunked_prefill_matches_single_forward(name):
     assert err <= CACHE_TOL * ref.abs().max().item()
 
 
-def test_cache_refuses_overflow_and_sequence_parallel():
+def test_cache_refuses_overflow():
     model = build(RECIPES["llama-gqa"])
     cache = KVCache.for_model(model, 1, 8)
     with torch.no_grad():
