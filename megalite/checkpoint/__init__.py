@@ -2,7 +2,8 @@
 
 * :mod:`.io`: directory names, durable writes, ``latest``, manifest, pruning, safe ``torch.load``.
 * :mod:`.sharded`: the collective :func:`save_checkpoint` / :func:`load_checkpoint`.
-* :mod:`.reshard`: :func:`load_model_weights` under any TP/PP layout.
+* :mod:`.reshard`: :func:`load_model_weights` under any TP/PP/virtual-stage layout.
+* :mod:`.reshard_optim`: megalite Optimizer state (by parameter name) under another layout.
 * :mod:`.rng`: :func:`capture_rng_states` / :func:`restore_rng_states`.
 """
 from megalite.checkpoint.io import list_checkpoints, prune_checkpoints, resolve_checkpoint
