@@ -56,7 +56,8 @@ _HASH_BLOCK = 8 << 20
 def checkpoint_name(iteration: int) -> str:
     """Directory name of the checkpoint after ``iteration`` steps: ``iter_0000100``."""
     if not isinstance(iteration, int) or iteration < 0:
-        raise MegaliteError(f"checkpoint iteration must be a non-negative integer, got {iteration!r}")
+        raise MegaliteError(f"checkpoint iteration must be a non-negative integer, "
+                            f"got {iteration!r}")
     return f"iter_{iteration:07d}"
 
 

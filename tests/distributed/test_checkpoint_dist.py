@@ -309,7 +309,8 @@ def test_model_loads_under_another_layout_with_equal_logits(workers, saved, tp, 
     root, _, ref = saved
     results = workers.run(w_load, root, tp, pp, vp)
     for name in RECIPES:
-        got = [r[name]["logits"] for r in results if r is not None and r[name]["logits"] is not None]
+        got = [r[name]["logits"] for r in results
+               if r is not None and r[name]["logits"] is not None]
         assert got, "no rank returned logits"
         for logits in got:
             diff = (logits - ref[name]["logits"]).abs().max().item()

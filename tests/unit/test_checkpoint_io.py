@@ -49,7 +49,8 @@ def make(seed: int, cfg=CFG):
 
 def save(directory, iteration, model, opt, **kw):
     return save_checkpoint(str(directory), iteration, model_chunks=[model], optimizer=opt,
-                           config={"note": "test"}, ps=PS, extra={"consumed_samples": 7 * iteration},
+                           config={"note": "test"}, ps=PS,
+                           extra={"consumed_samples": 7 * iteration},
                            **kw)
 
 
