@@ -24,6 +24,7 @@ setup(
     version="0.1.0",
     description="Megatron-style distributed pretraining for Transformer language models",
     packages=find_packages(include=["megalite", "megalite.*"]),
+    package_data={"megalite": ["configs/*.yaml"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.9",
