@@ -46,18 +46,21 @@ def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: Para
     all of them: the overflow flag travels in the same all-reduce as the squared norm.
     """
     params, grads = list(params), list(grads)
+    device = grads[0].device if grads else torch.device("cpu")
     norms = [torch.linalg.vector_norm(g.detach().float(), 2.0)
              for p, g in zip(params, grads) if counts_toward_norm(p, ps)]
     local = (torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms
-             else torch.zeros((), dtype=torch.float32))
-    # Uncounted gradients are checked for inf/nan too (counted ones show up in `local`).
+             else torch.zeros((), dtype=torch.float32, device=device))
+    # Uncounted gradients are checked for inf/nan too (counted ones show up in `local`);
+    # on the device, one flag, no host sync per tensor.
     uncounted = [g for p, g in zip(params, grads) if not counts_toward_norm(p, ps)]
-    bad = any(not bool(torch.isfinite(g).all()) for g in uncounted)
+    bad = (torch.stack([torch.isfinite(g).all() for g in uncounted]).logical_not().any()
+           .double() if uncounted else torch.zeros((), dtype=torch.float64, device=device))
     mp_size = len(ps.mp_group_ranks)
     if ps.mp_group is None or mp_size == 1:
-        return float("inf") if bad else float(local)
+        return float("inf") if bad.item() else float(local)
     # float64 for the cross-rank sum: squaring an fp32 norm near 1e19 would overflow fp32.
-    total = torch.stack([local.double() ** 2, torch.tensor(float(bad), dtype=torch.float64)])
+    total = torch.stack([local.double() ** 2, bad.to(local.device)])
     dist.all_reduce(total, group=ps.mp_group)
     if total[1] > 0:
         return float("inf")
@@ -71,8 +74,8 @@ def clip_by_global_norm(grads: list[Tensor], total_norm: float, max_norm: float)
     if max_norm <= 0 or not math.isfinite(total_norm):
         return 1.0
     # fp32 arithmetic in torch's order, so a single process matches clip_grad_norm_ bitwise.
-    coef = max_norm / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6)
+    coef = float(max_norm / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6))
     if coef >= 1.0:
         return 1.0
-    torch._foreach_mul_(grads, coef)
-    return float(coef)
+    torch._foreach_mul_(grads, coef)   # an fp32 value held exactly in the Python float
+    return coef

@@ -180,11 +180,10 @@ class Optimizer:
             groups.append({"params": opt_params[i:i + n], "weight_decay": g["weight_decay"],
                            "names": g["names"]})
             i += n
-        # foreach=False: the per-tensor loop is the implementation ZeRO's flat partitions get
-        # too, so megalite's and DeepSpeed's updates agree elementwise.
+        # torch's default implementation choice (multi-tensor on GPU, per-tensor on CPU).
         self.adamw = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.adam_beta1,
                                        optim.adam_beta2), eps=optim.adam_eps,
-                                       weight_decay=optim.weight_decay, foreach=False)
+                                       weight_decay=optim.weight_decay)
 
     # -- the trainer's interface -----------------------------------------------------------
     @property

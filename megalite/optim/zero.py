@@ -300,7 +300,7 @@ class ZeroOptimizer:
                     p.register_post_accumulate_grad_hook(_accumulate_main_grad)
         adamw = torch.optim.AdamW(opt_groups, lr=optim.lr, betas=(optim.adam_beta1,
                                   optim.adam_beta2), eps=optim.adam_eps,
-                                  weight_decay=optim.weight_decay, foreach=False)
+                                  weight_decay=optim.weight_decay)
         self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=adamw, config=config, mpu=DeepSpeedMpu(ps))
         self._realias()
