@@ -128,6 +128,14 @@ _OPTIONS = [
         ("--load", None, dict(metavar="DIR"), "checkpoint directory to resume from"),
         ("--save-interval", None, dict(type=int), "iterations between checkpoints"),
     ]),
+    ("launch and planning", "training", [
+        ("--dry-run", "_dry_run", dict(action="store_true"),
+         "validate the config, layout, data and tokenizer, print the plan (layers per stage, "
+         "microbatches, parameters and memory per rank) and exit without training"),
+        ("--world-size", "_world_size", dict(type=int),
+         "with --dry-run: plan for N processes without launching them (default: the "
+         "launcher's world size, else 1)"),
+    ]),
 ]
 
 

@@ -1,28 +1,43 @@
 """``megalite train``: pretraining from a YAML config and/or Megatron-LM flags.
 
 Single process: ``megalite train --config configs/tiny-gpt.yaml --mock-data``.
-Several processes: ``torchrun --nproc-per-node 4 -m megalite train --tensor-model-parallel-size 2
---pipeline-model-parallel-size 2 ...`` (rank, world and master come from torchrun's variables).
+Several processes: started by torchrun, SLURM ``srun`` or ``mpirun``; rank, world and master
+come from the launcher's variables (megalite.distributed.launch_env).
+``--dry-run`` checks everything and prints the plan without training (training/dry_run.py).
+
+Exit status: 0 after a finished run, 75 (signals.EXIT_STOPPED) after a stop on SIGUSR1/SIGTERM
+or --exit-duration-in-mins with a checkpoint saved (the SLURM scripts requeue on it).
 """
 from __future__ import annotations
-
-import os
 
 import torch.distributed as dist
 
 
 def main(argv=None) -> int:
     from megalite.config import parse_train_args
+    from megalite.train_args import build_parser
 
     config = parse_train_args(argv)  # before the heavy imports: --help and flag errors stay fast
+    specials, _ = build_parser().parse_known_args(argv)
+    from megalite.distributed.launch_env import detect_launch_env, init_from_launch_env
+
+    if getattr(specials, "_dry_run", False):
+        from megalite.training.dry_run import dry_run
+
+        world = getattr(specials, "_world_size", None) or detect_launch_env().world_size
+        print(dry_run(config, world), flush=True)
+        return 0
+    if getattr(specials, "_world_size", None) is not None:
+        from megalite.errors import MegaliteError
+        raise MegaliteError("--world-size is for --dry-run planning; a real run takes its world "
+                            "size from the launcher (torchrun, srun, mpirun)")
+    from megalite.training.signals import EXIT_STOPPED
     from megalite.training.trainer import pretrain
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from megalite.distributed.parallel_state import init_distributed
-        init_distributed()
+    init_from_launch_env()
     try:
-        pretrain(config)
+        result = pretrain(config)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return EXIT_STOPPED if result.stopped else 0

@@ -34,6 +34,7 @@ from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.data import BatchIterator, MockGPTDataset
 from megalite.training.metrics import MetricsLogger, device_peak_flops
+from megalite.training.signals import StopMonitor
 
 
 @dataclass
@@ -50,6 +51,9 @@ class TrainResult:
     """The last completed iteration."""
     grad_norms: list[float] = field(default_factory=list)
     """Gradient norm (before clipping) of every iteration run in this call."""
+    stopped: str | None = None
+    """Why the loop ended early: "signal" (SIGUSR1/SIGTERM) or "time"
+    (--exit-duration-in-mins), after saving a checkpoint; None when train_iters were reached."""
 
 
 def _loss_fn(per_token_loss: torch.Tensor, microbatch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +106,7 @@ class Trainer:
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters,
                                       o.lr_decay_iters or tr.train_iters, o.lr_decay_style)
         self.iteration = 0
+        self._last_saved = -1  # iteration of the last checkpoint written by this process
         self.skipped_iters = 0
         self.train_data, self.valid_data, self.test_data = self._build_data()
         self.logger = MetricsLogger(enabled=ps.rank == 0, log_json=tr.log_json,
@@ -184,6 +189,32 @@ class Trainer:
     def train(self) -> TrainResult:
         tr = self.config.training
         result = TrainResult()
+        # --exit-duration-in-mins counts from here (after model building and resuming)
+        monitor = StopMonitor(tr.exit_duration_in_mins, device=self.device)
+        with monitor:
+            self._loop(result, monitor)
+        if result.stopped:
+            if tr.save and self.iteration != self._last_saved:
+                self.save()
+            if self.ps.rank == 0:
+                print(f"stopping at iteration {self.iteration} ({result.stopped}"
+                      + (f"); checkpoint in {tr.save}" if tr.save else "); no --save: nothing "
+                         "saved"), flush=True)
+            result.iteration = self.iteration
+            self.logger.close()
+            return result
+        if self.test_data is not None and tr.eval_iters:
+            result.test_loss = self.evaluate(self.test_data, tr.eval_iters)
+            self.logger.log_eval(self.iteration, "test", result.test_loss)
+        if tr.save and (not tr.save_interval or self.iteration % tr.save_interval):
+            self.save()
+        result.iteration = self.iteration
+        self.logger.close()
+        return result
+
+    def _loop(self, result: TrainResult, monitor: StopMonitor) -> None:
+        """Iterations until train_iters, or until every rank agrees to stop (result.stopped)."""
+        tr = self.config.training
         interval_start, interval_iters = time.perf_counter(), 0
         while self.iteration < tr.train_iters:
             loss, step = self.train_step()
@@ -206,14 +237,12 @@ class Trainer:
                 self.logger.log_eval(self.iteration, "valid", result.valid_losses[self.iteration])
             if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
                 self.save()
-        if self.test_data is not None and tr.eval_iters:
-            result.test_loss = self.evaluate(self.test_data, tr.eval_iters)
-            self.logger.log_eval(self.iteration, "test", result.test_loss)
-        if tr.save and (not tr.save_interval or self.iteration % tr.save_interval):
-            self.save()
-        result.iteration = self.iteration
-        self.logger.close()
-        return result
+            # Preemption / time budget: one tiny all-reduce per iteration so that every rank
+            # stops after the same iteration (training/signals.py).
+            if self.iteration < tr.train_iters:
+                result.stopped = monitor.should_stop()
+                if result.stopped:
+                    return
 
     def _log(self, loss: float, step, seconds_per_iter: float) -> None:
         tr = self.config.training
@@ -245,6 +274,7 @@ class Trainer:
     def save(self) -> str:
         """Collective checkpoint of the whole training state (RNG states included)."""
         from megalite.checkpoint import save_checkpoint
+        self._last_saved = self.iteration
         extra = {"consumed_samples": self.train_data.consumed_samples,
                  "skipped_iters": self.skipped_iters}
         return save_checkpoint(self.config.training.save, self.iteration,
