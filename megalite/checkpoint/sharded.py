@@ -283,6 +283,9 @@ def load_checkpoint(directory: str, *, model_chunks: Iterable, optimizer: Any, p
                              restore_rng, verify_checksums, rng_tracker)
     except Exception as e:
         error = f"rank {ps.rank}: {_describe(e)}"
+        if isinstance(e, MegaliteError) and any(
+                w in str(e) for w in ("damaged", "corrupt", "missing", "refusing")):
+            error += _older_hint(directory)
     found = _all_gather(result is not None, ps)
     _agree(error, ps, f"cannot load the checkpoint from {directory}")
     if any(found) and not all(found):
@@ -347,6 +350,19 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
                optimizer_resharded=bool(changed and want_optimizer),
                rng_states=state["rng"] if state is not None else None)
     return out
+
+
+def _older_hint(directory: str) -> str:
+    """For a damaged newest checkpoint: name the older complete ones one could resume from."""
+    try:
+        current = io.read_latest(directory)
+        others = [n for _, n in io.list_checkpoints(directory) if n != current]
+    except (MegaliteError, OSError):
+        return ""
+    if not others:
+        return ""
+    return (f" (older checkpoints in {directory}: {', '.join(others[-3:])}; to resume from one, "
+            f"write its name into {os.path.join(directory, io.LATEST)})")
 
 
 def _refuse(path: str, saved: dict, layout: dict) -> None:

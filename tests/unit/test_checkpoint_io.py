@@ -139,6 +139,7 @@ def test_directory_layout_manifest_and_metadata(tmp_path):
 @pytest.mark.parametrize("victim", ["model_tp00_pp00.safetensors", "rank_00000.pt"])
 def test_damaged_file_is_named(tmp_path, damage, victim):
     model, opt = make(1)
+    save(tmp_path, 2, model, opt)
     path = save(tmp_path, 3, model, opt)
     target = os.path.join(path, victim)
     data = bytearray(open(target, "rb").read())
@@ -153,6 +154,7 @@ def test_damaged_file_is_named(tmp_path, damage, victim):
     with pytest.raises(MegaliteError, match=expect) as info:
         load(tmp_path)
     assert target in str(info.value)
+    assert "older checkpoints in" in str(info.value) and "iter_0000002" in str(info.value)
 
 
 def test_flip_passes_without_checksums_but_size_is_always_checked(tmp_path):
