@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "preprocess": ("megalite.tools.preprocess_data", "tokenize jsonl into .bin/.idx token files"),
     "merge-datasets": ("megalite.tools.merge_datasets", "merge several .bin/.idx datasets into one"),
     "train-tokenizer": ("megalite.tools.train_tokenizer", "train a SentencePiece model from jsonl"),
+    "convert": ("megalite.convert.cli", "checkpoints to/from Hugging Face, or to another TP/PP"),
 }
 
 

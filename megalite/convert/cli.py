@@ -1,0 +1,125 @@
+"""``megalite convert {to-hf,from-hf,reshard}``: checkpoint conversion in one process.
+
+* ``to-hf``: a megalite checkpoint of any TP/PP/virtual-stage layout -> a Hugging Face
+  ``LlamaForCausalLM`` (LLaMA recipe) or ``GPT2LMHeadModel`` (classic recipe) directory:
+  config.json, safetensors weights (sharded above ``--max-shard-size``), tokenizer files when
+  the training tokenizer is a SentencePiece model.
+* ``from-hf``: a Hugging Face LLaMA or GPT-2 directory -> a megalite checkpoint for any target
+  (TP, PP) layout, weights only (training starts a fresh optimizer at iteration 0).
+* ``reshard``: a megalite checkpoint -> the same checkpoint under another (TP, PP) layout, the
+  optimizer state (megalite's own optimizer) included.
+
+Every direction streams tensor by tensor (:mod:`megalite.convert.hf_io`,
+:mod:`megalite.convert.offline`): peak memory is about one full tensor, plus the two models
+when ``--verify`` runs. The output is written under a temporary name next to ``--save`` and
+renamed into place only when everything (verification included) succeeded: a failed or
+interrupted conversion leaves nothing at ``--save``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import sys
+
+from megalite.errors import MegaliteError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+EPILOG = """examples:
+  megalite convert to-hf --load ckpts/run1 --save hf/run1 --verify
+  megalite convert from-hf --load hf/llama --save ckpts/llama-tp2pp2 \\
+      --target-tensor-parallel-size 2 --target-pipeline-model-parallel-size 2 --verify
+  megalite convert reshard --load ckpts/run1 --save ckpts/run1-tp1pp4 \\
+      --target-tensor-parallel-size 1 --target-pipeline-model-parallel-size 4
+
+--verify builds both models in float32 in this process (memory: about 2 x 4 bytes per
+parameter) and compares their logits on a few random token sequences; the conversion fails
+(exit 2, nothing written at --save) when the largest absolute difference exceeds
+--verify-tolerance."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megalite convert", description=__doc__.split("\n\n")[0] + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="{to-hf,from-hf,reshard}")
+    sub.required = True
+    to_hf = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face directory",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> megalite checkpoint",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    reshard = sub.add_parser("reshard", help="megalite checkpoint -> another TP/PP layout",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    for p, load_help, save_help in (
+            (to_hf, "megalite save directory (its 'latest') or an iter_* directory",
+             "Hugging Face output directory (must not exist, or be empty)"),
+            (from_hf, "Hugging Face model directory (config.json + safetensors)",
+             "megalite save directory to create (must not exist, or be empty)"),
+            (reshard, "megalite save directory (its 'latest') or an iter_* directory",
+             "megalite save directory to create (must not exist, or be empty)")):
+        p.add_argument("--load", required=True, help=load_help)
+        p.add_argument("--save", required=True, help=save_help)
+        p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
+                       help="dtype of the written weights (auto: as stored in --load)")
+        p.add_argument("--no-verify-checksums", action="store_true",
+                       help="skip hashing the megalite files read (sizes are still checked)")
+    for p in (from_hf, reshard):
+        p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="T",
+                       help="tensor-parallel size of the written checkpoint (default 1)")
+        p.add_argument("--target-pipeline-model-parallel-size", type=int, default=1,
+                       metavar="P", help="pipeline stages of the written checkpoint (default 1)")
+    for p in (to_hf, from_hf):
+        p.add_argument("--verify", action="store_true",
+                       help="compare megalite and Hugging Face logits after converting; fail "
+                            "when they differ by more than --verify-tolerance")
+        p.add_argument("--verify-tolerance", type=float, default=1e-4,
+                       help="largest allowed absolute logit difference (default 1e-4, float32)")
+        p.add_argument("--verify-sequences", type=int, default=3,
+                       help="random token sequences compared (default 3)")
+        p.add_argument("--verify-seq-length", type=int, default=32,
+                       help="tokens per verification sequence (default 32, at most the "
+                            "model's max_position_embeddings)")
+    to_hf.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                       help="largest safetensors file in GB (10^9 bytes); default 5")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("target_tensor_parallel_size", "target_pipeline_model_parallel_size"):
+        value = getattr(args, flag, 1)
+        if value < 1:
+            raise MegaliteError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "verify", False) and (args.verify_sequences < 1
+                                           or args.verify_seq_length < 1):
+        raise MegaliteError("--verify-sequences and --verify-seq-length must be >= 1")
+    final = os.path.abspath(args.save)
+    if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
+        raise MegaliteError(f"--save {args.save} already exists and is not empty; choose a new "
+                            f"directory (conversion never overwrites)")
+    if os.path.abspath(args.load) == final:
+        raise MegaliteError("--save must differ from --load")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    try:
+        from megalite.convert import convert_ops
+        run = {"to-hf": convert_ops.to_hf, "from-hf": convert_ops.from_hf,
+               "reshard": convert_ops.reshard}[args.command]
+        message = run(args, tmp)
+        if os.path.isdir(final):
+            os.rmdir(final)            # empty (checked above)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"{message}; written to {args.save}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from megalite.cli import run_main
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -1,0 +1,293 @@
+"""The three conversions behind ``megalite convert`` (see :mod:`megalite.convert.cli`), each
+writing into a temporary directory ``tmp`` that the CLI renames into place on success.
+
+Every tensor goes through the one name map of its architecture (``param_mappings`` in
+:mod:`~megalite.convert.hf_llama` / :mod:`~megalite.convert.hf_gpt2`), one parameter at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from megalite.convert import _module, architecture_of, config_from_hf
+from megalite.convert.hf_io import HFReader, HFShardedWriter, progress, write_tokenizer_files
+from megalite.convert.offline import CheckpointReader, write_checkpoint
+from megalite.errors import MegaliteError
+
+__all__ = ["to_hf", "from_hf", "reshard", "verify_logits"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias")
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+
+
+def _train_config(path: str):
+    from megalite.checkpoint import read_train_config
+    try:
+        return read_train_config(path)
+    except MegaliteError as e:
+        print(f"warning: {e}; continuing without the training config", file=sys.stderr)
+        return None
+
+
+def _tokenizer_of(train_config) -> tuple[str | None, str | None]:
+    data = getattr(train_config, "data", None)
+    if data is not None:
+        return data.tokenizer_model, data.tokenizer_type
+    if isinstance(train_config, dict) and isinstance(train_config.get("data"), dict):
+        return train_config["data"].get("tokenizer_model"), train_config["data"].get(
+            "tokenizer_type")
+    return None, None
+
+
+# -- megalite -> Hugging Face -----------------------------------------------------------------
+def to_hf(args, tmp: str) -> str:
+    reader = CheckpointReader(args.load, verify_checksums=not args.no_verify_checksums)
+    try:
+        cfg = reader.config
+        arch = architecture_of(cfg)
+        mod = _module(arch)
+        rows = reader.meta_tensor(WORD_EMBEDDINGS).shape[0]
+        maps = mod.param_mappings(cfg, rows)
+        out_dtype = _DTYPES.get(args.dtype)
+        specs = []
+        for m in maps:   # shapes from the meta device: nothing read yet
+            outs = m.to_hf(reader.meta_tensor(m.megalite))
+            specs += [(n, out_dtype or t.dtype, tuple(t.shape)) for n, t in zip(m.hf, outs)]
+        writer = HFShardedWriter(tmp, specs, int(args.max_shard_size * 1e9))
+        bar = progress(len(maps), "to-hf")
+        for m in maps:
+            outs = m.to_hf(reader.full(m.megalite))
+            for n, t in zip(m.hf, outs):
+                writer.write(n, t.to(out_dtype) if out_dtype else t)
+            del outs
+            bar.update(1)
+        bar.close()
+        writer.close()
+        hf_cfg = mod.config_to_hf(cfg)
+        hf_cfg.architectures = ["LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel"]
+        hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
+        hf_cfg.save_pretrained(tmp)
+        tok_model, tok_type = _tokenizer_of(_train_config(reader.path))
+        tok_files = write_tokenizer_files(tok_model, tok_type, tmp, arch)
+        ckpt_path = reader.path
+    finally:
+        reader.close()
+    msg = (f"converted {ckpt_path} (TP={reader.tp} PP={reader.meta['layout']['pp_size']}) to "
+           f"{hf_cfg.architectures[0]}: {len(specs)} tensors in {len(writer.names)} file(s)"
+           + (f", tokenizer files {tok_files}" if tok_files else ""))
+    if args.verify:
+        err = verify_logits(ckpt_path, tmp, args)
+        msg += f"; verified: max |logit difference| {err:.3g}"
+    return msg
+
+
+# -- Hugging Face -> megalite -----------------------------------------------------------------
+def from_hf(args, tmp: str) -> str:
+    hf = HFReader(args.load)
+    try:
+        cfg = config_from_hf(hf.config)
+        arch = architecture_of(cfg)
+        maps = {m.megalite: m for m in _module(arch).param_mappings(cfg)}
+        _check_hf_names(hf, maps, cfg, args.load)
+        out_dtype = _DTYPES.get(args.dtype)
+
+        def dtype_of(name: str) -> torch.dtype:
+            m = maps.get(name) or maps[WORD_EMBEDDINGS]     # tied output copy
+            return out_dtype or hf.meta_tensor(m.hf[0]).dtype
+
+        def full_of(name: str) -> torch.Tensor:
+            m = maps.get(name)
+            if m is None:
+                raise MegaliteError(f"the name map has no entry for megalite tensor {name}")
+            return m.from_hf(*(hf.get(n) for n in m.hf))
+
+        tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
+        config_dict, config_type = _new_train_config(None, cfg, tp, pp)
+        extra = {"consumed_samples": 0, "skipped_iters": 0, "weights_only": True,
+                 "converted_from": f"hf:{os.path.abspath(args.load)}"}
+        ckpt = write_checkpoint(tmp, cfg, tp, pp, full_of, dtype_of, config_dict=config_dict,
+                                config_type=config_type, extra=extra, desc="from-hf")
+    finally:
+        hf.close()
+    msg = (f"converted {hf.config.model_type} model {args.load} to a megalite checkpoint "
+           f"(TP={tp} PP={pp}, weights only)")
+    if args.verify:
+        err = verify_logits(ckpt, args.load, args)
+        msg += f"; verified: max |logit difference| {err:.3g}"
+    return msg
+
+
+def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
+    expected = {n for m in maps.values() for n in m.hf}
+    names = set(hf.names())
+    ignorable = {n for n in names if n.endswith(_IGNORED_HF_SUFFIXES)
+                 or (n.endswith(".attn.bias") and n.startswith("transformer.h."))}
+    if cfg.tied_embeddings:
+        ignorable.add("lm_head.weight")
+    missing = sorted(expected - names)
+    unexpected = sorted(names - expected - ignorable)
+    if missing or unexpected:
+        raise MegaliteError(f"{where}: the weights do not match the {hf.config.model_type} "
+                            f"config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _new_train_config(train_config, model_cfg, tp: int, pp: int) -> tuple[dict, str]:
+    """config.json for the written layout: the source TrainConfig (or a default one around the
+    model) with the parallel section set to (tp, pp); a plain dict when that does not validate."""
+    from megalite.config import ParallelConfig, TrainConfig
+    try:
+        if train_config is not None and hasattr(train_config, "parallel"):
+            par = dataclasses.replace(
+                train_config.parallel, tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=None,
+                pipeline_layer_split=None)
+            return dataclasses.replace(train_config, parallel=par).to_dict(), "TrainConfig"
+        return TrainConfig(model=model_cfg, parallel=ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)).to_dict(), \
+            "TrainConfig"
+    except MegaliteError as e:
+        raise MegaliteError(f"target layout TP={tp} PP={pp} does not fit the model: {e}") \
+            from None
+
+
+# -- megalite -> megalite (another layout) ----------------------------------------------------
+def reshard(args, tmp: str) -> str:
+    from megalite.checkpoint import io
+    from megalite.checkpoint.reshard_optim import reshardable
+    from megalite.checkpoint.sharded import rank_file_name
+    reader = CheckpointReader(args.load, verify_checksums=not args.no_verify_checksums)
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
+    try:
+        cfg = reader.config
+        out_dtype = _DTYPES.get(args.dtype)
+        index = reader.index
+
+        def dtype_of(name: str) -> torch.dtype:
+            e = index.get(name) or index[WORD_EMBEDDINGS]
+            return out_dtype or getattr(torch, e["dtype"])
+
+        train_config = _train_config(reader.path)
+        config_dict, config_type = _new_train_config(train_config, cfg, tp, pp)
+        extra = dict(reader.meta.get("extra") or {})
+        rank0 = os.path.join(reader.path, rank_file_name(0))
+        opt = None
+        if rank_file_name(0) in reader.files:
+            state = io.safe_torch_load(rank0, mmap=True)
+            opt = state.get("optimizer") if isinstance(state, dict) else None
+        carry = opt is not None and reshardable(opt) and hasattr(train_config, "optim") \
+            and out_dtype is None
+        if opt is not None and not carry:
+            why = ("--dtype changes the weights' dtype" if out_dtype is not None else
+                   "ZeRO partitions" if isinstance(opt, dict) and "zero_stage" in opt else
+                   "no TrainConfig in the checkpoint" if not hasattr(train_config, "optim")
+                   else "not megalite Optimizer state")
+            print(f"warning: optimizer state NOT carried over ({why}); the new checkpoint "
+                  f"holds the model weights only", file=sys.stderr)
+            extra["weights_only"] = True
+        elif opt is None:
+            extra["weights_only"] = True
+        rank_state = _optimizer_rank_state(reader, train_config, cfg, tp, pp) if carry else None
+        write_checkpoint(tmp, cfg, tp, pp, reader.full, dtype_of, config_dict=config_dict,
+                         config_type=config_type, extra=extra,
+                         iteration=int(reader.meta["iteration"]), rank_state=rank_state,
+                         desc="reshard")
+        src = reader.meta["layout"]
+    finally:
+        reader.close()
+    return (f"resharded {reader.path} from TP={src['tp_size']} PP={src['pp_size']} "
+            f"VP={src['vp_size']} to TP={tp} PP={pp}, "
+            + ("optimizer state included" if carry else "model weights only"))
+
+
+def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, pp: int):
+    """``(rank, tp_rank, pp_rank) -> rank-file dict`` with that target rank's optimizer state,
+    resharded by engineer J's :func:`reshard_optimizer_state` from real (CPU) model chunks of
+    that rank. Its RNG states are those a fresh run seeds (torch/python/numpy with the run's
+    seed, the tensor-parallel tracker for that rank): per-rank random streams of another
+    layout have no counterpart, as in an online layout change."""
+    from megalite.checkpoint.reshard import load_model_weights_from
+    from megalite.checkpoint.reshard_optim import reshard_optimizer_state
+    from megalite.checkpoint.rng import capture_rng_states
+    from megalite.checkpoint.sharded import FORMAT, rank_file_name
+    from megalite.distributed.parallel_state import ParallelState
+    from megalite.optim.optimizer import build_optimizer
+    from megalite.parallel.pipeline.stages import build_model_chunks
+    from megalite.parallel.random import model_parallel_seed
+    new_config = dataclasses.replace(train_config, parallel=dataclasses.replace(
+        train_config.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        num_layers_per_virtual_pipeline_stage=None, pipeline_layer_split=None))
+    seed = new_config.training.seed
+
+    def rank_state(rank: int, tp_rank: int, pp_rank: int) -> dict:
+        ps = ParallelState.for_shapes(tp, tp_rank, pp, pp_rank)
+        chunks = build_model_chunks(cfg, ps, device="meta")
+        dtype = new_config.precision.params_dtype
+        chunks = [c.to_empty(device="cpu").to(dtype) for c in chunks]
+        load_model_weights_from(reader.path, reader.meta, reader.files, chunks, ps,
+                                verify_checksums=False)   # hashed once already by the reader
+        optimizer = build_optimizer(chunks, new_config, ps)
+        reshard_optimizer_state(reader.path, reader.meta, reader.files, chunks, optimizer, ps,
+                                rank_file=rank_file_name, verify_checksums=reader.verify)
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            rng = capture_rng_states(model_parallel_seed(seed, ps))   # seeds torch too
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+        return {"format": FORMAT, "rank": rank, "coordinates": {"tp": tp_rank, "pp": pp_rank,
+                                                                 "dp": 0},
+                "param_names": [n for c in chunks for n, _ in c.named_parameters()],
+                "layer_ranges": [list(c.layer_range) for c in chunks],
+                "optimizer": optimizer.state_dict(), "rng": rng}
+    return rank_state
+
+
+# -- verification -----------------------------------------------------------------------------
+@torch.no_grad()
+def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
+    """Max |megalite - HF| over the real-vocabulary logits of ``args.verify_sequences`` random
+    sequences, both models in float32 in this process; MegaliteError above the tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    from megalite.checkpoint import load_model_weights, read_model_config
+    from megalite.distributed.parallel_state import ParallelState
+    from megalite.model.gpt import GPTModel
+    cfg = read_model_config(ckpt_dir).replace(hidden_dropout=0.0, attention_dropout=0.0)
+    ps = ParallelState.single()
+    ours = GPTModel(cfg, ps, device="meta").to_empty(device="cpu")
+    load_model_weights(ckpt_dir, [ours], ps, verify_checksums=False)
+    ours.eval()
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                      attn_implementation="eager").eval()
+    except Exception as e:
+        raise MegaliteError(f"--verify: transformers cannot load {hf_dir}: "
+                            f"{type(e).__name__}: {e}") from None
+    length = min(args.verify_seq_length, cfg.max_position_embeddings)
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, cfg.vocab_size, (args.verify_sequences, length), generator=g)
+    a = ours(tokens)[..., :cfg.vocab_size].float()
+    b = theirs(input_ids=tokens).logits.float()
+    if a.shape != b.shape:
+        raise MegaliteError(f"--verify: logits shapes differ: megalite {tuple(a.shape)}, "
+                            f"Hugging Face {tuple(b.shape)}")
+    err = (a - b).abs().max().item()
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        err = float("inf")
+    print(f"verify: max |megalite - HF| logit difference {err:.3g} over "
+          f"{args.verify_sequences} x {length} tokens (tolerance {args.verify_tolerance:g}, "
+          f"logit scale {b.abs().max().item():.3g})", file=sys.stderr)
+    if not err <= args.verify_tolerance:
+        raise MegaliteError(f"--verify failed: max |megalite - HF| logit difference {err:.3g} "
+                            f"exceeds {args.verify_tolerance:g}; nothing was written to "
+                            f"{args.save}")
+    return err
