@@ -372,3 +372,25 @@ def test_non_json_extra_fails_the_save_cleanly(tmp_path):
     fresh = GPTModel(CFG, PS)
     load_model_weights(path, [fresh], PS)
     assert torch.equal(fresh.final_norm.weight, model.final_norm.weight)
+
+
+def test_bit_flips_without_checksums_give_clear_errors_or_load(tmp_path):
+    """With verify_checksums=False a flipped bit in a header or pickle must still end in a
+    MegaliteError (or a load of wrong numbers, which is what the checksums are for), never
+    another exception or a crash."""
+    import shutil
+    model, opt = make(1)
+    save(tmp_path / "good", 1, model, opt)
+    rng = random.Random(0)
+    names = ["model_tp00_pp00.safetensors", "rank_00000.pt", "meta.json", "manifest.json"]
+    for trial in range(20):
+        work = tmp_path / f"t{trial}"
+        shutil.copytree(tmp_path / "good", work)
+        target = work / "iter_0000001" / rng.choice(names)
+        data = bytearray(target.read_bytes())
+        data[rng.randrange(min(len(data), 4096))] ^= 1 << rng.randrange(8)   # headers live here
+        target.write_bytes(data)
+        try:
+            load(work, verify_checksums=False)
+        except MegaliteError:
+            pass
