@@ -342,11 +342,11 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise MegaliteError(f"optimizer state in {path} does not fit this optimizer: "
                                     f"{type(e).__name__}: {e}") from None
-        if restore_rng:
+        if restore_rng and state["rng"] is not None:   # None: written by offline resharding
             restore_rng_states(state["rng"], rng_tracker)
     out = dict(meta.get("extra") or {})
     out.update(iteration=int(meta["iteration"]), checkpoint_dir=path, layout_changed=changed,
-               rng_restored=bool(restore_rng and state is not None),
+               rng_restored=bool(restore_rng and state is not None and state["rng"] is not None),
                optimizer_resharded=bool(changed and want_optimizer),
                rng_states=state["rng"] if state is not None else None)
     return out
