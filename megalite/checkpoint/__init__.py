@@ -4,7 +4,7 @@
 * :mod:`.sharded`: the collective :func:`save_checkpoint` / :func:`load_checkpoint`.
 * :mod:`.reshard`: :func:`load_model_weights` under any TP/PP/virtual-stage layout.
 * :mod:`.reshard_optim`: megalite Optimizer state (by parameter name) under another layout.
-* :mod:`.offline`: ``reshard_checkpoint``: rewrite a checkpoint for another layout, one process.
+  (Offline resharding, ``megalite convert reshard``, lives in :mod:`megalite.convert`.)
 * :mod:`.rng`: :func:`capture_rng_states` / :func:`restore_rng_states`.
 """
 from megalite.checkpoint.io import list_checkpoints, prune_checkpoints, resolve_checkpoint

@@ -6,8 +6,8 @@ layout the continued loss curve must agree within 1e-4 relative (the issue's bou
 differ only in summation order (measured <= 1e-6 relative after 3 Adam steps); bf16 (fp32
 masters and moments resharded exactly, bf16 compute in another order) measured <= 1.2e-5. The
 bound still catches a resume that loses the optimizer state (off by 4e-4 at iteration 5).
-Offline resharding computes the same tensors as online resharding, so their resumed curves must
-be bitwise equal.
+Offline resharding (``megalite convert reshard``) computes the same tensors as online
+resharding, so their resumed curves must be bitwise equal.
 """
 from __future__ import annotations
 
@@ -149,12 +149,13 @@ def w_resume_losses(directory, tp, pp):
 
 
 def test_offline_reshard_resumes_like_online(workers, reshard_root, tmp_path):
-    from megalite.checkpoint.offline import reshard_checkpoint
+    from megalite.convert.cli import main as convert
     online = workers.run(w_trainer_reshard_resume, reshard_root, 1, 4, timeout=600)
     full = online[0][0]
-    out = reshard_checkpoint(os.path.join(reshard_root, "fp32", "ref"), str(tmp_path / "b"),
-                             target_tp=1, target_pp=4)
-    assert os.path.basename(out) == "iter_0000003"
+    assert convert(["reshard", "--load", os.path.join(reshard_root, "fp32", "ref"), "--save",
+                    str(tmp_path / "b"), "--target-tensor-parallel-size", "1",
+                    "--target-pipeline-model-parallel-size", "4"]) == 0
+    out = str(tmp_path / "b" / "iter_0000003")
     assert sorted(os.listdir(out)) == ["config.json", "manifest.json", "meta.json"] + [
         f"model_tp00_pp0{p}.safetensors" for p in range(4)] + [f"rank_0000{r}.pt" for r in range(4)]
     for losses in workers.run(w_resume_losses, str(tmp_path / "b"), 1, 4, timeout=600):
