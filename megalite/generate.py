@@ -1,8 +1,9 @@
-"""``megalite generate``: continue a prompt with a trained checkpoint (KV cache, any TP size).
+r"""``megalite generate``: continue a prompt with a trained checkpoint (KV cache, any TP size).
 
     megalite generate --load CKPT_DIR --prompt "The os module" --max-new-tokens 40 --greedy
-    megalite generate --load CKPT_DIR --prompt "..." --temperature 0.8 --top-k 50 --top-p 0.95 --seed 7
-    torchrun --nproc-per-node 2 -m megalite generate --load CKPT_DIR --tensor-model-parallel-size 2 ...
+    megalite generate --load CKPT_DIR --prompt "..." --temperature 0.8 --top-k 50 --top-p 0.95
+    torchrun --nproc-per-node 2 -m megalite generate --load CKPT_DIR \
+        --tensor-model-parallel-size 2 --prompt "..."
 
 The checkpoint may have been saved under any TP/PP layout; its weights are resharded on load
 into a pipeline-free model split over ``--tensor-model-parallel-size`` ranks (default: every
@@ -96,7 +97,7 @@ def sampling_from_args(args):
 
 
 def _saved_tokenizer(train_config) -> dict:
-    """tokenizer_type/tokenizer_model/vocab_file from a checkpoint's config (TrainConfig or dict)."""
+    """tokenizer_type/tokenizer_model/vocab_file of a checkpoint's config (TrainConfig or dict)."""
     keys = ("tokenizer_type", "tokenizer_model", "vocab_file")
     data = getattr(train_config, "data", None)
     if data is not None and not isinstance(data, dict):
@@ -130,7 +131,8 @@ def resolve_tokenizer(args, train_config):
                             f"--mock-data?); pass --tokenizer-type and --tokenizer-model or "
                             f"--vocab-file")
     try:
-        return build_tokenizer(saved["tokenizer_type"], _locate(saved["tokenizer_model"], args.load),
+        return build_tokenizer(saved["tokenizer_type"],
+                               _locate(saved["tokenizer_model"], args.load),
                                _locate(saved["vocab_file"], args.load))
     except MegaliteError as e:
         raise MegaliteError(f"the checkpoint's tokenizer cannot be loaded ({e}); pass the "

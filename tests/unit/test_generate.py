@@ -311,4 +311,5 @@ def test_cli_error_in_a_subprocess(tmp_path):
                            str(tmp_path), "--prompt", "x"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: no checkpoint found in") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: no checkpoint found in")
+    assert "Traceback" not in proc.stderr
