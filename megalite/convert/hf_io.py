@@ -249,7 +249,9 @@ def write_tokenizer_files(tokenizer_model: str | None, tokenizer_type: str | Non
 
     Writes ``tokenizer.model`` (the SentencePiece model, copied as is) and, through
     ``transformers``' own LLaMA tokenizer class, its ``tokenizer.json``/``tokenizer_config.json``
-    so that ``AutoTokenizer.from_pretrained`` works. Returns the files written ([] when the
+    so that ``AutoTokenizer.from_pretrained`` works. Known limit of that conversion (transformers'
+    own): SentencePiece normalizations other than the default (e.g. collapsing repeated
+    spaces) and unknown characters without byte fallback can tokenize differently in HF. Returns the files written ([] when the
     tokenizer is not SentencePiece or its file is gone: the weights are still converted).
     """
     if not tokenizer_model or not tokenizer_model.endswith(".model") \
@@ -265,7 +267,9 @@ def write_tokenizer_files(tokenizer_model: str | None, tokenizer_type: str | Non
     if arch == "llama":
         try:
             from transformers import LlamaTokenizer
-            tok = LlamaTokenizer(vocab_file=tokenizer_model, legacy=False)
+            # transformers 5 builds its fast tokenizer from the tokenizer.model found in the
+            # directory (SentencePiece -> tokenizers conversion).
+            tok = LlamaTokenizer.from_pretrained(directory, legacy=False)
             before = set(os.listdir(directory))
             tok.save_pretrained(directory)
             written += sorted(set(os.listdir(directory)) - before)
