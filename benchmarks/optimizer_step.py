@@ -3,7 +3,8 @@
 Two parts, printed as one JSON object:
 
 * ``single``: one process, a GPT model with fixed random gradients copied in (the copy is
-  timed too, equally for all); the time of one optimizer step (clip + AdamW), interleaved rounds, for plain torch (``clip_grad_norm_`` + ``torch.optim.AdamW``) vs
+  timed too, equally for all); the time of one optimizer step (clip + AdamW), interleaved
+  rounds, for plain torch (``clip_grad_norm_`` + ``torch.optim.AdamW``) vs
   megalite's ``Optimizer`` in fp32 (norm, clip, AdamW) and bf16 (also the fp32 master copy
   back into the bf16 model). Median of ``--iters`` rounds after one warm-up round.
 * ``dp``: ``--dp`` gloo processes (one thread each); ``finish_grad_sync + step`` of megalite's

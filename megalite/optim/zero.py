@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -259,6 +259,14 @@ class ZeroOptimizer:
         if stage == 0:
             raise MegaliteError("ZeroOptimizer needs --zero-stage 1, 2 or 3")
         import deepspeed  # heavy import, only when ZeRO is used
+
+        # DeepSpeed 0.19.8 still calls torch.distributed's deprecated *_tensor collectives;
+        # the FutureWarning on every rank is noise for megalite's users, not something they
+        # can act on.
+        warnings.filterwarnings(
+            "ignore", category=FutureWarning,
+            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                    r"deprecated")
 
         self.model_chunks, self.optim, self.precision, self.ps = model_chunks, optim, precision, ps
         self.stage = stage

@@ -2,7 +2,7 @@
 bf16 master weights / fp32 accumulation, and bitwise-exact resume from state_dict.
 
 Tiny GPT models (presets ``tiny`` / ``tiny-llama`` with a 300-token vocabulary, 16 positions);
-each test runs in well under a second.
+the file takes ~10 s on the 2-core machine.
 """
 from __future__ import annotations
 
@@ -224,8 +224,8 @@ def test_bf16_masters_keep_updates_smaller_than_bf16_resolution():
 
 
 def test_bf16_training_tracks_fp32():
-    """5 steps on one batch: bf16 losses within 2e-2 relative of fp32 (bf16 keeps 8 significant bits;
-    the loss of a 300-way softmax is ~5.7, its bf16 rounding alone is ~2e-2)."""
+    """5 steps on one batch: bf16 losses within 2e-2 relative of fp32 (bf16 keeps 8
+    significant bits; the loss of a 300-way softmax is ~5.7, its bf16 rounding alone is ~2e-2)."""
     ref_model, model = make_model(), make_model()
     ref_opt = Optimizer([ref_model], OptimConfig(), PrecisionConfig(), PS)
     opt = Optimizer([model], OptimConfig(), PrecisionConfig(bf16=True), PS)
