@@ -1,5 +1,5 @@
 """``megalite generate`` under tensor parallelism: the same checkpoint gives the same tokens at
-TP=1 and TP=2 (real gloo process groups), whichever layout saved it.
+TP=1 and TP=2 (real gloo process groups), whichever layout (TP=1, TP=2, PP=2) saved it.
 
 Each TP=2 rank holds half the heads, half the KV cache and half the vocabulary; the logits are
 all-gathered and the token broadcast from tp rank 0. Tensor parallelism only changes summation
@@ -41,23 +41,31 @@ def argv_for(ckpt, sampled):
 
 
 def save(directory, cfg, tokenizer_model, ps):
-    """Collective: save a freshly initialized model (same full weights at every TP size)."""
-    model = GPTModel(cfg, ps)
+    """Collective: save a freshly initialized model (the same full weights in every layout;
+    with pp = 2 each stage holds one of the two layers)."""
+    half = cfg.num_layers // 2
+    kw = ({} if ps.pp_size == 1 else
+          dict(pre_process=ps.pp_rank == 0, post_process=ps.pp_rank == 1,
+               layer_range=(0, half) if ps.pp_rank == 0 else (half, cfg.num_layers)))
+    model = GPTModel(cfg, ps, **kw)
     model.init_weights(3)
     save_checkpoint(directory, 1, model_chunks=[model], optimizer=None, ps=ps,
                     config=TrainConfig(model=cfg, data=DataConfig(
                         tokenizer_type="SentencePieceTokenizer", tokenizer_model=tokenizer_model)))
 
 
-def tp2_worker(tp1_ckpts: dict, tp2_dirs: dict, tokenizer_model: str):
-    """On each of 2 ranks: generate from the TP=1 checkpoints at TP=2, and save TP=2 ones."""
+def tp2_worker(tp1_ckpts: dict, tp2_dirs: dict, pp2_dirs: dict, tokenizer_model: str):
+    """On each of 2 ranks: generate from the TP=1 checkpoints at TP=2, and save TP=2 and PP=2
+    ones."""
     ps = ParallelState.build(tensor_model_parallel_size=2)
+    ps_pp = ParallelState.build(tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
     out = {}
     for name, ckpt in tp1_ckpts.items():
         for sampled in (False, True):
             out[name, sampled] = generate_text(build_parser().parse_args(argv_for(ckpt, sampled)),
                                                ps)
         save(tp2_dirs[name], RECIPES[name], tokenizer_model, ps)
+        save(pp2_dirs[name], RECIPES[name], tokenizer_model, ps_pp)
     return out
 
 
@@ -70,10 +78,11 @@ def workers():
 def test_same_tokens_at_tp1_and_tp2(workers, sp_model, tmp_path):
     tp1 = {n: str(tmp_path / f"{n}-tp1") for n in RECIPES}
     tp2 = {n: str(tmp_path / f"{n}-tp2") for n in RECIPES}
+    pp2 = {n: str(tmp_path / f"{n}-pp2") for n in RECIPES}
     single = ParallelState.single()
     for name, cfg in RECIPES.items():
         save(tp1[name], cfg, sp_model, single)
-    rank0, rank1 = workers.run(tp2_worker, tp1, tp2, sp_model)
+    rank0, rank1 = workers.run(tp2_worker, tp1, tp2, pp2, sp_model)
     assert rank0 == rank1                       # the tp ranks agree on every token
     for name in RECIPES:
         for sampled in (False, True):
@@ -81,9 +90,10 @@ def test_same_tokens_at_tp1_and_tp2(workers, sp_model, tmp_path):
                 build_parser().parse_args(argv_for(tp1[name], sampled)), single)
             assert len(ids_tp1) >= 8            # something to compare
             assert rank0[name, sampled] == (ids_tp1, text_tp1), (name, sampled)
-            # the checkpoint saved at TP=2, resharded into a TP=1 model
-            assert generate_text(build_parser().parse_args(argv_for(tp2[name], sampled)),
-                                 single) == (ids_tp1, text_tp1)
+            # the checkpoints saved at TP=2 and at PP=2, loaded into a TP=1 model
+            for other in (tp2[name], pp2[name]):
+                assert generate_text(build_parser().parse_args(argv_for(other, sampled)),
+                                     single) == (ids_tp1, text_tp1), (name, sampled, other)
         greedy, sampled_ = rank0[name, False][0], rank0[name, True][0]
         assert greedy != sampled_               # sampling really sampled
 
