@@ -165,8 +165,9 @@ def prepare(args) -> Prepared:
         raise MegaliteError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
     saved.validate_parallel(tp)   # names the heads/groups/ffn that tp does not divide
     if world % tp:
-        raise MegaliteError(f"--tensor-model-parallel-size {tp} does not divide the number of "
-                            f"processes ({world})")
+        raise MegaliteError(f"--tensor-model-parallel-size {tp} needs a multiple of {tp} "
+                            f"processes, got {world} (launch with torchrun --nproc-per-node "
+                            f"{tp} -m megalite generate ...)")
     if args.max_new_tokens < 0:
         raise MegaliteError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     tokenizer = resolve_tokenizer(args, read_train_config(args.load, args.iteration))

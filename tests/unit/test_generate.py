@@ -296,6 +296,10 @@ def test_cli_bad_inputs(sp_checkpoint, sp_model, tmp_path, capsys):
                    "--tensor-model-parallel-size", "3")
     assert rc == 2 and "num_attention_heads=4 is not divisible by 3" in out.err
 
+    rc, out = _cli(capsys, "--load", sp_checkpoint, "--prompt", "x",
+                   "--tensor-model-parallel-size", "2")      # heads divide, but one process
+    assert rc == 2 and "needs a multiple of 2 processes, got 1" in out.err
+
     rc, out = _cli(capsys, "--load", sp_checkpoint, "--prompt", "x", "--iteration", "99")
     assert rc == 2 and "no checkpoint for iteration 99" in out.err
 
