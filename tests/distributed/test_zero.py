@@ -5,8 +5,8 @@ DeepSpeed/megalite cannot run are refused at start-up with a clear error.
 Layouts (real gloo groups, the real pipeline schedule through ``train`` of
 test_optimizer_dist.py): ZeRO-1/2/3 at DP=2; ZeRO-1 at TP=2 x DP=2; ZeRO-2 at TP=2 x DP=2 with
 sequence parallelism; ZeRO-1 at PP=2 x DP=2 with a tied embedding (its last-stage copy must not be
-counted twice in DeepSpeed's norm, and must stay equal to the first stage's). bf16 ZeRO-2 at DP=2
-against megalite's bf16 Optimizer at DP=1.
+counted twice in DeepSpeed's norm, and must stay equal to the first stage's), also interleaved
+(2 virtual stages, 4 layers). bf16 ZeRO-2 at DP=2 against megalite's bf16 Optimizer at DP=1.
 
 Tolerance: 1e-5 relative, fp32 (see test_optimizer_dist.py: the same sums in another order --
 DeepSpeed's reduce-scatter over two replicas, tensor-parallel partial sums, and DeepSpeed's clip
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import DistributedWorkers  # noqa: E402
 from test_optimizer_dist import (BF16_REL, assert_same_training, build, configs,  # noqa: E402
-                                 full_params, make_optimizer, reference, run_steps, train)
+                                 full_params, make_optimizer, model_config, reference,
+                                 run_steps, train)
 
 from megalite.distributed.parallel_state import ParallelState  # noqa: E402
 from megalite.errors import MegaliteError  # noqa: E402
@@ -51,15 +52,18 @@ def test_zero_dp2_matches_single_process(workers2, stage):
     assert_same_training(results, ref, init)
 
 
-@pytest.mark.parametrize("recipe,tp,pp,sp,stage", [
-    ("tiny-llama", 2, 1, False, 1),
-    ("tiny", 2, 1, True, 2),
-    ("tiny", 1, 2, False, 1),
-], ids=["zero1-tp2-dp2", "zero2-tp2-dp2-sp", "zero1-pp2-dp2-tied"])
-def test_zero_with_model_parallelism_matches_single_process(workers4, recipe, tp, pp, sp, stage):
+@pytest.mark.parametrize("recipe,tp,pp,vp,sp,stage", [
+    ("tiny-llama", 2, 1, 1, False, 1),
+    ("tiny", 2, 1, 1, True, 2),
+    ("tiny", 1, 2, 1, False, 1),
+    ("tiny-4l", 1, 2, 2, False, 1),
+], ids=["zero1-tp2-dp2", "zero2-tp2-dp2-sp", "zero1-pp2-dp2-tied", "zero1-pp2-vp2-dp2-tied"])
+def test_zero_with_model_parallelism_matches_single_process(workers4, recipe, tp, pp, vp, sp,
+                                                            stage):
     ref, init = reference(recipe)
-    results = workers4.run(train, recipe, tp, pp, stage, sp=sp)
-    assert_same_training(results, ref, init, tied=(recipe == "tiny" and pp > 1))
+    results = workers4.run(train, recipe, tp, pp, stage, sp=sp, vp=vp)
+    assert_same_training(results, ref, init,
+                         tied=model_config(recipe).tied_embeddings and pp > 1)
 
 
 def test_zero2_bf16_tracks_bf16_single_process(workers2):
