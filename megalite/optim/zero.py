@@ -13,7 +13,7 @@ stage  layouts                   how megalite drives it
 1      any TP, any PP            shadow parameters (below); fp32 or bf16
 2      any TP, no PP             shadow parameters; fp32 or bf16
 3      no TP, no PP              DeepSpeed wraps the model; engine.backward per microbatch;
-                                 fp32 only
+                                 fp32 or bf16 (gradients accumulated and reduced in fp32)
 =====  ========================  ==========================================================
 
 fp16 with ZeRO is refused (use ``--bf16``): megalite's fp16 loss scaling and DeepSpeed's would
@@ -145,9 +145,6 @@ def validate_zero(zero_stage: int, ps_or_sizes, precision) -> None:
     if precision.fp16:
         raise MegaliteError(f"--zero-stage {zero_stage} with --fp16 is not supported; use --bf16 "
                             f"(no loss scaling needed) or fp32")
-    if zero_stage == 3 and precision.bf16:
-        raise MegaliteError("--zero-stage 3 with --bf16 is not supported (megalite tests ZeRO-3 "
-                            "in fp32 only); use --zero-stage 1 or 2 with --bf16")
 
 
 # Keys megalite owns in a user's --deepspeed-config: the value megalite would write must match.
@@ -225,6 +222,11 @@ def deepspeed_config(zero_stage: int, optim, precision, ps: ParallelState,
         **zero, "stage": stage}
     if stage == 3:
         config["managed_gradient_accumulation"] = False
+        if precision.bf16:
+            # Each microbatch's bf16 gradients are reduced and accumulated in fp32 (DeepSpeed's
+            # default for bf16 would do both in bf16).
+            config.setdefault("data_types", {"grad_accum_dtype": "fp32"})
+            config.setdefault("communication_data_type", "fp32")
     config["gradient_clipping"] = float(optim.clip_grad)
     config["bf16"] = {**(user.get("bf16") or {}), "enabled": bool(precision.bf16)}
     config["fp16"] = {"enabled": False}
@@ -271,12 +273,17 @@ class ZeroOptimizer:
         self.model_chunks, self.optim, self.precision, self.ps = model_chunks, optim, precision, ps
         self.stage = stage
         self.config = config
-        self.half = bool(precision.bf16)
-        self.dtype = torch.bfloat16 if self.half else torch.float32
+        # stages 1/2 keep megalite's fp32 main_grad accumulation (shadow design); stage 3
+        # leaves gradients to DeepSpeed (fp32 accumulation configured above)
+        self.half = bool(precision.bf16) and stage != 3
+        self.dtype = torch.bfloat16 if precision.bf16 else torch.float32
         self.skipped_iters = 0
         groups = param_groups(model_chunks, optim.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         self.param_names = [n for g in groups for n in g["names"]]
+        for p in self.params:
+            if p.dtype != self.dtype:
+                p.data = p.data.to(self.dtype)
         if self.stage == 3:
             if len(model_chunks) != 1:
                 raise MegaliteError("--zero-stage 3 needs a single model chunk (no pipelining)")
@@ -284,9 +291,6 @@ class ZeroOptimizer:
             opt_groups = _plain_groups(groups)
             self.shadows = None
         else:
-            for p in self.params:
-                if p.dtype != self.dtype:
-                    p.data = p.data.to(self.dtype)
             self.shadows = [nn.Parameter(p.detach()) for p in self.params]   # same storage
             for p, s in zip(self.params, self.shadows):
                 # Megatron's attribute names, which DeepSpeed's norm reads.
