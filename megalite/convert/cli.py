@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import sys
+import textwrap
 
 from megalite.errors import MegaliteError
 
@@ -40,18 +41,38 @@ parameter) and compares their logits on a few random token sequences; the conver
 --verify-tolerance."""
 
 
+_DESCRIPTIONS = {
+    "to-hf": "A megalite checkpoint saved under any TP/PP/virtual-stage layout -> a Hugging Face "
+             "LlamaForCausalLM (LLaMA recipe) or GPT2LMHeadModel (classic recipe) directory: "
+             "config.json, safetensors weights (sharded above --max-shard-size, with "
+             "model.safetensors.index.json), and tokenizer.model/tokenizer.json when the run's "
+             "tokenizer was a SentencePiece model. Vocabulary padding rows are dropped.",
+    "from-hf": "A Hugging Face LLaMA or GPT-2 directory (config.json + safetensors) -> a "
+               "megalite checkpoint (iteration 0, weights only, marked weights_only in "
+               "meta.json) laid out for the target TP x PP (DP=1; any DP loads it). Training "
+               "from it starts a fresh optimizer.",
+    "reshard": "A megalite checkpoint -> the same iteration under another TP x PP layout "
+               "(DP=1, no virtual stages), with megalite's own optimizer state (Adam moments, "
+               "fp32 masters, loss scaler) resharded by parameter name; RNG states are those a "
+               "fresh run of the new layout seeds. ZeRO optimizer state, or --dtype, gives a "
+               "weights-only checkpoint (a warning says so).",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="megalite convert", description=__doc__.split("\n\n")[0] + ".",
+        prog="megalite convert", description="Checkpoint conversion in one process (CPU is "
+        "enough), streaming tensor by tensor; the output appears at --save only when complete.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="{to-hf,from-hf,reshard}")
     sub.required = True
-    to_hf = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face directory",
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    kw = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    to_hf = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face directory", **kw,
+                           description=textwrap.fill(_DESCRIPTIONS["to-hf"], 79))
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> megalite checkpoint",
-                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+                             description=textwrap.fill(_DESCRIPTIONS["from-hf"], 79), **kw)
     reshard = sub.add_parser("reshard", help="megalite checkpoint -> another TP/PP layout",
-                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+                             description=textwrap.fill(_DESCRIPTIONS["reshard"], 79), **kw)
     for p, load_help, save_help in (
             (to_hf, "megalite save directory (its 'latest') or an iter_* directory",
              "Hugging Face output directory (must not exist, or be empty)"),

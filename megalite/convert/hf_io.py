@@ -251,12 +251,13 @@ def write_tokenizer_files(tokenizer_model: str | None, tokenizer_type: str | Non
     ``transformers``' own LLaMA tokenizer class, its ``tokenizer.json``/``tokenizer_config.json``
     so that ``AutoTokenizer.from_pretrained`` works. Known limit of that conversion (transformers'
     own): SentencePiece normalizations other than the default (e.g. collapsing repeated
-    spaces) and unknown characters without byte fallback can tokenize differently in HF. Returns the files written ([] when the
-    tokenizer is not SentencePiece or its file is gone: the weights are still converted).
+    spaces) and unknown characters without byte fallback can tokenize differently in HF.
+    Returns the files written ([] when the tokenizer is not SentencePiece or its file is gone:
+    the weights are still converted).
     """
+    spm_types = (None, "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
     if not tokenizer_model or not tokenizer_model.endswith(".model") \
-            or tokenizer_type not in (None, "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                      "Llama2Tokenizer"):
+            or tokenizer_type not in spm_types:
         return []
     if not os.path.isfile(tokenizer_model):
         print(f"warning: tokenizer {tokenizer_model} not found; no tokenizer files written",

@@ -49,7 +49,8 @@ class CheckpointReader:
     entries, sizes verified), ``config`` (GPTConfig), ``index`` (meta.json's tensor index).
     """
 
-    def __init__(self, directory: str, iteration: int | None = None, verify_checksums: bool = True):
+    def __init__(self, directory: str, iteration: int | None = None,
+                 verify_checksums: bool = True):
         if not os.path.isdir(directory):
             raise MegaliteError(f"--load {directory}: no such directory")
         path = io.resolve_checkpoint(directory, iteration)
@@ -133,7 +134,8 @@ def _padded(full: torch.Tensor, rows: int, vocab_size: int) -> torch.Tensor:
 
 
 def write_checkpoint(save: str, config: GPTConfig, tp: int, pp: int,
-                     full_of: Callable[[str], torch.Tensor], dtype_of: Callable[[str], torch.dtype],
+                     full_of: Callable[[str], torch.Tensor],
+                     dtype_of: Callable[[str], torch.dtype],
                      *, config_dict: dict, config_type: str, extra: dict, iteration: int = 0,
                      rank_state: Callable[[int, int, int], dict] | None = None,
                      desc: str = "write") -> str:
