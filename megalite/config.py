@@ -244,6 +244,8 @@ class TrainingConfig:
     """Checkpoint directory to resume from (its `latest`); None: start fresh."""
     save_interval: int | None = None
     """Save every this many iterations (and at the end); None: only at the end."""
+    keep_last: int | None = None
+    """Keep only the newest N complete checkpoints in --save; None: keep all."""
     log_json: str | None = None
     """Append one JSON object per logged iteration/evaluation to this file."""
     tensorboard_dir: str | None = None
@@ -258,7 +260,7 @@ class TrainingConfig:
         for name in ("micro_batch_size", "train_iters", "log_interval", "eval_interval"):
             at_least(self, "training", name, 1)
         at_least(self, "training", "eval_iters", 0)
-        for name in ("global_batch_size", "save_interval"):
+        for name in ("global_batch_size", "save_interval", "keep_last"):
             at_least(self, "training", name, 1, optional=True)
         for name in ("peak_tflops", "exit_duration_in_mins"):
             at_least(self, "training", name, 0, strict=True, optional=True)

@@ -127,6 +127,9 @@ _OPTIONS = [
         ("--save", None, dict(metavar="DIR"), "checkpoint directory to write"),
         ("--load", None, dict(metavar="DIR"), "checkpoint directory to resume from"),
         ("--save-interval", None, dict(type=int), "iterations between checkpoints"),
+        ("--keep-last", None, dict(type=int, metavar="N"),
+         "keep only the newest N complete checkpoints (older ones are removed only after a "
+         "newer one is complete; default: keep all)"),
     ]),
     ("launch and planning", "training", [
         ("--dry-run", "_dry_run", dict(action="store_true"),

@@ -115,7 +115,7 @@ def test_help_has_every_megatron_flag_of_the_issue():
         --position-embedding-type --normalization --swiglu --untie-embeddings-and-output-weights
         --disable-bias-linear --group-query-attention --num-query-groups --hidden-dropout
         --attention-dropout --config --model-preset --vocab-size --log-json --tensorboard-dir
-        --peak-tflops --pipeline-layer-split --deepspeed-config""".split():
+        --peak-tflops --pipeline-layer-split --deepspeed-config --keep-last""".split():
         assert f"  {flag} " in text or f"  {flag}\n" in text, flag
     for group in ("model", "parallelism", "optimizer", "precision", "data", "training",
                   "checkpoints"):
@@ -264,6 +264,7 @@ BAD_FLAGS = [
     (["--eval-interval", "0"], ["--eval-interval"]),
     (["--eval-iters", "-1"], ["--eval-iters"]),
     (["--save-interval", "10"], ["--save-interval", "--save"]),
+    (["--keep-last", "0", "--save", "ckpt"], ["--keep-last"]),
     (["--peak-tflops", "0"], ["--peak-tflops"]),
     (["--exit-duration-in-mins", "-1"], ["--exit-duration-in-mins"]),
     (["--num-workers", "-1"], ["--num-workers"]),
