@@ -399,11 +399,20 @@ class ZeroOptimizer:
 
     # -- checkpoints and introspection -----------------------------------------------------
     def state_dict(self) -> dict:
-        """This rank's shard: DeepSpeed's ZeRO optimizer state (fp32 partition, AdamW moments
-        and step), plus the parameter names for a layout check."""
-        return {"zero_stage": self.stage,
-                "deepspeed": _snapshot(self.ds_optimizer.state_dict()),
-                "param_names": self.param_names}
+        """This rank's shard as plain data (tensors, numbers, strings, containers; what
+        ``torch.load(weights_only=True)`` reads back): DeepSpeed's ZeRO optimizer state (fp32
+        partition, AdamW moments and step), plus the parameter names for a layout check.
+
+        DeepSpeed's own objects are dropped or made plain: its loss scaler (a static 1.0 here:
+        fp16 is refused, so the live one is put back on load), the stage enum (an int) and the
+        slice mappings (only used by DeepSpeed's universal checkpoints)."""
+        ds = dict(_snapshot(self.ds_optimizer.state_dict()))
+        ds.pop("param_slice_mappings", None)
+        if "loss_scaler" in ds:
+            ds["loss_scaler"] = {"cur_scale": float(ds["loss_scaler"].cur_scale)}
+        if "zero_stage" in ds:
+            ds["zero_stage"] = int(ds["zero_stage"])
+        return {"zero_stage": self.stage, "deepspeed": ds, "param_names": self.param_names}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (same layout and stage; collective over the dp group).
@@ -413,8 +422,14 @@ class ZeroOptimizer:
                                 "--zero-stage, model or parallel layout)")
         # DeepSpeed indexes the list by data-parallel rank (it was made for loading every
         # rank's file); a same-layout resume only needs this rank's own shard.
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        ds = dict(state["deepspeed"])
+        if "loss_scaler" in ds:
+            ds["loss_scaler"] = self.ds_optimizer.loss_scaler
+        if "zero_stage" in ds:
+            ds["zero_stage"] = ZeroStageEnum(ds["zero_stage"])
         shards = [None] * self.ps.dp_size
-        shards[self.ps.dp_rank] = state["deepspeed"]
+        shards[self.ps.dp_rank] = ds
         self.ds_optimizer.load_state_dict(shards, load_from_fp32_weights=True)
         if self.stage != 3:
             self.ds_optimizer.update_lp_params()   # fp32 partitions -> (aliased) model weights

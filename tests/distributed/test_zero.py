@@ -111,7 +111,9 @@ def resume_is_bitwise(stage: int):
     opt = make_optimizer(chunks, ps, stage, {})
     run_steps(chunks, opt, ps, 2)
     saved_model = {n: p.detach().clone() for n, p in full_params(chunks, ps, opt).items()}
-    saved = opt.state_dict()        # a snapshot (cloned tensors)
+    saved = opt.state_dict()        # a snapshot (cloned tensors), plain data
+    from megalite.checkpoint.io import check_plain
+    check_plain(saved, "ZeRO state")
     run_steps(chunks, opt, ps, 2)
     after = full_params(chunks, ps, opt)
     # a fresh run from the initial weights, loaded from the saved state
