@@ -158,7 +158,6 @@ def write_checkpoint(save: str, config: GPTConfig, tp: int, pp: int,
     name = io.checkpoint_name(iteration)
     out = os.path.join(save, name)
     os.makedirs(out, exist_ok=False)
-    ps_shape = ParallelState.for_shapes(tp, 0, pp, 0)
     padded_vocab = config.padded_vocab(tp)
     files: dict[str, tuple[int, str]] = {}
     index: dict[str, dict] = {}
@@ -218,7 +217,6 @@ def write_checkpoint(save: str, config: GPTConfig, tp: int, pp: int,
                 fname = rank_file_name(rank)
                 torch.save(state, os.path.join(out, fname))
                 files[fname] = io.finish_file(os.path.join(out, fname))
-    del ps_shape
     meta = {"format": FORMAT, "iteration": iteration, "saved_at_unix": time.time(),
             "layout": {"tp_size": tp, "pp_size": pp, "dp_size": 1, "vp_size": 1,
                        "world_size": tp * pp},
