@@ -187,7 +187,10 @@ class HFReader:
         if path not in self.handles:
             self.handles[path] = self._open(path).__enter__()
         sl = self.handles[path].get_slice(name)
-        dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[sl.get_dtype()]
+        dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}.get(sl.get_dtype())
+        if dtype is None:
+            raise MegaliteError(f"{path}: tensor {name!r} has dtype {sl.get_dtype()}, which "
+                                f"megalite does not convert")
         return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
     def close(self) -> None:
