@@ -42,8 +42,9 @@ class LossScaler:
             raise MegaliteError(f"loss scale must be positive, got {self.scale}")
         if self.dynamic and (self.window < 1 or self.hysteresis < 1 or not self.min_scale > 0):
             raise MegaliteError(f"dynamic loss scaling needs loss_scale_window >= 1, "
-                                f"hysteresis >= 1 and min_loss_scale > 0; got window={self.window}, hysteresis="
-                                f"{self.hysteresis}, min={self.min_scale}")
+                                f"hysteresis >= 1 and min_loss_scale > 0; got window="
+                                f"{self.window}, hysteresis={self.hysteresis}, "
+                                f"min={self.min_scale}")
 
     def update(self, found_inf: bool) -> None:
         """Record the outcome of one step (``found_inf``: it was skipped for an overflow)."""
