@@ -117,16 +117,19 @@ def expand_hostlist(hostlist: str, what: str = "SLURM_JOB_NODELIST") -> list[str
 
     ``"n[1-3,5],gpu-[01-02]"`` -> ``["n1", "n2", "n3", "n5", "gpu-01", "gpu-02"]``; several
     bracket groups in one name give every combination (``"r[1-2]n[1-2]"`` -> r1n1 r1n2 r2n1
-    r2n2). Zero padding follows the lower bound's digits. MegaliteError for bad syntax.
+    r2n2). Zero padding follows the lower bound's digits; empty entries are skipped. Text after
+    the last bracket (``x[1-2]-ib``) is kept, a superset of Slurm 22.05, which rejects it.
+    MegaliteError for bad syntax.
     """
     text = hostlist.strip()
     if not text:
         raise MegaliteError(f"{what} is empty")
     hosts = []
     for item in _split_top_level(text, what):
-        if not item:
-            raise MegaliteError(f"{what} {hostlist!r}: empty host name")
-        hosts += _expand_one(item, hostlist, what)
+        if item:  # scontrol skips empty entries ("a,,b")
+            hosts += _expand_one(item, hostlist, what)
+    if not hosts:
+        raise MegaliteError(f"{what} {hostlist!r} names no host")
     return hosts
 
 

@@ -31,13 +31,22 @@ def main(argv=None) -> int:
         from megalite.errors import MegaliteError
         raise MegaliteError("--world-size is for --dry-run planning; a real run takes its world "
                             "size from the launcher (torchrun, srun, mpirun)")
-    from megalite.training.signals import EXIT_STOPPED
+    import torch
+
+    from megalite.training.signals import EXIT_STOPPED, StopMonitor
     from megalite.training.trainer import pretrain
 
-    init_from_launch_env()
-    try:
-        result = pretrain(config)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # The handlers cover the whole process, not only the loop: a signal during start-up is
+    # acted on at the first iteration, and a late copy of it (srun forwards to each node at
+    # its own pace) during the final save or shutdown is recorded instead of killing the rank.
+    # --exit-duration-in-mins counts from here.
+    with StopMonitor(config.training.exit_duration_in_mins) as monitor:
+        init_from_launch_env()
+        if torch.cuda.is_available():
+            monitor.device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            result = pretrain(config, monitor=monitor)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return EXIT_STOPPED if result.stopped else 0

@@ -186,13 +186,17 @@ class Trainer:
         return total / iters
 
     # ---- the loop ------------------------------------------------------------------------
-    def train(self) -> TrainResult:
+    def train(self, monitor: StopMonitor | None = None) -> TrainResult:
+        """Train to train_iters, or until every rank agrees to stop (signal or time budget:
+        ``monitor``; default: one whose handlers are installed for the duration of this call
+        and whose --exit-duration-in-mins counts from it)."""
+        if monitor is None:
+            with StopMonitor(self.config.training.exit_duration_in_mins,
+                             device=self.device) as monitor:
+                return self.train(monitor)
         tr = self.config.training
         result = TrainResult()
-        # --exit-duration-in-mins counts from here (after model building and resuming)
-        monitor = StopMonitor(tr.exit_duration_in_mins, device=self.device)
-        with monitor:
-            self._loop(result, monitor)
+        self._loop(result, monitor)
         if result.stopped:
             if tr.save and self.iteration != self._last_saved:
                 self.save()
@@ -296,11 +300,13 @@ class Trainer:
         return True
 
 
-def pretrain(config: TrainConfig, ps: ParallelState | None = None) -> TrainResult:
-    """Build a :class:`Trainer`, resume from ``--load`` if it holds a checkpoint, and train."""
+def pretrain(config: TrainConfig, ps: ParallelState | None = None,
+             monitor: StopMonitor | None = None) -> TrainResult:
+    """Build a :class:`Trainer`, resume from ``--load`` if it holds a checkpoint, and train
+    (``monitor``: see :meth:`Trainer.train`)."""
     trainer = Trainer(config, ps)
     if config.training.load:
         if trainer.load(config.training.load) and trainer.ps.rank == 0:
             print(f"resumed from {config.training.load} at iteration {trainer.iteration}",
                   flush=True)
-    return trainer.train()
+    return trainer.train(monitor)

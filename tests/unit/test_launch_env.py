@@ -24,6 +24,7 @@ SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3",
     ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),     # several groups: every combination
     ("x[3]-ib", ["x3-ib"]),                                 # text after the brackets
     ("n[8-10]", ["n8", "n9", "n10"]),
+    ("n[1-2],,m", ["n1", "n2", "m"]),                       # empty entries skipped, as scontrol
 ])
 def test_expand_hostlist(hostlist, expected):
     assert expand_hostlist(hostlist) == expected
@@ -31,7 +32,7 @@ def test_expand_hostlist(hostlist, expected):
 
 @pytest.mark.parametrize("hostlist,message", [
     ("", "empty"), ("n[1-", "without"), ("n1]", "without"), ("n[3-1]", "backwards"),
-    ("n[a-b]", "bad range"), ("n[1-2],,m", "empty host"), ("n[[1]]", "nested"),
+    ("n[a-b]", "bad range"), (",", "names no host"), ("n[[1]]", "nested"),
 ])
 def test_expand_hostlist_errors(hostlist, message):
     with pytest.raises(MegaliteError, match=message):

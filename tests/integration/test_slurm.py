@@ -1,0 +1,150 @@
+"""A real SLURM cluster (slurmctld + two slurmd "nodes" on this machine, started by
+.ci/slurm.sh) runs launch/slurm/pretrain.sbatch on 2 nodes x 2 tasks on CPU (gloo):
+
+- the job completes with the losses of the in-process reference (1e-5 relative, see
+  launch_common.assert_close_to_reference);
+- preemption: a second job gets SIGUSR1 mid-run (``scancel --signal=USR1 --batch``, what
+  ``#SBATCH --signal=B:USR1@300`` does before the time limit), checkpoints, requeues itself
+  (Restarts=1), resumes, and its losses equal the uninterrupted job's bitwise (same layout and
+  arithmetic; the checkpoint restores weights, Adam state, RNG and data position exactly);
+- the pure-Python host-list expansion agrees with ``scontrol show hostnames``.
+
+The daemons are stopped by their PIDs at the end, and the /etc/hosts line is removed.
+"""
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from launch_common import (ROOT, TRAIN_ITERS, assert_close_to_reference, ensure_packages,
+                           losses_by_iteration, reference_losses, train_args)
+
+from megalite.distributed.launch_env import expand_hostlist
+
+SCRIPT = os.path.join(ROOT, ".ci", "slurm.sh")
+JOB_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Environment (SLURM_CONF) of a running two-node cluster."""
+    ensure_packages()
+    d = str(tmp_path_factory.mktemp("slurm"))
+    r = subprocess.run(["bash", SCRIPT, "start", d], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"cluster did not start:\n{r.stdout}\n{r.stderr}"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(SLURM_CONF=os.path.join(d, "slurm.conf"), OMP_NUM_THREADS="1")
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", SCRIPT, "stop", d], capture_output=True, timeout=60)
+
+
+def _run(cmd, env, **kw):
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, **kw)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+def _submit(env, workdir, log_json) -> str:
+    out = _run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "2", "--chdir", workdir,
+                "--output", os.path.join(workdir, "job-%j.out"),
+                os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch"), *train_args(log_json)],
+               {**env, "CKPT_DIR": os.path.join(workdir, "ckpt")})
+    return out.strip().split(";")[0]
+
+
+def _job_field(env, job, name) -> str | None:
+    r = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
+    m = re.search(rf"\b{name}=(\S+)", r.stdout)
+    return m.group(1) if m else None
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _wait(env, job, workdir, on_poll=None, done=None) -> None:
+    """Poll until the job is in a final state and ``done()`` (default: nothing more) holds.
+
+    Polling ``scontrol show job`` every 0.3 s is faster than sbatch --wait's back-off, and,
+    unlike an empty ``squeue``, it does not mistake the moment of a requeue for the end.
+    """
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if on_poll is not None:
+            on_poll()
+        if _job_field(env, job, "JobState") in TERMINAL and (done is None or done()):
+            return
+        time.sleep(0.3)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} not finished after {JOB_TIMEOUT_S} s; log:\n{_log(workdir, job)}")
+
+
+def _log(workdir, job, tail: int | None = 4000) -> str:
+    path = os.path.join(workdir, f"job-{job}.out")
+    if not os.path.exists(path):
+        return "(no log)"
+    text = open(path).read()
+    return text if tail is None else text[-tail:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory):
+    """Losses of pretrain.sbatch run to the end on 2 nodes x 2 tasks."""
+    work = str(tmp_path_factory.mktemp("job"))
+    log = os.path.join(work, "log.jsonl")
+    job = _submit(cluster, work, log)
+    _wait(cluster, job, work)
+    assert _job_field(cluster, job, "JobState") == "COMPLETED", _log(work, job)
+    assert _job_field(cluster, job, "Restarts") == "0"
+    return losses_by_iteration(log), work
+
+
+def test_hostlist_matches_scontrol(cluster):
+    for hostlist in ("n[1-3,5],gpu-[01-02]", "node[009-011]", "r[1-2]n[1-2]", "a,b-[7-8]",
+                     "n[1-2],,m", "n[8-10]"):
+        out = _run(["scontrol", "show", "hostnames", hostlist], cluster)
+        assert expand_hostlist(hostlist) == out.split(), hostlist
+
+
+def test_pretrain_job_matches_reference(uninterrupted, tmp_path):
+    losses, work = uninterrupted
+    assert_close_to_reference(losses, reference_losses(str(tmp_path)))
+    assert "4 tasks on mln[1-2]" in open(next(
+        os.path.join(work, f) for f in os.listdir(work) if f.endswith(".out"))).read()
+
+
+def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    work, log = str(tmp_path), str(tmp_path / "log.jsonl")
+    job = _submit(cluster, work, log)
+    state = {"signalled": False, "released": False}
+
+    def on_poll():
+        if not state["signalled"] and os.path.exists(log) and len(losses_by_iteration(log)) >= 5:
+            # like `#SBATCH --signal=B:USR1@N`: only the batch shell gets it
+            _run(["scancel", "--signal=USR1", "--batch", job], cluster)
+            state["signalled"] = True
+        if state["signalled"] and not state["released"] and \
+                _job_field(cluster, job, "Reason") == "BeginTime":
+            # a requeued job is held ~2 minutes; release it now
+            _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], cluster)
+            state["released"] = True
+
+    # after the signal, the end is the end of the requeued run
+    _wait(cluster, job, work, on_poll, done=lambda: not state["signalled"] or
+          _job_field(cluster, job, "Restarts") != "0")
+    text = "\n".join(line for line in _log(work, job, tail=None).splitlines()
+                     if not line.startswith(" iteration"))  # the job's own messages
+    assert state["signalled"], text
+    assert _job_field(cluster, job, "JobState") == "COMPLETED", text
+    assert _job_field(cluster, job, "Restarts") == "1", text
+    stop = re.search(r"stopping at iteration (\d+) \(signal\)", text)
+    assert stop, f"the run ended before the signal arrived?\n{text}"
+    assert 5 <= int(stop.group(1)) < TRAIN_ITERS
+    assert f"resumed from {os.path.join(work, 'ckpt')} at iteration {stop.group(1)}" in text
+    assert losses_by_iteration(log) == reference  # bitwise, every iteration
