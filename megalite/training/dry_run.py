@@ -108,7 +108,7 @@ def _data_lines(config: TrainConfig) -> list[str]:
     for k, prefix in enumerate(prefixes):
         ds = IndexedDataset(prefix)  # validates both files; DataFormatError names the file
         w = f"weight {weights[k]:g}, " if weights else ""
-        lines.append(f"{prefix}: {w}{len(ds)} documents, {ds.num_tokens()} tokens")
+        lines.append(f"{prefix}: {w}{len(ds)} documents, {ds.num_tokens} tokens")
     return lines
 
 
@@ -148,7 +148,10 @@ def plan_run(config: TrainConfig, world_size: int) -> RunPlan:
             chunks = build_model_chunks(m, ps, vp_size=vp, split=par.pipeline_layer_split,
                                         device="meta")
         params = sum(t.numel() for c in chunks for t in c.parameters())
-        total += params * tp
+        # whole-model count: TP-sharded tensors once per TP rank, replicated ones (norms,
+        # row-parallel biases, position table) once
+        total += sum(t.numel() * (tp if getattr(t, "tensor_parallel_dim", None) is not None
+                                  else 1) for c in chunks for t in c.parameters())
         mem = {
             "weights": params * (2 if half else 4) / (dp if z == 3 else 1),
             "grads": params * 4 / (dp if z >= 2 else 1),
