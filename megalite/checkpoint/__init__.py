@@ -10,8 +10,8 @@
 from megalite.checkpoint.io import list_checkpoints, prune_checkpoints, resolve_checkpoint
 from megalite.checkpoint.reshard import load_model_weights, read_model_config, read_train_config
 from megalite.checkpoint.rng import capture_rng_states, restore_rng_states
-from megalite.checkpoint.sharded import load_checkpoint, save_checkpoint
+from megalite.checkpoint.sharded import checkpoint_extra, load_checkpoint, save_checkpoint
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "read_model_config",
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_extra", "load_model_weights", "read_model_config",
            "read_train_config", "capture_rng_states", "restore_rng_states", "list_checkpoints",
            "prune_checkpoints", "resolve_checkpoint"]

@@ -270,6 +270,8 @@ def load_checkpoint(directory: str, *, model_chunks: Iterable, optimizer: Any, p
     unless ``verify_checksums=False``. ``config`` is accepted for symmetry and not used.
 
     Returns the saved ``extra`` plus ``iteration``, ``checkpoint_dir``, ``layout_changed``,
+    ``weights_only`` (a checkpoint without rank files, e.g. from ``megalite convert from-hf``:
+    only the weights were loaded, the caller must start its optimizer from them),
     ``optimizer_resharded``, ``rng_restored`` and ``rng_states`` (this rank's saved states, or
     None).
     """
@@ -309,6 +311,11 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
     layout = {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
               "vp_size": len(chunks), "world_size": ps.world_size}
     changed = any(saved.get(k) != v for k, v in layout.items())
+    # A weights-only checkpoint (``megalite convert from-hf``) has no rank files: the run starts
+    # a fresh optimizer and keeps its own RNG seeding.
+    weights_only = bool((meta.get("extra") or {}).get("weights_only"))
+    if weights_only:
+        load_optimizer = restore_rng = False
     want_optimizer = load_optimizer and optimizer is not None
     # Under another layout only megalite's own optimizer state can follow (by parameter name).
     movable = want_optimizer and reshardable(optimizer.state_dict())
@@ -346,10 +353,21 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
             restore_rng_states(state["rng"], rng_tracker)
     out = dict(meta.get("extra") or {})
     out.update(iteration=int(meta["iteration"]), checkpoint_dir=path, layout_changed=changed,
+               weights_only=weights_only,
                rng_restored=bool(restore_rng and state is not None and state["rng"] is not None),
                optimizer_resharded=bool(changed and want_optimizer),
                rng_states=state["rng"] if state is not None else None)
     return out
+
+
+def checkpoint_extra(directory: str, iteration: int | None = None) -> dict | None:
+    """The ``extra`` state saved with the checkpoint ``load_checkpoint`` would read (``latest``
+    or ``iteration``), or None when ``directory`` holds none; not collective, reads one file.
+    A trainer uses it to see a weights-only checkpoint before building its optimizer."""
+    path = io.resolve_checkpoint(directory, iteration)
+    if path is None:
+        return None
+    return dict(io.read_json(os.path.join(path, io.META)).get("extra") or {})
 
 
 def _older_hint(directory: str) -> str:

@@ -101,6 +101,9 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.init_weights(tr.seed)
             chunk.to(dtype=self.dtype)
+        # A weights-only checkpoint (e.g. `megalite convert from-hf`) fills the weights before
+        # the optimizer exists, so its fp32 master copies / ZeRO partitions start from them.
+        self.weights_only_start = bool(tr.load) and self._load_weights_only(tr.load)
         self.optimizer = build_optimizer(self.model_chunks, config, ps)
         o = config.optim
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters,
@@ -284,7 +287,18 @@ class Trainer:
         return save_checkpoint(self.config.training.save, self.iteration,
                                model_chunks=self.model_chunks, optimizer=self.optimizer,
                                config=self.config, ps=self.ps, extra=extra,
+                               keep_last=self.config.training.keep_last,
                                rng_tracker=self.rng_tracker)
+
+    def _load_weights_only(self, directory: str) -> bool:
+        """Load the weights of a weights-only checkpoint in ``directory`` (any layout); False
+        when it holds none or a full training checkpoint (resumed later by :meth:`load`)."""
+        from megalite.checkpoint import checkpoint_extra, load_model_weights
+        extra = checkpoint_extra(directory)
+        if not extra or not extra.get("weights_only"):
+            return False
+        load_model_weights(directory, self.model_chunks, self.ps)
+        return True
 
     def load(self, directory: str) -> bool:
         """Resume from ``directory`` (its ``latest``); False when it holds no checkpoint."""
@@ -305,8 +319,14 @@ def pretrain(config: TrainConfig, ps: ParallelState | None = None,
     """Build a :class:`Trainer`, resume from ``--load`` if it holds a checkpoint, and train
     (``monitor``: see :meth:`Trainer.train`)."""
     trainer = Trainer(config, ps)
-    if config.training.load:
-        if trainer.load(config.training.load) and trainer.ps.rank == 0:
-            print(f"resumed from {config.training.load} at iteration {trainer.iteration}",
-                  flush=True)
+    load = config.training.load
+    if load:
+        if trainer.weights_only_start:
+            message = f"initialized the weights from {load} (weights only: fresh optimizer)"
+        elif trainer.load(load):
+            message = f"resumed from {load} at iteration {trainer.iteration}"
+        else:  # say so: a mistyped --load must not look like a resume
+            message = f"no checkpoint in {load}: starting from scratch"
+        if trainer.ps.rank == 0:
+            print(message, flush=True)
     return trainer.train(monitor)

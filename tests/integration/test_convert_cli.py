@@ -84,9 +84,10 @@ def w_resume(directory, recipe, prefix, sp, tp, pp):
 
 
 def w_from_hf(ckpt, hf_dir):
-    """Load a from-hf TP=2 x PP=2 checkpoint into a real trainer: every shard must equal the HF
-    weights' shard bitwise; then 3 training steps with a fresh optimizer (weights-only)."""
-    from megalite.checkpoint import load_checkpoint, read_train_config
+    """Start a real trainer from a from-hf TP=2 x PP=2 checkpoint (`--load`, as `megalite train
+    --load` does): every shard must equal the HF weights' shard bitwise; then 3 training steps
+    with a fresh optimizer (weights-only)."""
+    from megalite.checkpoint import read_train_config
     from megalite.convert import from_hf
     from megalite.convert.hf_io import HFReader
     from megalite.distributed.parallel_state import ParallelState
@@ -98,10 +99,8 @@ def w_from_hf(ckpt, hf_dir):
         tc, data=dataclasses.replace(tc.data, mock_data=True),
         training=dataclasses.replace(tc.training, train_iters=3, micro_batch_size=1,
                                      global_batch_size=2, eval_iters=0, log_interval=100,
-                                     save=None, load=None))
+                                     save=None, load=str(ckpt)))
     trainer = Trainer(tc, ps)
-    extra = load_checkpoint(ckpt, model_chunks=trainer.model_chunks, optimizer=None, ps=ps,
-                            load_optimizer=False, restore_rng=False)
     hf = HFReader(hf_dir)
     full = from_hf({n: hf.get(n) for n in hf.names()}, tc.model, tc.model.padded_vocab(2))
     mismatched = []
@@ -113,7 +112,7 @@ def w_from_hf(ckpt, hf_dir):
                                 getattr(p, "partition_stride", 1), ps.tp_rank, ps.tp_size)
             if not torch.equal(p.detach(), want):
                 mismatched.append(name)
-    return (extra["weights_only"], mismatched, trainer.train().losses, trainer.seq_length,
+    return (trainer.weights_only_start, mismatched, trainer.train().losses, trainer.seq_length,
             tc.training.seed, tc.training.global_batch_size)
 
 
