@@ -59,7 +59,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax.clone()
+        # In place: the saved softmax is needed by no one else (saves a [tokens, V/tp] copy);
+        # a second backward through this graph fails autograd's version check (no silent error).
+        grad = softmax
         # Subtract 1 at the target position, only on the rank that owns the target id.
         grad.scatter_add_(-1, local_target.unsqueeze(-1),
                           (outside.to(grad.dtype) - 1.0).unsqueeze(-1))
