@@ -234,12 +234,13 @@ def main(argv=None) -> int:
     prepared = prepare(args)   # bad input fails here, on every rank alike, before any group
     import torch
     import torch.distributed as dist
-    from megalite.distributed.parallel_state import ParallelState, init_distributed
+    from megalite.distributed.launch_env import init_from_launch_env
+    from megalite.distributed.parallel_state import ParallelState
 
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        init_distributed()
-        started = True
+    # torchrun, srun or mpirun alike (a single process gets no process group)
+    started = not dist.is_initialized()
+    init_from_launch_env()
+    started = started and dist.is_initialized()
     try:
         if dist.is_initialized():
             ps = ParallelState.build(args.tensor_model_parallel_size or dist.get_world_size())
