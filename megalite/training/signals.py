@@ -73,6 +73,10 @@ class StopMonitor:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+                # SA_RESTART: a blocking system call in C++ (a gloo/NCCL socket read in the
+                # middle of a collective) resumes instead of failing with EINTR; the Python
+                # handler still runs at the next bytecode boundary.
+                signal.siginterrupt(sig, False)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -135,9 +135,17 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_
             _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], cluster)
             state["released"] = True
 
-    # after the signal, the end is the end of the requeued run
-    _wait(cluster, job, work, on_poll, done=lambda: not state["signalled"] or
-          _job_field(cluster, job, "Restarts") != "0")
+    def requeued_run_ended():
+        # `scontrol requeue` kills the first run's batch script, so the job passes through
+        # a final-looking state (FAILED, Restarts=1) before it is pending again: the end is
+        # the requeued run's last line
+        if not state["signalled"]:
+            return True
+        text = _log(work, job, tail=None)
+        return "restart 1:" in text and "training step exited with" in \
+            text.split("restart 1:", 1)[1]
+
+    _wait(cluster, job, work, on_poll, done=requeued_run_ended)
     text = "\n".join(line for line in _log(work, job, tail=None).splitlines()
                      if not line.startswith(" iteration"))  # the job's own messages
     assert state["signalled"], text
