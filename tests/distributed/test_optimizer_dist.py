@@ -38,6 +38,11 @@ from megalite.parallel.pipeline.schedules import forward_backward  # noqa: E402
 from megalite.parallel.pipeline.stages import build_model_chunks  # noqa: E402
 
 REL = 1e-5
+# Parameters after 4 AdamW steps: the layouts' ~1e-7 relative gradient differences (fp32
+# reduction order) pass through Adam's normalised update, which magnifies them for elements whose
+# gradient nearly cancels; measured up to 1.6e-5 of a tensor's max (TP2 x PP2, a 1-thread
+# reference). Losses and grad norms keep REL.
+PARAM_REL = 5e-5
 BF16_REL = 2e-2
 SEED, GLOBAL_BATCH, MICRO, SEQ, VOCAB = 7, 8, 2, 16, 300
 LRS = [1e-3, 2e-3, 2e-3, 1e-3]
@@ -159,9 +164,16 @@ def reference(recipe: str, **precision_kw) -> tuple[dict, dict]:
     """(single-process run with megalite's Optimizer, initial parameters), cached."""
     key = (recipe, tuple(sorted(precision_kw.items())))
     if key not in _REFS:
-        _, chunks = build(recipe, 1, 1)
-        init = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
-        _REFS[key] = (train(recipe, **precision_kw), init)
+        # One intra-op thread, as in the workers: fp32 GEMM results depend on the thread count,
+        # and the reference must not depend on what earlier tests left the test process with.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _, chunks = build(recipe, 1, 1)
+            init = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+            _REFS[key] = (train(recipe, **precision_kw), init)
+        finally:
+            torch.set_num_threads(threads)
     return _REFS[key]
 
 
@@ -172,7 +184,7 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
 
 
 def assert_same_training(results: list[dict], ref: dict, init: dict, rel: float = REL,
-                         tied: bool = False) -> None:
+                         tied: bool = False, param_rel: float = PARAM_REL) -> None:
     """Every rank's run equals the reference: losses (last stage), norms, parameters; the
     union of the ranks' parameters covers the whole model; a tied embedding's two copies
     are equal."""
@@ -189,10 +201,10 @@ def assert_same_training(results: list[dict], ref: dict, init: dict, rel: float 
             if name == "output_layer.weight" and tied:
                 # the last stage's copy of the tied embedding: equal to the reference's
                 # embedding (hence to the first stage's copy)
-                assert close(p, ref["params"]["embedding.word_embeddings.weight"], rel), name
+                assert close(p, ref["params"]["embedding.word_embeddings.weight"], param_rel), name
                 continue
             assert not torch.equal(ref["params"][name], init[name]), f"{name} did not move"
-            assert close(p, ref["params"][name], rel), f"{name} differs"
+            assert close(p, ref["params"][name], param_rel), f"{name} differs"
             seen.add(name)
     assert seen == set(ref["params"])
 
