@@ -36,6 +36,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from megalite.distributed.parallel_state import resolve_backend
 from megalite.errors import MegaliteError
 
 __all__ = ["LaunchEnv", "expand_hostlist", "slurm_port", "detect_launch_env",
@@ -282,17 +283,10 @@ def init_from_launch_env(backend: str | None = None, timeout_s: float = 1800.0,
     le = detect_launch_env(environ)
     if dist.is_initialized() or not le.distributed:
         return le
+    backend = resolve_backend(backend)  # an unusable backend fails before any rendezvous
     if le.launcher in ("openmpi", "mpich"):
         le = _mpi_rendezvous(le)
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise MegaliteError(f"unknown torch.distributed backend {backend!r} (use gloo or nccl)")
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise MegaliteError("backend nccl needs CUDA, which is not available")
-        _select_gpu(le.local_rank)
-    elif torch.cuda.is_available():
+    if torch.cuda.is_available():
         _select_gpu(le.local_rank)
     os.environ.update(RANK=str(le.rank), WORLD_SIZE=str(le.world_size),
                       LOCAL_RANK=str(le.local_rank), MASTER_ADDR=le.master_addr,

@@ -260,6 +260,17 @@ def _embedding_ranks(layout: RankLayout, rank: int) -> tuple[int, ...] | None:
             layout.rank_of(tp_rank, dp_rank, layout.pp_size - 1))
 
 
+def resolve_backend(backend: str | None) -> str:
+    """``None`` -> NCCL when CUDA is available, else gloo; an unknown or unusable name is an error."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise MegaliteError(f"unknown torch.distributed backend {backend!r} (use gloo or nccl)")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise MegaliteError("backend nccl needs CUDA, which is not available")
+    return backend
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
     """Initialize ``torch.distributed`` from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``.
 
@@ -273,13 +284,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
         raise MegaliteError(
             f"cannot initialize torch.distributed: environment variable(s) {', '.join(missing)} "
             f"not set (launch with torchrun, or srun/mpirun through megalite's launcher)")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise MegaliteError(f"unknown torch.distributed backend {backend!r} (use gloo or nccl)")
+    backend = resolve_backend(backend)
     if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise MegaliteError("backend nccl needs CUDA, which is not available")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, init_method="env://",
                             timeout=timedelta(seconds=timeout_s))
