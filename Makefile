@@ -3,7 +3,7 @@
 #   make test         set everything up and run the test suite (what CI runs)
 PY ?= python3
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test test-slurm
 
 # torch==2.13.0 is the CPU build on machines without CUDA; a bare `torch` requirement with no
 # torch installed would pull a multi-GB CUDA build.
@@ -16,3 +16,8 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest tests
+
+# The real-SLURM tests (two slurmd nodes on this machine; see tests/integration/test_slurm.py for
+# why they are not part of `make test` yet).
+test-slurm: install
+	$(PY) -m pytest -m slurm tests/integration/test_slurm.py

@@ -23,6 +23,11 @@ from launch_common import (ROOT, TRAIN_ITERS, assert_close_to_reference, ensure_
 
 from megalite.distributed.launch_env import expand_hostlist
 
+# Not in the default run (`make test`, CI): about one run in three, a job stops making progress
+# after a few iterations and the test times out; the cause is not found yet (issue 6 stays open).
+# Run them with `make test-slurm`.
+pytestmark = pytest.mark.slurm
+
 SCRIPT = os.path.join(ROOT, ".ci", "slurm.sh")
 JOB_TIMEOUT_S = 300
 
