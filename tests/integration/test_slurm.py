@@ -23,8 +23,9 @@ from launch_common import (ROOT, TRAIN_ITERS, assert_close_to_reference, ensure_
 
 from megalite.distributed.launch_env import expand_hostlist
 
-# Not in the default run (`make test`, CI): about one run in three, a job stops making progress
-# after a few iterations and the test times out; the cause is not found yet (issue 6 stays open).
+# Not in the default run (`make test`, CI) yet: about one run in three the preemption test timed
+# out. One cause is found and fixed below (releasing the requeued job within the second of the
+# requeue); the tests go back into CI once repeated runs confirm nothing else stalls.
 # Run them with `make test-slurm`.
 pytestmark = pytest.mark.slurm
 
@@ -127,7 +128,7 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_
     reference, _ = uninterrupted
     work, log = str(tmp_path), str(tmp_path / "log.jsonl")
     job = _submit(cluster, work, log)
-    state = {"signalled": False, "released": False}
+    state = {"signalled": False, "released": False, "held_at": None}
 
     def on_poll():
         if not state["signalled"] and os.path.exists(log) and len(losses_by_iteration(log)) >= 5:
@@ -136,9 +137,14 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_
             state["signalled"] = True
         if state["signalled"] and not state["released"] and \
                 _job_field(cluster, job, "Reason") == "BeginTime":
-            # a requeued job is held ~2 minutes; release it now
-            _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], cluster)
-            state["released"] = True
+            # A requeued job is held ~2 minutes; release it sooner, but not within the second
+            # of the requeue: slurmd revokes the old run's credentials with a 1-second
+            # timestamp, and a new allocation stamped in that same second is killed as "Job
+            # credential revoked" (the job then ends FAILED and never resumes).
+            state["held_at"] = state["held_at"] or time.monotonic()
+            if time.monotonic() - state["held_at"] >= 3.0:
+                _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], cluster)
+                state["released"] = True
 
     def requeued_run_ended():
         # `scontrol requeue` kills the first run's batch script, so the job passes through
