@@ -1,18 +1,23 @@
-"""Optimizer state of megalite's :class:`~megalite.optim.optimizer.Optimizer` under a new layout.
+"""Optimizer state saved under one layout, loaded under another, by parameter name.
 
-Adam's moments (and the fp32 master weights of bf16/fp16 runs) have exactly the shape of the
-parameter they belong to and are split over tensor parallelism the same way, so they reshard
-like the weights (:func:`megalite.checkpoint.reshard.reshard_tensor`). The optimizer's state is
-keyed by parameter *name* (its ``param_names``), so a new pipeline split, virtual stages or data
-parallel size only change which rank file a name is read from:
+Adam's moments and the fp32 master weights have exactly the shape of the parameter they belong
+to and are split over tensor parallelism the same way, so they reshard like the weights
+(:func:`megalite.checkpoint.reshard.reshard_tensor`). Every optimizer state is therefore first
+seen as ``{name: {"master", "exp_avg", "exp_avg_sq", "step"}}`` per saved (tp, pp) rank:
 
-* the saved state of a name lives in the rank files of data-parallel rank 0 of the saved
-  ``(tp, pp_rank of the name)`` ranks (megalite's optimizer replicates state over DP);
-* the step count and the loss scaler are global (the same on every rank) and are copied.
+* megalite's own :class:`~megalite.optim.optimizer.Optimizer` replicates its state over data
+  parallelism and keys it by parameter name: a name's state is read from the rank file of data
+  parallel rank 0 of the saved ``(tp, pp_rank of the name)``;
+* a :class:`~megalite.optim.zero.ZeroOptimizer` (any stage) partitions it over the data
+  parallel ranks: a name's state is reassembled from the files of *all* data-parallel ranks of
+  that (tp, pp), through the fragment map saved with it (:mod:`megalite.optim.zero_state`).
 
-ZeRO's partitioned state (``zero_stage`` in the state) is not handled here: it is refused with a
-clear error (issue 5's follow-up). Rank files are opened with ``torch.load(mmap=True,
-weights_only=True)``, so only the tensors this rank needs are paged in.
+The target is either kind too: megalite's optimizer gets a state dict of its own format, a ZeRO
+optimizer writes each name's tensors into its partitions. So a new TP/PP split, virtual stages,
+data-parallel size or ZeRO stage (0 <-> 1/2/3, 1 <-> 3, ...) all load. The precision must stay
+(bf16 runs keep fp32 masters, fp32 runs without ZeRO do not: their masters are the weights).
+Rank files are opened with ``torch.load(mmap=True, weights_only=True)``, so only the tensors
+this rank needs are paged in, and ZeRO state is reassembled one parameter at a time.
 """
 from __future__ import annotations
 
@@ -27,71 +32,154 @@ from megalite.checkpoint.reshard import (OUTPUT_LAYER, VOCAB_TENSORS, WORD_EMBED
 from megalite.distributed.parallel_state import ParallelState, rank_layout
 from megalite.errors import MegaliteError
 
-__all__ = ["reshardable", "reshard_optimizer_state"]
+__all__ = ["reshardable", "is_zero_state", "accepts_resharded", "reshard_optimizer_state"]
 
 _KEYS = {"adamw", "masters", "scaler", "param_names"}
 
 
+def is_zero_state(state: Any) -> bool:
+    """True for a saved ZeroOptimizer state that carries its fragment map."""
+    return isinstance(state, dict) and "zero_stage" in state and "portable" in state
+
+
 def reshardable(state: Any) -> bool:
-    """True for megalite Optimizer state (AdamW by parameter name), False for anything else
-    (ZeRO partitions, a plain torch optimizer without names)."""
-    return isinstance(state, dict) and _KEYS <= set(state) and "zero_stage" not in state
+    """True for saved optimizer state this module can move to another layout: megalite's
+    Optimizer (AdamW by parameter name) or ZeRO partitions with their fragment map."""
+    return (isinstance(state, dict) and _KEYS <= set(state) and "zero_stage" not in state) \
+        or is_zero_state(state)
 
 
-def _per_name(state: dict, where: str) -> dict[str, dict[str, torch.Tensor]]:
-    """``{name: {"step", "exp_avg", "exp_avg_sq", ["master"]}}`` from one rank's state."""
-    names, adam = state["param_names"], state["adamw"]["state"]
-    out = {}
-    for i, name in enumerate(names):
-        entry = dict(adam.get(i, {}))
+def accepts_resharded(optimizer: Any) -> bool:
+    """True if ``optimizer`` can take state resharded by name (megalite's or ZeRO)."""
+    from megalite.optim.optimizer import Optimizer
+    return isinstance(optimizer, Optimizer) or hasattr(optimizer, "load_param_states")
+
+
+class _Source:
+    """The saved optimizer state of one (tp_rank, pp_rank), by parameter name."""
+
+    def __init__(self, states: list[dict], files: list[str]):
+        self.states, self.files = states, files
+        first = states[0]
+        self.zero = is_zero_state(first)
+        if self.zero:
+            self.half = bool(first["portable"]["half"])
+            self.scaler = None
+            self.names = set(first["portable"]["shapes"])
+        else:
+            self.half = first["masters"] is not None
+            self.scaler = first["scaler"]
+            self.names = set(first["param_names"])
+        self._cached: tuple[str, dict] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if self._cached is None or self._cached[0] != name:
+            self._cached = (name, self._load(name))
+        return self._cached[1]
+
+    def _load(self, name: str) -> dict[str, Any]:
+        if self.zero:
+            from megalite.optim.zero_state import saved_param_state
+            return saved_param_state(self.states, name, " / ".join(self.files))
+        state = self.states[0]
+        i = state["param_names"].index(name)
+        entry = dict(state["adamw"]["state"].get(i, {}))
         if state["masters"] is not None:
             entry["master"] = state["masters"][i]
-        out[name] = entry
-    if not out:
-        raise MegaliteError(f"{where}: optimizer state names no parameters")
-    return out
+        return entry
+
+
+class _SavedStates:
+    """Rank files of a checkpoint, opened on demand, grouped into :class:`_Source` per (tp,
+    pp) rank of the saved layout."""
+
+    def __init__(self, path: str, meta: dict, files: dict, rank_file: Callable[[int], str],
+                 verify_checksums: bool):
+        saved = meta["layout"]
+        self.path, self.files, self.rank_file = path, files, rank_file
+        self.verify = verify_checksums
+        self.layout = rank_layout(saved["world_size"], saved["tp_size"], saved["pp_size"])
+        self.dp_size = int(saved["world_size"]) // (int(saved["tp_size"]) *
+                                                    int(saved["pp_size"]))
+        self._sources: dict[tuple[int, int], _Source] = {}
+
+    def _optimizer_state(self, rank: int) -> dict:
+        name = self.rank_file(rank)
+        if name not in self.files:
+            raise MegaliteError(f"{os.path.join(self.path, name)} is missing: the checkpoint "
+                                f"holds no optimizer state for rank {rank}")
+        if self.verify:
+            io.verify_checksum(self.path, name, self.files)
+        state = io.safe_torch_load(os.path.join(self.path, name), mmap=True)
+        opt = state.get("optimizer") if isinstance(state, dict) else None
+        if not reshardable(opt):
+            kind = ("none was saved" if opt is None else
+                    "ZeRO partitions without a fragment map (saved by an older megalite)"
+                    if isinstance(opt, dict) and "zero_stage" in opt
+                    else "not megalite or ZeRO optimizer state")
+            raise MegaliteError(f"{os.path.join(self.path, name)}: its optimizer state ({kind}) "
+                                f"cannot be resharded to another layout; load the weights "
+                                f"only (load_optimizer=False)")
+        return opt
+
+    def source(self, tp_rank: int, pp_rank: int) -> _Source:
+        key = (tp_rank, pp_rank)
+        if key not in self._sources:
+            rank0 = self.layout.rank_of(tp_rank, 0, pp_rank)
+            first = self._optimizer_state(rank0)
+            ranks = [rank0]
+            if is_zero_state(first):    # partitioned: every dp rank holds a piece
+                ranks = [self.layout.rank_of(tp_rank, d, pp_rank) for d in range(self.dp_size)]
+            states = [first] + [self._optimizer_state(r) for r in ranks[1:]]
+            if any(is_zero_state(s) != is_zero_state(first) for s in states):
+                raise MegaliteError(f"checkpoint {self.path}: the data-parallel ranks of tp "
+                                    f"{tp_rank} pp {pp_rank} hold different kinds of optimizer "
+                                    f"state")
+            self._sources[key] = _Source(states, [self.rank_file(r) for r in ranks])
+        return self._sources[key]
+
+
+def _shape_proxy(param: torch.Tensor) -> torch.Tensor:
+    """``param`` itself, or for a ZeRO-3 partitioned parameter (empty locally) a meta tensor of
+    its full shape carrying the same sharding attributes."""
+    if not hasattr(param, "ds_shape"):
+        return param
+    proxy = torch.empty(param.ds_shape, device="meta")
+    for attr in ("tensor_parallel_dim", "partition_stride", "shared_embedding"):
+        if hasattr(param, attr):
+            setattr(proxy, attr, getattr(param, attr))
+    return proxy
 
 
 @torch.no_grad()
 def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: list,
                             optimizer: Any, ps: ParallelState, *, rank_file: Callable[[int], str],
-                            verify_checksums: bool = True) -> None:
-    """Load the optimizer state of checkpoint ``path`` (saved under another layout) into
-    ``optimizer`` (a megalite Optimizer over ``model_chunks``). Not collective."""
-    template = optimizer.state_dict()
-    if not reshardable(template):
-        raise MegaliteError("this run's optimizer state cannot be resharded (only megalite's "
-                            "own optimizer, not ZeRO, loads under a different layout yet)")
-    saved = meta["layout"]
-    layout = rank_layout(saved["world_size"], saved["tp_size"], saved["pp_size"])
+                            verify_checksums: bool = True,
+                            defer: bool = False) -> Callable[[], None] | None:
+    """Load the optimizer state of checkpoint ``path`` (saved under another layout, or by
+    another kind of optimizer) into ``optimizer`` (megalite's Optimizer or a ZeroOptimizer over
+    ``model_chunks``). Loading into ZeRO is collective over the dp group; with ``defer`` that
+    part is returned as a function to call on every rank (a megalite Optimizer target is
+    loaded at once and None returned)."""
+    if not accepts_resharded(optimizer):
+        raise MegaliteError("this run's optimizer cannot take state saved under another layout "
+                            "(only megalite's optimizer and ZeRO can)")
+    zero_target = hasattr(optimizer, "load_param_states")
+    template = None if zero_target else optimizer.state_dict()
+    names = optimizer.param_names if zero_target else template["param_names"]
+    half = (optimizer.dtype != torch.float32) if zero_target else template["masters"] is not None
+    saved_states = _SavedStates(path, meta, files, rank_file, verify_checksums)
+    saved_tp = int(meta["layout"]["tp_size"])
     index = meta["tensors"]
     vocab_size = int(meta["model_config"]["vocab_size"])
-    cache: dict[int, dict] = {}
-
-    def states_of(rank: int) -> dict:
-        if rank not in cache:
-            name = rank_file(rank)
-            if verify_checksums:
-                io.verify_checksum(path, name, files)
-            state = io.safe_torch_load(os.path.join(path, name), mmap=True)
-            opt = state.get("optimizer") if isinstance(state, dict) else None
-            if not reshardable(opt):
-                kind = ("none was saved" if opt is None else "ZeRO partitions"
-                        if isinstance(opt, dict) and "zero_stage" in opt
-                        else "not megalite Optimizer state")
-                raise MegaliteError(f"{os.path.join(path, name)}: its optimizer state ({kind}) "
-                                    f"cannot be resharded to another layout; load the weights "
-                                    f"only (load_optimizer=False)")
-            cache[rank] = {"names": _per_name(opt, name), "scaler": opt["scaler"],
-                           "half": opt["masters"] is not None}
-        return cache[rank]
 
     params = {n: p for c in model_chunks for n, p in c.named_parameters()}
-    names = template["param_names"]
-    new_state: dict[int, dict] = {}
-    masters: list[torch.Tensor] = []
+    per_name: dict[str, dict[str, Any]] = {}
     scaler = None
-    for i, name in enumerate(names):
+    for name in names:
         param = params[name]
         src = name
         if src not in index and name == OUTPUT_LAYER and getattr(param, "shared_embedding", False):
@@ -101,32 +189,45 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
             raise MegaliteError(f"checkpoint {path} has no state for parameter {name}")
         pp = int(entry["pp_rank"])
 
-        def saved_state(tp_rank: int, pp=pp, src=src) -> dict:
-            found = states_of(layout.rank_of(tp_rank, 0, pp))
-            if src not in found["names"]:
-                where = os.path.join(path, rank_file(layout.rank_of(tp_rank, 0, pp)))
-                raise MegaliteError(f"{where} has no optimizer state for {src}")
+        def source(tp_rank: int, pp=pp, src=src) -> _Source:
+            found = saved_states.source(tp_rank, pp)
+            if src not in found:
+                raise MegaliteError(f"{', '.join(os.path.join(path, f) for f in found.files)} "
+                                    f"has no optimizer state for {src}")
             return found
-        first = saved_state(0)
-        if first["half"] != (template["masters"] is not None):
+        first = source(0)
+        if first.half != half:
             raise MegaliteError(f"checkpoint {path} was saved with a different precision "
                                 f"(bf16/fp16 keep fp32 master weights, fp32 does not)")
-        scaler = first["scaler"]
-        entry_state: dict[str, torch.Tensor] = {}
-        for key, value in first["names"][src].items():
+        scaler = first.scaler
+        state: dict[str, Any] = {}
+        for key, value in first[src].items():
             if key == "step" or not isinstance(value, torch.Tensor) or value.dim() == 0:
-                entry_state[key] = value.clone() if isinstance(value, torch.Tensor) else value
+                state[key] = value.clone() if isinstance(value, torch.Tensor) else value
                 continue
-            entry_state[key] = reshard_tensor(
-                lambda r, key=key: saved_state(r)["names"][src][key], entry, param,
-                int(saved["tp_size"]), vocab_size, ps, f"{name} ({key})",
-                is_vocab=src in VOCAB_TENSORS).clone()
-        master = entry_state.pop("master", None)
-        if template["masters"] is not None:
+            state[key] = reshard_tensor(
+                lambda r, key=key: source(r)[src][key], entry, _shape_proxy(param), saved_tp,
+                vocab_size, ps, f"{name} ({key})", is_vocab=src in VOCAB_TENSORS).clone()
+        if not half:
+            state.pop("master", None)     # fp32: the loaded weights are the masters
+        per_name[name] = state
+
+    if zero_target:
+        if defer:
+            return lambda: optimizer.load_param_states(per_name)
+        optimizer.load_param_states(per_name)
+        return None
+    new_state, masters = {}, []
+    for i, name in enumerate(names):
+        state = dict(per_name[name])
+        master = state.pop("master", None)
+        if half:
             masters.append(master)
-        if entry_state:
-            new_state[i] = entry_state
+        if state:
+            new_state[i] = state
+    if scaler is None:                    # from ZeRO (no loss scaling): keep this run's scaler
+        scaler = template["scaler"]
     optimizer.load_state_dict({
         "adamw": {"state": new_state, "param_groups": template["adamw"]["param_groups"]},
-        "masters": masters if template["masters"] is not None else None,
-        "scaler": scaler, "param_names": names})
+        "masters": masters if half else None, "scaler": scaler, "param_names": names})
+    return None

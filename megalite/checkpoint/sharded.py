@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from megalite.checkpoint import io
 from megalite.checkpoint.reshard import (file_metadata, gathered, load_model_weights_from,
                                          model_file_name)
-from megalite.checkpoint.reshard_optim import reshard_optimizer_state, reshardable
+from megalite.checkpoint.reshard_optim import accepts_resharded, reshard_optimizer_state
 from megalite.checkpoint.rng import capture_rng_states, restore_rng_states
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
@@ -262,10 +262,11 @@ def load_checkpoint(directory: str, *, model_chunks: Iterable, optimizer: Any, p
 
     Model weights load under any layout (:mod:`megalite.checkpoint.reshard`). Under the saved
     layout (TP, PP, DP, virtual stages, layer split) this rank's optimizer and RNG states are
-    restored exactly. Under another layout, megalite's own optimizer state is resharded by
-    parameter name (:mod:`megalite.checkpoint.reshard_optim`) and the RNG states are left alone
-    (per-rank streams have no counterpart); ZeRO state is refused with a clear error
-    (``load_optimizer=False`` loads the weights only).
+    restored exactly. Under another layout (or another ZeRO stage, or ZeRO switched on or off)
+    the optimizer state, megalite's or ZeRO's, is resharded by parameter name
+    (:mod:`megalite.checkpoint.reshard_optim`); under another layout the RNG states are left
+    alone (per-rank streams have no counterpart). ``load_optimizer=False`` loads the weights
+    only.
     Verification: every manifest file's size always; the sha256 of every file this rank reads
     unless ``verify_checksums=False``. ``config`` is accepted for symmetry and not used.
 
@@ -293,6 +294,9 @@ def load_checkpoint(directory: str, *, model_chunks: Iterable, optimizer: Any, p
     if any(found) and not all(found):
         raise MegaliteError(f"some ranks found a checkpoint in {directory} and others did not; "
                             f"is {directory} on a file system every rank sees?")
+    apply_optimizer = result.pop("_apply_optimizer", None) if result is not None else None
+    if apply_optimizer is not None:
+        apply_optimizer()
     return result
 
 
@@ -317,8 +321,8 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
     if weights_only:
         load_optimizer = restore_rng = False
     want_optimizer = load_optimizer and optimizer is not None
-    # Under another layout only megalite's own optimizer state can follow (by parameter name).
-    movable = want_optimizer and reshardable(optimizer.state_dict())
+    # Under another layout the optimizer state follows by parameter name (megalite's or ZeRO).
+    movable = want_optimizer and accepts_resharded(optimizer)
     if changed and want_optimizer and not movable:
         _refuse(path, saved, layout)
     load_model_weights_from(path, meta, files, chunks, ps, verify_checksums=verify_checksums)
@@ -336,27 +340,43 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
             changed, state = True, None   # same sizes, another layer split: state misaligned
             if want_optimizer and not movable:
                 _refuse(path, saved, layout)
-    if changed and want_optimizer:
-        reshard_optimizer_state(path, meta, files, chunks, optimizer, ps,
-                                rank_file=rank_file_name, verify_checksums=verify_checksums)
-    elif state is not None:
-        if want_optimizer:
-            if state["optimizer"] is None:
+    # Same layout, another kind of optimizer state (ZeRO stage changed, ZeRO on or off): the
+    # RNG streams still fit, the optimizer state goes by name.
+    other_kind = bool(state is not None and want_optimizer and movable and
+                      _zero_stage(state["optimizer"]) != getattr(optimizer, "stage", None))
+    # Loading into ZeRO is collective over dp (weights all-gathered from the new masters): it
+    # runs after every rank has read and checked its part (`_apply_optimizer`), so a bad file
+    # on one rank fails all of them instead of leaving the others waiting in a collective.
+    apply_optimizer = None
+    if (changed or other_kind) and want_optimizer:
+        apply_optimizer = reshard_optimizer_state(
+            path, meta, files, chunks, optimizer, ps, rank_file=rank_file_name,
+            verify_checksums=verify_checksums, defer=True)
+    if state is not None:
+        if want_optimizer and not other_kind:
+            saved_opt = state["optimizer"]
+            if saved_opt is None:
                 raise MegaliteError(f"{os.path.join(path, rank_file_name(ps.rank))} holds no "
                                     f"optimizer state (saved without an optimizer)")
-            try:
-                optimizer.load_state_dict(state["optimizer"])
-            except (KeyError, ValueError, RuntimeError, TypeError) as e:
-                raise MegaliteError(f"optimizer state in {path} does not fit this optimizer: "
-                                    f"{type(e).__name__}: {e}") from None
+
+            def apply_optimizer():
+                try:
+                    optimizer.load_state_dict(saved_opt)
+                except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                    raise MegaliteError(f"optimizer state in {path} does not fit this "
+                                        f"optimizer: {type(e).__name__}: {e}") from None
+            if getattr(optimizer, "stage", None) is None:   # not collective: check it here
+                apply_optimizer()
+                apply_optimizer = None
         if restore_rng and state["rng"] is not None:   # None: written by offline resharding
             restore_rng_states(state["rng"], rng_tracker)
     out = dict(meta.get("extra") or {})
     out.update(iteration=int(meta["iteration"]), checkpoint_dir=path, layout_changed=changed,
                weights_only=weights_only,
                rng_restored=bool(restore_rng and state is not None and state["rng"] is not None),
-               optimizer_resharded=bool(changed and want_optimizer),
-               rng_states=state["rng"] if state is not None else None)
+               optimizer_resharded=bool((changed or other_kind) and want_optimizer),
+               rng_states=state["rng"] if state is not None else None,
+               _apply_optimizer=apply_optimizer)
     return out
 
 
@@ -368,6 +388,13 @@ def checkpoint_extra(directory: str, iteration: int | None = None) -> dict | Non
     if path is None:
         return None
     return dict(io.read_json(os.path.join(path, io.META)).get("extra") or {})
+
+
+def _zero_stage(saved_optimizer: Any) -> int | None:
+    """The ZeRO stage a rank file's optimizer state was saved with (None: not ZeRO)."""
+    if isinstance(saved_optimizer, dict) and "zero_stage" in saved_optimizer:
+        return int(saved_optimizer["zero_stage"])
+    return None
 
 
 def _older_hint(directory: str) -> str:
@@ -386,9 +413,9 @@ def _older_hint(directory: str) -> str:
 def _refuse(path: str, saved: dict, layout: dict) -> None:
     raise MegaliteError(
         f"checkpoint {path} was saved with layout {_fmt(saved)} (or another pipeline layer "
-        f"split); this run is {_fmt(layout)}: only megalite's own optimizer state (not ZeRO's "
-        f"partitions) can be resumed under a different layout yet; load the model weights "
-        f"only (load_optimizer=False)")
+        f"split); this run is {_fmt(layout)}: this run's optimizer (neither megalite's nor "
+        f"ZeRO) cannot take state from another layout; load the model weights only "
+        f"(load_optimizer=False)")
 
 
 def _fmt(layout: dict) -> str:

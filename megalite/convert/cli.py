@@ -7,7 +7,7 @@
 * ``from-hf``: a Hugging Face LLaMA or GPT-2 directory -> a megalite checkpoint for any target
   (TP, PP) layout, weights only (training starts a fresh optimizer at iteration 0).
 * ``reshard``: a megalite checkpoint -> the same checkpoint under another (TP, PP) layout, the
-  optimizer state (megalite's own optimizer) included.
+  optimizer state included (megalite's optimizer, or ZeRO partitions reassembled by name).
 
 Every direction streams tensor by tensor (:mod:`megalite.convert.hf_io`,
 :mod:`megalite.convert.offline`): peak memory is about one full tensor, plus the two models
@@ -52,10 +52,11 @@ _DESCRIPTIONS = {
                "meta.json) laid out for the target TP x PP (DP=1; any DP loads it). Training "
                "from it starts a fresh optimizer.",
     "reshard": "A megalite checkpoint -> the same iteration under another TP x PP layout "
-               "(DP=1, no virtual stages), with megalite's own optimizer state (Adam moments, "
-               "fp32 masters, loss scaler) resharded by parameter name; RNG states are those a "
-               "fresh run of the new layout seeds. ZeRO optimizer state, or --dtype, gives a "
-               "weights-only checkpoint (a warning says so).",
+               "(DP=1, no virtual stages), with the optimizer state (Adam moments, fp32 "
+               "masters, loss scaler) resharded by parameter name; ZeRO partitions of any "
+               "stage are reassembled and written as megalite optimizer state, which a ZeRO "
+               "run partitions again when it loads. RNG states are those a fresh run of the "
+               "new layout seeds. --dtype gives a weights-only checkpoint (a warning says so).",
 }
 
 

@@ -139,14 +139,15 @@ def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
 
 def _new_train_config(train_config, model_cfg, tp: int, pp: int) -> tuple[dict, str]:
     """config.json for the written layout: the source TrainConfig (or a default one around the
-    model) with the parallel section set to (tp, pp); a plain dict when that does not validate."""
+    model) with the parallel section set to (tp, pp) and no ZeRO (the rank files hold megalite
+    optimizer state; a ZeRO run reshards it into its partitions when it loads)."""
     from megalite.config import ParallelConfig, TrainConfig
     try:
         if train_config is not None and hasattr(train_config, "parallel"):
             par = dataclasses.replace(
                 train_config.parallel, tensor_model_parallel_size=tp,
                 pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=None,
-                pipeline_layer_split=None)
+                pipeline_layer_split=None, zero_stage=0, deepspeed_config=None)
             return dataclasses.replace(train_config, parallel=par).to_dict(), "TrainConfig"
         return TrainConfig(model=model_cfg, parallel=ParallelConfig(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)).to_dict(), \
@@ -184,7 +185,8 @@ def reshard(args, tmp: str) -> str:
             and out_dtype is None
         if opt is not None and not carry:
             why = ("--dtype changes the weights' dtype" if out_dtype is not None else
-                   "ZeRO partitions" if isinstance(opt, dict) and "zero_stage" in opt else
+                   "ZeRO partitions saved without a fragment map by an older megalite"
+                   if isinstance(opt, dict) and "zero_stage" in opt else
                    "no TrainConfig in the checkpoint" if not hasattr(train_config, "optim")
                    else "not megalite Optimizer state")
             print(f"warning: optimizer state NOT carried over ({why}); the new checkpoint "
@@ -221,7 +223,8 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
     from megalite.parallel.random import model_parallel_seed
     new_config = dataclasses.replace(train_config, parallel=dataclasses.replace(
         train_config.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        num_layers_per_virtual_pipeline_stage=None, pipeline_layer_split=None))
+        num_layers_per_virtual_pipeline_stage=None, pipeline_layer_split=None, zero_stage=0,
+        deepspeed_config=None))   # DP=1 output: megalite's optimizer state, whatever the source
     seed = new_config.training.seed
 
     def rank_state(rank: int, tp_rank: int, pp_rank: int) -> dict:

@@ -56,6 +56,7 @@ from megalite.optim.deepspeed_setup import (DeepSpeedMpu, deepspeed_config,
                                             validate_zero, without_shm_inference_op)
 from megalite.optim.optimizer import (StepResult, _accumulate_main_grad, build_optimizer,
                                       param_groups, sync_model_grads)
+from megalite.optim.zero_state import load_param_states, portable_index
 
 __all__ = ["DeepSpeedMpu", "validate_zero", "deepspeed_config", "ZeroOptimizer",
            "build_optimizer"]
@@ -238,11 +239,13 @@ class ZeroOptimizer:
             ds["loss_scaler"] = {"cur_scale": float(ds["loss_scaler"].cur_scale)}
         if "zero_stage" in ds:
             ds["zero_stage"] = int(ds["zero_stage"])
-        return {"zero_stage": self.stage, "deepspeed": ds, "param_names": self.param_names}
+        return {"zero_stage": self.stage, "deepspeed": ds, "param_names": self.param_names,
+                "portable": portable_index(self)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (same layout and stage; collective over the dp group).
-        The fp32 partitions come back exactly and the model weights are rebuilt from them."""
+        The fp32 partitions come back exactly and the model weights are rebuilt from them.
+        State of another layout or stage goes through :meth:`load_param_states`."""
         if state.get("zero_stage") != self.stage or state.get("param_names") != self.param_names:
             raise MegaliteError("ZeRO optimizer state does not match this run (different "
                                 "--zero-stage, model or parallel layout)")
@@ -260,6 +263,13 @@ class ZeroOptimizer:
         if self.stage != 3:
             self.ds_optimizer.update_lp_params()   # fp32 partitions -> (aliased) model weights
         self._realias()
+
+    def load_param_states(self, states: dict) -> None:
+        """Load state given per parameter name (``{name: {"master", "exp_avg", "exp_avg_sq",
+        "step"}}``, this rank's tensor-parallel shard of each parameter): how state saved under
+        another layout or ZeRO stage arrives (:mod:`megalite.checkpoint.reshard_optim`).
+        Collective over the dp group."""
+        load_param_states(self, states)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held on this rank: AdamW moments and fp32 master

@@ -344,7 +344,7 @@ def test_dp_ranks_share_model_files_and_resume_exactly(workers, tmp_path):
                                    "rank_00003.pt"]
     for r in results:
         assert r["rng_same"] and r["bitwise"] and r["opt_same"] and r["extra"] == 96
-        assert "can be resumed under a different layout yet" in r["refused"]
+        assert "cannot take state from another layout" in r["refused"]
         assert "TP=2 PP=1 DP=2" in r["refused"]
     # The restored tracker streams really differ per tp rank (so restoring them is a real check).
     assert not torch.equal(results[0]["tp_tracker"], results[1]["tp_tracker"])

@@ -1,0 +1,169 @@
+"""ZeRO optimizer state under another layout or ZeRO stage (real DeepSpeed, gloo processes).
+
+1. The fragment map is right: the AdamW state reassembled by parameter name from a ZeRO-k
+   checkpoint (DP=2, partitions split mid-parameter) equals the state of megalite's own
+   optimizer after the same two steps. Tolerance 1e-4 of each tensor's largest entry: both
+   runs do the same math, and only the order of the data-parallel gradient sum differs (~1e-7
+   relative); a fragment read from the wrong offset is off by the tensor's own magnitude.
+2. The loss curve continues: a ZeRO-1 TP=1 x PP=2 x DP=2 run's checkpoint at iteration 3,
+   resumed as ZeRO-2 TP=2 x DP=2, ZeRO-3 DP=4, no ZeRO at TP=1 x PP=4, and no ZeRO at the same
+   layout, gives iterations 4-6 within 1e-4 relative of the uninterrupted run (the issue's
+   bound; measured <= 4.5e-8 in fp32, only the summation order differs). The same resume with
+   a fresh optimizer (--no-load-optim) misses it (measured 4.2e-4), so the bound can fail.
+3. ``megalite convert reshard`` carries ZeRO state offline: resumed, bitwise like online.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import DistributedWorkers  # noqa: E402
+
+from megalite.distributed.parallel_state import ParallelState  # noqa: E402
+
+pytest.importorskip("deepspeed")
+
+
+def _train_args(extra):
+    from megalite.config import parse_train_args
+    return parse_train_args([
+        "--mock-data", "--vocab-size", "203", "--model-preset", "tiny", "--num-layers", "4",
+        "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--max-position-embeddings", "16", "--micro-batch-size", "1", "--global-batch-size", "4",
+        "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "100",
+        "--eval-interval", "1000", "--eval-iters", "1", "--seed", "3", "--clip-grad", "0.5",
+        *extra])
+
+
+# -- 1. the fragment map ----------------------------------------------------------------------
+def w_two_steps(root, zero_stage):
+    """Two steps at DP=2 with ZeRO-k (or megalite's optimizer for k=0), saved."""
+    from megalite.training.trainer import pretrain
+    pretrain(_train_args(["--train-iters", "2", "--zero-stage", str(zero_stage),
+                          "--save", os.path.join(root, f"zero{zero_stage}")]),
+             ParallelState.build(1, 1))
+    dist.barrier()
+
+
+def _states_by_name(directory):
+    from megalite.checkpoint import io
+    from megalite.checkpoint.reshard_optim import _SavedStates
+    from megalite.checkpoint.sharded import rank_file_name
+    path = io.resolve_checkpoint(directory, None)
+    meta = io.read_json(os.path.join(path, io.META))
+    source = _SavedStates(path, meta, io.verify_manifest(path), rank_file_name, True).source(0, 0)
+    return source, {n: source[n] for n in sorted(source.names)}
+
+
+@pytest.fixture(scope="module")
+def workers2():
+    with DistributedWorkers(2, timeout=600) as w:
+        yield w
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_state_by_name_equals_megalite_optimizer_state(workers2, tmp_path, stage):
+    workers2.run(w_two_steps, str(tmp_path), 0, timeout=600)
+    workers2.run(w_two_steps, str(tmp_path), stage, timeout=600)
+    ref_source, ref = _states_by_name(str(tmp_path / "zero0"))
+    zero_source, got = _states_by_name(str(tmp_path / f"zero{stage}"))
+    assert not ref_source.zero and zero_source.zero and len(zero_source.files) == 2
+    assert sorted(got) == sorted(ref)
+    split = 0       # parameters whose state the two DP ranks share
+    for name, r in ref.items():
+        g = got[name]
+        assert float(g["step"]) == float(r["step"]) == 2.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert g[key].shape == r[key].shape, (name, key)
+            bound = 1e-4 * r[key].abs().max()
+            assert (g[key] - r[key]).abs().max() <= bound, (name, key)
+        frags = [s["portable"]["fragments"].get(name) for s in zero_source.states]
+        split += all(f is not None for f in frags)
+    assert split >= 1     # the test covers a parameter cut between the ranks
+
+
+# -- 2. the loss curve continues ----------------------------------------------------------------
+SOURCE = ["--zero-stage", "1", "--tensor-model-parallel-size", "1",
+          "--pipeline-model-parallel-size", "2"]
+
+
+def w_resume(root, target):
+    """The source run (once), then a resume from its iteration-3 checkpoint under ``target``."""
+    from megalite.training.trainer import pretrain
+    directory = os.path.join(root, "src")
+    if not os.path.exists(os.path.join(root, "src.losses")):
+        full = pretrain(_train_args(["--train-iters", "6", "--save", directory,
+                                     "--save-interval", "3", *SOURCE]), ParallelState.build(1, 2))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            with open(os.path.join(directory, "latest"), "w") as f:
+                f.write("iter_0000003\n")
+            torch.save(full.losses, os.path.join(root, "src.losses"))
+        dist.barrier()
+    args = _train_args(["--train-iters", "6", "--load", directory, *target])
+    p = args.parallel
+    resumed = pretrain(args, ParallelState.build(p.tensor_model_parallel_size,
+                                                 p.pipeline_model_parallel_size))
+    return torch.load(os.path.join(root, "src.losses")), resumed.losses
+
+
+@pytest.fixture(scope="module")
+def workers4():
+    with DistributedWorkers(4, timeout=600) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def resume_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("zero-reshard"))
+
+
+@pytest.mark.parametrize("target", [
+    ["--zero-stage", "2", "--tensor-model-parallel-size", "2"],
+    ["--zero-stage", "3"],
+    ["--pipeline-model-parallel-size", "4"],
+    ["--pipeline-model-parallel-size", "2"],
+], ids=["zero2-tp2-dp2", "zero3-dp4", "nozero-pp4", "nozero-same-layout"])
+def test_zero_checkpoint_resumes_under_another_layout_and_stage(workers4, resume_root, target):
+    for full, resumed in workers4.run(w_resume, resume_root, target, timeout=600):
+        assert len(full) == 6 and len(resumed) == 3
+        for a, b in zip(full[3:], resumed, strict=True):
+            assert abs(a - b) <= 1e-4 * abs(a), (full, resumed)
+
+
+def test_fresh_optimizer_misses_the_bound(workers4, resume_root):
+    """The control: without the optimizer state the same resume leaves the 1e-4 band."""
+    target = ["--zero-stage", "2", "--tensor-model-parallel-size", "2", "--no-load-optim"]
+    for full, resumed in workers4.run(w_resume, resume_root, target, timeout=600):
+        assert max(abs(a - b) / abs(a) for a, b in zip(full[3:], resumed)) > 1e-4
+
+
+def w_resume_from(directory, target):
+    from megalite.training.trainer import pretrain
+    args = _train_args(["--train-iters", "6", "--load", directory, *target])
+    p = args.parallel
+    return pretrain(args, ParallelState.build(p.tensor_model_parallel_size,
+                                              p.pipeline_model_parallel_size)).losses
+
+
+def test_offline_reshard_carries_zero_state(workers4, resume_root, tmp_path):
+    """`megalite convert reshard` reassembles the ZeRO partitions into megalite optimizer state
+    (TP=2 x PP=1, DP=1); a ZeRO-2 run partitions it again and continues exactly like the
+    online resume (bitwise: the same tensors reach the same partitions)."""
+    from megalite.convert.cli import main as convert
+    target = ["--zero-stage", "2", "--tensor-model-parallel-size", "2"]
+    full, online = workers4.run(w_resume, resume_root, target, timeout=600)[0]
+    out = str(tmp_path / "b")
+    assert convert(["reshard", "--load", os.path.join(resume_root, "src"), "--save", out,
+                    "--target-tensor-parallel-size", "2",
+                    "--target-pipeline-model-parallel-size", "1"]) == 0
+    state = torch.load(os.path.join(out, "iter_0000003", "rank_00001.pt"), weights_only=True)
+    assert "zero_stage" not in state["optimizer"] and state["optimizer"]["adamw"]["state"]
+    for losses in workers4.run(w_resume_from, out, target, timeout=600):
+        assert losses == online
+        assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(full[3:], losses, strict=True))
