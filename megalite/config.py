@@ -242,6 +242,10 @@ class TrainingConfig:
     """Checkpoint directory to write; None: no checkpoints."""
     load: str | None = None
     """Checkpoint directory to resume from (its `latest`); None: start fresh."""
+    no_load_optim: bool = False
+    """With --load: start a fresh optimizer instead of restoring the saved optimizer state."""
+    no_load_rng: bool = False
+    """With --load: keep this run's seeded random states instead of the saved ones."""
     save_interval: int | None = None
     """Save every this many iterations (and at the end); None: only at the end."""
     keep_last: int | None = None

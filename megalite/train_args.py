@@ -126,6 +126,11 @@ _OPTIONS = [
     ("checkpoints", "training", [
         ("--save", None, dict(metavar="DIR"), "checkpoint directory to write"),
         ("--load", None, dict(metavar="DIR"), "checkpoint directory to resume from"),
+        ("--no-load-optim", None, dict(action="store_true"),
+         "with --load: take the weights, iteration and data position, but start a fresh "
+         "optimizer (AdamW moments, ZeRO partitions) and loss scaler"),
+        ("--no-load-rng", None, dict(action="store_true"),
+         "with --load: keep this run's seeded random states instead of the saved ones"),
         ("--save-interval", None, dict(type=int), "iterations between checkpoints"),
         ("--keep-last", None, dict(type=int, metavar="N"),
          "keep only the newest N complete checkpoints (older ones are removed only after a "

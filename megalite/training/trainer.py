@@ -110,6 +110,7 @@ class Trainer:
                                       o.lr_decay_iters or tr.train_iters, o.lr_decay_style)
         self.iteration = 0
         self._last_saved = -1  # iteration of the last checkpoint written by this process
+        self.optimizer_resharded = False   # set by load(): the saved state came by name
         self.skipped_iters = 0
         self.train_data, self.valid_data, self.test_data = self._build_data()
         self.logger = MetricsLogger(enabled=ps.rank == 0, log_json=tr.log_json,
@@ -291,23 +292,31 @@ class Trainer:
                                rng_tracker=self.rng_tracker)
 
     def _load_weights_only(self, directory: str) -> bool:
-        """Load the weights of a weights-only checkpoint in ``directory`` (any layout); False
-        when it holds none or a full training checkpoint (resumed later by :meth:`load`)."""
+        """Load the weights of a weights-only checkpoint in ``directory`` (any layout), or of
+        any checkpoint under --no-load-optim, before the optimizer is built; True only for a
+        weights-only checkpoint (a full one is resumed later by :meth:`load`)."""
         from megalite.checkpoint import checkpoint_extra, load_model_weights
         extra = checkpoint_extra(directory)
-        if not extra or not extra.get("weights_only"):
+        if not extra:
             return False
-        load_model_weights(directory, self.model_chunks, self.ps)
-        return True
+        if extra.get("weights_only") or self.config.training.no_load_optim:
+            # --no-load-optim: the fresh optimizer's fp32 masters / ZeRO partitions must start
+            # from the loaded weights too (load() later restores iteration, data position, RNG)
+            load_model_weights(directory, self.model_chunks, self.ps)
+        return bool(extra.get("weights_only"))
 
     def load(self, directory: str) -> bool:
         """Resume from ``directory`` (its ``latest``); False when it holds no checkpoint."""
         from megalite.checkpoint import load_checkpoint
+        tr = self.config.training
         extra = load_checkpoint(directory, model_chunks=self.model_chunks,
                                 optimizer=self.optimizer, ps=self.ps,
-                                rng_tracker=self.rng_tracker)
+                                rng_tracker=self.rng_tracker,
+                                load_optimizer=not tr.no_load_optim,
+                                restore_rng=not tr.no_load_rng)
         if extra is None:
             return False
+        self.optimizer_resharded = bool(extra.get("optimizer_resharded"))
         self.iteration = int(extra["iteration"])
         self.skipped_iters = int(extra.get("skipped_iters", 0))
         self.train_data.consumed_samples = int(extra["consumed_samples"])
@@ -325,6 +334,11 @@ def pretrain(config: TrainConfig, ps: ParallelState | None = None,
             message = f"initialized the weights from {load} (weights only: fresh optimizer)"
         elif trainer.load(load):
             message = f"resumed from {load} at iteration {trainer.iteration}"
+            if config.training.no_load_optim:
+                message += " (weights only: fresh optimizer, --no-load-optim)"
+            elif trainer.optimizer_resharded:
+                message += " (optimizer state resharded by parameter name: another layout " \
+                           "or ZeRO stage)"
         else:  # say so: a mistyped --load must not look like a resume
             message = f"no checkpoint in {load}: starting from scratch"
         if trainer.ps.rank == 0:
