@@ -228,7 +228,9 @@ class ZeroOptimizer:
     def state_dict(self) -> dict:
         """This rank's shard as plain data (tensors, numbers, strings, containers; what
         ``torch.load(weights_only=True)`` reads back): DeepSpeed's ZeRO optimizer state (fp32
-        partition, AdamW moments and step), plus the parameter names for a layout check.
+        partition, AdamW moments and step), the parameter names for a layout check, and the
+        fragment map (:func:`~megalite.optim.zero_state.portable_index`) that lets the state
+        be reassembled by parameter name under another layout or stage.
 
         DeepSpeed's own objects are dropped or made plain: its loss scaler (a static 1.0 here:
         fp16 is refused, so the live one is put back on load), the stage enum (an int) and the

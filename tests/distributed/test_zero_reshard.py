@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -41,11 +42,11 @@ def _train_args(extra):
 
 
 # -- 1. the fragment map ----------------------------------------------------------------------
-def w_two_steps(root, zero_stage):
+def w_two_steps(root, zero_stage, extra=()):
     """Two steps at DP=2 with ZeRO-k (or megalite's optimizer for k=0), saved."""
     from megalite.training.trainer import pretrain
     pretrain(_train_args(["--train-iters", "2", "--zero-stage", str(zero_stage),
-                          "--save", os.path.join(root, f"zero{zero_stage}")]),
+                          "--save", os.path.join(root, f"zero{zero_stage}"), *extra]),
              ParallelState.build(1, 1))
     dist.barrier()
 
@@ -66,10 +67,20 @@ def workers2():
         yield w
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_state_by_name_equals_megalite_optimizer_state(workers2, tmp_path, stage):
+@pytest.mark.parametrize("stage,ds_config", [
+    (1, None), (2, None), (3, None),
+    # ZeRO-3 cuts each parameter group into sub-groups of at most sub_group_size elements: 7
+    # slots here (8) instead of 2, numbered across groups in the saved state
+    (3, {"zero_optimization": {"stage": 3, "sub_group_size": 4000}})],
+    ids=["zero1", "zero2", "zero3", "zero3-subgroups"])
+def test_zero_state_by_name_equals_megalite_optimizer_state(workers2, tmp_path, stage,
+                                                             ds_config):
+    extra = []
+    if ds_config is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+        extra = ["--deepspeed-config", str(tmp_path / "ds.json")]
     workers2.run(w_two_steps, str(tmp_path), 0, timeout=600)
-    workers2.run(w_two_steps, str(tmp_path), stage, timeout=600)
+    workers2.run(w_two_steps, str(tmp_path), stage, extra, timeout=600)
     ref_source, ref = _states_by_name(str(tmp_path / "zero0"))
     zero_source, got = _states_by_name(str(tmp_path / f"zero{stage}"))
     assert not ref_source.zero and zero_source.zero and len(zero_source.files) == 2
@@ -85,6 +96,9 @@ def test_zero_state_by_name_equals_megalite_optimizer_state(workers2, tmp_path, 
         frags = [s["portable"]["fragments"].get(name) for s in zero_source.states]
         split += all(f is not None for f in frags)
     assert split >= 1     # the test covers a parameter cut between the ranks
+    slots = {f[0] for s in zero_source.states for f in s["portable"]["fragments"].values()}
+    assert len(slots) == (2 if ds_config is None else len(zero_source.states[0]["portable"][
+        "slot_keys"])) and (ds_config is None or len(slots) > 2)
 
 
 # -- 2. the loss curve continues ----------------------------------------------------------------
