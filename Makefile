@@ -17,7 +17,6 @@ quickstart: install
 test: install
 	$(PY) -m pytest tests
 
-# The real-SLURM tests (two slurmd nodes on this machine; see tests/integration/test_slurm.py for
-# why they are not part of `make test` yet).
+# Only the real-SLURM tests (two slurmd nodes on this machine; also part of `make test`).
 test-slurm: install
 	$(PY) -m pytest -m slurm tests/integration/test_slurm.py

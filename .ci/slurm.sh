@@ -5,7 +5,8 @@
 #   .ci/slurm.sh install      apt-get install slurmctld slurmd slurm-client openmpi-bin if any
 #                             is missing (apt-get update first); fails loudly if apt cannot.
 #   .ci/slurm.sh start DIR    install, write DIR/slurm.conf, start slurmctld and two slurmd
-#                             "nodes" (mln1, mln2: 4 CPUs each, both 127.0.0.1), wait until idle.
+#                             "nodes" (mln1, mln2: 4 CPUs each, both 127.0.0.1), wait until idle
+#                             (at most SLURM_START_TIMEOUT_S, default 60 s; else logs, exit 1).
 #                             Prints SLURM_CONF=DIR/slurm.conf; export it for sinfo/sbatch/...
 #   .ci/slurm.sh stop DIR     scontrol shutdown, then kill what is left by the PIDs in DIR,
 #                             and remove the /etc/hosts line `start` added.
@@ -82,16 +83,19 @@ EOF
     export SLURM_CONF=$d/slurm.conf
     slurmctld -c -i -f "$SLURM_CONF"
     for n in "${NODES[@]}"; do slurmd -f "$SLURM_CONF" -N "$n"; done
-    local i
-    for i in $(seq 1 150); do
-        if [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" -eq ${#NODES[@]} ]; then
+    # A wall-clock deadline, and sinfo bounded too: a slurmctld that accepts but does not
+    # answer would otherwise hold each sinfo for its 10 s message timeout.
+    local deadline=$((SECONDS + ${SLURM_START_TIMEOUT_S:-60}))
+    while ((SECONDS < deadline)); do
+        if [ "$(timeout 5 sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" -eq ${#NODES[@]} ]; then
             echo "SLURM_CONF=$SLURM_CONF"
             return 0
         fi
         sleep 0.2
     done
-    echo "slurm.sh: nodes did not become idle within 30 s; logs in $d/log" >&2
-    sinfo -N >&2 || true
+    echo "slurm.sh: nodes did not become idle within ${SLURM_START_TIMEOUT_S:-60} s; logs in $d/log" >&2
+    timeout 5 sinfo -N >&2 || true
+    ps -eo pid,stat,etime,args | grep -E '[s]lurm' >&2 || true
     tail -n 20 "$d"/log/*.log >&2 || true
     stop "$d"
     return 1
