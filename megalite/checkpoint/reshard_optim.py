@@ -17,7 +17,9 @@ optimizer writes each name's tensors into its partitions. So a new TP/PP split, 
 data-parallel size or ZeRO stage (0 <-> 1/2/3, 1 <-> 3, ...) all load. The precision must stay
 (bf16 runs keep fp32 masters, fp32 runs without ZeRO do not: their masters are the weights).
 Rank files are opened with ``torch.load(mmap=True, weights_only=True)``, so only the tensors
-this rank needs are paged in, and ZeRO state is reassembled one parameter at a time.
+this rank needs are paged in; ZeRO state is reassembled one parameter at a time, and a ZeRO
+target builds only the parameters it holds a fragment of and writes each into its partitions
+at once (memory: one parameter's full state beside the rank's own partitions).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def reshardable(state: Any) -> bool:
 def accepts_resharded(optimizer: Any) -> bool:
     """True if ``optimizer`` can take state resharded by name (megalite's or ZeRO)."""
     from megalite.optim.optimizer import Optimizer
-    return isinstance(optimizer, Optimizer) or hasattr(optimizer, "load_param_states")
+    return isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_state_loader")
 
 
 class _Source:
@@ -167,7 +169,7 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
     if not accepts_resharded(optimizer):
         raise MegaliteError("this run's optimizer cannot take state saved under another layout "
                             "(only megalite's optimizer and ZeRO can)")
-    zero_target = hasattr(optimizer, "load_param_states")
+    zero_target = hasattr(optimizer, "param_state_loader")
     template = None if zero_target else optimizer.state_dict()
     names = optimizer.param_names if zero_target else template["param_names"]
     half = (optimizer.dtype != torch.float32) if zero_target else template["masters"] is not None
@@ -177,9 +179,14 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
     vocab_size = int(meta["model_config"]["vocab_size"])
 
     params = {n: p for c in model_chunks for n, p in c.named_parameters()}
+    # A ZeRO target takes each parameter's state as soon as it is built and only asks for the
+    # parameters this rank holds a fragment of; megalite's optimizer needs them all at once.
+    loader = optimizer.param_state_loader() if zero_target else None
     per_name: dict[str, dict[str, Any]] = {}
     scaler = None
     for name in names:
+        if loader is not None and name not in loader.names:
+            continue
         param = params[name]
         src = name
         if src not in index and name == OUTPUT_LAYER and getattr(param, "shared_embedding", False):
@@ -210,12 +217,15 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
                 vocab_size, ps, f"{name} ({key})", is_vocab=src in VOCAB_TENSORS).clone()
         if not half:
             state.pop("master", None)     # fp32: the loaded weights are the masters
-        per_name[name] = state
+        if loader is not None:
+            loader.write(name, state)
+        else:
+            per_name[name] = state
 
-    if zero_target:
+    if loader is not None:
         if defer:
-            return lambda: optimizer.load_param_states(per_name)
-        optimizer.load_param_states(per_name)
+            return loader.finish
+        loader.finish()
         return None
     new_state, masters = {}, []
     for i, name in enumerate(names):

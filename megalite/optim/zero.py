@@ -56,7 +56,7 @@ from megalite.optim.deepspeed_setup import (DeepSpeedMpu, deepspeed_config,
                                             validate_zero, without_shm_inference_op)
 from megalite.optim.optimizer import (StepResult, _accumulate_main_grad, build_optimizer,
                                       param_groups, sync_model_grads)
-from megalite.optim.zero_state import load_param_states, portable_index
+from megalite.optim.zero_state import ParamStateLoader, load_param_states, portable_index
 
 __all__ = ["DeepSpeedMpu", "validate_zero", "deepspeed_config", "ZeroOptimizer",
            "build_optimizer"]
@@ -272,6 +272,11 @@ class ZeroOptimizer:
         another layout or ZeRO stage arrives (:mod:`megalite.checkpoint.reshard_optim`).
         Collective over the dp group."""
         load_param_states(self, states)
+
+    def param_state_loader(self) -> ParamStateLoader:
+        """A :class:`~megalite.optim.zero_state.ParamStateLoader`: the same, one parameter at a
+        time (only those this rank holds a fragment of)."""
+        return ParamStateLoader(self)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held on this rank: AdamW moments and fp32 master

@@ -18,7 +18,7 @@ sub-group buffers for stage 3, located by address), and it is saved with the sta
 (:func:`portable_index`), so reassembling a parameter's state from the saved ranks
 (:func:`saved_param_state`) needs no knowledge of DeepSpeed's alignment or padding rules. Loading
 (:func:`load_param_states`) writes a parameter's full tensors through the same map of the live
-optimizer.
+optimizer (:class:`ParamStateLoader`, one parameter at a time).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import torch
 
 from megalite.errors import MegaliteError
 
-__all__ = ["fragment_map", "portable_index", "saved_param_state", "load_param_states",
-           "MOMENTS"]
+__all__ = ["fragment_map", "portable_index", "saved_param_state", "ParamStateLoader",
+           "load_param_states", "MOMENTS"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -151,50 +151,93 @@ def saved_param_state(states: list[dict], name: str, where: str) -> dict[str, An
     return {k: v.view(shape) if torch.is_tensor(v) and v.dim() else v for k, v in out.items()}
 
 
-@torch.no_grad()
-def load_param_states(zero, states: dict[str, dict[str, Any]]) -> None:
-    """Write per-parameter state (this rank's tensor-parallel shard of each parameter, as
-    :func:`saved_param_state` returns it) into the live optimizer ``zero``; a missing
-    ``"master"`` (fp32 runs without ZeRO keep none) is taken from the loaded weights. Then the
-    model's weights are rebuilt from the masters. Collective over the dp group (stages 1/2
-    all-gather the weights)."""
-    ds = zero.ds_optimizer
-    masters = _slot_masters(zero)
-    frags = fragment_map(zero)
-    with_moments = any(k in s for s in states.values() for k in MOMENTS)
-    slot_states = []
-    for master in masters:
-        st = ds.optimizer.state[master]
-        if with_moments:
+class ParamStateLoader:
+    """Writes per-parameter state into the partitions of a live ZeroOptimizer, one parameter
+    at a time, so a rank never holds more than one parameter's full state beside its own
+    partitions. Only the parameters this rank holds a fragment of are asked for (:attr:`names`).
+
+    ``write(name, state)``: ``state`` is this rank's tensor-parallel shard of the parameter's
+    ``{"master", "exp_avg", "exp_avg_sq", "step"}`` (as :func:`saved_param_state` returns it); a
+    missing ``"master"`` (fp32 runs without ZeRO keep none) is taken from the loaded weights.
+    Not collective. ``finish()`` sets the step count and rebuilds the model's weights from the
+    masters: collective over the dp group (stages 1/2 all-gather the weights).
+    """
+
+    def __init__(self, zero):
+        self.zero = zero
+        self.masters = _slot_masters(zero)
+        self.frags = fragment_map(zero)
+        self.params = dict(zip(zero.param_names, zero.params))
+        self.slot_states: list[dict] | None = None
+        self.steps: set[float] = set()
+        self.written: set[str] = set()
+        self.with_moments: bool | None = None
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.frags)
+
+    def _init_moments(self) -> None:
+        self.slot_states = []
+        for master in self.masters:
+            st = self.zero.ds_optimizer.optimizer.state[master]
             st.clear()
             st.update({"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(master),
                        "exp_avg_sq": torch.zeros_like(master)})
-        slot_states.append(st)
-    params = dict(zip(zero.param_names, zero.params))
-    for name, (slot, hp, lp, n) in frags.items():
-        if name not in states:
-            raise MegaliteError(f"no optimizer state for parameter {name}")
-        src = states[name]
-        master = src.get("master")
+            self.slot_states.append(st)
+
+    @torch.no_grad()
+    def write(self, name: str, state: dict[str, Any]) -> None:
+        slot, hp, lp, n = self.frags[name]
+        has_moments = all(k in state for k in MOMENTS)
+        if self.with_moments is None:
+            self.with_moments = has_moments
+            if has_moments:
+                self._init_moments()
+        elif has_moments != self.with_moments:
+            raise MegaliteError(f"optimizer state of {name} has AdamW moments "
+                                f"{'but' if has_moments else 'missing while'} others "
+                                f"{'do not' if has_moments else 'have them'}")
+        master = state.get("master")
         if master is None:      # fp32 weights are the masters
-            p = params[name]
-            piece = p.ds_tensor.view(-1)[:n] if zero.stage == 3 else p.view(-1)[lp:lp + n]
+            p = self.params[name]
+            piece = p.ds_tensor.view(-1)[:n] if self.zero.stage == 3 else p.view(-1)[lp:lp + n]
         else:
             piece = master.reshape(-1)[lp:lp + n]
-        masters[slot][hp:hp + n].copy_(piece)
-        if with_moments:
+        self.masters[slot][hp:hp + n].copy_(piece)
+        if has_moments:
             for key in MOMENTS:
-                slot_states[slot][key][hp:hp + n].copy_(src[key].reshape(-1)[lp:lp + n])
-    if with_moments:
-        steps = {float(s["step"]) for s in states.values() if "step" in s}
-        if len(steps) != 1:
-            raise MegaliteError(f"optimizer state has differing step counts {sorted(steps)}")
-        step = steps.pop()
-        for st in slot_states:
-            st["step"] = torch.tensor(step, dtype=torch.float32)   # torch AdamW's own form
-    if zero.stage == 3:
-        for lp_flat, master in zip(ds.fp16_partitioned_groups_flat, masters):
-            lp_flat.data.copy_(master.data)
-    else:
-        ds.update_lp_params()      # fp32 partitions -> weights, all-gathered over dp
-    zero._realias()
+                self.slot_states[slot][key][hp:hp + n].copy_(state[key].reshape(-1)[lp:lp + n])
+            self.steps.add(float(state["step"]))
+        self.written.add(name)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        missing = self.names - self.written
+        if missing:
+            raise MegaliteError(f"no optimizer state for parameters {sorted(missing)[:5]}")
+        if self.with_moments:
+            if len(self.steps) != 1:
+                raise MegaliteError(f"optimizer state has differing step counts "
+                                    f"{sorted(self.steps)}")
+            step = next(iter(self.steps))
+            for st in self.slot_states:
+                st["step"] = torch.tensor(step, dtype=torch.float32)   # torch AdamW's form
+        ds = self.zero.ds_optimizer
+        if self.zero.stage == 3:
+            for lp_flat, master in zip(ds.fp16_partitioned_groups_flat, self.masters):
+                lp_flat.data.copy_(master.data)
+        else:
+            ds.update_lp_params()      # fp32 partitions -> weights, all-gathered over dp
+        self.zero._realias()
+
+
+def load_param_states(zero, states: dict[str, dict[str, Any]]) -> None:
+    """Write ``{name: state}`` for every parameter into ``zero`` (see
+    :class:`ParamStateLoader`). Collective over the dp group."""
+    loader = ParamStateLoader(zero)
+    for name in loader.names:
+        if name not in states:
+            raise MegaliteError(f"no optimizer state for parameter {name}")
+        loader.write(name, states[name])
+    loader.finish()
