@@ -46,6 +46,11 @@ _OPTIONS = [
          "needed with --mock-data unless the preset has one)"),
         ("--position-embedding-type", None, dict(choices=POSITION_EMBEDDING_TYPES), "positions"),
         ("--rotary-base", None, dict(type=float), "RoPE base theta"),
+        ("--use-rope-scaling", "_rope_scaling", dict(action="store_true"),
+         "Llama 3.1 RoPE frequency scaling (model.rope_scaling: llama3; 'linear' and the "
+         "low/high frequency factors are set in the YAML model section)"),
+        ("--rope-scaling-factor", None, dict(type=float),
+         "divisor of the scaled RoPE frequencies (default 8, Llama 3.1's)"),
         ("--normalization", None, dict(choices=NORMALIZATIONS), "norm layers"),
         ("--norm-epsilon", "layernorm_epsilon", dict(type=float), "epsilon of the norms"),
         ("--swiglu", "_swiglu", dict(action="store_true"), "SwiGLU MLP (activation=swiglu)"),
@@ -247,6 +252,11 @@ def _model_values(flags: dict, specials: dict, ym: dict) -> tuple[dict, bool]:
         fm["activation"] = "swiglu"
     if specials.get("_no_bias"):
         fm["add_bias_linear"] = False
+    if specials.get("_rope_scaling"):
+        if ym.get("rope_scaling") not in (None, "llama3"):
+            raise ConfigError(f"--use-rope-scaling (llama3) contradicts model.rope_scaling: "
+                              f"{ym['rope_scaling']}", "model", "rope_scaling")
+        fm["rope_scaling"] = "llama3"
     if "num_query_groups" in fm and not specials.get("_gqa"):
         raise ConfigError("--num-query-groups needs --group-query-attention", "model",
                           "num_query_groups")

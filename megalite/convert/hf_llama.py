@@ -16,7 +16,9 @@ final_norm.weight                           model.norm.weight
 output_layer.weight [Vp, h] (untied)        lm_head.weight [V, h]
 ==========================================  ===============================================
 
-RoPE uses the same rotate-half convention on both sides, so q/k need no permutation.
+RoPE uses the same rotate-half convention on both sides, so q/k need no permutation. HF's
+``rope_parameters`` of type default, ``linear`` and ``llama3`` (Llama 3.1/3.2) map to
+``GPTConfig.rope_scaling`` and its factors; other types (yarn, dynamic, longrope) are refused.
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ def config_to_hf(config: GPTConfig):
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.query_groups, head_dim=c.head_dim, hidden_act="silu",
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": float(c.rotary_base)},
+        rope_parameters=_rope_to_hf(c),
         tie_word_embeddings=c.tied_embeddings, attention_bias=c.add_bias_linear,
         mlp_bias=c.add_bias_linear, attention_dropout=c.attention_dropout,
         initializer_range=c.init_method_std, bos_token_id=None, eos_token_id=None)
@@ -113,9 +115,6 @@ def config_from_hf(hf) -> GPTConfig:
         raise MegaliteError(f"LLaMA config: hidden_act={hf.hidden_act!r} is not supported "
                             "(only silu, i.e. SwiGLU)")
     rope = getattr(hf, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise MegaliteError(f"LLaMA config: rope_type={rope.get('rope_type')!r} is not "
-                            "supported (only default rotary embedding)")
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     if bool(getattr(hf, "attention_bias", False)) != bool(getattr(hf, "mlp_bias", False)):
         raise MegaliteError("LLaMA config: attention_bias and mlp_bias must agree "
@@ -133,4 +132,36 @@ def config_from_hf(hf) -> GPTConfig:
         activation="swiglu", add_bias_linear=bool(getattr(hf, "attention_bias", False)),
         untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
-        init_method_std=hf.initializer_range)
+        init_method_std=hf.initializer_range, **_rope_from_hf(rope, hf))
+
+
+def _rope_to_hf(c: GPTConfig) -> dict:
+    out = {"rope_type": c.rope_scaling or "default", "rope_theta": float(c.rotary_base)}
+    if c.rope_scaling is not None:
+        out["factor"] = float(c.rope_scaling_factor)
+    if c.rope_scaling == "llama3":
+        out.update(low_freq_factor=float(c.rope_low_freq_factor),
+                   high_freq_factor=float(c.rope_high_freq_factor),
+                   original_max_position_embeddings=c.rope_original_max_position_embeddings)
+    return out
+
+
+def _rope_from_hf(rope: dict, hf) -> dict:
+    """GPTConfig rope-scaling fields from HF's ``rope_parameters`` (default, linear, llama3)."""
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return {}
+    if kind not in ("linear", "llama3"):
+        raise MegaliteError(f"LLaMA config: rope_type={kind!r} is not supported (default, "
+                            f"linear and llama3 are)")
+    if rope.get("attention_factor") not in (None, 1.0):
+        raise MegaliteError(f"LLaMA config: rope attention_factor={rope['attention_factor']} "
+                            f"is not supported")
+    out = {"rope_scaling": kind, "rope_scaling_factor": float(rope["factor"])}
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_position_embeddings=int(
+                       rope.get("original_max_position_embeddings")
+                       or hf.max_position_embeddings))
+    return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from megalite.errors import MegaliteError
 
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal")
+ROPE_SCALINGS = ("llama3", "linear")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 # "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation (what GPT-2 checkpoints
 # were trained with, HF's "gelu_new"); "swiglu" is silu(x W_gate) * (x W_up).
@@ -71,6 +72,20 @@ class GPTConfig:
     """One of "rope", "learned_absolute", "sinusoidal"."""
     rotary_base: float = 10000.0
     """Base (theta) of the rotary frequencies: inv_freq_i = base^(-2i/head_dim)."""
+    rope_scaling: str | None = None
+    """Rotary frequency scaling for a longer context than pretraining used: None, "llama3"
+    (Llama 3.1: frequencies whose wavelength exceeds rope_original_max_position_embeddings /
+    rope_low_freq_factor are divided by rope_scaling_factor, those shorter than .../
+    rope_high_freq_factor are kept, a smooth blend in between) or "linear" (position
+    interpolation: every frequency divided by rope_scaling_factor)."""
+    rope_scaling_factor: float = 8.0
+    """Divisor of the scaled rotary frequencies (Llama 3.1: 8)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_max / this are fully scaled (Llama 3.1: 1)."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_max / this are kept (Llama 3.1: 4)."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 scaling: the context length of the original pretraining (Llama 3.1: 8192)."""
     normalization: str = "LayerNorm"
     """"LayerNorm" (weight and bias) or "RMSNorm" (weight only)."""
     layernorm_epsilon: float = 1e-5
@@ -183,6 +198,24 @@ class GPTConfig:
             bad(f"layernorm_epsilon must be > 0, got {self.layernorm_epsilon!r}")
         if not self.rotary_base > 0:
             bad(f"rotary_base must be > 0, got {self.rotary_base!r}")
+        if self.rope_scaling is not None:
+            if self.rope_scaling not in ROPE_SCALINGS:
+                bad(f"rope_scaling must be None or one of {ROPE_SCALINGS}, got "
+                    f"{self.rope_scaling!r}")
+            if self.position_embedding_type != "rope":
+                bad(f"rope_scaling={self.rope_scaling!r} needs position_embedding_type "
+                    f"'rope', got {self.position_embedding_type!r}")
+            if not self.rope_scaling_factor > 0:
+                bad(f"rope_scaling_factor must be > 0, got {self.rope_scaling_factor!r}")
+            if self.rope_scaling == "llama3" and not (
+                    0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+                bad(f"llama3 rope scaling needs 0 < rope_low_freq_factor < "
+                    f"rope_high_freq_factor, got {self.rope_low_freq_factor!r} and "
+                    f"{self.rope_high_freq_factor!r}")
+            o = self.rope_original_max_position_embeddings
+            if not isinstance(o, int) or isinstance(o, bool) or o < 1:
+                bad(f"rope_original_max_position_embeddings must be a positive integer, "
+                    f"got {o!r}")
 
     def validate_parallel(self, tp_size: int, seq_length: int | None = None) -> None:
         """Raise MegaliteError when this model cannot be split over ``tp_size`` ranks.

@@ -170,7 +170,7 @@ class GPTModel(nn.Module):
 
         if pre_process:
             self.embedding = Embedding(config, ps, rng_tracker, device, dtype)
-        self.rotary = (RotaryEmbedding(config.head_dim, config.rotary_base)
+        self.rotary = (RotaryEmbedding.from_config(config)
                        if config.position_embedding_type == "rope" else None)
         # A ModuleDict keyed by the global layer id keeps state-dict names stage-independent.
         self.layers = nn.ModuleDict({

@@ -9,6 +9,8 @@ inv_freq[i] = base^(-2i/d). Weights converted from HF LLaMA therefore need no pe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -51,24 +53,67 @@ class SinusoidalPositions(nn.Module):
         return self.table[:seq_len]
 
 
+def rope_inv_freq(head_dim: int, base: float, scaling: str | None = None, *,
+                  factor: float = 8.0, low_freq_factor: float = 1.0,
+                  high_freq_factor: float = 4.0, original_max_positions: int = 8192,
+                  device=None) -> Tensor:
+    """[head_dim / 2] float32 rotary frequencies inv_freq_i = base^(-2i/head_dim), optionally
+    scaled for a longer context (see ``GPTConfig.rope_scaling``):
+
+    * ``"linear"``: every frequency / factor (position interpolation);
+    * ``"llama3"``: with wavelength w_i = 2 pi / inv_freq_i and L = original_max_positions,
+      w_i < L / high_freq_factor: kept; w_i > L / low_freq_factor: / factor; in between the
+      blend (1 - a) inv_freq_i / factor + a inv_freq_i, a = (L / w_i - low) / (high - low).
+
+    Computed the way HF LLaMA computes it (int64 arange -> float32), so the angles agree bit for
+    bit with the reference.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (base ** (exponent / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling != "llama3":
+        raise ValueError(f"unknown rope scaling {scaling!r}")
+    wavelen = 2 * math.pi / inv_freq
+    long_wavelen = original_max_positions / low_freq_factor    # beyond: fully scaled
+    short_wavelen = original_max_positions / high_freq_factor  # below: kept
+    scaled = torch.where(wavelen > long_wavelen, inv_freq / factor, inv_freq)
+    a = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - a) * scaled / factor + a * scaled
+    between = ~(wavelen < short_wavelen) & ~(wavelen > long_wavelen)
+    return torch.where(between, blended, scaled)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding for heads of width ``head_dim``.
 
     ``forward(s) -> (cos, sin)``, each [s, 1, 1, head_dim] in float32, broadcastable against
     sequence-first heads [s, b, n, head_dim]. The tables are recomputed per call (cheap next to
     attention) rather than cached, so they never go stale across devices or dtypes.
+    ``scaling`` and ``scaling_args``: see :func:`rope_inv_freq`.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: str | None = None,
+                 **scaling_args):
         super().__init__()
         self.head_dim = head_dim
         self.base = base
+        self.scaling, self.scaling_args = scaling, scaling_args
+
+    @classmethod
+    def from_config(cls, config) -> "RotaryEmbedding":
+        """The rotary embedding of a :class:`~megalite.model.config.GPTConfig`."""
+        c = config
+        return cls(c.head_dim, c.rotary_base, c.rope_scaling, factor=c.rope_scaling_factor,
+                   low_freq_factor=c.rope_low_freq_factor,
+                   high_freq_factor=c.rope_high_freq_factor,
+                   original_max_positions=c.rope_original_max_position_embeddings)
 
     def forward(self, seq_len: int, device=None) -> tuple[Tensor, Tensor]:
-        # inv_freq computed the way HF LLaMA computes it (int64 arange -> float32), so angles
-        # agree bit for bit with the reference.
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
-        inv_freq = 1.0 / (self.base ** (exponent / self.head_dim))            # [d/2]
+        inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling, device=device,
+                                 **self.scaling_args)                           # [d/2]
         pos = torch.arange(seq_len, dtype=torch.int64, device=device).float()
         freqs = torch.outer(pos, inv_freq)                                     # [s, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)                                # [s, d]

@@ -9,11 +9,14 @@ gpt2-small     GPT-2 124M: 12 layers, h=768, 12 heads, vocab 50257, 1024 positio
 1b             LLaMA recipe with TinyLlama-1.1B shapes: 22 layers, h=2048, 32 heads,   1,100,048,384
                4 kv groups, ffn 5632, vocab 32000, 2048 positions
 llama2-7b      exactly LLaMA-2-7B: 32 layers, h=4096, 32 heads, ffn 11008, vocab 32000 6,738,415,616
+llama3.1-8b    exactly Llama-3.1-8B: 32 layers, h=4096, 32 heads / 8 kv groups, ffn   8,030,261,248
+               14336, vocab 128256, theta 500000, llama3 rope scaling x8, 131072 positions
 =============  ======================================================================  ==========
 
 Parameter counts use the unpadded vocabulary (what the Hugging Face model holds); the megalite
 model adds ``padded_vocab - vocab`` rows to the embedding (and untied output layer), which is
-zero for vocab 32000 at tensor-parallel sizes 1, 2 (32000 = 250 * 128) and nonzero from 4 on.
+zero for vocab 32000 at tensor-parallel sizes 1, 2 (32000 = 250 * 128) and nonzero from 4 on
+(vocab 128256 = 1002 * 128: zero at TP 1 and 2).
 """
 from __future__ import annotations
 
@@ -53,6 +56,12 @@ _BUILDERS = {
     "llama2-7b": lambda: _llama(num_layers=32, hidden_size=4096, num_attention_heads=32,
                                 ffn_hidden_size=11008, vocab_size=32000,
                                 max_position_embeddings=4096),
+    "llama3.1-8b": lambda: _llama(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                  num_query_groups=8, ffn_hidden_size=14336, vocab_size=128256,
+                                  max_position_embeddings=131072, rotary_base=500000.0,
+                                  rope_scaling="llama3", rope_scaling_factor=8.0,
+                                  rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                                  rope_original_max_position_embeddings=8192),
 }
 
 PRESETS: list[str] = list(_BUILDERS)

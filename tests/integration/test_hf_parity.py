@@ -30,6 +30,13 @@ CONFIGS = {
     "llama-gqa": get_preset("tiny-llama").replace(num_attention_heads=8, num_query_groups=2,
                                                   vocab_size=500, layernorm_epsilon=1e-6,
                                                   rotary_base=500.0),
+    # Llama 3.1 rope scaling: with head_dim 16, base 500 and original length 64 the eight
+    # frequencies fall in all three regimes (kept, blended, divided by the factor).
+    "llama3-rope-scaling": get_preset("tiny-llama").replace(
+        vocab_size=500, rotary_base=500.0, rope_scaling="llama3", rope_scaling_factor=4.0,
+        rope_original_max_position_embeddings=64),
+    "llama-linear-rope": get_preset("tiny-llama").replace(
+        vocab_size=500, rope_scaling="linear", rope_scaling_factor=2.0),
     # classic recipe, exact GELU ("gelu") and GPT-2's tanh GELU ("gelu_new").
     "gpt2-gelu": get_preset("tiny").replace(vocab_size=500),
     "gpt2-gelu-tanh": get_preset("tiny").replace(vocab_size=500, activation="gelu_tanh"),
@@ -116,6 +123,25 @@ def test_config_round_trip(name):
     # seq_length is a training setting HF configs do not carry; the FFN width comes back
     # explicit.
     assert back == cfg.replace(seq_length=None, ffn_hidden_size=cfg.ffn_size)
+
+
+@pytest.mark.parametrize("name", ["llama3-rope-scaling", "llama-linear-rope"])
+def test_rope_scaling_frequencies_equal_transformers(name):
+    """Bit for bit: the frequencies of every regime, computed the same way as HF's."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megalite.model.positions import RotaryEmbedding, rope_inv_freq
+    cfg = CONFIGS[name]
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS[cfg.rope_scaling](config_to_hf(cfg), None)
+    rotary = RotaryEmbedding.from_config(cfg)
+    ours = rope_inv_freq(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling, **rotary.scaling_args)
+    assert attention_factor == 1.0 and torch.equal(ours, theirs)
+    plain = rope_inv_freq(cfg.head_dim, cfg.rotary_base)
+    changed = ours != plain
+    assert changed.any()
+    if name == "llama3-rope-scaling":      # all three regimes present
+        ratio = plain / ours
+        assert (ratio == 1).any() and (ratio == 4).any() and ((ratio > 1) & (ratio < 4)).any()
 
 
 def test_converters_reject_mismatches_clearly():

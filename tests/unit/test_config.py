@@ -78,6 +78,18 @@ def test_model_recipe_flags():
     assert m.seq_length == 32 and m.max_position_embeddings == 32 and c.seq_length == 32
 
 
+def test_rope_scaling_flags(tmp_path):
+    base = ["--model-preset", "tiny-llama", "--mock-data"]
+    m = parse_train_args(base + ["--use-rope-scaling", "--rope-scaling-factor", "4"]).model
+    assert (m.rope_scaling, m.rope_scaling_factor) == ("llama3", 4.0)
+    assert parse_train_args(base).model.rope_scaling is None
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  rope_scaling: linear\n  rope_scaling_factor: 2.0\n")
+    assert parse_train_args(base + ["--config", str(path)]).model.rope_scaling == "linear"
+    with pytest.raises(MegaliteError, match="--use-rope-scaling .* contradicts"):
+        parse_train_args(base + ["--config", str(path), "--use-rope-scaling"])
+
+
 def test_parallel_flags_and_sequence_parallel_has_one_source():
     c = parse_train_args(TINY + ["--num-layers", "8", "--tensor-model-parallel-size", "2",
                                  "--pipeline-model-parallel-size", "2", "--sequence-parallel",
@@ -131,6 +143,9 @@ def test_yaml_presets_load(name):
         assert c.model == get_preset("llama2-7b").replace(seq_length=4096, sequence_parallel=True,
                                                           recompute_granularity="selective")
         assert c.precision.bf16 and c.parallel.tensor_model_parallel_size == 4
+    if name == "llama3.1-8b.yaml":
+        assert c.model == get_preset("llama3.1-8b").replace(
+            seq_length=8192, sequence_parallel=True, recompute_granularity="selective")
     if name == "gpt2-small.yaml":
         assert c.model == get_preset("gpt2-small").replace(seq_length=1024)
     if name == "tiny-gpt.yaml":

@@ -14,6 +14,7 @@ from megalite.model import PRESETS, GPTConfig, flops_per_iteration, get_preset, 
 from megalite.model.gpt import GPTModel
 
 LLAMA2_7B_PARAMS = 6_738_415_616   # LLaMA-2-7B as published / as LlamaForCausalLM counts it
+LLAMA31_8B_PARAMS = 8_030_261_248  # Llama-3.1-8B as published
 
 
 def _numel(model) -> int:
@@ -41,6 +42,9 @@ def test_padded_vocab_size():
     (dict(hidden_dropout=1.0), "hidden_dropout"),
     (dict(num_layers=0), "num_layers"),
     (dict(seq_length=4096), "seq_length"),
+    (dict(rope_scaling="yarn"), "rope_scaling"),
+    (dict(rope_scaling="llama3", rope_scaling_factor=0.0), "rope_scaling_factor"),
+    (dict(rope_scaling="llama3", rope_low_freq_factor=4.0), "rope_low_freq_factor"),
 ])
 def test_config_rejects_bad_fields_naming_them(changes, field):
     with pytest.raises(MegaliteError, match=field):
@@ -60,7 +64,7 @@ def test_config_rejects_layouts_that_do_not_split():
 
 
 def test_presets_are_distinct_valid_configs():
-    assert PRESETS == ["tiny", "tiny-llama", "gpt2-small", "1b", "llama2-7b"]
+    assert PRESETS == ["tiny", "tiny-llama", "gpt2-small", "1b", "llama2-7b", "llama3.1-8b"]
     for name in PRESETS:
         assert isinstance(get_preset(name), GPTConfig)
     assert get_preset("tiny") is not get_preset("tiny")   # fresh objects, safe to mutate
@@ -77,6 +81,25 @@ def test_llama2_7b_has_exactly_its_parameter_count_on_meta():
     assert model.padded_vocab == 32000
     assert _numel(model) == LLAMA2_7B_PARAMS
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_llama31_8b_has_exactly_its_parameter_count_and_hf_config():
+    cfg = get_preset("llama3.1-8b")
+    model = GPTModel(cfg, ParallelState.single(), device="meta")
+    assert model.padded_vocab == 128256 and _numel(model) == LLAMA31_8B_PARAMS
+    pytest.importorskip("transformers")
+    from megalite.convert import config_to_hf
+    hf = config_to_hf(cfg)           # what Meta's config.json says, field by field
+    assert (hf.num_key_value_heads, hf.intermediate_size, hf.max_position_embeddings) == \
+        (8, 14336, 131072)
+    assert hf.rope_parameters == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}
+
+
+def test_rope_scaling_needs_rope_positions():
+    with pytest.raises(MegaliteError, match="needs position_embedding_type 'rope'"):
+        get_preset("tiny").replace(rope_scaling="linear")
 
 
 def test_llama2_7b_per_rank_shapes_under_tp8():
