@@ -47,7 +47,9 @@ VOCAB_TENSORS = (WORD_EMBEDDINGS, OUTPUT_LAYER)
 _NUMERIC_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                    "num_query_groups", "ffn_hidden_size", "kv_channels", "position_embedding_type",
                    "rotary_base", "normalization", "layernorm_epsilon", "activation",
-                   "add_bias_linear", "untie_embeddings_and_output_weights")
+                   "add_bias_linear", "untie_embeddings_and_output_weights", "rope_scaling")
+_ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                        "rope_original_max_position_embeddings")   # matter with rope_scaling only
 
 
 def model_file_name(tp_rank: int, pp_rank: int) -> str:
@@ -119,8 +121,10 @@ def _model_config(meta: dict, path: str) -> GPTConfig:
 
 def check_model_config(saved: GPTConfig, ours: GPTConfig, path: str) -> None:
     """MegaliteError listing the fields where the model differs from the checkpoint's."""
+    fields = _NUMERIC_FIELDS + (_ROPE_SCALING_FIELDS if saved.rope_scaling or ours.rope_scaling
+                                else ())
     diff = [f"{f}: checkpoint {getattr(saved, f)!r}, model {getattr(ours, f)!r}"
-            for f in _NUMERIC_FIELDS if getattr(saved, f) != getattr(ours, f)]
+            for f in fields if getattr(saved, f) != getattr(ours, f)]
     if diff:
         raise MegaliteError(f"the model does not match checkpoint {path}: " + "; ".join(diff))
 
