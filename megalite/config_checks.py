@@ -17,6 +17,7 @@ _FLAG_EXCEPTIONS = {
     ("model", "activation"): "--swiglu/--activation",
     ("model", "add_bias_linear"): "--disable-bias-linear",
     ("model", "layernorm_epsilon"): "--norm-epsilon",
+    ("model", "rope_scaling"): "--use-rope-scaling",
 }
 
 

@@ -57,6 +57,8 @@ _OPTIONS = [
         ("--activation", None, dict(choices=ACTIVATIONS), "MLP activation"),
         ("--disable-bias-linear", "_no_bias", dict(action="store_true"),
          "no biases in the attention and MLP linears"),
+        ("--add-qkv-bias", None, dict(action="store_true"),
+         "a bias on the QKV projection even with --disable-bias-linear (Qwen2)"),
         ("--untie-embeddings-and-output-weights", None, dict(action="store_true"),
          "a separate output layer instead of the word embedding"),
         ("--hidden-dropout", None, dict(type=float), "dropout on embeddings and residuals"),

@@ -168,8 +168,9 @@ def config_to_hf(config: GPTConfig):
 
 def config_from_hf(hf_config) -> GPTConfig:
     """A :class:`GPTConfig` from a ``transformers`` LlamaConfig or GPT2Config."""
+    from megalite.convert.hf_llama import MODEL_TYPES
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("llama", "gpt2"):
+    if model_type not in (*MODEL_TYPES, "gpt2"):
         raise MegaliteError(f"unsupported Hugging Face model_type {model_type!r} "
-                            "(supported: llama, gpt2)")
-    return _module(model_type).config_from_hf(hf_config)
+                            f"(supported: {', '.join(MODEL_TYPES)}, gpt2)")
+    return _module("llama" if model_type in MODEL_TYPES else model_type).config_from_hf(hf_config)

@@ -1,10 +1,12 @@
 """``megalite convert {to-hf,from-hf,reshard}``: checkpoint conversion in one process.
 
 * ``to-hf``: a megalite checkpoint of any TP/PP/virtual-stage layout -> a Hugging Face
-  ``LlamaForCausalLM`` (LLaMA recipe) or ``GPT2LMHeadModel`` (classic recipe) directory:
+  ``LlamaForCausalLM`` (LLaMA recipe; ``Qwen2ForCausalLM`` with a QKV-only bias) or
+  ``GPT2LMHeadModel`` (classic recipe) directory:
   config.json, safetensors weights (sharded above ``--max-shard-size``), tokenizer files when
   the training tokenizer is a SentencePiece model.
-* ``from-hf``: a Hugging Face LLaMA or GPT-2 directory -> a megalite checkpoint for any target
+* ``from-hf``: a Hugging Face LLaMA, Mistral (no sliding window), Qwen2 or GPT-2 directory -> a
+  megalite checkpoint for any target
   (TP, PP) layout, weights only (training starts a fresh optimizer at iteration 0).
 * ``reshard``: a megalite checkpoint -> the same checkpoint under another (TP, PP) layout, the
   optimizer state included (megalite's optimizer, or ZeRO partitions reassembled by name).
@@ -43,11 +45,13 @@ parameter) and compares their logits on a few random token sequences; the conver
 
 _DESCRIPTIONS = {
     "to-hf": "A megalite checkpoint saved under any TP/PP/virtual-stage layout -> a Hugging Face "
-             "LlamaForCausalLM (LLaMA recipe) or GPT2LMHeadModel (classic recipe) directory: "
+             "LlamaForCausalLM (LLaMA recipe; Qwen2ForCausalLM when only q/k/v have biases) or "
+             "GPT2LMHeadModel (classic recipe) directory: "
              "config.json, safetensors weights (sharded above --max-shard-size, with "
              "model.safetensors.index.json), and tokenizer.model/tokenizer.json when the run's "
              "tokenizer was a SentencePiece model. Vocabulary padding rows are dropped.",
-    "from-hf": "A Hugging Face LLaMA or GPT-2 directory (config.json + safetensors) -> a "
+    "from-hf": "A Hugging Face LLaMA (incl. Llama 3.1 rope scaling), Mistral (without a "
+               "sliding window), Qwen2 or GPT-2 directory (config.json + safetensors) -> a "
                "megalite checkpoint (iteration 0, weights only, marked weights_only in "
                "meta.json) laid out for the target TP x PP (DP=1; any DP loads it). Training "
                "from it starts a fresh optimizer.",

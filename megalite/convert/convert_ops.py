@@ -70,7 +70,8 @@ def to_hf(args, tmp: str) -> str:
         bar.close()
         writer.close()
         hf_cfg = mod.config_to_hf(cfg)
-        hf_cfg.architectures = ["LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel"]
+        hf_cfg.architectures = [mod.hf_architecture(cfg) if arch == "llama"
+                                else "GPT2LMHeadModel"]
         hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
         hf_cfg.save_pretrained(tmp)
         tok_model, tok_type = _tokenizer_of(_train_config(reader.path))

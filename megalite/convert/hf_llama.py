@@ -1,4 +1,5 @@
-"""megalite LLaMA recipe <-> ``transformers.LlamaForCausalLM``: the one name map.
+"""megalite LLaMA recipe <-> ``transformers.LlamaForCausalLM`` (and ``MistralForCausalLM`` /
+``Qwen2ForCausalLM``, the same tensors): the one name map.
 
 ==========================================  ===============================================
 megalite (full tensor)                      Hugging Face
@@ -7,7 +8,7 @@ embedding.word_embeddings.weight [Vp, h]    model.embed_tokens.weight [V, h] (pa
 layers.i.input_norm.weight                  model.layers.i.input_layernorm.weight
 layers.i.attention.linear_qkv.weight        model.layers.i.self_attn.{q,k,v}_proj.weight
   [(a + 2g) d, h], grouped (see convert)      (concatenated per key/value group)
-layers.i.attention.linear_qkv.bias          ...{q,k,v}_proj.bias (attention_bias only)
+layers.i.attention.linear_qkv.bias          ...{q,k,v}_proj.bias (attention_bias; Qwen2)
 layers.i.attention.linear_proj.weight       model.layers.i.self_attn.o_proj.weight (+ .bias)
 layers.i.post_attention_norm.weight         model.layers.i.post_attention_layernorm.weight
 layers.i.mlp.linear_fc1.weight [2f, h]      model.layers.i.mlp.{gate,up}_proj.weight ([gate; up])
@@ -41,15 +42,17 @@ def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[P
     maps = [vocab_mapping("embedding.word_embeddings.weight", "model.embed_tokens.weight",
                           c.vocab_size, vp)]
     suffixes = ("weight", "bias") if c.add_bias_linear else ("weight",)
+    qkv_suffixes = ("weight", "bias") if c.add_bias_linear or c.add_qkv_bias else ("weight",)
     for i in range(c.num_layers):
         m, h = f"layers.{i}.", f"model.layers.{i}."
         maps.append(identity_mapping(m + "input_norm.weight", h + "input_layernorm.weight"))
-        for s in suffixes:
+        for s in qkv_suffixes:
             maps.append(ParamMapping(
                 f"{m}attention.linear_qkv.{s}",
                 tuple(f"{h}self_attn.{p}_proj.{s}" for p in "qkv"),
                 lambda t: grouped_to_qkv(t, a, g, d),
                 lambda q, k, v: qkv_to_grouped(q, k, v, g)))
+        for s in suffixes:
             maps.append(identity_mapping(f"{m}attention.linear_proj.{s}",
                                          f"{h}self_attn.o_proj.{s}"))
         maps.append(identity_mapping(m + "post_attention_norm.weight",
@@ -93,32 +96,67 @@ def _padded_rows(state: Mapping[str, Tensor], config: GPTConfig) -> int:
     return emb.shape[0] if emb is not None else config.padded_vocab(1)
 
 
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""Hugging Face model types read as the LLaMA recipe (Mistral without a sliding window, Qwen2
+with its QKV bias and full attention)."""
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """The ``transformers`` class :func:`config_to_hf` describes: ``Qwen2ForCausalLM`` for a
+    QKV bias without the other biases, else ``LlamaForCausalLM``."""
+    return "Qwen2ForCausalLM" if _is_qwen2(config) else "LlamaForCausalLM"
+
+
+def _is_qwen2(c: GPTConfig) -> bool:
+    return c.add_qkv_bias and not c.add_bias_linear
+
+
 def config_to_hf(config: GPTConfig):
-    """``transformers.LlamaConfig`` with the same shapes (dropout off: attention only)."""
-    from transformers import LlamaConfig
+    """``transformers.LlamaConfig`` (or ``Qwen2Config``, see :func:`hf_architecture`) with the
+    same shapes (dropout off: attention only)."""
     _check(config)
     c = config
-    return LlamaConfig(
+    common = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.query_groups, head_dim=c.head_dim, hidden_act="silu",
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
-        rope_parameters=_rope_to_hf(c),
-        tie_word_embeddings=c.tied_embeddings, attention_bias=c.add_bias_linear,
-        mlp_bias=c.add_bias_linear, attention_dropout=c.attention_dropout,
-        initializer_range=c.init_method_std, bos_token_id=None, eos_token_id=None)
+        rope_parameters=_rope_to_hf(c), tie_word_embeddings=c.tied_embeddings,
+        attention_dropout=c.attention_dropout, initializer_range=c.init_method_std,
+        bos_token_id=None, eos_token_id=None)
+    if _is_qwen2(c):
+        from transformers import Qwen2Config
+        return Qwen2Config(use_sliding_window=False, **common)
+    from transformers import LlamaConfig
+    return LlamaConfig(attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear, **common)
 
 
 def config_from_hf(hf) -> GPTConfig:
-    """:class:`GPTConfig` from a ``transformers.LlamaConfig`` (errors on unsupported options)."""
+    """:class:`GPTConfig` from a ``transformers`` LlamaConfig, MistralConfig or Qwen2Config
+    (errors on options megalite does not have)."""
+    kind = getattr(hf, "model_type", "llama")
+    name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2"}.get(kind, kind)
     if getattr(hf, "hidden_act", "silu") != "silu":
-        raise MegaliteError(f"LLaMA config: hidden_act={hf.hidden_act!r} is not supported "
+        raise MegaliteError(f"{name} config: hidden_act={hf.hidden_act!r} is not supported "
                             "(only silu, i.e. SwiGLU)")
     rope = getattr(hf, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    if bool(getattr(hf, "attention_bias", False)) != bool(getattr(hf, "mlp_bias", False)):
-        raise MegaliteError("LLaMA config: attention_bias and mlp_bias must agree "
-                            "(megalite has one add_bias_linear switch)")
+    window = getattr(hf, "sliding_window", None)
+    if kind == "qwen2" and any(t != "full_attention"
+                               for t in (getattr(hf, "layer_types", None) or [])):
+        raise MegaliteError("Qwen2 config: sliding-window attention layers are not supported "
+                            "(use_sliding_window must be false)")
+    if kind == "mistral" and window is not None and window < hf.max_position_embeddings:
+        raise MegaliteError(f"Mistral config: sliding_window={window} is shorter than "
+                            f"max_position_embeddings={hf.max_position_embeddings}; megalite "
+                            f"attends to the whole causal context (no sliding window)")
+    if kind == "qwen2":     # q/k/v always have a bias, o_proj and the MLP never do
+        bias, qkv_bias = False, True
+    else:
+        bias, qkv_bias = bool(getattr(hf, "attention_bias", False)), False
+        if bias != bool(getattr(hf, "mlp_bias", False)):
+            raise MegaliteError(f"{name} config: attention_bias and mlp_bias must agree "
+                                "(megalite has one add_bias_linear switch)")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return GPTConfig(
         num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
@@ -129,10 +167,10 @@ def config_from_hf(hf) -> GPTConfig:
         kv_channels=None if head_dim * hf.num_attention_heads == hf.hidden_size else head_dim,
         max_position_embeddings=hf.max_position_embeddings, position_embedding_type="rope",
         rotary_base=float(theta), normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps,
-        activation="swiglu", add_bias_linear=bool(getattr(hf, "attention_bias", False)),
+        activation="swiglu", add_bias_linear=bias, add_qkv_bias=qkv_bias,
         untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
-        init_method_std=hf.initializer_range, **_rope_from_hf(rope, hf))
+        init_method_std=hf.initializer_range, **_rope_from_hf(rope, hf, name))
 
 
 def _rope_to_hf(c: GPTConfig) -> dict:
@@ -146,16 +184,16 @@ def _rope_to_hf(c: GPTConfig) -> dict:
     return out
 
 
-def _rope_from_hf(rope: dict, hf) -> dict:
+def _rope_from_hf(rope: dict, hf, name: str) -> dict:
     """GPTConfig rope-scaling fields from HF's ``rope_parameters`` (default, linear, llama3)."""
     kind = rope.get("rope_type", "default")
     if kind == "default":
         return {}
     if kind not in ("linear", "llama3"):
-        raise MegaliteError(f"LLaMA config: rope_type={kind!r} is not supported (default, "
+        raise MegaliteError(f"{name} config: rope_type={kind!r} is not supported (default, "
                             f"linear and llama3 are)")
     if rope.get("attention_factor") not in (None, 1.0):
-        raise MegaliteError(f"LLaMA config: rope attention_factor={rope['attention_factor']} "
+        raise MegaliteError(f"{name} config: rope attention_factor={rope['attention_factor']} "
                             f"is not supported")
     out = {"rope_scaling": kind, "rope_scaling_factor": float(rope["factor"])}
     if kind == "llama3":

@@ -57,7 +57,8 @@ class Attention(nn.Module):
         self.selective_recompute = c.recompute_granularity == "selective"
         qkv_size = (c.num_attention_heads + 2 * c.query_groups) * c.head_dim
         self.linear_qkv = ColumnParallelLinear(
-            c.hidden_size, qkv_size, ps=ps, bias=c.add_bias_linear, gather_output=False,
+            c.hidden_size, qkv_size, ps=ps, bias=c.add_bias_linear or c.add_qkv_bias,
+            gather_output=False,
             sequence_parallel=c.sequence_parallel, device=device, dtype=dtype)
         self.linear_proj = RowParallelLinear(
             c.num_attention_heads * c.head_dim, c.hidden_size, ps=ps, bias=c.add_bias_linear,

@@ -94,6 +94,8 @@ class GPTConfig:
     """MLP activation: "gelu", "gelu_tanh" or "swiglu"."""
     add_bias_linear: bool = True
     """Biases on the QKV, attention output and both MLP linears (classic: True, LLaMA: False)."""
+    add_qkv_bias: bool = False
+    """A bias on the QKV projection even without add_bias_linear (Qwen2: True)."""
     untie_embeddings_and_output_weights: bool = False
     """False: logits use the word-embedding matrix (tied, GPT-2). True: a separate output layer."""
     hidden_dropout: float = 0.0

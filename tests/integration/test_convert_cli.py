@@ -259,9 +259,15 @@ def assert_same_optimizer_state(src: str, dst: str) -> None:
 def hf_random_model(recipe, path):
     from megalite.convert import config_to_hf
     from megalite.model import get_preset
-    cfg = (get_preset("tiny-llama").replace(num_attention_heads=8, num_query_groups=2,
-                                            vocab_size=500, num_layers=4)
-           if recipe == "llama" else get_preset("tiny").replace(vocab_size=500, num_layers=4))
+    llama = get_preset("tiny-llama").replace(num_attention_heads=8, num_query_groups=2,
+                                             vocab_size=500, num_layers=4)
+    cfg = {"llama": llama,
+           # Qwen2ForCausalLM: q/k/v biases only, tied embeddings
+           "qwen2": llama.replace(add_qkv_bias=True, untie_embeddings_and_output_weights=False),
+           # Llama 3.1's rope scaling, all three frequency regimes at head_dim 8
+           "llama3.1": llama.replace(rotary_base=500.0, rope_scaling="llama3",
+                                     rope_original_max_position_embeddings=32),
+           "classic": get_preset("tiny").replace(vocab_size=500, num_layers=4)}[recipe]
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(config_to_hf(cfg))
     with torch.no_grad():   # HF's tiny-std init gives near-zero logits; make them O(1)
@@ -276,7 +282,7 @@ def hf_random_model(recipe, path):
     return model
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", [*RECIPES, "qwen2", "llama3.1"])
 def test_from_hf_into_tp2pp2_loads_exactly_and_trains(workers, recipe, tmp_path, capsys):
     hf_dir, ckpt = tmp_path / "hf", tmp_path / "ckpt"
     model = hf_random_model(recipe, hf_dir)

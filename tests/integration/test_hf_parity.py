@@ -37,19 +37,27 @@ CONFIGS = {
         rope_original_max_position_embeddings=64),
     "llama-linear-rope": get_preset("tiny-llama").replace(
         vocab_size=500, rope_scaling="linear", rope_scaling_factor=2.0),
+    # Qwen2: a bias on q/k/v only, tied embeddings, theta 1e6 (Qwen2.5-0.5B's pattern).
+    "qwen2-qkv-bias": get_preset("tiny-llama").replace(
+        vocab_size=500, add_qkv_bias=True, untie_embeddings_and_output_weights=False,
+        rotary_base=1e6),
     # classic recipe, exact GELU ("gelu") and GPT-2's tanh GELU ("gelu_new").
     "gpt2-gelu": get_preset("tiny").replace(vocab_size=500),
     "gpt2-gelu-tanh": get_preset("tiny").replace(vocab_size=500, activation="gelu_tanh"),
 }
 
 
-def hf_model(cfg, seed):
+def hf_class(hf_cfg):
+    return {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+            "mistral": transformers.MistralForCausalLM,
+            "gpt2": transformers.GPT2LMHeadModel}[hf_cfg.model_type]
+
+
+def hf_model(cfg, seed, hf_cfg=None):
     torch.manual_seed(seed)
-    hf_cfg = config_to_hf(cfg)
+    hf_cfg = hf_cfg or config_to_hf(cfg)
     hf_cfg._attn_implementation = "eager"     # an independent attention implementation
-    cls = (transformers.LlamaForCausalLM if hf_cfg.model_type == "llama"
-           else transformers.GPT2LMHeadModel)
-    model = cls(hf_cfg).eval()
+    model = hf_class(hf_cfg)(hf_cfg).eval()
     with torch.no_grad():  # HF's tiny-std init gives near-zero logits; make them O(1)
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -96,9 +104,7 @@ def test_megalite_to_hf_logits_match(name):
                 p.mul_(10.0)
     hf_cfg = config_to_hf(cfg)
     hf_cfg._attn_implementation = "eager"
-    cls = (transformers.LlamaForCausalLM if hf_cfg.model_type == "llama"
-           else transformers.GPT2LMHeadModel)
-    hf = cls(hf_cfg).eval()
+    hf = hf_class(hf_cfg)(hf_cfg).eval()
     missing, unexpected = hf.load_state_dict(to_hf(ours.full_state_dict(), cfg), strict=True)
     assert not missing and not unexpected
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
@@ -142,6 +148,47 @@ def test_rope_scaling_frequencies_equal_transformers(name):
     if name == "llama3-rope-scaling":      # all three regimes present
         ratio = plain / ours
         assert (ratio == 1).any() and (ratio == 4).any() and ((ratio > 1) & (ratio < 4)).any()
+
+
+def test_qwen2_config_is_what_transformers_builds():
+    hf_cfg = config_to_hf(CONFIGS["qwen2-qkv-bias"])
+    assert hf_cfg.model_type == "qwen2" and hf_cfg.tie_word_embeddings
+    names = set(hf_model(CONFIGS["qwen2-qkv-bias"], 0).state_dict())
+    assert "model.layers.0.self_attn.q_proj.bias" in names
+    assert "model.layers.0.self_attn.o_proj.bias" not in names
+    assert "model.layers.0.mlp.up_proj.bias" not in names
+
+
+def test_mistral_without_sliding_window_reads_as_llama():
+    """Mistral v0.3-style (no sliding window): the LLaMA recipe, same logits."""
+    hf_cfg = transformers.MistralConfig(
+        vocab_size=500, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False, rms_norm_eps=1e-5)
+    cfg = config_from_hf(hf_cfg)
+    assert cfg.rotary_base == 1e6 and cfg.query_groups == 2 and not cfg.add_bias_linear
+    hf = hf_model(cfg, 4, hf_cfg)
+    ours = megalite_model(cfg)
+    ours.load_full_state_dict(from_hf(hf.state_dict(), cfg))
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert_logits_match(ours(ids), hf(ids).logits, cfg)
+
+
+@pytest.mark.parametrize("hf_cfg, match", [
+    (lambda: transformers.MistralConfig(sliding_window=4096, max_position_embeddings=32768),
+     "sliding_window=4096 is shorter"),
+    (lambda: transformers.Qwen2Config(use_sliding_window=True, sliding_window=64,
+                                      max_window_layers=0, num_hidden_layers=2),
+     "sliding-window attention layers are not supported"),
+    (lambda: transformers.LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                       "rope_theta": 1e4}),
+     "rope_type='yarn' is not supported"),
+])
+def test_unsupported_attention_variants_are_refused(hf_cfg, match):
+    with pytest.raises(MegaliteError, match=match):
+        config_from_hf(hf_cfg())
 
 
 def test_converters_reject_mismatches_clearly():
