@@ -49,7 +49,8 @@ _DESCRIPTIONS = {
              "GPT2LMHeadModel (classic recipe) directory: "
              "config.json, safetensors weights (sharded above --max-shard-size, with "
              "model.safetensors.index.json), and tokenizer.model/tokenizer.json when the run's "
-             "tokenizer was a SentencePiece model. Vocabulary padding rows are dropped.",
+             "tokenizer was a SentencePiece model, its tokenizer.json when it was a Hugging "
+             "Face one. Vocabulary padding rows are dropped.",
     "from-hf": "A Hugging Face LLaMA (incl. Llama 3.1 rope scaling), Mistral (without a "
                "sliding window), Qwen2 or GPT-2 directory (config.json + safetensors) -> a "
                "megalite checkpoint (iteration 0, weights only, marked weights_only in "

@@ -312,6 +312,23 @@ def test_from_hf_into_tp2pp2_loads_exactly_and_trains(workers, recipe, tmp_path,
     assert abs(losses[0] - ref.item()) <= 1e-5 * ref.item(), (losses[0], ref.item())
 
 
+def test_hf_tokenizer_json_travels_to_hf(hf_tokenizer_json, corpus_texts, tmp_path):
+    """A run trained with --tokenizer-type HuggingFaceTokenizer: to-hf copies its tokenizer.json
+    and AutoTokenizer reads the same token ids from the exported directory."""
+    from megalite.convert.hf_io import write_tokenizer_files
+    from megalite.data.tokenizers import build_tokenizer
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert write_tokenizer_files(hf_tokenizer_json, "HuggingFaceTokenizer", str(out),
+                                 "llama") == ["tokenizer.json"]
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    ours = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_json)
+    for text in corpus_texts[:20]:
+        assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text)
+    assert write_tokenizer_files(str(tmp_path / "gone.json"), "HuggingFaceTokenizer",
+                                 str(out), "llama") == []
+
+
 def test_from_hf_verify_failure_leaves_nothing(tmp_path, monkeypatch, capsys):
     from megalite.convert import hf_gpt2
     original = hf_gpt2.qkv_to_grouped
