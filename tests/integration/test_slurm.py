@@ -9,6 +9,8 @@
   arithmetic; the checkpoint restores weights, Adam state, RNG and data position exactly);
 - launch/slurm/pretrain_torchrun.sbatch (one torchrun per node, two workers each) gives the
   same losses;
+- launch/slurm/preprocess_array.sbatch: an array job and a merge job chained with afterok give
+  the bytes of an unsharded run; launch/slurm/convert.sbatch exports the trained checkpoint;
 - the pure-Python host-list expansion agrees with ``scontrol show hostnames``.
 
 The daemons are stopped by their PIDs at the end, and the /etc/hosts line is removed.
@@ -16,6 +18,7 @@ The daemons are stopped by their PIDs at the end, and the /etc/hosts line is rem
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -202,3 +205,63 @@ def test_torchrun_variant_matches_reference(cluster, uninterrupted, tmp_path):
     assert _job_field(cluster, job, "JobState") == "COMPLETED", _log(work, job)
     assert "2 nodes x 2 workers" in _log(work, job, tail=None)
     assert_close_to_reference(losses_by_iteration(log), uninterrupted[0])
+
+
+def test_preprocess_array_and_merge_equal_an_unsharded_run(cluster, corpus_jsonl, sp_model,
+                                                           tmp_path):
+    """`bash preprocess_array.sbatch` submits a 3-task array job and a merge job that waits for
+    it (afterok); the merged .bin/.idx are byte-identical to one unsharded preprocess run."""
+    import filecmp
+    corpus = tmp_path / "small.jsonl"
+    with open(corpus_jsonl, "rb") as f:
+        corpus.write_bytes(b"".join(f.readlines()[:300]))
+    env = {**cluster, "INPUT": str(corpus), "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"),
+           "NUM_SHARDS": "3", "TOKENIZER_MODEL": sp_model, "WORKERS": "1",
+           # the script's #SBATCH lines ask for a 16-CPU, 32 GB node; these nodes are smaller
+           "SBATCH_EXTRA": f"--cpus-per-task=1 --mem=0 --output={tmp_path}/pre-%A_%a.out"}
+    out = _run(["bash", os.path.join(ROOT, "launch", "slurm", "preprocess_array.sbatch")], env,
+               cwd=tmp_path)
+    m = re.search(r"submitted array job (\d+) \(3 shards\) and merge job (\d+)", out)
+    assert m, out
+    merge_job = m.group(2)
+    logs = lambda: "\n".join(open(tmp_path / f).read() for f in sorted(os.listdir(tmp_path))
+                             if f.startswith("pre-"))   # noqa: E731
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while _job_field(cluster, merge_job, "JobState") not in TERMINAL:
+        assert time.monotonic() < deadline, f"merge job not finished:\n{logs()}"
+        time.sleep(0.3)
+    # COMPLETED also shows the dependency held: a merge started before every shard was written
+    # fails ("shard outputs missing").
+    # (The array tasks' own records may already be purged, MinJobAge=30 s.)
+    assert _job_field(cluster, merge_job, "JobState") == "COMPLETED", logs()
+    text = logs()
+    assert all(f"done (shard {i} of 3)" in text for i in range(3)), text
+    assert "merged 3 datasets (300 documents" in text, text
+    assert len(os.listdir(tmp_path / "out" / "corpus_shards")) == 6   # 3 x (.bin, .idx)
+    r = subprocess.run([sys.executable, "-m", "megalite", "preprocess", "--input", str(corpus),
+                        "--output-prefix", str(tmp_path / "full"), "--tokenizer-type",
+                        "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--append-eod"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for ext in ("bin", "idx"):
+        assert filecmp.cmp(tmp_path / f"full_text_document.{ext}",
+                           tmp_path / "out" / f"corpus_text_document.{ext}", shallow=False)
+
+
+def test_convert_job_exports_the_trained_checkpoint(cluster, uninterrupted, tmp_path):
+    """convert.sbatch on a node of the cluster: the pretrain job's checkpoint -> Hugging Face,
+    with the logit check (--verify) passing."""
+    _, work = uninterrupted
+    hf = tmp_path / "hf"
+    out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=0", "--chdir", str(tmp_path),
+                "--output", str(tmp_path / "convert-%j.out"),
+                os.path.join(ROOT, "launch", "slurm", "convert.sbatch"), "to-hf", "--load",
+                os.path.join(work, "ckpt"), "--save", str(hf), "--verify"], cluster)
+    job = out.strip().split(";")[0]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while _job_field(cluster, job, "JobState") not in TERMINAL:
+        assert time.monotonic() < deadline, "convert job not finished"
+        time.sleep(0.3)
+    log = open(tmp_path / f"convert-{job}.out").read()
+    assert _job_field(cluster, job, "JobState") == "COMPLETED", log
+    assert "verified: max |logit difference|" in log and (hf / "config.json").exists()
