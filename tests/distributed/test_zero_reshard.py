@@ -181,3 +181,28 @@ def test_offline_reshard_carries_zero_state(workers4, resume_root, tmp_path):
     for losses in workers4.run(w_resume_from, out, target, timeout=600):
         assert losses == online
         assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(full[3:], losses, strict=True))
+
+
+def w_resume_error(directory, target):
+    from megalite.errors import MegaliteError
+    try:
+        w_resume_from(directory, target)
+    except MegaliteError as e:
+        return str(e)
+    return None
+
+
+def test_damaged_zero_partition_fails_every_rank_clearly(workers4, resume_root, tmp_path):
+    """Loading into ZeRO is collective: one rank's bad file must fail all ranks with its name
+    (not leave the others waiting in the weights' all-gather)."""
+    import shutil
+    workers4.run(w_resume, resume_root, ["--zero-stage", "3"], timeout=600)   # the source
+    copy = tmp_path / "src"
+    shutil.copytree(os.path.join(resume_root, "src"), copy)
+    victim = copy / "iter_0000003" / "rank_00003.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    target = ["--zero-stage", "2", "--tensor-model-parallel-size", "2"]
+    for error in workers4.run(w_resume_error, str(copy), target, timeout=600):
+        assert error is not None and "rank_00003.pt" in error, error
