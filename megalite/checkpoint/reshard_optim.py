@@ -16,6 +16,8 @@ The target is either kind too: megalite's optimizer gets a state dict of its own
 optimizer writes each name's tensors into its partitions. So a new TP/PP split, virtual stages,
 data-parallel size or ZeRO stage (0 <-> 1/2/3, 1 <-> 3, ...) all load. The precision must stay
 (bf16 runs keep fp32 masters, fp32 runs without ZeRO do not: their masters are the weights).
+fp16's loss scale carries over between the two kinds; their overflow/growth counters, kept in
+different forms, start afresh.
 Rank files are opened with ``torch.load(mmap=True, weights_only=True)``, so only the tensors
 this rank needs are paged in; ZeRO state is reassembled one parameter at a time, and a ZeRO
 target builds only the parameters it holds a fragment of and writes each into its partitions
@@ -67,10 +69,13 @@ class _Source:
         if self.zero:
             self.half = bool(first["portable"]["half"])
             self.scaler = None
+            self.loss_scale = first["portable"].get("loss_scale")
             self.names = set(first["portable"]["shapes"])
         else:
             self.half = first["masters"] is not None
             self.scaler = first["scaler"]
+            self.loss_scale = (first["scaler"] or {}).get("scale") \
+                if isinstance(first["scaler"], dict) else None
             self.names = set(first["param_names"])
         self._cached: tuple[str, dict] | None = None
 
@@ -183,7 +188,7 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
     # parameters this rank holds a fragment of; megalite's optimizer needs them all at once.
     loader = optimizer.param_state_loader() if zero_target else None
     per_name: dict[str, dict[str, Any]] = {}
-    scaler = None
+    scaler = loss_scale = None
     for name in names:
         if loader is not None and name not in loader.names:
             continue
@@ -206,7 +211,7 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
         if first.half != half:
             raise MegaliteError(f"checkpoint {path} was saved with a different precision "
                                 f"(bf16/fp16 keep fp32 master weights, fp32 does not)")
-        scaler = first.scaler
+        scaler, loss_scale = first.scaler, first.loss_scale
         state: dict[str, Any] = {}
         for key, value in first[src].items():
             if key == "step" or not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -223,6 +228,9 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
             per_name[name] = state
 
     if loader is not None:
+        if loss_scale is None and not loader.names:   # a rank without fragments: any stage's
+            loss_scale = saved_states.source(0, 0).loss_scale
+        loader.loss_scale = loss_scale
         if defer:
             return loader.finish
         loader.finish()
@@ -235,8 +243,10 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
             masters.append(master)
         if state:
             new_state[i] = state
-    if scaler is None:                    # from ZeRO (no loss scaling): keep this run's scaler
-        scaler = template["scaler"]
+    if scaler is None:    # from ZeRO: this run's scaler, at the saved scale (fp16)
+        scaler = dict(template["scaler"])
+        if loss_scale is not None and "scale" in scaler:
+            scaler["scale"] = float(loss_scale)
     optimizer.load_state_dict({
         "adamw": {"state": new_state, "param_groups": template["adamw"]["param_groups"]},
         "masters": masters if half else None, "scaler": scaler, "param_names": names})

@@ -97,9 +97,12 @@ def validate_zero(zero_stage: int, ps_or_sizes, precision) -> None:
             f"--pipeline-model-parallel-size 1 (got {tp} and {pp}): DeepSpeed's parameter "
             f"partitioning does not know megalite's tensor/pipeline splits; use --zero-stage 1 "
             f"(any TP/PP) or 2 (TP without PP)")
-    if precision.fp16:
-        raise MegaliteError(f"--zero-stage {zero_stage} with --fp16 is not supported; use --bf16 "
-                            f"(no loss scaling needed) or fp32")
+    if precision.fp16 and precision.loss_scale is None:
+        power = math.log2(precision.initial_loss_scale)
+        if power != int(power):
+            raise MegaliteError(f"--zero-stage {zero_stage} with --fp16: --initial-loss-scale "
+                                f"must be a power of 2 (DeepSpeed's initial_scale_power), got "
+                                f"{precision.initial_loss_scale:g}")
 
 
 # Keys megalite owns in a user's --deepspeed-config: the value megalite would write must match.
@@ -177,18 +180,41 @@ def deepspeed_config(zero_stage: int, optim, precision, ps: ParallelState,
         **zero, "stage": stage}
     if stage == 3:
         config["managed_gradient_accumulation"] = False
-        if precision.bf16:
-            # Each microbatch's bf16 gradients are reduced and accumulated in fp32 (DeepSpeed's
-            # default for bf16 would do both in bf16).
+        if precision.bf16 or precision.fp16:
+            # Each microbatch's half-precision gradients are reduced and accumulated in fp32
+            # (DeepSpeed's default would do both in bf16/fp16).
             config.setdefault("data_types", {"grad_accum_dtype": "fp32"})
             config.setdefault("communication_data_type", "fp32")
     config["gradient_clipping"] = float(optim.clip_grad)
     config["bf16"] = {**(user.get("bf16") or {}), "enabled": bool(precision.bf16)}
-    config["fp16"] = {"enabled": False}
+    config["fp16"] = _fp16_section(precision, user.get("fp16") or {}, where)
     config["zero_allow_untested_optimizer"] = True
     config.setdefault("steps_per_print", 2**62)
     config.setdefault("wall_clock_breakdown", False)
     return stage, config
+
+
+def _fp16_section(precision, user: dict, where: str) -> dict:
+    """DeepSpeed's ``fp16`` section from megalite's loss-scaling flags. DeepSpeed's dynamic
+    scaler follows megalite's rule (overflows spend the hysteresis, then halve the scale; clean
+    steps double it every ``loss_scale_window``) with one difference: after the start or an
+    overflow it doubles one clean step later (after window + 1 steps, then every window)."""
+    if not precision.fp16:
+        return {"enabled": False}
+    static = precision.loss_scale is not None
+    mine = {"enabled": True, "loss_scale": float(precision.loss_scale) if static else 0.0,
+            "loss_scale_window": int(precision.loss_scale_window),
+            "hysteresis": int(precision.hysteresis),
+            "min_loss_scale": float(precision.min_loss_scale)}
+    if not static:
+        mine["initial_scale_power"] = int(math.log2(precision.initial_loss_scale))
+    for key, value in user.items():
+        if key in mine and value != mine[key]:
+            raise MegaliteError(f"{where}: fp16.{key} = {value!r} contradicts megalite's loss "
+                                f"scaling flags (--loss-scale, --initial-loss-scale, "
+                                f"--loss-scale-window, --hysteresis, --min-loss-scale); remove "
+                                f"it from the file")
+    return {**user, **mine}
 
 
 @contextlib.contextmanager

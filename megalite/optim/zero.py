@@ -11,14 +11,18 @@ Supported (checked by :func:`validate_zero` before anything is built):
 =====  ========================  ==========================================================
 stage  layouts                   how megalite drives it
 =====  ========================  ==========================================================
-1      any TP, any PP            shadow parameters (below); fp32 or bf16
-2      any TP, no PP             shadow parameters; fp32 or bf16
+1      any TP, any PP            shadow parameters (below); fp32, bf16 or fp16
+2      any TP, no PP             shadow parameters; fp32, bf16 or fp16
 3      no TP, no PP              DeepSpeed wraps the model; engine.backward per microbatch;
-                                 fp32 or bf16 (gradients accumulated and reduced in fp32)
+                                 fp32, bf16 or fp16 (gradients accumulated and reduced in fp32)
 =====  ========================  ==========================================================
 
-fp16 with ZeRO is refused (use ``--bf16``): megalite's fp16 loss scaling and DeepSpeed's would
-have to be merged, and that combination is not tested.
+fp16: DeepSpeed's dynamic loss scaler owns the scale (set from megalite's flags; megalite's
+rule but for the timing of the first doubling, see ``deepspeed_setup._fp16_section``). Stages
+1/2: the schedule multiplies the loss by that scale (:attr:`ZeroOptimizer.loss_scale`), so the
+model's gradients arrive scaled; the surrogate below is divided by the scale (in fp32: exact for
+powers of two) because DeepSpeed's backward multiplies it again, and DeepSpeed's step finds
+overflows, skips, unscales and updates the scale. Stage 3: ``engine.backward`` scales the loss.
 
 Stages 1 and 2, the *shadow* design. The pipeline schedule backpropagates activations between
 stages (``backward_fn(output, grad)``) and megalite must sum sequence-parallel gradients over
@@ -101,8 +105,9 @@ class ZeroOptimizer:
         self.config = config
         # stages 1/2 keep megalite's fp32 main_grad accumulation (shadow design); stage 3
         # leaves gradients to DeepSpeed (fp32 accumulation configured above)
-        self.half = bool(precision.bf16) and stage != 3
-        self.dtype = torch.bfloat16 if precision.bf16 else torch.float32
+        self.half = bool(precision.bf16 or precision.fp16) and stage != 3
+        self.fp16 = bool(precision.fp16)
+        self.dtype = precision.params_dtype
         self.skipped_iters = 0
         groups = param_groups(model_chunks, optim.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
@@ -158,8 +163,12 @@ class ZeroOptimizer:
     # -- the trainer's interface -----------------------------------------------------------
     @property
     def loss_scale(self) -> float:
-        """Always 1.0 (fp16 is refused with ZeRO; bf16 and fp32 need no scaling)."""
-        return 1.0
+        """What the schedule multiplies the loss by: DeepSpeed's current fp16 scale with stages
+        1/2, else 1.0 (bf16/fp32 need none; stage 3 scales inside ``engine.backward``)."""
+        return self._ds_scale() if self.fp16 and self.stage != 3 else 1.0
+
+    def _ds_scale(self) -> float:
+        return float(self.ds_optimizer.loss_scale) if self.fp16 else 1.0
 
     def backward(self, output: Tensor, grad: Tensor | None) -> None:
         """The schedule's ``backward_fn`` (see the module docstring for each stage)."""
@@ -187,7 +196,14 @@ class ZeroOptimizer:
         for p in self.params:
             p.grad = None
         # d/ds sum(s * g) = g exactly; bf16 shadows receive the fp32 sum rounded once.
-        surrogate = sum((s * g.to(s.dtype)).sum() for s, g in zip(self.shadows, grads))
+        if self.fp16:
+            # in fp32 (a scaled fp16 product could overflow, 1/scale could underflow);
+            # DeepSpeed multiplies by the scale again: the gradient reaching s is g, rounded
+            # once to fp16 (inf if the scaled gradient overflowed, which its step then skips)
+            surrogate = sum((s.float() * g.float()).sum() for s, g in zip(self.shadows, grads))
+            surrogate = surrogate / self._ds_scale()
+        else:
+            surrogate = sum((s * g.to(s.dtype)).sum() for s, g in zip(self.shadows, grads))
         self.engine.backward(surrogate, scale_wrt_gas=False)
         if self.half:
             for buf in self._grad_buffers:
@@ -199,13 +215,14 @@ class ZeroOptimizer:
         all-gather of the new weights. A non-finite norm skips the step (every rank)."""
         for group in self.ds_optimizer.param_groups:
             group["lr"] = lr
+        scale = self._ds_scale()     # the scale this step's gradients carry
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         skipped = not self.engine.was_step_applied()
         self.skipped_iters += int(skipped)
         self._realias()
-        return StepResult(grad_norm=norm, skipped=skipped, loss_scale=1.0)
+        return StepResult(grad_norm=norm, skipped=skipped, loss_scale=scale)
 
     def zero_grad(self) -> None:
         """Clear gradients (DeepSpeed clears its own partitions in ``step``)."""
@@ -232,13 +249,13 @@ class ZeroOptimizer:
         fragment map (:func:`~megalite.optim.zero_state.portable_index`) that lets the state
         be reassembled by parameter name under another layout or stage.
 
-        DeepSpeed's own objects are dropped or made plain: its loss scaler (a static 1.0 here:
-        fp16 is refused, so the live one is put back on load), the stage enum (an int) and the
-        slice mappings (only used by DeepSpeed's universal checkpoints)."""
+        DeepSpeed's own objects are dropped or made plain: its loss scaler (the numbers of its
+        state; the live object gets them back on load), the stage enum (an int) and the slice
+        mappings (only used by DeepSpeed's universal checkpoints)."""
         ds = dict(_snapshot(self.ds_optimizer.state_dict()))
         ds.pop("param_slice_mappings", None)
         if "loss_scaler" in ds:
-            ds["loss_scaler"] = {"cur_scale": float(ds["loss_scaler"].cur_scale)}
+            ds["loss_scaler"] = _scaler_state(ds["loss_scaler"])
         if "zero_stage" in ds:
             ds["zero_stage"] = int(ds["zero_stage"])
         return {"zero_stage": self.stage, "deepspeed": ds, "param_names": self.param_names,
@@ -255,6 +272,7 @@ class ZeroOptimizer:
         # rank's file); a same-layout resume only needs this rank's own shard.
         from deepspeed.runtime.zero.config import ZeroStageEnum
         ds = dict(state["deepspeed"])
+        scaler_state = ds.get("loss_scaler")
         if "loss_scaler" in ds:
             ds["loss_scaler"] = self.ds_optimizer.loss_scaler
         if "zero_stage" in ds:
@@ -264,6 +282,9 @@ class ZeroOptimizer:
         self.ds_optimizer.load_state_dict(shards, load_from_fp32_weights=True)
         if self.stage != 3:
             self.ds_optimizer.update_lp_params()   # fp32 partitions -> (aliased) model weights
+        if isinstance(scaler_state, dict):
+            for key, value in scaler_state.items():
+                setattr(self.ds_optimizer.loss_scaler, key, value)
         self._realias()
 
     def load_param_states(self, states: dict) -> None:
@@ -289,6 +310,15 @@ class ZeroOptimizer:
             total += sum(t.numel() * t.element_size() for t in state.values()
                          if torch.is_tensor(t) and t.dim() > 0)
         return total
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _scaler_state(scaler) -> dict:
+    """The numbers of DeepSpeed's (static or dynamic) loss scaler that change while training."""
+    return {k: (float(v) if k == "cur_scale" else int(v))
+            for k in _SCALER_FIELDS if (v := getattr(scaler, k, None)) is not None}
 
 
 def _snapshot(obj):

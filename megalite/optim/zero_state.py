@@ -103,7 +103,7 @@ def portable_index(zero) -> dict:
         shapes[name] = list(getattr(p, "ds_shape", None) or p.shape)
     return {"fragments": {n: list(f) for n, f in fragment_map(zero).items()},
             "shapes": shapes, "slot_keys": _slot_state_keys(zero),
-            "half": zero.dtype != torch.float32}
+            "half": zero.dtype != torch.float32, "loss_scale": zero._ds_scale()}
 
 
 def _saved_slot(state: dict, slot: int) -> tuple[torch.Tensor, dict]:
@@ -172,6 +172,7 @@ class ParamStateLoader:
         self.steps: set[float] = set()
         self.written: set[str] = set()
         self.with_moments: bool | None = None
+        self.loss_scale: float | None = None   # fp16: the saved scale, set by the caller
 
     @property
     def names(self) -> set[str]:
@@ -224,6 +225,9 @@ class ParamStateLoader:
             for st in self.slot_states:
                 st["step"] = torch.tensor(step, dtype=torch.float32)   # torch AdamW's form
         ds = self.zero.ds_optimizer
+        if self.zero.fp16 and self.loss_scale is not None:
+            # the scale carries over; the overflow/growth counters start afresh
+            ds.loss_scaler.cur_scale = float(self.loss_scale)
         if self.zero.stage == 3:
             for lp_flat, master in zip(ds.fp16_partitioned_groups_flat, self.masters):
                 lp_flat.data.copy_(master.data)

@@ -77,6 +77,48 @@ def test_zero_bf16_tracks_bf16_single_process(workers2, stage):
     assert results[0]["losses"][-1] < results[0]["losses"][0]
 
 
+# fp16: DeepSpeed's loss scaler, set from megalite's flags. 5e-3 relative on losses and norms:
+# fp16 keeps 11 significant bits (one rounding ~5e-4), and the DP reduction sums the fp16
+# gradients in another order than one process; measured <= 4e-5 here, while a gradient scaled
+# twice or not unscaled would be off by a factor of the scale (65536).
+FP16_REL = 5e-3
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_fp16_tracks_fp16_single_process(workers2, stage):
+    ref, _ = reference("tiny-llama", fp16=True)
+    results = workers2.run(train, "tiny-llama", zero_stage=stage, fp16=True)
+    for got in results:
+        assert got["skipped"] == ref["skipped"] == [False] * len(ref["losses"])
+        for a, b in zip(got["losses"] + got["norms"], ref["losses"] + ref["norms"]):
+            assert abs(a - b) <= FP16_REL * b
+    assert results[0]["losses"][-1] < results[0]["losses"][0]
+
+
+def fp16_overflows(stage):
+    """8 steps from a loss scale so large that every scaled gradient overflows."""
+    ps, chunks = build("tiny-llama", 1, 1)
+    opt = make_optimizer(chunks, ps, stage, {"fp16": True, "initial_loss_scale": 2.0 ** 30,
+                                             "hysteresis": 2})
+    before = full_params(chunks, ps, opt)
+    _, results = run_steps(chunks, opt, ps, 8)
+    after = full_params(chunks, ps, opt)
+    return ([(r.skipped, r.loss_scale) for r in results],
+            all(torch.equal(before[n], after[n]) for n in before))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_fp16_overflow_skips_and_backs_off_like_megalite(workers2, stage):
+    """The same rule as megalite's scaler: every step skipped, the first overflow only spends
+    the hysteresis, then the scale halves per overflow; the weights never move."""
+    with DistributedWorkers(1) as one:
+        (ref, _), = one.run(fp16_overflows, 0)
+    assert ref == [(True, 2.0 ** 30), (True, 2.0 ** 30)] + [(True, 2.0 ** (29 - i))
+                                                            for i in range(6)]
+    for steps, unchanged in workers2.run(fp16_overflows, stage):
+        assert steps == ref and unchanged
+
+
 # -- memory: optimizer state per rank falls as 1/DP ------------------------------------------
 def state_bytes() -> dict[int, int]:
     """Optimizer-state bytes on this rank for each stage, after one step (AdamW creates its
@@ -106,28 +148,38 @@ def test_optimizer_state_memory_falls_as_one_over_dp(workers2):
 
 
 # -- resume ----------------------------------------------------------------------------------
-def resume_is_bitwise(stage: int):
+def resume_is_bitwise(stage: int, precision_kw=None):
+    precision_kw = precision_kw or {}
     ps, chunks = build("tiny", 1, 1)
-    opt = make_optimizer(chunks, ps, stage, {})
+    opt = make_optimizer(chunks, ps, stage, precision_kw)
     run_steps(chunks, opt, ps, 2)
     saved_model = {n: p.detach().clone() for n, p in full_params(chunks, ps, opt).items()}
     saved = opt.state_dict()        # a snapshot (cloned tensors), plain data
     from megalite.checkpoint.io import check_plain
     check_plain(saved, "ZeRO state")
-    run_steps(chunks, opt, ps, 2)
+    _, results = run_steps(chunks, opt, ps, 2)
     after = full_params(chunks, ps, opt)
     # a fresh run from the initial weights, loaded from the saved state
     ps2, chunks2 = build("tiny", 1, 1)
-    opt2 = make_optimizer(chunks2, ps2, stage, {})
+    opt2 = make_optimizer(chunks2, ps2, stage, precision_kw)
     opt2.load_state_dict(saved)
     loaded = full_params(chunks2, ps2, opt2)
-    run_steps(chunks2, opt2, ps2, 2)
-    return saved_model, loaded, after, full_params(chunks2, ps2, opt2)
+    _, results2 = run_steps(chunks2, opt2, ps2, 2)
+    scales = [r.loss_scale for r in results], [r.loss_scale for r in results2]
+    return saved_model, loaded, after, full_params(chunks2, ps2, opt2), scales
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_resume_is_bitwise(workers2, stage):
-    for saved_model, loaded, after, resumed in workers2.run(resume_is_bitwise, stage):
+# fp16 with a window of 1: the scale changes every step, so the scaler's state must come back
+@pytest.mark.parametrize("stage,precision_kw", [
+    (1, None), (2, None), (3, None), (2, {"fp16": True, "loss_scale_window": 1}),
+    (3, {"fp16": True, "loss_scale_window": 1})],
+    ids=["zero1", "zero2", "zero3", "zero2-fp16", "zero3-fp16"])
+def test_zero_resume_is_bitwise(workers2, stage, precision_kw):
+    for saved_model, loaded, after, resumed, (scales, scales2) in workers2.run(
+            resume_is_bitwise, stage, precision_kw):
+        assert scales == scales2
+        if precision_kw:   # 2 clean steps, then doubling every step: 2^16 -> 2^17, 2^18
+            assert scales == [2.0 ** 17, 2.0 ** 18], scales
         for n in saved_model:
             assert torch.equal(loaded[n], saved_model[n]), n
             assert torch.equal(resumed[n], after[n]), n
@@ -138,7 +190,8 @@ def test_zero_resume_is_bitwise(workers2, stage):
     (2, (1, 2, 2), {}, "--zero-stage 2 cannot be combined with pipeline"),
     (3, (2, 1, 2), {}, "--zero-stage 3 needs --tensor-model-parallel-size 1"),
     (3, (1, 2, 2), {}, "--zero-stage 3 needs"),
-    (1, (1, 1, 2), {"fp16": True}, "--fp16 is not supported"),
+    (1, (1, 1, 2), {"fp16": True, "initial_loss_scale": 1000.0},
+     "--initial-loss-scale must be a power of 2"),
     (4, (1, 1, 2), {}, "--zero-stage must be 0, 1, 2 or 3"),
 ])
 def test_validate_zero_refuses(stage, sizes, kw, match):
@@ -156,6 +209,8 @@ def test_validate_zero_accepts(stage, sizes):
     validate_zero(stage, sizes, precision)
     if stage:
         validate_zero(stage, sizes, configs(bf16=True)[1])
+        validate_zero(stage, sizes, configs(fp16=True)[1])
+        validate_zero(stage, sizes, configs(fp16=True, loss_scale=1000.0)[1])   # static: any
 
 
 @pytest.mark.parametrize("user,match", [
@@ -164,6 +219,7 @@ def test_validate_zero_accepts(stage, sizes):
     ({"zero_optimization": {"stage": 2}}, "contradicts --zero-stage 1"),
     ({"gradient_clipping": 2.0}, "contradicts --clip-grad"),
     ({"bf16": {"enabled": True}}, "bf16.enabled"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled"),
     ({"train_micro_batch_size_per_gpu": 7}, "train_micro_batch_size_per_gpu"),
     ([1, 2], "top level must be a JSON object"),
 ])
@@ -196,3 +252,18 @@ def test_deepspeed_config_merges_and_reads_stage(tmp_path):
         deepspeed_config(1, optim, precision, ParallelState.single(), str(bad))
     with pytest.raises(MegaliteError, match="cannot read"):
         deepspeed_config(1, optim, precision, ParallelState.single(), str(tmp_path / "nope"))
+
+
+def test_deepspeed_fp16_section_comes_from_megalite_flags(tmp_path):
+    from megalite.optim.zero import deepspeed_config
+    optim, precision = configs(fp16=True, initial_loss_scale=2.0 ** 12, hysteresis=3,
+                               loss_scale_window=50, min_loss_scale=0.5)
+    _, cfg = deepspeed_config(1, optim, precision, ParallelState.single())
+    assert cfg["fp16"] == {"enabled": True, "loss_scale": 0.0, "initial_scale_power": 12,
+                           "loss_scale_window": 50, "hysteresis": 3, "min_loss_scale": 0.5}
+    _, cfg = deepspeed_config(1, *configs(fp16=True, loss_scale=128.0), ParallelState.single())
+    assert cfg["fp16"]["loss_scale"] == 128.0 and "initial_scale_power" not in cfg["fp16"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"fp16": {"enabled": True, "hysteresis": 5}}))
+    with pytest.raises(MegaliteError, match="fp16.hysteresis = 5 contradicts"):
+        deepspeed_config(1, optim, precision, ParallelState.single(), str(path))
