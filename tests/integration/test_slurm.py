@@ -8,7 +8,7 @@
   (Restarts=1), resumes, and its losses equal the uninterrupted job's bitwise (same layout and
   arithmetic; the checkpoint restores weights, Adam state, RNG and data position exactly);
 - launch/slurm/pretrain_torchrun.sbatch (one torchrun per node, two workers each) gives the
-  same losses;
+  same losses, and is preempted, requeued and resumed the same way;
 - launch/slurm/preprocess_array.sbatch: an array job and a merge job chained with afterok give
   the bytes of an unsharded run; launch/slurm/convert.sbatch exports the trained checkpoint;
 - the pure-Python host-list expansion agrees with ``scontrol show hostnames``.
@@ -149,10 +149,12 @@ def test_pretrain_job_matches_reference(uninterrupted, tmp_path):
         os.path.join(work, f) for f in os.listdir(work) if f.endswith(".out"))).read()
 
 
-def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
-    reference, _ = uninterrupted
-    work, log = str(tmp_path), str(tmp_path / "log.jsonl")
-    job = _submit(cluster, work, log)
+def _preempted_run(cluster, work, script="pretrain.sbatch", shape=("--ntasks-per-node", "2"),
+                   **extra_env):
+    """Submit ``script``, USR1 its batch shell after 5 iterations, release the requeued job;
+    returns (losses, the job's own messages, job id) once the requeued run has ended."""
+    log = os.path.join(work, "log.jsonl")
+    job = _submit(cluster, work, log, script, shape, **extra_env)
     state = {"signalled": False, "released": False, "held_at": None}
 
     def on_poll():
@@ -191,7 +193,22 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_
     assert stop, f"the run ended before the signal arrived?\n{text}"
     assert 5 <= int(stop.group(1)) < TRAIN_ITERS
     assert f"resumed from {os.path.join(work, 'ckpt')} at iteration {stop.group(1)}" in text
-    assert losses_by_iteration(log) == reference  # bitwise, every iteration
+    return losses_by_iteration(log), text, job
+
+
+def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    losses, _, _ = _preempted_run(cluster, str(tmp_path))
+    assert losses == reference  # bitwise, every iteration
+
+
+def test_preempted_torchrun_job_requeues_and_resumes(cluster, uninterrupted, tmp_path):
+    """The torchrun variant: the batch shell's USR1 reaches the workers through srun and
+    torchrun (--signals-to-handle), they checkpoint, the job requeues and resumes."""
+    losses, _, _ = _preempted_run(cluster, str(tmp_path), "pretrain_torchrun.sbatch",
+                                  ("--ntasks-per-node", "1", "--cpus-per-task", "2"),
+                                  NPROC_PER_NODE="2")
+    assert_close_to_reference(losses, uninterrupted[0])
 
 
 def test_torchrun_variant_matches_reference(cluster, uninterrupted, tmp_path):
