@@ -266,6 +266,9 @@ def _model_values(flags: dict, specials: dict, ym: dict) -> tuple[dict, bool]:
     if specials.get("_gqa") and values.get("num_query_groups") is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N", "model",
                           "num_query_groups")
+    if "rope_scaling_factor" in fm and values.get("rope_scaling") is None:
+        raise ConfigError("--rope-scaling-factor needs --use-rope-scaling (or model.rope_scaling "
+                          "in the YAML file)", "model", "rope_scaling_factor")
     if values.get("max_position_embeddings") is None and values.get("seq_length") is not None:
         values["max_position_embeddings"] = values["seq_length"]
     return values, "vocab_size" in ym or "vocab_size" in fm

@@ -88,6 +88,8 @@ def test_rope_scaling_flags(tmp_path):
     assert parse_train_args(base + ["--config", str(path)]).model.rope_scaling == "linear"
     with pytest.raises(MegaliteError, match="--use-rope-scaling .* contradicts"):
         parse_train_args(base + ["--config", str(path), "--use-rope-scaling"])
+    with pytest.raises(MegaliteError, match="--rope-scaling-factor needs --use-rope-scaling"):
+        parse_train_args(base + ["--rope-scaling-factor", "4"])
 
 
 def test_parallel_flags_and_sequence_parallel_has_one_source():
