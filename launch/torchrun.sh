@@ -8,8 +8,9 @@
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 launch/torchrun.sh --config X.yaml
 # Checkpoints go to CKPT_DIR and a rerun resumes from it. SIGUSR1/SIGTERM/SIGINT to this script
 # are passed to torchrun as SIGUSR1, which forwards it to the workers: they finish the current
-# iteration, checkpoint and stop; the script then exits 75 so a supervisor can restart it. (A stop
-# by --exit-duration-in-mins ends with torchrun's own status, 1, the workers' 75 in its report.)
+# iteration, checkpoint and stop; the script then exits 75 so a supervisor can restart it. So
+# does a stop by --exit-duration-in-mins (torchrun itself exits 1 then; rank 0 leaves the reason
+# in $CKPT_DIR/.megalite-stop, MEGALITE_STOP_FILE).
 set -uo pipefail
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
@@ -23,6 +24,9 @@ PYTHON=${PYTHON:-python3}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}   # seconds the workers get to checkpoint after a signal
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+mkdir -p "$CKPT_DIR"
+export MEGALITE_STOP_FILE="$CKPT_DIR/.megalite-stop"
+[ "$NODE_RANK" -ne 0 ] || rm -f "$MEGALITE_STOP_FILE"
 stop_requested=0
 child=""
 forward_signal() {
@@ -43,9 +47,9 @@ child=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until torchrun has ended.
 while kill -0 "$child" 2>/dev/null; do wait "$child"; done
 wait "$child"; rc=$?
-if [ "$stop_requested" -eq 1 ] && [ "$rc" -ne 0 ]; then
-    echo "torchrun.sh: stopped on a signal; the workers checkpointed to $CKPT_DIR (rerun to" \
-         "resume): exit 75" >&2
+if [ "$rc" -ne 0 ] && { [ -f "$MEGALITE_STOP_FILE" ] || [ "$stop_requested" -eq 1 ]; }; then
+    echo "torchrun.sh: $(cat "$MEGALITE_STOP_FILE" 2>/dev/null || echo "stopped on a signal");" \
+         "checkpoint in $CKPT_DIR (rerun to resume): exit 75" >&2
     exit 75
 fi
 exit "$rc"

@@ -7,6 +7,9 @@ come from the launcher's variables (megalite.distributed.launch_env).
 
 Exit status: 0 after a finished run, 75 (signals.EXIT_STOPPED) after a stop on SIGUSR1/SIGTERM
 or --exit-duration-in-mins with a checkpoint saved (the SLURM scripts requeue on it).
+torchrun turns a worker's 75 into its own status 1; so a launch script can still tell a clean
+stop from a crash, rank 0 then also writes the reason to the file named by the environment
+variable ``MEGALITE_STOP_FILE`` when it is set (launch/torchrun.sh, pretrain_torchrun.sbatch).
 """
 from __future__ import annotations
 
@@ -49,4 +52,19 @@ def main(argv=None) -> int:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    return EXIT_STOPPED if result.stopped else 0
+    if result.stopped:
+        _write_stop_file(f"stopped at iteration {result.iteration} ({result.stopped})")
+        return EXIT_STOPPED
+    return 0
+
+
+def _write_stop_file(text: str) -> None:
+    """Rank 0 writes ``text`` to $MEGALITE_STOP_FILE (if set): temporary name, then rename."""
+    import os
+    path = os.environ.get("MEGALITE_STOP_FILE")
+    if not path or int(os.environ.get("RANK", "0")) != 0:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)

@@ -205,9 +205,11 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_
 def test_preempted_torchrun_job_requeues_and_resumes(cluster, uninterrupted, tmp_path):
     """The torchrun variant: the batch shell's USR1 reaches the workers through srun and
     torchrun (--signals-to-handle), they checkpoint, the job requeues and resumes."""
-    losses, _, _ = _preempted_run(cluster, str(tmp_path), "pretrain_torchrun.sbatch",
-                                  ("--ntasks-per-node", "1", "--cpus-per-task", "2"),
-                                  NPROC_PER_NODE="2")
+    losses, text, _ = _preempted_run(cluster, str(tmp_path), "pretrain_torchrun.sbatch",
+                                     ("--ntasks-per-node", "1", "--cpus-per-task", "2"),
+                                     NPROC_PER_NODE="2")
+    # torchrun exits 1 for its workers' 75; rank 0's stop file says it was a clean stop
+    assert re.search(r"stopped at iteration \d+ \(signal\) \(exit 1\): requeueing", text), text
     assert_close_to_reference(losses, uninterrupted[0])
 
 
