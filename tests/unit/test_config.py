@@ -66,7 +66,8 @@ def test_model_recipe_flags():
         "--group-query-attention", "--num-query-groups", "2", "--position-embedding-type",
         "rope", "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights",
         "--ffn-hidden-size", "96", "--hidden-dropout", "0.1", "--attention-dropout", "0.2",
-        "--recompute-granularity", "selective", "--norm-epsilon", "1e-6", "--mock-data"])
+        "--recompute-granularity", "selective", "--norm-epsilon", "1e-6", "--add-qkv-bias",
+        "--mock-data"])
     m = c.model
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.vocab_size) == (4, 64, 8, 500)
     assert m.activation == "swiglu" and m.add_bias_linear is False
@@ -74,6 +75,7 @@ def test_model_recipe_flags():
     assert m.normalization == "RMSNorm" and m.untie_embeddings_and_output_weights
     assert m.ffn_hidden_size == 96 and (m.hidden_dropout, m.attention_dropout) == (0.1, 0.2)
     assert m.recompute_granularity == "selective" and m.layernorm_epsilon == 1e-6
+    assert m.add_qkv_bias and not m.add_bias_linear
     # --seq-length gives max_position_embeddings when nothing else does
     assert m.seq_length == 32 and m.max_position_embeddings == 32 and c.seq_length == 32
 
@@ -129,7 +131,8 @@ def test_help_has_every_megatron_flag_of_the_issue():
         --position-embedding-type --normalization --swiglu --untie-embeddings-and-output-weights
         --disable-bias-linear --group-query-attention --num-query-groups --hidden-dropout
         --attention-dropout --config --model-preset --vocab-size --log-json --tensorboard-dir
-        --peak-tflops --pipeline-layer-split --deepspeed-config --keep-last""".split():
+        --peak-tflops --pipeline-layer-split --deepspeed-config --keep-last --no-load-optim
+        --no-load-rng --use-rope-scaling --rope-scaling-factor --add-qkv-bias""".split():
         assert f"  {flag} " in text or f"  {flag}\n" in text, flag
     for group in ("model", "parallelism", "optimizer", "precision", "data", "training",
                   "checkpoints"):
