@@ -1,6 +1,6 @@
 """Cost of resuming a ZeRO checkpoint under another ZeRO stage or layout.
 
-``--world`` gloo processes (one thread each). A GPT model (LLaMA recipe) takes one step with
+``--world`` gloo processes (one thread each; started by tests/distributed/harness.py). A GPT model (LLaMA recipe) takes one step with
 ZeRO-1 at DP=world and is saved with ``save_checkpoint``. Then each target builds a fresh model
 and optimizer and times ``load_checkpoint`` alone (the slowest rank; median of ``--repeats``):
 
@@ -26,7 +26,6 @@ import tempfile
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 TARGETS = {"zero1-same": (1, 1), "zero2": (2, 1), "zero3": (3, 1), "no-zero": (0, 1),
            "zero1-tp2": (1, 2)}
@@ -53,18 +52,15 @@ def build(args, ps, stage):
     return model, Optimizer([model], optim, prec, ps)
 
 
-def _worker(rank, args, store, directory, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _worker(args, directory):
+    """On every rank of the harness's gloo group: save, then time each target's load."""
     import torch.distributed as dist
 
     from megalite.checkpoint import load_checkpoint, save_checkpoint
     from megalite.distributed.parallel_state import ParallelState
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=args.world)
     ps = ParallelState.build()
     model, opt = build(args, ps, 1)
-    g = torch.Generator().manual_seed(rank)
+    g = torch.Generator().manual_seed(dist.get_rank())
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=g) * 1e-3
     opt.finish_grad_sync()
@@ -92,9 +88,7 @@ def _worker(rank, args, store, directory, queue):
     base = result["zero1-same"]["load_s"]
     for r in result.values():
         r["ratio_to_same_layout"] = r["load_s"] / base
-    if rank == 0:
-        queue.put(result)
-    dist.destroy_process_group()
+    return result
 
 
 def main(argv=None) -> int:
@@ -107,20 +101,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-verify-checksums", action="store_true",
                         help="load without sha256 verification (sizes are still checked)")
     args = parser.parse_args(argv)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    # The tests' process-group harness: one thread per rank, gloo through a file store, and a
+    # crashed or stuck rank fails the run instead of leaving the others waiting.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "tests", "distributed"))
+    from harness import run_distributed
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, args, os.path.join(tmp, "store"),
-                                                   os.path.join(tmp, "ckpt"), queue))
-                 for r in range(args.world)]
-        for p in procs:
-            p.start()
-        result = queue.get(timeout=3600)
-        for p in procs:
-            p.join()
-        if any(p.exitcode for p in procs):
-            print("a worker failed", file=sys.stderr)
-            return 1
+        result = run_distributed(_worker, args.world, args, os.path.join(tmp, "ckpt"),
+                                 timeout=3600)[0]
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model.gpt import GPTModel
     meta = GPTModel(model_config(args), ParallelState.single(), device="meta")

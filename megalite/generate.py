@@ -159,7 +159,9 @@ def prepare(args) -> Prepared:
     if not os.path.isdir(args.load):
         raise MegaliteError(f"--load {args.load}: no such directory")
     saved = read_model_config(args.load, args.iteration)  # "no checkpoint found in ..." if none
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # srun/mpirun set their own variables; WORLD_SIZE exists only later (init_from_launch_env)
+    from megalite.distributed.launch_env import detect_launch_env
+    world = detect_launch_env().world_size
     tp = args.tensor_model_parallel_size or world
     if tp < 1:
         raise MegaliteError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
     started = started and dist.is_initialized()
     try:
         if dist.is_initialized():
-            ps = ParallelState.build(args.tensor_model_parallel_size or dist.get_world_size())
+            ps = ParallelState.build(prepared.tp)
         else:
             ps = ParallelState.single()
         device = (torch.device("cuda", torch.cuda.current_device())

@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     if getattr(specials, "_dry_run", False):
         from megalite.training.dry_run import dry_run
 
-        world = getattr(specials, "_world_size", None) or detect_launch_env().world_size
+        world = getattr(specials, "_world_size", None)
+        if world is None:
+            world = detect_launch_env().world_size
         print(dry_run(config, world), flush=True)
         return 0
     if getattr(specials, "_world_size", None) is not None:

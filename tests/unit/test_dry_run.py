@@ -92,6 +92,10 @@ def test_cli_dry_run_prints_plan_and_trains_nothing(tmp_path, capsys):
     # --world-size without --dry-run is refused (the launcher decides the world size)
     assert main(["train", "--config", CONFIG, "--mock-data", "--world-size", "4"]) == 2
     assert "--world-size is for --dry-run" in capsys.readouterr().err
+    for bad in ("0", "-2"):      # not taken for "unset"
+        assert main(["train", "--config", CONFIG, "--mock-data", "--dry-run",
+                     "--world-size", bad]) == 2
+        assert f"--world-size must be a positive integer, got {bad}" in capsys.readouterr().err
 
 
 def test_data_paths_are_checked(tmp_path, corpus_token_dataset, sp_model, capsys):

@@ -300,6 +300,19 @@ def test_cli_bad_inputs(sp_checkpoint, sp_model, tmp_path, capsys):
                    "--tensor-model-parallel-size", "2")      # heads divide, but one process
     assert rc == 2 and "needs a multiple of 2 processes, got 1" in out.err
 
+    # under srun the world size comes from SLURM's variables (WORLD_SIZE is not set yet)
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "3",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n1",
+            "SLURM_STEP_NODELIST": "n1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(k, raising=False)
+        for k, v in step.items():
+            mp.setenv(k, v)
+        rc, out = _cli(capsys, "--load", sp_checkpoint, "--prompt", "x",
+                       "--tensor-model-parallel-size", "2")
+    assert rc == 2 and "needs a multiple of 2 processes, got 3" in out.err
+
     rc, out = _cli(capsys, "--load", sp_checkpoint, "--prompt", "x", "--iteration", "99")
     assert rc == 2 and "no checkpoint for iteration 99" in out.err
 
