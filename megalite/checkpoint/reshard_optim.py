@@ -36,7 +36,8 @@ from megalite.checkpoint.reshard import (OUTPUT_LAYER, VOCAB_TENSORS, WORD_EMBED
 from megalite.distributed.parallel_state import ParallelState, rank_layout
 from megalite.errors import MegaliteError
 
-__all__ = ["reshardable", "is_zero_state", "accepts_resharded", "reshard_optimizer_state"]
+__all__ = ["reshardable", "is_zero_state", "is_zero_optimizer", "accepts_resharded",
+           "reshard_optimizer_state"]
 
 _KEYS = {"adamw", "masters", "scaler", "param_names"}
 
@@ -56,7 +57,12 @@ def reshardable(state: Any) -> bool:
 def accepts_resharded(optimizer: Any) -> bool:
     """True if ``optimizer`` can take state resharded by name (megalite's or ZeRO)."""
     from megalite.optim.optimizer import Optimizer
-    return isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_state_loader")
+    return isinstance(optimizer, Optimizer) or is_zero_optimizer(optimizer)
+
+
+def is_zero_optimizer(optimizer: Any) -> bool:
+    """A ZeroOptimizer (it has a ZeRO ``stage``; megalite's Optimizer has none)."""
+    return getattr(optimizer, "stage", None) is not None
 
 
 class _Source:
@@ -109,8 +115,6 @@ class _SavedStates:
         self.path, self.files, self.rank_file = path, files, rank_file
         self.verify = verify_checksums
         self.layout = rank_layout(saved["world_size"], saved["tp_size"], saved["pp_size"])
-        self.dp_size = int(saved["world_size"]) // (int(saved["tp_size"]) *
-                                                    int(saved["pp_size"]))
         self._sources: dict[tuple[int, int], _Source] = {}
 
     def _optimizer_state(self, rank: int) -> dict:
@@ -139,7 +143,7 @@ class _SavedStates:
             first = self._optimizer_state(rank0)
             ranks = [rank0]
             if is_zero_state(first):    # partitioned: every dp rank holds a piece
-                ranks = [self.layout.rank_of(tp_rank, d, pp_rank) for d in range(self.dp_size)]
+                ranks = [self.layout.rank_of(tp_rank, d, pp_rank) for d in range(self.layout.dp_size)]
             states = [first] + [self._optimizer_state(r) for r in ranks[1:]]
             if any(is_zero_state(s) != is_zero_state(first) for s in states):
                 raise MegaliteError(f"checkpoint {self.path}: the data-parallel ranks of tp "
@@ -170,11 +174,12 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
     another kind of optimizer) into ``optimizer`` (megalite's Optimizer or a ZeroOptimizer over
     ``model_chunks``). Loading into ZeRO is collective over the dp group; with ``defer`` that
     part is returned as a function to call on every rank (a megalite Optimizer target is
-    loaded at once and None returned)."""
+    loaded at once and None returned). What can fail on one rank alone is checked before the
+    collective part."""
     if not accepts_resharded(optimizer):
         raise MegaliteError("this run's optimizer cannot take state saved under another layout "
                             "(only megalite's optimizer and ZeRO can)")
-    zero_target = hasattr(optimizer, "param_state_loader")
+    zero_target = is_zero_optimizer(optimizer)
     template = None if zero_target else optimizer.state_dict()
     names = optimizer.param_names if zero_target else template["param_names"]
     half = (optimizer.dtype != torch.float32) if zero_target else template["masters"] is not None
@@ -231,9 +236,10 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
         if loss_scale is None and not loader.names:   # a rank without fragments: any stage's
             loss_scale = saved_states.source(0, 0).loss_scale
         loader.loss_scale = loss_scale
+        loader.check()
         if defer:
-            return loader.finish
-        loader.finish()
+            return loader.apply
+        loader.apply()
         return None
     new_state, masters = {}, []
     for i, name in enumerate(names):

@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import time
+from functools import partial
 from typing import Any, Iterable
 
 import torch
@@ -37,7 +38,8 @@ from safetensors.torch import save_file
 from megalite.checkpoint import io
 from megalite.checkpoint.reshard import (file_metadata, gathered, load_model_weights_from,
                                          model_file_name)
-from megalite.checkpoint.reshard_optim import accepts_resharded, reshard_optimizer_state
+from megalite.checkpoint.reshard_optim import (accepts_resharded, is_zero_optimizer,
+                                               reshard_optimizer_state)
 from megalite.checkpoint.rng import capture_rng_states, restore_rng_states
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
@@ -111,15 +113,20 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
                       rng_tracker) -> dict:
     files: dict[str, tuple[int, str]] = {}
     params = _named_params(model_chunks)
-    # ZeRO-3 partitions parameters over the DP group: gather them (collective) to write them.
-    with gathered(params.values()):
-        tensors = {n: _tensor_entry(p, ps, ps.pp_rank) for n, p in params.items()}
-        if ps.dp_rank == 0:
-            name = model_file_name(ps.tp_rank, ps.pp_rank)
-            path = os.path.join(tmp, name)
-            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, path,
-                      metadata=file_metadata(ps.tp_rank, ps.pp_rank, ps, tensors))
-            files[name] = io.finish_file(path)
+    # ZeRO-3 partitions parameters over the DP group: gather them (collective) one at a time,
+    # so the device never holds more than one full parameter beyond its partitions.
+    tensors, host = {}, {}
+    for n, p in params.items():
+        with gathered([p]):
+            tensors[n] = _tensor_entry(p, ps, ps.pp_rank)
+            if ps.dp_rank == 0:
+                # a ZeRO-3 parameter's full data is released when the context ends
+                host[n] = p.detach().to("cpu", copy=hasattr(p, "ds_id")).contiguous()
+    if ps.dp_rank == 0:
+        name = model_file_name(ps.tp_rank, ps.pp_rank)
+        path = os.path.join(tmp, name)
+        save_file(host, path, metadata=file_metadata(ps.tp_rank, ps.pp_rank, ps, tensors))
+        files[name] = io.finish_file(path)
     state = {
         "format": FORMAT, "rank": ps.rank,
         "coordinates": {"tp": ps.tp_rank, "pp": ps.pp_rank, "dp": ps.dp_rank},
@@ -359,15 +366,15 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
                 raise MegaliteError(f"{os.path.join(path, rank_file_name(ps.rank))} holds no "
                                     f"optimizer state (saved without an optimizer)")
 
-            def apply_optimizer():
+            if is_zero_optimizer(optimizer):   # collective: check here, load after agreement
+                optimizer.check_state_dict(saved_opt)
+                apply_optimizer = partial(optimizer.load_state_dict, saved_opt)
+            else:
                 try:
                     optimizer.load_state_dict(saved_opt)
                 except (KeyError, ValueError, RuntimeError, TypeError) as e:
                     raise MegaliteError(f"optimizer state in {path} does not fit this "
                                         f"optimizer: {type(e).__name__}: {e}") from None
-            if getattr(optimizer, "stage", None) is None:   # not collective: check it here
-                apply_optimizer()
-                apply_optimizer = None
         if restore_rng and state["rng"] is not None:   # None: written by offline resharding
             restore_rng_states(state["rng"], rng_tracker)
     out = dict(meta.get("extra") or {})

@@ -60,7 +60,7 @@ from megalite.optim.deepspeed_setup import (DeepSpeedMpu, deepspeed_config,
                                             validate_zero, without_shm_inference_op)
 from megalite.optim.optimizer import (StepResult, _accumulate_main_grad, build_optimizer,
                                       param_groups, sync_model_grads)
-from megalite.optim.zero_state import ParamStateLoader, load_param_states, portable_index
+from megalite.optim.zero_state import ParamStateLoader, portable_index
 
 __all__ = ["DeepSpeedMpu", "validate_zero", "deepspeed_config", "ZeroOptimizer",
            "build_optimizer"]
@@ -200,7 +200,8 @@ class ZeroOptimizer:
             # in fp32 (a scaled fp16 product could overflow, 1/scale could underflow);
             # DeepSpeed multiplies by the scale again: the gradient reaching s is g, rounded
             # once to fp16 (inf if the scaled gradient overflowed, which its step then skips)
-            surrogate = sum((s.float() * g.float()).sum() for s, g in zip(self.shadows, grads))
+            # (fp16 shadow x fp32 gradient buffer: the product is fp32)
+            surrogate = sum((s * g).sum() for s, g in zip(self.shadows, grads))
             surrogate = surrogate / self._ds_scale()
         else:
             surrogate = sum((s * g.to(s.dtype)).sum() for s, g in zip(self.shadows, grads))
@@ -264,10 +265,8 @@ class ZeroOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (same layout and stage; collective over the dp group).
         The fp32 partitions come back exactly and the model weights are rebuilt from them.
-        State of another layout or stage goes through :meth:`load_param_states`."""
-        if state.get("zero_stage") != self.stage or state.get("param_names") != self.param_names:
-            raise MegaliteError("ZeRO optimizer state does not match this run (different "
-                                "--zero-stage, model or parallel layout)")
+        State of another layout or stage goes through :meth:`param_state_loader`."""
+        self.check_state_dict(state)
         # DeepSpeed indexes the list by data-parallel rank (it was made for loading every
         # rank's file); a same-layout resume only needs this rank's own shard.
         from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -287,16 +286,17 @@ class ZeroOptimizer:
                 setattr(self.ds_optimizer.loss_scaler, key, value)
         self._realias()
 
-    def load_param_states(self, states: dict) -> None:
-        """Load state given per parameter name (``{name: {"master", "exp_avg", "exp_avg_sq",
-        "step"}}``, this rank's tensor-parallel shard of each parameter): how state saved under
-        another layout or ZeRO stage arrives (:mod:`megalite.checkpoint.reshard_optim`).
-        Collective over the dp group."""
-        load_param_states(self, states)
+    def check_state_dict(self, state: dict) -> None:
+        """MegaliteError unless ``state`` is this run's kind of state (same stage, parameters
+        and layout); not collective, so a loader can check every rank before loading."""
+        if state.get("zero_stage") != self.stage or state.get("param_names") != self.param_names:
+            raise MegaliteError("ZeRO optimizer state does not match this run (different "
+                                "--zero-stage, model or parallel layout)")
 
     def param_state_loader(self) -> ParamStateLoader:
-        """A :class:`~megalite.optim.zero_state.ParamStateLoader`: the same, one parameter at a
-        time (only those this rank holds a fragment of)."""
+        """A :class:`~megalite.optim.zero_state.ParamStateLoader`: how state saved under another
+        layout or ZeRO stage arrives (per parameter name, this rank's tensor-parallel shard;
+        :mod:`megalite.checkpoint.reshard_optim`)."""
         return ParamStateLoader(self)
 
     def optimizer_state_bytes(self) -> int:
@@ -322,10 +322,11 @@ def _scaler_state(scaler) -> dict:
 
 
 def _snapshot(obj):
-    """``obj`` with every tensor cloned (DeepSpeed's state dict holds its live buffers, some of
-    them non-leaf views that ``copy.deepcopy`` refuses)."""
+    """``obj`` with every tensor copied to host memory (DeepSpeed's state dict holds its live
+    buffers, some of them non-leaf views that ``copy.deepcopy`` refuses; a device copy would
+    double the optimizer's memory on the accelerator while saving)."""
     if torch.is_tensor(obj):
-        return obj.detach().clone()
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return type(obj)((k, _snapshot(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):

@@ -17,8 +17,8 @@ parallel shard of it), ``numel`` its length. It is read from DeepSpeed's own boo
 sub-group buffers for stage 3, located by address), and it is saved with the state
 (:func:`portable_index`), so reassembling a parameter's state from the saved ranks
 (:func:`saved_param_state`) needs no knowledge of DeepSpeed's alignment or padding rules. Loading
-(:func:`load_param_states`) writes a parameter's full tensors through the same map of the live
-optimizer (:class:`ParamStateLoader`, one parameter at a time).
+(:class:`ParamStateLoader`) writes a parameter's full tensors through the same map of the live
+optimizer, one parameter at a time.
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ import torch
 
 from megalite.errors import MegaliteError
 
-__all__ = ["fragment_map", "portable_index", "saved_param_state", "ParamStateLoader",
-           "load_param_states", "MOMENTS"]
+__all__ = ["fragment_map", "portable_index", "saved_param_state", "ParamStateLoader", "MOMENTS"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -159,8 +158,10 @@ class ParamStateLoader:
     ``write(name, state)``: ``state`` is this rank's tensor-parallel shard of the parameter's
     ``{"master", "exp_avg", "exp_avg_sq", "step"}`` (as :func:`saved_param_state` returns it); a
     missing ``"master"`` (fp32 runs without ZeRO keep none) is taken from the loaded weights.
-    Not collective. ``finish()`` sets the step count and rebuilds the model's weights from the
-    masters: collective over the dp group (stages 1/2 all-gather the weights).
+    Not collective. ``check()`` (not collective either) raises if anything is missing or
+    inconsistent; ``apply()`` then sets the step count and rebuilds the model's weights from the
+    masters: collective over the dp group (stages 1/2 all-gather the weights), so it runs only
+    after every rank's ``check()`` passed.
     """
 
     def __init__(self, zero):
@@ -175,8 +176,9 @@ class ParamStateLoader:
         self.loss_scale: float | None = None   # fp16: the saved scale, set by the caller
 
     @property
-    def names(self) -> set[str]:
-        return set(self.frags)
+    def names(self):
+        """The parameters this rank holds a fragment of (a live view of the map's keys)."""
+        return self.frags.keys()
 
     def _init_moments(self) -> None:
         self.slot_states = []
@@ -212,15 +214,17 @@ class ParamStateLoader:
             self.steps.add(float(state["step"]))
         self.written.add(name)
 
-    @torch.no_grad()
-    def finish(self) -> None:
+    def check(self) -> None:
         missing = self.names - self.written
         if missing:
             raise MegaliteError(f"no optimizer state for parameters {sorted(missing)[:5]}")
+        if self.with_moments and len(self.steps) != 1:
+            raise MegaliteError(f"optimizer state has differing step counts "
+                                f"{sorted(self.steps)}")
+
+    @torch.no_grad()
+    def apply(self) -> None:
         if self.with_moments:
-            if len(self.steps) != 1:
-                raise MegaliteError(f"optimizer state has differing step counts "
-                                    f"{sorted(self.steps)}")
             step = next(iter(self.steps))
             for st in self.slot_states:
                 st["step"] = torch.tensor(step, dtype=torch.float32)   # torch AdamW's form
@@ -234,14 +238,3 @@ class ParamStateLoader:
         else:
             ds.update_lp_params()      # fp32 partitions -> weights, all-gathered over dp
         self.zero._realias()
-
-
-def load_param_states(zero, states: dict[str, dict[str, Any]]) -> None:
-    """Write ``{name: state}`` for every parameter into ``zero`` (see
-    :class:`ParamStateLoader`). Collective over the dp group."""
-    loader = ParamStateLoader(zero)
-    for name in loader.names:
-        if name not in states:
-            raise MegaliteError(f"no optimizer state for parameter {name}")
-        loader.write(name, states[name])
-    loader.finish()

@@ -58,6 +58,11 @@ class Incoming:
         return self._buf
 
 
+# NCCL process groups whose communicator exists (every pipeline rank reaches the first schedule
+# run together, so adding a group here happens on all of them alike).
+_NCCL_READY: set = set()
+
+
 class P2P:
     """Sends/receives of one schedule run on this rank (holds the in-flight sends).
 
@@ -76,11 +81,12 @@ class P2P:
         ranks = ps.pp_group_ranks
         self._next = ranks[(ps.pp_rank + 1) % ps.pp_size]
         self._prev = ranks[(ps.pp_rank - 1) % ps.pp_size]
-        if dist.get_backend(ps.pp_group) == "nccl":
+        if ps.pp_group not in _NCCL_READY and dist.get_backend(ps.pp_group) == "nccl":
             # batch_isend_irecv must not be the first call on an NCCL group unless every member
             # takes part (communicators are created lazily); one tiny collective over the
-            # pipeline group per schedule run guarantees that.
+            # pipeline group, the first time a schedule runs on it, guarantees that.
             dist.all_reduce(torch.zeros(1, device=device), group=ps.pp_group)
+            _NCCL_READY.add(ps.pp_group)
 
     def virtual_stage(self, chunk: int) -> int:
         """Position of this rank's ``chunk`` in the chain of virtual stages."""
