@@ -27,18 +27,23 @@ setup(
     package_data={"megalite": ["configs/*.yaml"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
         "numpy",
         "sentencepiece",
         "tokenizers",
         "pyyaml",
+        "safetensors",  # checkpoint model files
         "orjson",  # 3x faster jsonl parsing in preprocessing (json still decides validity)
     ],
     extras_require={
-        "hf": ["transformers", "safetensors"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "transformers", "safetensors"],
+        "hf": ["transformers"],
+        # --zero-stage; the ZeRO state map reads DeepSpeed's bookkeeping, tested with 0.19
+        "zero": ["deepspeed>=0.19.8,<0.20"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "transformers",
+                 "deepspeed>=0.19.8,<0.20", "tensorboard"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

@@ -6,8 +6,9 @@
 #   NP=4 launch/mpirun.sh --config configs/tiny-gpt.yaml --mock-data
 #   NP=16 HOSTFILE=hosts.txt launch/mpirun.sh --config X.yaml      (hosts.txt: "host slots=8")
 # Open MPI as root needs --allow-run-as-root (added when running as root); more ranks than cores
-# needs OVERSUBSCRIBE=1. mpirun forwards SIGUSR1/SIGTERM to the ranks: they checkpoint to
-# CKPT_DIR and exit 75; rerunning resumes.
+# needs OVERSUBSCRIBE=1. mpirun forwards SIGUSR1 to the ranks: they checkpoint to CKPT_DIR and
+# exit 75; rerunning resumes. (Send SIGUSR1, not SIGTERM: on SIGTERM Open MPI kills the ranks a
+# few seconds later, which may be before the checkpoint is written.)
 set -uo pipefail
 
 NP=${NP:-$(nvidia-smi -L 2>/dev/null | wc -l)}

@@ -27,10 +27,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$CKPT_DIR"
 export MEGALITE_STOP_FILE="$CKPT_DIR/.megalite-stop"
 [ "$NODE_RANK" -ne 0 ] || rm -f "$MEGALITE_STOP_FILE"
-stop_requested=0
 child=""
 forward_signal() {
-    stop_requested=1
     [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null
 }
 trap forward_signal USR1 TERM INT
@@ -47,9 +45,10 @@ child=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until torchrun has ended.
 while kill -0 "$child" 2>/dev/null; do wait "$child"; done
 wait "$child"; rc=$?
-if [ "$rc" -ne 0 ] && { [ -f "$MEGALITE_STOP_FILE" ] || [ "$stop_requested" -eq 1 ]; }; then
-    echo "torchrun.sh: $(cat "$MEGALITE_STOP_FILE" 2>/dev/null || echo "stopped on a signal");" \
-         "checkpoint in $CKPT_DIR (rerun to resume): exit 75" >&2
+# Only rank 0's stop file proves a clean stop with a checkpoint (a crash after a signal is not).
+if [ "$rc" -ne 0 ] && [ -f "$MEGALITE_STOP_FILE" ]; then
+    echo "torchrun.sh: $(cat "$MEGALITE_STOP_FILE"); checkpoint in $CKPT_DIR (rerun to" \
+         "resume): exit 75" >&2
     exit 75
 fi
 exit "$rc"

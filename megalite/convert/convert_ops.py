@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+from megalite.checkpoint.reshard import WORD_EMBEDDINGS
 from megalite.convert import _module, architecture_of, config_from_hf
 from megalite.convert.hf_io import HFReader, HFShardedWriter, progress, write_tokenizer_files
 from megalite.convert.offline import CheckpointReader, write_checkpoint
@@ -23,7 +24,6 @@ __all__ = ["to_hf", "from_hf", "reshard", "verify_logits"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias")
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
 def _train_config(path: str):
@@ -70,8 +70,6 @@ def to_hf(args, tmp: str) -> str:
         bar.close()
         writer.close()
         hf_cfg = mod.config_to_hf(cfg)
-        hf_cfg.architectures = [mod.hf_architecture(cfg) if arch == "llama"
-                                else "GPT2LMHeadModel"]
         hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
         hf_cfg.save_pretrained(tmp)
         tok_model, tok_type = _tokenizer_of(_train_config(reader.path))
@@ -214,7 +212,6 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
     that rank. Its RNG states are those a fresh run seeds (torch/python/numpy with the run's
     seed, the tensor-parallel tracker for that rank): per-rank random streams of another
     layout have no counterpart, as in an online layout change."""
-    from megalite.checkpoint.reshard import load_model_weights_from
     from megalite.checkpoint.reshard_optim import reshard_optimizer_state
     from megalite.checkpoint.rng import capture_rng_states
     from megalite.checkpoint.sharded import FORMAT, rank_file_name
@@ -227,17 +224,22 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
         num_layers_per_virtual_pipeline_stage=None, pipeline_layer_split=None, zero_stage=0,
         deepspeed_config=None))   # DP=1 output: megalite's optimizer state, whatever the source
     seed = new_config.training.seed
+    if reader.verify:    # once here, not again for every target rank that reads a file
+        from megalite.checkpoint import io
+        for name in sorted(reader.files):
+            if name.startswith("rank_"):
+                io.verify_checksum(reader.path, name, reader.files)
 
     def rank_state(rank: int, tp_rank: int, pp_rank: int) -> dict:
         ps = ParallelState.for_shapes(tp, tp_rank, pp, pp_rank)
         chunks = build_model_chunks(cfg, ps, device="meta")
         dtype = new_config.precision.params_dtype
+        # The rank file holds optimizer state only (masters come from the saved state), so the
+        # chunks need shapes and storage, not the weights (write_checkpoint wrote those).
         chunks = [c.to_empty(device="cpu").to(dtype) for c in chunks]
-        load_model_weights_from(reader.path, reader.meta, reader.files, chunks, ps,
-                                verify_checksums=False)   # hashed once already by the reader
         optimizer = build_optimizer(chunks, new_config, ps)
         reshard_optimizer_state(reader.path, reader.meta, reader.files, chunks, optimizer, ps,
-                                rank_file=rank_file_name, verify_checksums=reader.verify)
+                                rank_file=rank_file_name, verify_checksums=False)
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         try:
             random.seed(seed)

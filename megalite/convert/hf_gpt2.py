@@ -109,7 +109,7 @@ def config_to_hf(config: GPTConfig):
     _check(config)
     c = config
     return GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.max_position_embeddings, n_embd=c.hidden_size,
+        architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size, n_positions=c.max_position_embeddings, n_embd=c.hidden_size,
         n_layer=c.num_layers, n_head=c.num_attention_heads, n_inner=c.ffn_size,
         activation_function=_OUR_ACT[c.activation], resid_pdrop=c.hidden_dropout,
         embd_pdrop=c.hidden_dropout, attn_pdrop=c.attention_dropout,

@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 import sys
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -304,8 +304,3 @@ def _copy_hf_tokenizer(tokenizer_model: str, directory: str) -> list[str]:
             shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
             written.append(name)
     return written
-
-
-def tensor_specs(tensors: Iterable[tuple[str, torch.Tensor]]) -> list:
-    """``[(name, dtype, shape)]`` of (meta) tensors."""
-    return [(n, t.dtype, tuple(t.shape)) for n, t in tensors]

@@ -123,7 +123,7 @@ def config_to_hf(config: GPTConfig):
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
         rope_parameters=_rope_to_hf(c), tie_word_embeddings=c.tied_embeddings,
         attention_dropout=c.attention_dropout, initializer_range=c.init_method_std,
-        bos_token_id=None, eos_token_id=None)
+        bos_token_id=None, eos_token_id=None, architectures=[hf_architecture(c)])
     if _is_qwen2(c):
         from transformers import Qwen2Config
         return Qwen2Config(use_sliding_window=False, **common)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import DistributedWorkers  # noqa: E402
+from test_checkpoint_resume import _train_args as checkpoint_resume_args  # noqa: E402
 
 from megalite.distributed.parallel_state import ParallelState  # noqa: E402
 
@@ -31,14 +32,8 @@ pytest.importorskip("deepspeed")
 
 
 def _train_args(extra):
-    from megalite.config import parse_train_args
-    return parse_train_args([
-        "--mock-data", "--vocab-size", "203", "--model-preset", "tiny", "--num-layers", "4",
-        "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-        "--max-position-embeddings", "16", "--micro-batch-size", "1", "--global-batch-size", "4",
-        "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "100",
-        "--eval-interval", "1000", "--eval-iters", "1", "--seed", "3", "--clip-grad", "0.5",
-        *extra])
+    """test_checkpoint_resume's tiny run, with clipping active."""
+    return checkpoint_resume_args(["--clip-grad", "0.5", *extra])
 
 
 # -- 1. the fragment map ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from harness import DistributedWorkers  # noqa: E402
+from hf_common import scale_up_  # noqa: E402
 
 from megalite.cli import main as megalite_main  # noqa: E402
 
@@ -270,14 +271,7 @@ def hf_random_model(recipe, path):
            "classic": get_preset("tiny").replace(vocab_size=500, num_layers=4)}[recipe]
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(config_to_hf(cfg))
-    with torch.no_grad():   # HF's tiny-std init gives near-zero logits; make them O(1)
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-            elif "norm" in name or "ln_" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
+    scale_up_(model)
     model.save_pretrained(path)
     return model
 

@@ -16,6 +16,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_common import scale_up_  # noqa: E402
+
 from megalite.convert import config_from_hf, config_to_hf, from_hf, to_hf  # noqa: E402
 from megalite.convert import hf_gpt2, hf_llama  # noqa: E402
 from megalite.distributed.parallel_state import ParallelState  # noqa: E402
@@ -58,14 +60,7 @@ def hf_model(cfg, seed, hf_cfg=None):
     hf_cfg = hf_cfg or config_to_hf(cfg)
     hf_cfg._attn_implementation = "eager"     # an independent attention implementation
     model = hf_class(hf_cfg)(hf_cfg).eval()
-    with torch.no_grad():  # HF's tiny-std init gives near-zero logits; make them O(1)
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-            elif "norm" in name or "ln_" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
+    scale_up_(model)
     return model
 
 
@@ -153,6 +148,8 @@ def test_rope_scaling_frequencies_equal_transformers(name):
 def test_qwen2_config_is_what_transformers_builds():
     hf_cfg = config_to_hf(CONFIGS["qwen2-qkv-bias"])
     assert hf_cfg.model_type == "qwen2" and hf_cfg.tie_word_embeddings
+    assert hf_cfg.architectures == ["Qwen2ForCausalLM"]
+    assert config_to_hf(CONFIGS["llama-gqa"]).architectures == ["LlamaForCausalLM"]
     names = set(hf_model(CONFIGS["qwen2-qkv-bias"], 0).state_dict())
     assert "model.layers.0.self_attn.q_proj.bias" in names
     assert "model.layers.0.self_attn.o_proj.bias" not in names
