@@ -187,6 +187,15 @@ def w_resume_error(directory, target):
     return None
 
 
+def test_other_precision_is_refused_on_every_rank(workers4, resume_root):
+    """fp32 ZeRO state into a bf16 run: the masters mean different things; a clear error."""
+    workers4.run(w_resume, resume_root, ["--zero-stage", "3"], timeout=600)   # the source
+    target = ["--zero-stage", "2", "--tensor-model-parallel-size", "2", "--bf16"]
+    for error in workers4.run(w_resume_error, os.path.join(resume_root, "src"), target,
+                              timeout=600):
+        assert error is not None and "saved with a different precision" in error, error
+
+
 def test_damaged_zero_partition_fails_every_rank_clearly(workers4, resume_root, tmp_path):
     """Loading into ZeRO is collective: one rank's bad file must fail all ranks with its name
     (not leave the others waiting in the weights' all-gather)."""

@@ -182,6 +182,13 @@ def test_mistral_without_sliding_window_reads_as_llama():
     (lambda: transformers.LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                        "rope_theta": 1e4}),
      "rope_type='yarn' is not supported"),
+    (lambda: transformers.LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                       "rope_theta": 1e4,
+                                                       "attention_factor": 0.5}),
+     "rope attention_factor=0.5 is not supported"),
+    (lambda: transformers.LlamaConfig(attention_bias=True, mlp_bias=False),
+     "attention_bias and mlp_bias must agree"),
+    (lambda: transformers.LlamaConfig(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
 ])
 def test_unsupported_attention_variants_are_refused(hf_cfg, match):
     with pytest.raises(MegaliteError, match=match):

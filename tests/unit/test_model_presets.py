@@ -45,6 +45,8 @@ def test_padded_vocab_size():
     (dict(rope_scaling="yarn"), "rope_scaling"),
     (dict(rope_scaling="llama3", rope_scaling_factor=0.0), "rope_scaling_factor"),
     (dict(rope_scaling="llama3", rope_low_freq_factor=4.0), "rope_low_freq_factor"),
+    (dict(rope_scaling="llama3", rope_original_max_position_embeddings=0),
+     "rope_original_max_position_embeddings must be a positive integer"),
 ])
 def test_config_rejects_bad_fields_naming_them(changes, field):
     with pytest.raises(MegaliteError, match=field):
