@@ -119,6 +119,7 @@ def test_reference_learns(reference):
         assert rel < 3e-2, f"{recipe}: bf16 deviates from fp32 by {rel:.2e} relative"
 
 
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_layouts_match_single_process(world, data, reference):
     prefix, sp = data

@@ -10,8 +10,8 @@ parameters for TP x DP with sequence parallelism, PP x TP with a tied embedding 
 the norm, both copies stay identical) and PP x DP (LLaMA recipe); bf16 at TP x DP against the
 bf16 single process; an fp16 overflow on one rank makes every rank skip and halve its scale.
 
-Tolerances (fp32): 1e-5 relative, per step for losses and norms, per tensor as
-max|got - ref| <= 1e-5 * max|ref| for parameters and gradients. The layouts compute the same
+Tolerances (fp32): 1e-5 relative, per step for losses and norms; per tensor as
+max|got - ref| <= 5e-5 * max|ref| for parameters (PARAM_REL, below: why) and 1e-5 for gradients. The layouts compute the same
 sums in another order (tensor-parallel partial sums, microbatches on two replicas), a few float32
 ulps per step. AdamW's eps is 1e-6 (see EPS) so near-zero gradient elements do not turn rounding
 into +-lr steps. bf16: 2e-2 relative on losses (bf16 keeps 8 significant bits; the two runs

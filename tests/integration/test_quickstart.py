@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.timeout(1000)
 def test_quickstart_trains_saves_and_generates(tmp_path):
     out = tmp_path / "qs"
     r = subprocess.run([sys.executable, "-m", "megalite", "quickstart", "--output-dir", str(out),

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
 from harness import free_port  # noqa: E402
 from launch_common import (ROOT, TRAIN_ITERS, assert_close_to_reference,  # noqa: E402
@@ -26,6 +28,7 @@ def _start(tmp_path, log, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.timeout(1300)
 def test_signal_checkpoints_exits_75_and_rerun_resumes(tmp_path):
     log = str(tmp_path / "log.jsonl")
     proc = _start(tmp_path, log)
@@ -47,6 +50,7 @@ def test_signal_checkpoints_exits_75_and_rerun_resumes(tmp_path):
     assert_close_to_reference(losses_by_iteration(log), reference_losses(str(tmp_path)))
 
 
+@pytest.mark.timeout(1000)
 def test_exit_duration_stop_also_exits_75(tmp_path):
     """--exit-duration-in-mins: no signal reaches the script, torchrun exits 1 for its workers'
     75, and the stop file rank 0 wrote tells the script it was a clean stop."""
