@@ -8,6 +8,8 @@
 - ``hf_tokenizer_json``: a byte-level BPE ``tokenizer.json`` (vocab 2000) with ``<|endoftext|>``.
 - ``corpus_token_dataset``: prefix of the corpus tokenised with ``sp_model`` (``--append-eod``),
   i.e. ``PREFIX.bin``/``PREFIX.idx``, uint16.
+- ``wide_dataset``: the corpus tokenised with ``hf_tokenizer_json`` (ids up to 1,999: more than
+  ``sp_model``'s 1,000, for the vocabulary-mismatch tests).
 
 Each is built once per test session (a few seconds in all).
 """
@@ -97,4 +99,17 @@ def corpus_token_dataset(corpus_jsonl, sp_model, tmp_path_factory) -> str:
                                "--tokenizer-model", sp_model, "--append-eod", "--workers", "1",
                                "--log-interval", "1000000"])
     assert rc == 0
+    return prefix + "_text_document"
+
+
+@pytest.fixture(scope="session")
+def wide_dataset(corpus_jsonl, hf_tokenizer_json, tmp_path_factory) -> str:
+    """The corpus tokenized with the 2,000-entry byte-level BPE (ids up to 1,999)."""
+    from megalite.tools import preprocess_data
+
+    prefix = str(tmp_path_factory.mktemp("wide") / "corpus")
+    assert preprocess_data.main(["--input", corpus_jsonl, "--output-prefix", prefix,
+                                 "--tokenizer-type", "HuggingFaceTokenizer",
+                                 "--tokenizer-model", hf_tokenizer_json, "--append-eod",
+                                 "--workers", "1", "--log-interval", "1000000"]) == 0
     return prefix + "_text_document"

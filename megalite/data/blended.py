@@ -21,6 +21,7 @@ import torch
 from megalite import _C
 from megalite.data.gpt_dataset import (SPLIT_NAMES, GPTDataset, GPTDatasetConfig, parse_split,
                                        split_document_ranges)
+from megalite.data.token_range import check_token_ids
 from megalite.errors import MegaliteError
 
 # Each component is sized this much above its exact share (Megatron uses the same 0.5%), and
@@ -118,7 +119,7 @@ def _open_indexed(prefix: str):
 
 def build_train_valid_test_datasets(
         data_path: list[str], split: str, num_samples: tuple[int, int, int], seq_length: int,
-        seed: int, cache_dir: str | None = None
+        seed: int, cache_dir: str | None = None, vocab_size: int | None = None
 ) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None,
            torch.utils.data.Dataset | None]:
     """Train, valid and test datasets over ``data_path`` (see :func:`parse_data_path`).
@@ -127,7 +128,8 @@ def build_train_valid_test_datasets(
     ``seq_length + 1`` tokens, blended across prefixes by weight (token counts when no weights
     are given). A split with zero weight or zero samples is None. With one prefix the GPT
     dataset is returned directly. Every rank of a job must call this the same way (the index
-    caches are built by one process; see ``index_cache``)."""
+    caches are built by one process; see ``index_cache``). With ``vocab_size``, a file holding
+    a token id outside ``[0, vocab_size)`` is refused first (``token_range``)."""
     if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
         raise MegaliteError(f"num_samples must be three non-negative counts, got {num_samples}")
     fractions = parse_split(split)
@@ -136,6 +138,8 @@ def build_train_valid_test_datasets(
         kept = [(p, w) for p, w in zip(prefixes, weights) if w > 0]
         prefixes, weights = [p for p, _ in kept], [w for _, w in kept]
     indexed = [_open_indexed(p) for p in prefixes]
+    if vocab_size is not None:
+        check_token_ids(prefixes, vocab_size, cache_dir)
     if weights is None:
         weights = [float(np.asarray(d.sequence_lengths).sum(dtype=np.int64)) for d in indexed]
         if sum(weights) <= 0:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megalite import _C
-from megalite.data.index_cache import file_identity, load_or_build
+from megalite.data.index_cache import default_cache_dir, file_identity, load_or_build
 from megalite.errors import MegaliteError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -183,8 +183,7 @@ class GPTDataset(torch.utils.data.Dataset):
                 (config.seed + 1) % 2**64)
             return {"document_index": doc, "sample_index": sample, "shuffle_index": shuffle}
 
-        cache_dir = config.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)),
-                                                     "index-cache")
+        cache_dir = default_cache_dir(prefix, config.cache_dir)
         arrays, self.index_built = load_or_build(
             cache_dir, description, ["document_index", "sample_index", "shuffle_index"], build)
         self.document_index = arrays["document_index"]

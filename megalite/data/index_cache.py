@@ -42,6 +42,12 @@ def description_digest(description: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def default_cache_dir(prefix: str, cache_dir: str | None = None) -> str:
+    """Where the caches of data prefix ``prefix`` live: ``cache_dir`` (``--data-cache-path``)
+    or ``<the prefix's directory>/index-cache``."""
+    return cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
+
+
 def file_identity(path: str) -> dict:
     """What identifies a data file for the cache: absolute path, size and mtime (ns)."""
     st = os.stat(path)

@@ -276,6 +276,21 @@ class RowParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, sp={self.sequence_parallel}")
 
 
+def _check_ids_in_range(ids: Tensor, num_embeddings: int) -> None:
+    """Refuse ids outside ``[0, num_embeddings)``: under TP such an id is outside every rank's
+    slice and would silently embed to zeros. On CPU a clear MegaliteError; on an accelerator an
+    asynchronous device assert (no host sync on the hot path; it still stops the run)."""
+    if ids.device.type == "meta" or ids.numel() == 0:
+        return
+    if ids.device.type == "cpu":
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_embeddings:
+            raise MegaliteError(f"token id {lo if lo < 0 else hi} is outside the embedding's "
+                                f"{num_embeddings} rows (ids must be in [0, {num_embeddings}))")
+    else:
+        torch._assert_async(((ids >= 0) & (ids < num_embeddings)).all())
+
+
 class VocabParallelEmbedding(nn.Module):
     """Token embedding with the vocabulary split over TP.
 
@@ -298,6 +313,7 @@ class VocabParallelEmbedding(nn.Module):
         _init_layer(self.weight, None, init_method, ps)
 
     def forward(self, ids: Tensor) -> Tensor:
+        _check_ids_in_range(ids, self.num_embeddings)
         if self.ps.tp_size == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

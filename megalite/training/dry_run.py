@@ -4,7 +4,8 @@ Checks, in order (each failure is a MegaliteError naming the flag or file): the 
 validated by parse_train_args, tokenizer included), the layout against the world size (TP x PP
 divides it; heads, query groups, MLP width and vocabulary split over TP; layers over PP and
 virtual stages; the global batch over micro x DP; ZeRO's limits), and the data files (every
-``--data-path`` prefix opened and its index validated).
+``--data-path`` prefix opened, its index validated, and its token ids inside the model's
+vocabulary: ``data/token_range.py``, which caches the ids' range beside the data).
 
 Plan: per pipeline stage the layers (and virtual chunks) and the parameters of one rank of
 that stage, counted on a model built on the meta device (no memory) with
@@ -102,11 +103,13 @@ def _data_lines(config: TrainConfig) -> list[str]:
         return [f"mock data: random tokens below {config.model.vocab_size}"]
     from megalite.data.blended import parse_data_path
     from megalite.data.indexed import IndexedDataset
+    from megalite.data.token_range import check_token_ids
 
     prefixes, weights = parse_data_path(list(data.data_path))
     lines = []
     for k, prefix in enumerate(prefixes):
         ds = IndexedDataset(prefix)  # validates both files; DataFormatError names the file
+        check_token_ids([prefix], config.model.vocab_size, data.data_cache_path)
         w = f"weight {weights[k]:g}, " if weights else ""
         lines.append(f"{prefix}: {w}{len(ds)} documents, {ds.num_tokens} tokens")
     return lines
