@@ -1,6 +1,6 @@
 """GPT pretraining dataset: fixed-length samples cut from a shuffled stream of documents.
 
-Megatron GPT semantics (see /work/shared/spec/indexed-dataset.md, "GPT dataset semantics"):
+Megatron-LM's GPT dataset semantics (megatron-core's ``datasets/gpt_dataset.py``):
 
 * ``split`` ("969,30,1") divides the *documents* of a token file into train/valid/test by
   cumulative fraction: split k covers documents ``[round(lo * N), round(hi * N))`` (halves round

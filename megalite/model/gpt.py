@@ -43,7 +43,7 @@ from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding,
                                       gather_full_tensor, init_parameter_, parallel_lm_logits,
                                       shard_tensor)
-from megalite.parallel.random import RNGStatesTracker, checkpoint
+from megalite.parallel.random import TP_SEED_OFFSET, RNGStatesTracker, checkpoint
 
 __all__ = ["GPTModel", "padded_vocab_size"]
 
@@ -145,7 +145,7 @@ class GPTModel(nn.Module):
             and cast, so a bf16 model holds the rounded float32 weights.
         rng_tracker: dropout RNG streams, normally ``model_parallel_seed(seed, ps)`` from the
             trainer; by default a private tracker whose "model-parallel" stream is seeded
-            2718 + tp_rank (enough for dropout-free use and tests).
+            ``TP_SEED_OFFSET + tp_rank`` (enough for dropout-free use and tests).
 
     Parameters are uninitialized until :meth:`init_weights` (or a state dict) fills them.
     """
@@ -162,7 +162,7 @@ class GPTModel(nn.Module):
                                 f"{config.num_layers}] (num_layers)")
         if rng_tracker is None:
             rng_tracker = RNGStatesTracker()
-            rng_tracker.add("model-parallel", 2718 + ps.tp_rank)
+            rng_tracker.add("model-parallel", TP_SEED_OFFSET + ps.tp_rank)
         self.config, self.ps, self.rng_tracker = config, ps, rng_tracker
         self.pre_process, self.post_process, self.layer_range = pre_process, post_process, (lo, hi)
         self.padded_vocab = config.padded_vocab(ps.tp_size)
