@@ -16,6 +16,19 @@ GPT2BPETokenizer           ``--vocab-file vocab.json``  tokenizers byte-level BP
 ``encode`` never adds special tokens (no BOS, no [CLS]/[SEP]): a pretraining document is its
 text's ids, and the document boundary is the ``eod`` id that ``preprocess --append-eod`` appends.
 
+Data text never becomes a control id: a literal ``</s>``, ``[SEP]`` or ``<|endoftext|>`` in a
+document is encoded as the characters it is made of, so a document can never end (or start)
+itself early. SentencePiece never matches its control pieces (``<s>``, ``</s>``, ``<pad>``) in
+text, nor ``<unk>``; its *user-defined* symbols do match text, by SentencePiece's definition, and
+are ordinary vocabulary here (``megalite train-tokenizer`` makes none). WordPiece and GPT-2 BPE
+split ``[``/``<``/``|`` off before the vocabulary lookup, so ``[SEP]`` and ``<|endoftext|>`` can
+only come from their ids. For a ``tokenizer.json`` the ``tokenizers`` library would match every
+added token in text; megalite turns that off for special ones (``encode_special_tokens``) and
+counts as special the eod and the ``*_token`` entries of ``tokenizer_config.json`` too. The
+``tokenizers``-based ones check at load time that the text of each control token does not encode
+to a control id and refuse the file otherwise. ``decode`` is unaffected: ids, control ones
+included, decode to their text.
+
 ``encode_batch`` runs on the calling thread only: the preprocessing tool gets its parallelism
 from worker processes, and a tokenizer that starts its own threads would oversubscribe the cores
 (for the ``tokenizers`` library set ``TOKENIZERS_PARALLELISM=false`` in such processes).
@@ -37,10 +50,17 @@ _HF_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eo
 
 
 class Tokenizer(ABC):
-    """Text <-> token ids. ``vocab_size`` bounds every id; ``eod`` ends a document."""
+    """Text <-> token ids. ``vocab_size`` bounds every id; ``eod`` ends a document.
+
+    ``source`` names the tokenizer in messages (its type and file); ``control_ids`` are the ids
+    that data text never encodes to (eod, bos, pad, cls, sep, mask and other special tokens;
+    ``unk`` is not among them: it stands for text the vocabulary cannot represent).
+    """
 
     vocab_size: int
     eod: int
+    source: str
+    control_ids: frozenset
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -69,10 +89,15 @@ class SentencePieceTokenizer(Tokenizer):
             raise MegaliteError(f"--tokenizer-model {model_file}: not a SentencePiece model ({e})")
         self.vocab_size = self._sp.get_piece_size()
         self.eod = self._sp.eos_id()
+        self.source = f"--tokenizer-model {model_file}"
         if self.eod < 0:
             raise MegaliteError(f"--tokenizer-model {model_file}: the model has no end-of-sentence "
                                 f"piece (eos_id is -1); retrain it with an eos, e.g. with "
                                 f"`megalite train-tokenizer`")
+        # SentencePiece takes only CONTROL pieces as eos/bos/pad (an id of -1 otherwise), and
+        # never matches a CONTROL piece in text: no check needed.
+        self.control_ids = frozenset(i for i in (self.eod, self._sp.bos_id(), self._sp.pad_id())
+                                     if i >= 0)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -88,6 +113,50 @@ class _HFTokenizersTokenizer(Tokenizer):
     """Shared code for tokenizers built on the Hugging Face ``tokenizers`` library."""
 
     _tok = None  # a tokenizers.Tokenizer, set by the subclass
+
+    def _seal_controls(self, names=(), unk: str | None = None) -> None:
+        """Make text never match a control token: the added tokens named in ``names`` (token
+        texts: eod, tokenizer_config's specials) become special, special added tokens are then
+        encoded as plain text, and every control token's text is checked (see the module doc).
+        ``unk``: the unknown token's text if known otherwise (tokenizer_config's unk_token).
+        Sets ``control_ids``; ``eod`` and ``source`` must be set."""
+        from tokenizers import AddedToken
+
+        added = self._tok.get_added_tokens_decoder()           # id -> AddedToken
+        names = set(names) | {self._tok.id_to_token(self.eod)}
+        reseal = [t for t in added.values() if t.content in names and not t.special]
+        if reseal:  # re-adding an existing token keeps its id and updates its flags
+            self._tok.add_special_tokens([
+                AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip,
+                           rstrip=t.rstrip, normalized=t.normalized, special=True)
+                for t in reseal])
+            added = self._tok.get_added_tokens_decoder()
+        try:
+            self._tok.encode_special_tokens = True
+        except AttributeError:
+            raise MegaliteError(f"{self.source}: the installed tokenizers library is too old to "
+                                f"keep special-token text as text; pip install -U tokenizers") from None
+        controls = {t.content: i for i, t in added.items() if t.special}
+        for name in names:
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                controls[name] = token_id
+        # Unrepresentable text legitimately encodes to unk (unless unk doubles as, say, eos).
+        for token in {unk, _model_unk_token(self._tok)} - names:
+            controls.pop(token, None)
+        self.control_ids = frozenset(controls.values())
+        self._refuse_forgeable_controls(controls)
+
+    def _refuse_forgeable_controls(self, controls: dict) -> None:
+        """Raise if the text of a control token ({text: id}) encodes to any control id, i.e.
+        if data text could forge a document boundary or another control token."""
+        for text, token_id in sorted(controls.items(), key=lambda kv: kv[1]):
+            forged = sorted(set(self.encode(text)) & self.control_ids)
+            if forged:
+                raise MegaliteError(f"{self.source}: the text {text!r} (control token {token_id}) "
+                                    f"encodes to control id(s) {forged}, so a document containing "
+                                    f"it would hold control tokens; this tokenizer is not usable "
+                                    f"for pretraining data")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -127,6 +196,8 @@ class BertWordPieceTokenizer(_HFTokenizersTokenizer):
         self.lower_case = lower_case
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eod = vocab["[SEP]"]
+        self.source = f"--vocab-file {vocab_file}"
+        self._seal_controls(t for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if t in vocab)
 
 
 class HuggingFaceTokenizer(_HFTokenizersTokenizer):
@@ -148,16 +219,21 @@ class HuggingFaceTokenizer(_HFTokenizersTokenizer):
         except Exception as e:  # tokenizers raises a plain Exception for bad JSON
             raise MegaliteError(f"--tokenizer-model {file}: not a tokenizers JSON file ({e})")
         self.tokenizer_file = file
+        self.source = f"--tokenizer-model {file}"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eos = _configured_eos(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
+        specials = _configured_specials(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
+        eos = specials.get("eos_token")
         candidates = (eos,) if eos else _HF_EOS_CANDIDATES
         for token in candidates:
             token_id = self._tok.token_to_id(token)
             if token_id is not None:
                 self.eod = token_id
-                return
-        raise MegaliteError(f"--tokenizer-model {file}: no end-of-document token; looked for "
-                            f"{', '.join(candidates)}")
+                break
+        else:
+            raise MegaliteError(f"--tokenizer-model {file}: no end-of-document token; looked for "
+                                f"{', '.join(candidates)}")
+        self._seal_controls([t for k, t in specials.items() if k != "unk_token"],
+                            unk=specials.get("unk_token"))
 
 
 class GPT2BPETokenizer(_HFTokenizersTokenizer):
@@ -181,20 +257,48 @@ class GPT2BPETokenizer(_HFTokenizersTokenizer):
         if eod is None:
             raise MegaliteError(f"--vocab-file {vocab_file}: no <|endoftext|> token in the vocab")
         self.eod = eod
+        self.source = f"--vocab-file {vocab_file}"
+        self._seal_controls()
 
 
-def _configured_eos(config_file: str) -> str | None:
-    """``eos_token`` of a transformers ``tokenizer_config.json`` (a string or an AddedToken dict)."""
-    if not os.path.isfile(config_file):
+def _model_unk_token(tok) -> str | None:
+    """The unknown token's text of a tokenizers.Tokenizer's model (BPE, WordPiece, WordLevel
+    name it; Unigram has only an id, in its serialized state)."""
+    model = tok.model
+    if hasattr(model, "unk_token"):
+        return model.unk_token or None
+    try:
+        unk_id = json.loads(model.__getstate__()).get("unk_id")
+    except (AttributeError, TypeError, ValueError):
         return None
+    return tok.id_to_token(unk_id) if isinstance(unk_id, int) else None
+
+
+_CONFIG_SPECIALS = ("eos_token", "bos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                    "mask_token")
+
+
+def _configured_specials(config_file: str) -> dict:
+    """The special tokens of a transformers ``tokenizer_config.json``: {key: text} for the
+    ``*_token`` keys (a string or an AddedToken dict) and ``additional_special_tokens`` (as
+    ``additional_special_tokens.N``); {} without the file."""
+    if not os.path.isfile(config_file):
+        return {}
     try:
         with open(config_file, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token")
-    except (OSError, ValueError, AttributeError) as e:
-        raise MegaliteError(f"{config_file}: cannot read eos_token ({e})")
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) and eos else None
+            config = json.load(f)
+        extra = config.get("additional_special_tokens") or []
+        entries = [(k, config.get(k)) for k in _CONFIG_SPECIALS]
+        entries += [(f"additional_special_tokens.{n}", t) for n, t in enumerate(extra)]
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise MegaliteError(f"{config_file}: cannot read the special tokens ({e})")
+    specials = {}
+    for key, token in entries:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and token:
+            specials[key] = token
+    return specials
 
 
 def _require_file(flag: str, path: str | None, tokenizer_type: str, directory_ok=False) -> str:

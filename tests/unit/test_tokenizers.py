@@ -85,8 +85,20 @@ def test_hf_tokenizer_json_file_and_directory(hf_tokenizer_json, corpus_texts, t
     d.mkdir()
     (d / "tokenizer.json").write_bytes(open(hf_tokenizer_json, "rb").read())
     assert build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d)).eod == tok.eod
+    from tokenizers import AddedToken, Tokenizer
+
+    hf = Tokenizer.from_file(hf_tokenizer_json)
+    hf.add_tokens([AddedToken("<|doc_end|>", normalized=False)])  # added, but not special
+    hf.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|doc_end|>"}}))
+    configured = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d))
+    assert configured.eod == hf.token_to_id("<|doc_end|>") == 2000
+    assert configured.eod not in configured.encode("a <|doc_end|> b")  # the eod is never text
+    # An eos that ordinary text encodes to would end documents mid-text: refused.
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "the"}}))
-    assert build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d)).eod == tok.encode("the")[0]
+    with pytest.raises(MegaliteError, match=r"tokenizer.json: the text 'the' \(control token "
+                                            r"\d+\) encodes to control id"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|not-there|>"}))
     with pytest.raises(MegaliteError, match=r"no end-of-document token; looked for <\|not-there\|>"):
         build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(d))
