@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import secrets
 from typing import Iterable, Sequence
 
@@ -54,6 +55,22 @@ def index_file_path(prefix) -> str:
 
 def dataset_exists(prefix) -> bool:
     return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
+
+
+def check_output_parent(prefix, what: str | None = None) -> None:
+    """Raise :class:`MegaliteError` when ``prefix`` cannot get a parent directory because a path
+    above it is a regular file (``notes.txt/out``); ``what`` (e.g. ``"--output-prefix"``) heads
+    the message. Creates nothing: the directory is made only when a dataset is written."""
+    parent = os.path.dirname(os.path.abspath(str(prefix)))
+    while parent and not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            return
+        parent = up
+    if parent and not os.path.isdir(parent):
+        head = f"{what} {prefix}" if what else f"cannot write dataset {prefix}"
+        raise MegaliteError(f"{head}: {parent} is a file, not a directory, so nothing can be "
+                            f"written under it")
 
 
 def _map_file(path: str) -> mmap.mmap | None:
@@ -302,7 +319,8 @@ class IndexedDatasetBuilder:
         self.multimodal = bool(multimodal)
         # Same directory as the targets so that the final rename is atomic; the suffix is unique
         # per builder, so concurrent writers never share a temporary.
-        tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"  # see remove_stale_temporaries
+        check_output_parent(self.prefix)
         self._tmp_bin = data_file_path(self.prefix) + tag
         self._tmp_idx = index_file_path(self.prefix) + tag
         try:
@@ -400,6 +418,47 @@ class IndexedDatasetBuilder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except (OverflowError, OSError):  # not a possible pid
+        return False
+    return True
+
+
+def remove_stale_temporaries(prefix) -> list[str]:
+    """Removes ``PREFIX.bin.tmp-PID-*`` / ``PREFIX.idx.tmp-PID-*`` left by a builder whose process
+    died without cleaning up (``kill -9``, a node failure); returns the paths removed.
+
+    Only this exact prefix's temporaries are touched, and only those whose PID is no live process
+    on this machine (a running writer keeps its files; a reused PID errs on the side of keeping).
+    """
+    prefix = str(prefix)
+    directory = os.path.dirname(os.path.abspath(prefix))
+    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"\.(?:bin|idx)\.tmp-(\d+)-[0-9a-f]+")
+    try:
+        names = os.listdir(directory)
+    except OSError:  # no directory yet: nothing stale
+        return []
+    removed = []
+    for name in sorted(names):
+        m = pattern.fullmatch(name)
+        if m and not _pid_alive(int(m.group(1))):
+            path = os.path.join(directory, name)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # another run cleaned it first
+                continue
+            except OSError as e:
+                raise MegaliteError(f"cannot remove the stale temporary {path}: {e}") from e
+            removed.append(path)
+    return removed
 
 
 def _sync_dir(path: str) -> None:
