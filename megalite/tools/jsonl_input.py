@@ -33,23 +33,52 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_DIR_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.json", "*.json.gz")
+
+
+def _stem(path: str) -> str:
+    """``/d/x`` for ``/d/x.jsonl``, ``/d/x.jsonl.gz``, ``/d/x.json`` (what tells copies apart)."""
+    if path.endswith(".gz"):
+        path = path[:-3]
+    for ext in (".jsonl", ".json"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
 def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[str]:
     """The files named by ``patterns`` (paths, globs, or directories of ``*.jsonl[.gz]``), sorted.
 
-    Raises :class:`MegaliteError` naming ``flag`` when a pattern matches nothing.
+    Raises :class:`MegaliteError` naming ``flag`` when a pattern matches nothing, or when a
+    directory or glob yields two files of one stem (``x.jsonl`` and ``x.jsonl.gz``: most likely
+    one is a compressed copy of the other, and reading both would double those documents).
+    Files named explicitly are taken as given.
     """
-    files = set()
+    files, expanded = set(), set()
     for pattern in patterns:
         if os.path.isdir(pattern):
-            matched = [p for ext in ("*.jsonl", "*.jsonl.gz", "*.json", "*.json.gz")
-                       for p in glob.glob(os.path.join(pattern, ext))]
+            matched = [p for ext in _DIR_PATTERNS for p in glob.glob(os.path.join(pattern, ext))]
+            if not matched:
+                raise MegaliteError(f"{flag} {pattern}: the directory holds no .jsonl or .jsonl.gz "
+                                    f"files (nor .json/.json.gz)")
         elif os.path.isfile(pattern):
-            matched = [pattern]
+            files.add(os.path.abspath(pattern))
+            continue
         else:
             matched = [p for p in glob.glob(pattern) if os.path.isfile(p)]
-        if not matched:
-            raise MegaliteError(f"{flag} {pattern}: no such file (and no file matches it as a glob)")
-        files.update(os.path.abspath(p) for p in matched)
+            if not matched:
+                raise MegaliteError(f"{flag} {pattern}: no such file (and no file matches it as a glob)")
+        expanded.update(os.path.abspath(p) for p in matched)
+    files |= expanded
+    by_stem: dict[str, list[str]] = {}
+    for path in sorted(files):
+        by_stem.setdefault(_stem(path), []).append(path)
+    for same in by_stem.values():
+        if len(same) > 1 and any(p in expanded for p in same):
+            raise MegaliteError(
+                f"{flag}: {' and '.join(same)} have the same name but for the extension (one is "
+                f"probably a compressed copy of the other) and reading both would double their "
+                f"documents; remove one, or name the files to read explicitly")
     return sorted(files)
 
 
@@ -205,7 +234,10 @@ def _slow_parse(line: bytes):
     except ValueError as e:
         msg = getattr(e, "msg", str(e))
         col = getattr(e, "colno", None)
-        return None, (BAD_JSON, f"malformed JSON ({msg}" + (f" at column {col})" if col else ")"))
+        if col:  # some of json's messages end in "at" already ("Unterminated string starting at")
+            msg = msg[:-3] if msg.endswith(" at") else msg
+            msg += f" at column {col}"
+        return None, (BAD_JSON, f"malformed JSON ({msg})")
 
 
 def parse_line(line: bytes, keys: Sequence[str]):

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -186,6 +187,13 @@ _worker_encoder: _ChunkEncoder | None = None
 
 def _init_worker(cfg: _WorkerConfig, parent_pid: int) -> None:
     global _worker_encoder
+    # Stopping is the parent's job: a Ctrl-C or scancel reaches the whole process group, and the
+    # parent kills the workers as it cleans up; a worker dying on its own would only turn the stop
+    # into a "worker died" error (and a KeyboardInterrupt traceback per worker). The parent spawned
+    # us with these signals blocked, so none can arrive before they are ignored.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # Parallelism comes from the worker processes; a tokenizer's own thread pool would
     # oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -208,11 +216,84 @@ def _encode_in_worker(line_offset: int, data: bytes) -> ChunkResult:
 # ---------------------------------------------------------------------------------------------
 # Parent side
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGINT or SIGTERM; the run unwinds and leaves nothing behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While armed, SIGINT and SIGTERM raise :class:`Stopped` in the main thread (SIGTERM would
+    otherwise kill the process with its temporaries left behind). :meth:`disarm` before cleaning
+    up or renaming outputs into place: a further signal is then only noted in ``received``, so it
+    cannot interrupt that half-way. Outside the main thread (no signal handlers) it does nothing."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.armed = False
+        self._old = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in _STOP_SIGNALS:
+                self._old[signum] = signal.signal(signum, self._handle)
+            self.armed = True
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        if self.armed:
+            self.armed = False
+            raise Stopped(signum)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __exit__(self, *exc) -> None:
+        self.armed = False
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Blocks SIGINT/SIGTERM in this thread; a worker spawned inside inherits the mask, so it is
+    never stopped before :func:`_init_worker` ignores them. A signal sent meanwhile stays pending
+    and is handled on leaving."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _close_pool(pool: cf.ProcessPoolExecutor, failed: bool) -> None:
+    """Shuts the pool down; on failure first kills the workers, so that chunks in flight are
+    dropped at once instead of finishing (a stop must not wait for them)."""
+    if failed:
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                worker.kill()
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                worker.join(timeout=5)
+    pool.shutdown(wait=True, cancel_futures=True)
+
 
 class _Progress:
     """Counts and the periodic progress line on stderr."""
 
     def __init__(self, total_bytes: int, log_interval: int):
+        """``total_bytes``: of the input this run reads; ``maybe_log`` gets the part of it whose
+        results have come back from the workers (not what the reader has read ahead)."""
         self.t0 = time.perf_counter()
         self.total_bytes = total_bytes
         self.log_interval = log_interval
@@ -253,7 +334,8 @@ def _check_args(args) -> None:
 
 
 class _ChunkStream:
-    """``(reader, line_offset, data)`` over all pieces in order, with the bytes read so far."""
+    """``(reader, line_offset, data)`` over all pieces in order; ``bytes_read``, read just after a
+    chunk is yielded, is the input position at that chunk's end."""
 
     def __init__(self, pieces, chunk_bytes: int):
         self.pieces, self.chunk_bytes = pieces, chunk_bytes
@@ -275,10 +357,12 @@ class _ChunkStream:
 
 def preprocess(args: argparse.Namespace) -> dict:
     """Run the tool for parsed ``args``; return the summary (also used by the benchmark)."""
-    from megalite.data.indexed import IndexedDatasetBuilder, best_dtype
+    from megalite.data.indexed import (IndexedDatasetBuilder, best_dtype, check_output_parent,
+                                       remove_stale_temporaries)
     from megalite.data.tokenizers import build_tokenizer
 
     _check_args(args)
+    check_output_parent(args.output_prefix, "--output-prefix")
     files = resolve_inputs(args.input)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
                                 args.merge_file)
@@ -287,10 +371,13 @@ def preprocess(args: argparse.Namespace) -> dict:
                         list(args.json_keys), args.append_eod, dtype.name, args.skip_bad_lines)
     pieces = plan_shard(files, args.shard_index, args.num_shards)
     prefixes = output_prefixes(args.output_prefix, args.json_keys, args.shard_index, args.num_shards)
+    for prefix in prefixes:  # what an earlier run of these outputs left when it was kill -9'ed
+        for path in remove_stale_temporaries(prefix):
+            print(f"removed {path}, left by an earlier run that did not finish", file=sys.stderr)
     progress = _Progress(sum(p.end - p.start for p in pieces), args.log_interval)
     stream = _ChunkStream(pieces, args.chunk_bytes)
 
-    def consume(reader, result: ChunkResult, builders) -> None:
+    def consume(reader, result: ChunkResult, builders, bytes_done: int) -> None:
         for offset, reason, message in result.bad:
             where = f"{reader.piece.path}:{reader.line_number(offset)}"
             if not args.skip_bad_lines:
@@ -305,18 +392,24 @@ def preprocess(args: argparse.Namespace) -> dict:
         progress.documents += result.documents
         progress.tokens += sum(int(flat.size) for flat in result.tokens)
         progress.blank += result.blank
-        progress.maybe_log(stream.bytes_read)
+        progress.maybe_log(bytes_done)
 
-    with contextlib.ExitStack() as stack:
+    with _StopSignals() as stop, contextlib.ExitStack() as stack:
         builders = [stack.enter_context(IndexedDatasetBuilder(p, dtype)) for p in prefixes]
         pool = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_init_worker, initargs=(cfg, os.getpid()))
-        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        window = collections.deque()  # (reader, line_offset, future) in submission order
+
+        def close_pool(exc_type, exc, tb) -> None:  # runs before the builders abort
+            if exc_type is not None:
+                stop.disarm()  # a second signal must not cut the cleanup short
+            _close_pool(pool, failed=exc_type is not None)
+
+        stack.push(close_pool)
+        window = collections.deque()  # (reader, line_offset, future, bytes at its end), in order
 
         def drain(keep: int) -> None:
             while len(window) > keep:
-                reader, line_offset, future = window.popleft()
+                reader, line_offset, future, bytes_done = window.popleft()
                 try:
                     result = future.result()
                 except cf.process.BrokenProcessPool as e:
@@ -328,15 +421,21 @@ def preprocess(args: argparse.Namespace) -> dict:
                     raise MegaliteError(f"{reader.piece.path}: tokenizing the lines from line "
                                         f"{reader.line_number(line_offset)} failed: "
                                         f"{type(e).__name__}: {e}") from e
-                consume(reader, result, builders)
+                consume(reader, result, builders, bytes_done)
 
         max_in_flight = 4 * args.workers
         for reader, line_offset, data in stream:
-            window.append((reader, line_offset, pool.submit(_encode_in_worker, line_offset, data)))
+            with _stop_signals_blocked():  # submit may spawn a worker
+                future = pool.submit(_encode_in_worker, line_offset, data)
+            window.append((reader, line_offset, future, stream.bytes_read))
             drain(max_in_flight - 1)
         drain(0)
+        stop.disarm()  # all or nothing from here: the renames are not to be interrupted
         for builder in builders:
             builder.finalize()
+        if stop.received is not None:
+            print(f"received {signal.Signals(stop.received).name} while moving the finished "
+                  f"output into place; the output is complete", file=sys.stderr)
     elapsed = time.perf_counter() - progress.t0
     return {"documents": progress.documents, "tokens": progress.tokens, "blank_lines": progress.blank,
             "skipped": dict(progress.skipped), "seconds": elapsed, "input_files": files,
@@ -346,7 +445,13 @@ def preprocess(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    s = preprocess(args)
+    try:
+        s = preprocess(args)
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"stopped by {name}: the partial output was removed, nothing was written",
+              file=sys.stderr)
+        return 128 + e.signum
     dt = max(s["seconds"], 1e-9)
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(s["skipped"].items())) or "none"
     outputs = "\n".join(f"  {p}.bin  {p}.idx" for p in s["outputs"])
