@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset prefixes (PREFIX.bin/PREFIX.idx; a .bin/.idx path works too), "
                         "globs of them (quoted), or directories (every dataset inside, which must "
                         "be numbered variants of one name, e.g. the shards of one key); "
-                        "directories and globs expand in natural sort order (shard2 < shard10)")
+                        "directories and globs expand in natural sort order (shard2 < shard10). "
+                        "Datasets named I-of-N (shard00001-of-00003) must come as the complete set "
+                        "0..N-1, and every dataset needs both its .bin and .idx: anything missing "
+                        "is an error naming it")
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
     return p
 

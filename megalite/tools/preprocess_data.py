@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
                    help="jsonl or jsonl.gz files, globs (quote them) or directories; all matches "
-                        "are read in sorted path order")
+                        "are read in sorted path order. A directory or glob that yields both "
+                        "x.jsonl and x.jsonl.gz is refused (a copy would be read twice); name "
+                        "files explicitly to read them all")
     g.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys to tokenize; one output dataset per key (a line must have them all)")
     g.add_argument("--skip-bad-lines", action="store_true",
@@ -72,14 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
                    help="output datasets are OUTPUT_PREFIX_{KEY}_document (sharded runs: "
-                        "OUTPUT_PREFIX_shardIIIII-of-NNNNN_{KEY}_document)")
+                        "OUTPUT_PREFIX_shardIIIII-of-NNNNN_{KEY}_document), written under temporary "
+                        "names and renamed when complete; SIGINT/SIGTERM stop the run and remove "
+                        "them (exit 130/143), and a run removes those a killed run of the same "
+                        "outputs left behind")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1,
                    help="tokenizer worker processes (the output does not depend on it); at most "
                         "4 x WORKERS chunks are in flight, which bounds memory")
     g.add_argument("--log-interval", type=int, default=1000,
                    help="print progress on stderr every this many documents (documents, tokens, "
-                        "MB/s, docs/s, ETA; for .gz input from compressed bytes read)")
+                        "MB/s, docs/s, share of input done and ETA, counting the input whose tokens "
+                        "came back from the workers; compressed bytes for .gz input)")
     g.add_argument("--chunk-bytes", type=int, default=1 << 20,
                    help="input bytes per work item sent to a worker")
     g = p.add_argument_group("sharding (e.g. one SLURM array task per shard)")
