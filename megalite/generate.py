@@ -11,6 +11,9 @@ process; with more processes than that, the data-parallel replicas compute the s
 The tokenizer is the one the checkpoint's config names (a relative path is tried as saved, i.e.
 from the current directory, then from the checkpoint directory and its parent); the tokenizer
 flags override it or stand in when the checkpoint names none (e.g. trained on --mock-data).
+The tokenizer must have the model's vocabulary size (``vocab_size`` of the checkpoint's
+config, before padding), or fewer tokens only when the checkpoint was trained with that tokenizer
+and a larger ``--vocab-size``; ids past the tokenizer's vocabulary are then never chosen.
 Only global rank 0 prints the continuation (the new text only) to stdout. Generation stops at
 the tokenizer's end-of-document token or after --max-new-tokens tokens. An empty prompt starts
 a new document (the end-of-document token is the context).
@@ -44,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "end-of-document token or after --max-new-tokens; an empty --prompt starts a new "
                 "document. The tokenizer is the one the checkpoint's config names (a relative "
                 "path is tried from the current directory, then from the checkpoint directory "
-                "and its parents); the tokenizer flags override it. Example: torchrun "
+                "and its parents); the tokenizer flags override it. It must have the model's vocab_size "
+                "tokens (before padding), or fewer only if the model was trained with it and a "
+                "larger --vocab-size (ids past the tokenizer are then never generated). "
+                "Example: torchrun "
                 "--nproc-per-node 2 -m megalite generate --load ckpt --prompt 'The os module' "
                 "--tensor-model-parallel-size 2 --top-p 0.9")
     p.add_argument("--load", required=True, metavar="DIR",
@@ -139,6 +145,43 @@ def resolve_tokenizer(args, train_config):
                             f"tokenizer flags to point at it") from None
 
 
+def check_tokenizer_size(args, tokenizer, model_vocab: int, train_config) -> None:
+    """Refuse a tokenizer that is not the size of the one the checkpoint was trained with.
+
+    ``model_vocab``: the checkpoint's unpadded ``vocab_size`` (the padding to
+    ``make_vocab_size_divisible_by`` plays no part). The rule: the tokenizer must have exactly
+    ``model_vocab`` tokens, or fewer when the checkpoint's own tokenizer (the one its config
+    names) has that many too, i.e. the model was trained with an explicit ``--vocab-size``
+    larger than its tokenizer; generation then never chooses an id past the tokenizer's.
+    """
+    size = tokenizer.vocab_size
+    if size == model_vocab:
+        return
+    rule = (f"the tokenizer must have the model's {model_vocab} tokens, or fewer only if the "
+            f"model was trained with that tokenizer and a larger --vocab-size")
+    head = (f"the tokenizer ({tokenizer.source}) has {size} tokens, the model's vocabulary "
+            f"{model_vocab} (vocab_size in the checkpoint's config, before padding)")
+    if size > model_vocab:
+        raise MegaliteError(f"{head}: not the tokenizer this checkpoint was trained with; {rule}")
+    if not args.tokenizer_type:
+        return                      # the checkpoint's own tokenizer: trained with --vocab-size
+    saved = _saved_tokenizer(train_config)
+    if not saved["tokenizer_type"]:
+        why = "the checkpoint names no tokenizer to confirm that it was trained with this one"
+    else:
+        try:
+            own = resolve_tokenizer(argparse.Namespace(load=args.load, tokenizer_type=None,
+                                                       tokenizer_model=None, vocab_file=None),
+                                    train_config)
+        except MegaliteError as e:
+            why = f"{e}, so it cannot confirm the size"
+        else:
+            if own.vocab_size == size:
+                return
+            why = f"the checkpoint's own tokenizer ({own.source}) has {own.vocab_size}"
+    raise MegaliteError(f"{head}: {why}; {rule}")
+
+
 class Prepared(NamedTuple):
     """Everything :func:`prepare` derived from the flags and the checkpoint."""
 
@@ -172,11 +215,9 @@ def prepare(args) -> Prepared:
                             f"{tp} -m megalite generate ...)")
     if args.max_new_tokens < 0:
         raise MegaliteError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    tokenizer = resolve_tokenizer(args, read_train_config(args.load, args.iteration))
-    if tokenizer.vocab_size > saved.vocab_size:
-        raise MegaliteError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                            f"{saved.vocab_size}: not the tokenizer this checkpoint was trained "
-                            f"with")
+    train_config = read_train_config(args.load, args.iteration)
+    tokenizer = resolve_tokenizer(args, train_config)
+    check_tokenizer_size(args, tokenizer, saved.vocab_size, train_config)
     prompt_ids = tokenizer.encode(args.prompt)
     ids = prompt_ids or [tokenizer.eod]   # nothing to continue: start a new document
     limit = saved.max_position_embeddings
@@ -212,8 +253,10 @@ def generate_text(args, ps, device=None, prepared=None):
     model = GPTModel(config, ps, device=device, dtype=dtype).eval()
     load_model_weights(args.load, [model], ps, iteration=args.iteration)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    # vocab_size: a model trained with a larger --vocab-size than its tokenizer must never
+    # choose an id that the tokenizer cannot decode
     out = generate_tokens(model, torch.tensor([ids]), new, sampling, eod=tokenizer.eod,
-                          generator=generator)
+                          generator=generator, vocab_size=tokenizer.vocab_size)
     new_ids = out.tokens[0].tolist()
     if tokenizer.eod in new_ids:
         new_ids = new_ids[:new_ids.index(tokenizer.eod)]

@@ -5,6 +5,8 @@ Per step, each rank holds the logits of its vocabulary slice [b, Vp/tp]; they ar
 over the tp group (cheap next to the model: one row per sequence) and the padding columns are
 cut off, so every rank sees the same full [b, vocab_size] logits and chooses the same token. The
 token is broadcast from the group's first rank all the same, so that the ranks can never diverge.
+With ``vocab_size`` (the tokenizer's, when a model was trained with a larger ``--vocab-size``)
+the logits are cut further, so that no id the tokenizer cannot decode is ever chosen.
 
 ``use_cache=False`` re-runs the whole sequence every step instead (the reference the tests
 compare the cache against; quadratic, otherwise identical).
@@ -33,8 +35,8 @@ class GenerationOutput:
     """[b, n] new token ids (int64, CPU), n <= max_new_tokens; a row that ended at ``eod``
     holds the eod and then eod padding."""
     logits: list[Tensor] = field(default_factory=list)
-    """With ``keep_logits``: per step the full-vocabulary logits [b, vocab_size] (float32, CPU)
-    the token was chosen from."""
+    """With ``keep_logits``: per step the logits [b, vocab_size] (float32, CPU) the token was
+    chosen from (``vocab_size``: the argument of :func:`generate_tokens`, else the model's)."""
     finished: Tensor | None = None
     """[b] bool: the row produced ``eod``."""
 
@@ -58,7 +60,8 @@ def _agree_on_tokens(ids: Tensor, ps) -> Tensor:
 @torch.no_grad()
 def generate_tokens(model, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig, *,
                     eod: int | None = None, generator: torch.Generator | None = None,
-                    use_cache: bool = True, keep_logits: bool = False) -> GenerationOutput:
+                    use_cache: bool = True, keep_logits: bool = False,
+                    vocab_size: int | None = None) -> GenerationOutput:
     """Continue ``prompt`` [b, s] (token ids, every row the same length) by up to
     ``max_new_tokens`` tokens.
 
@@ -66,6 +69,8 @@ def generate_tokens(model, prompt: Tensor, max_new_tokens: int, sampling: Sampli
         no sequence parallelism), in eval mode. Every tp rank calls this with the same prompt,
         sampling config and an equally seeded ``generator`` (on the model's device).
     eod: stop a row once it produces this id; the loop ends when every row has.
+    vocab_size: choose only ids below this (1 <= vocab_size <= the model's unpadded
+        ``config.vocab_size``; default: the latter). Padding columns are never chosen.
     The prompt plus the new tokens must fit ``max_position_embeddings``.
     """
     if not (model.pre_process and model.post_process):
@@ -75,6 +80,16 @@ def generate_tokens(model, prompt: Tensor, max_new_tokens: int, sampling: Sampli
                             f"{tuple(prompt.shape)}")
     if max_new_tokens < 0:
         raise MegaliteError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    model_vocab = model.config.vocab_size
+    vocab = model_vocab if vocab_size is None else vocab_size
+    if not 1 <= vocab <= model_vocab:
+        raise MegaliteError(f"vocab_size={vocab} must be in [1, {model_vocab}] (the model's "
+                            f"vocab_size)")
+    if prompt.numel() and not 0 <= int(prompt.min()) <= int(prompt.max()) < model_vocab:
+        raise MegaliteError(f"prompt ids must be in [0, {model_vocab}) (the model's vocab_size), "
+                            f"got {int(prompt.min())}..{int(prompt.max())}")
+    if eod is not None and not 0 <= eod < vocab:
+        raise MegaliteError(f"eod={eod} is outside the vocabulary [0, {vocab})")
     device = next(model.parameters()).device
     b, s = prompt.shape
     total = s + max_new_tokens
@@ -93,7 +108,7 @@ def generate_tokens(model, prompt: Tensor, max_new_tokens: int, sampling: Sampli
             local = model(step_input, kv_cache=cache)[:, -1]     # [b, Vp/tp]
         else:
             local = model(seq)[:, -1]
-        logits = full_vocab_logits(local, model)                  # [b, V]
+        logits = full_vocab_logits(local, model)[:, :vocab]       # [b, vocab]
         ids = _agree_on_tokens(sample_next(logits, sampling, generator), model.ps)
         if eod is not None:
             ids = torch.where(finished, torch.full_like(ids, eod), ids)

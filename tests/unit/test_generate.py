@@ -330,3 +330,85 @@ def test_cli_error_in_a_subprocess(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no checkpoint found in")
     assert "Traceback" not in proc.stderr
+
+
+# ---- the tokenizer's vocabulary bounds every generated id (issue 10) -------------------------
+def _seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+HOT = SamplingConfig(greedy=False, temperature=3.0)     # flat: ids all over the vocabulary
+
+
+def test_vocab_size_bounds_greedy_and_sampled_ids():
+    model = build(RECIPES["llama-gqa"])                  # vocab 500
+    prompt = prompt_ids(1, 5)
+    for sampling in (SamplingConfig(), HOT):
+        free = generate_tokens(model, prompt, 32, sampling, generator=_seeded())
+        assert int(free.tokens.max()) >= 250             # unbounded, ids past 250 do come up
+        out = generate_tokens(model, prompt, 32, sampling, generator=_seeded(), vocab_size=250,
+                              keep_logits=True)
+        assert out.tokens.shape == (1, 32) and int(out.tokens.max()) < 250
+        assert all(step.shape == (1, 250) for step in out.logits)
+        if sampling.greedy:                              # the best of the allowed ids
+            assert out.tokens[0].tolist() == [int(step.argmax()) for step in out.logits]
+    for kwargs, match in ((dict(vocab_size=0), r"vocab_size=0 must be in \[1, 500\]"),
+                          (dict(vocab_size=501), r"vocab_size=501 must be in \[1, 500\]"),
+                          (dict(vocab_size=250, eod=300), r"eod=300 is outside the vocabulary")):
+        with pytest.raises(MegaliteError, match=match):
+            generate_tokens(model, prompt, 4, SamplingConfig(), **kwargs)
+    with pytest.raises(MegaliteError, match=r"prompt ids must be in \[0, 500\)"):
+        generate_tokens(model, torch.tensor([[1, 500]]), 4, SamplingConfig())
+
+
+def test_padding_columns_are_never_chosen():
+    model = build(RECIPES["llama-gqa"])                  # vocab 500, padded to 512
+    assert model.output_layer.weight.shape[0] == 512
+    with torch.no_grad():                                # padding rows far ahead of the rest
+        model.output_layer.weight[500:] = 100 * model.output_layer.weight[:12].abs()
+    for sampling in (SamplingConfig(), HOT):
+        out = generate_tokens(model, prompt_ids(1, 5), 16, sampling, generator=_seeded())
+        assert int(out.tokens.max()) < 500
+
+
+def test_cli_tokenizer_smaller_than_the_model(sp_model, hf_tokenizer_json, sp_checkpoint,
+                                              tmp_path, capsys):
+    sp = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model]
+    modes = (["--greedy"], ["--temperature", "3.0", "--seed", "5"])
+    # Trained with --vocab-size 1200 and its 1000-token tokenizer: accepted, and no id past
+    # 1000 is generated (this model's unbounded greedy run does produce some).
+    wide_cfg = SP_CFG.replace(vocab_size=1200)
+    wide = tmp_path / "wide"
+    save_tiny_checkpoint(wide, wide_cfg, DataConfig(tokenizer_type="SentencePieceTokenizer",
+                                                    tokenizer_model=sp_model))
+    free = generate_tokens(build(wide_cfg), torch.tensor([[5, 6, 7]]), 24, SamplingConfig())
+    assert int(free.tokens.max()) >= 1000
+    for mode in modes:
+        for flags in ([], sp):                           # its own tokenizer, saved or flagged
+            argv = ["--load", str(wide), "--prompt", "", "--max-new-tokens", "24", *mode, *flags]
+            new_ids, _ = generate_text(build_parser().parse_args(argv), ParallelState.single())
+            assert new_ids and max(new_ids) < 1000
+            rc, out = _cli(capsys, *argv)
+            assert rc == 0 and out.out.strip(), out.err
+    # Another tokenizer than the checkpoint's (a 2000-token one), smaller than the model: refused.
+    hf_ckpt = tmp_path / "hf"
+    save_tiny_checkpoint(hf_ckpt, SP_CFG.replace(vocab_size=2000), DataConfig(
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_json))
+    mock = tmp_path / "mock"
+    save_tiny_checkpoint(mock, wide_cfg, DataConfig(mock_data=True))
+    for mode in modes:
+        rc, out = _cli(capsys, "--load", str(hf_ckpt), "--prompt", "x", *mode, *sp)
+        assert rc == 2 and not out.out
+        assert (f"error: the tokenizer (--tokenizer-model {sp_model}) has 1000 tokens, the "
+                f"model's vocabulary 2000 (vocab_size in the checkpoint's config, before "
+                f"padding): the checkpoint's own tokenizer (--tokenizer-model "
+                f"{hf_tokenizer_json}) has 2000;") in out.err, out.err
+        rc, out = _cli(capsys, "--load", str(mock), "--prompt", "x", *mode, *sp)
+        assert rc == 2 and "has 1000 tokens, the model's vocabulary 1200" in out.err
+        assert "the checkpoint names no tokenizer to confirm" in out.err
+    # Larger than the model: refused as well.
+    rc, out = _cli(capsys, "--load", sp_checkpoint, "--prompt", "x", "--tokenizer-type",
+                   "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer_json)
+    assert rc == 2 and (f"the tokenizer (--tokenizer-model {hf_tokenizer_json}) has 2000 tokens, "
+                        f"the model's vocabulary 1000") in out.err
+    assert "not the tokenizer this checkpoint was trained with" in out.err
