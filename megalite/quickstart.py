@@ -26,6 +26,14 @@ from megalite.errors import MegaliteError
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "quickstart.yaml")
 
 
+def tokenizer_args(corpus: str, output_prefix: str, vocab_size: int) -> list[str]:
+    """``megalite train-tokenizer`` arguments of the quickstart's tokenizer (the HF export
+    tests train theirs with the same)."""
+    return ["--input", corpus, "--output-prefix", output_prefix, "--vocab-size",
+            str(vocab_size), "--model-type", "bpe", "--character-coverage", "1.0",
+            "--byte-fallback"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megalite quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,9 +91,7 @@ def main(argv=None) -> int:
     _done(t0, f"{n_docs} documents, {os.path.getsize(corpus) / 1e6:.1f} MB -> {corpus}")
 
     t0 = _step(f"training a SentencePiece BPE tokenizer (vocab {args.vocab_size})")
-    train_tokenizer.main(["--input", corpus, "--output-prefix", tok_model[:-len(".model")],
-                          "--vocab-size", str(args.vocab_size), "--model-type", "bpe",
-                          "--character-coverage", "1.0", "--byte-fallback"])
+    train_tokenizer.main(tokenizer_args(corpus, tok_model[:-len(".model")], args.vocab_size))
     _done(t0, f"-> {tok_model}")
 
     t0 = _step(f"tokenizing into .bin/.idx with {args.workers} workers")

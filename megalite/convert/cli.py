@@ -3,11 +3,12 @@
 * ``to-hf``: a megalite checkpoint of any TP/PP/virtual-stage layout -> a Hugging Face
   ``LlamaForCausalLM`` (LLaMA recipe; ``Qwen2ForCausalLM`` with a QKV-only bias) or
   ``GPT2LMHeadModel`` (classic recipe) directory:
-  config.json, safetensors weights (sharded above ``--max-shard-size``), tokenizer files when
-  the training tokenizer is a SentencePiece model.
+  config.json, safetensors weights (sharded above ``--max-shard-size``), the run's tokenizer
+  (:mod:`megalite.convert.hf_tokenizer`) and the eos/bos/pad ids in config.json.
 * ``from-hf``: a Hugging Face LLaMA, Mistral (no sliding window), Qwen2 or GPT-2 directory -> a
   megalite checkpoint for any target
-  (TP, PP) layout, weights only (training starts a fresh optimizer at iteration 0).
+  (TP, PP) layout, weights only (training starts a fresh optimizer at iteration 0), whose
+  config.json names the full model shape and the directory's tokenizer (copied beside it).
 * ``reshard``: a megalite checkpoint -> the same checkpoint under another (TP, PP) layout, the
   optimizer state included (megalite's optimizer, or ZeRO partitions reassembled by name).
 
@@ -30,17 +31,29 @@ from megalite.errors import MegaliteError
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
-EPILOG = """examples:
-  megalite convert to-hf --load ckpts/run1 --save hf/run1 --verify
-  megalite convert from-hf --load hf/llama --save ckpts/llama-tp2pp2 \\
-      --target-tensor-parallel-size 2 --target-pipeline-model-parallel-size 2 --verify
-  megalite convert reshard --load ckpts/run1 --save ckpts/run1-tp1pp4 \\
-      --target-tensor-parallel-size 1 --target-pipeline-model-parallel-size 4
-
---verify builds both models in float32 in this process (memory: about 2 x 4 bytes per
+_EXAMPLES = {
+    "to-hf": "  megalite convert to-hf --load ckpts/run1 --save hf/run1 --verify",
+    "from-hf": "  megalite convert from-hf --load hf/llama --save ckpts/llama-tp2pp2 \\\n"
+               "      --target-tensor-parallel-size 2 --target-pipeline-model-parallel-size 2 "
+               "--verify",
+    "reshard": "  megalite convert reshard --load ckpts/run1 --save ckpts/run1-tp1pp4 \\\n"
+               "      --target-tensor-parallel-size 1 --target-pipeline-model-parallel-size 4",
+}
+_VERIFY = """--verify builds both models in float32 in this process (memory: about 2 x 4 bytes per
 parameter) and compares their logits on a few random token sequences; the conversion fails
 (exit 2, nothing written at --save) when the largest absolute difference exceeds
 --verify-tolerance."""
+_LAYOUT = """The target layout must fit the model: the tensor-parallel size divides the attention
+heads, the key/value groups (num_query_groups) and the FFN size; the pipeline size divides
+the layers."""
+EPILOG = ("examples:\n" + "\n".join(_EXAMPLES.values()) + "\n\n"
+          + textwrap.fill(_VERIFY.replace("\n", " ").replace(
+              "--verify builds", "--verify (to-hf, from-hf) builds", 1), 90))
+
+
+def _epilog(command: str) -> str:
+    notes = {"to-hf": [_VERIFY], "from-hf": [_VERIFY, _LAYOUT], "reshard": [_LAYOUT]}[command]
+    return "example:\n" + _EXAMPLES[command] + "\n\n" + "\n\n".join(notes)
 
 
 _DESCRIPTIONS = {
@@ -48,20 +61,29 @@ _DESCRIPTIONS = {
              "LlamaForCausalLM (LLaMA recipe; Qwen2ForCausalLM when only q/k/v have biases) or "
              "GPT2LMHeadModel (classic recipe) directory: "
              "config.json, safetensors weights (sharded above --max-shard-size, with "
-             "model.safetensors.index.json), and tokenizer.model/tokenizer.json when the run's "
-             "tokenizer was a SentencePiece model, its tokenizer.json when it was a Hugging "
-             "Face one. Vocabulary padding rows are dropped.",
+             "model.safetensors.index.json), and the run's tokenizer: for a SentencePiece "
+             "model, tokenizer.model plus a tokenizer.json built from the model's own "
+             "normalizer settings (AutoTokenizer gives the training ids); for a Hugging Face "
+             "one, its tokenizer.json; with a tokenizer_config.json naming eos/bos/pad, whose "
+             "ids config.json and generation_config.json carry. Vocabulary padding rows are "
+             "dropped.",
     "from-hf": "A Hugging Face LLaMA (incl. Llama 3.1 rope scaling), Mistral (without a "
                "sliding window), Qwen2 or GPT-2 directory (config.json + safetensors) -> a "
                "megalite checkpoint (iteration 0, weights only, marked weights_only in "
-               "meta.json) laid out for the target TP x PP (DP=1; any DP loads it). Training "
-               "from it starts a fresh optimizer.",
+               "meta.json) laid out for the target TP x PP (DP=1; any DP loads it). Its "
+               "config.json holds the model shape and the directory's tokenizer "
+               "(tokenizer.model as SentencePieceTokenizer, else tokenizer.json as "
+               "HuggingFaceTokenizer), copied to SAVE/tokenizer/, so `megalite train --load "
+               "SAVE` and `megalite generate --load SAVE` need no model or tokenizer flags. "
+               "Training from it starts a fresh optimizer.",
     "reshard": "A megalite checkpoint -> the same iteration under another TP x PP layout "
                "(DP=1, no virtual stages), with the optimizer state (Adam moments, fp32 "
                "masters, loss scaler) resharded by parameter name; ZeRO partitions of any "
                "stage are reassembled and written as megalite optimizer state, which a ZeRO "
                "run partitions again when it loads. RNG states are those a fresh run of the "
-               "new layout seeds. --dtype gives a weights-only checkpoint (a warning says so).",
+               "new layout seeds. A tokenizer kept in the source save directory (from-hf's "
+               "SAVE/tokenizer/) is copied along. --dtype gives a weights-only checkpoint (a "
+               "warning says so).",
 }
 
 
@@ -72,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="{to-hf,from-hf,reshard}")
     sub.required = True
-    kw = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    to_hf = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face directory", **kw,
-                           description=textwrap.fill(_DESCRIPTIONS["to-hf"], 79))
-    from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> megalite checkpoint",
-                             description=textwrap.fill(_DESCRIPTIONS["from-hf"], 79), **kw)
-    reshard = sub.add_parser("reshard", help="megalite checkpoint -> another TP/PP layout",
-                             description=textwrap.fill(_DESCRIPTIONS["reshard"], 79), **kw)
+    def add(name: str, help: str):
+        return sub.add_parser(name, help=help, epilog=_epilog(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description=textwrap.fill(_DESCRIPTIONS[name], 79))
+    to_hf = add("to-hf", "megalite checkpoint -> Hugging Face directory")
+    from_hf = add("from-hf", "Hugging Face directory -> megalite checkpoint")
+    reshard = add("reshard", "megalite checkpoint -> another TP/PP layout")
     for p, load_help, save_help in (
             (to_hf, "megalite save directory (its 'latest') or an iter_* directory",
              "Hugging Face output directory (must not exist, or be empty)"),
@@ -90,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--save", required=True, help=save_help)
         p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
                        help="dtype of the written weights (auto: as stored in --load)")
+    for p in (to_hf, reshard):     # from-hf reads Hugging Face files: no manifest to check
         p.add_argument("--no-verify-checksums", action="store_true",
-                       help="skip hashing the megalite files read (sizes are still checked)")
+                       help="skip the sha256 check of the megalite checkpoint files read "
+                            "against their manifest (sizes are still checked)")
     for p in (from_hf, reshard):
         p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="T",
                        help="tensor-parallel size of the written checkpoint (default 1)")

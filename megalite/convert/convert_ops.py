@@ -16,7 +16,8 @@ import torch
 
 from megalite.checkpoint.reshard import WORD_EMBEDDINGS
 from megalite.convert import _module, architecture_of, config_from_hf
-from megalite.convert.hf_io import HFReader, HFShardedWriter, progress, write_tokenizer_files
+from megalite.convert.hf_io import HFReader, HFShardedWriter, progress
+from megalite.convert.hf_tokenizer import import_tokenizer, write_tokenizer_files
 from megalite.convert.offline import CheckpointReader, write_checkpoint
 from megalite.errors import MegaliteError
 
@@ -35,14 +36,19 @@ def _train_config(path: str):
         return None
 
 
-def _tokenizer_of(train_config) -> tuple[str | None, str | None]:
+def _tokenizer_of(train_config, ckpt_path: str) -> tuple[str | None, str | None]:
+    """(tokenizer_model, tokenizer_type) of a checkpoint's config; a relative path is found
+    as ``megalite generate`` finds it (the working directory, else beside the checkpoint)."""
+    from megalite.generate import _locate
     data = getattr(train_config, "data", None)
     if data is not None:
-        return data.tokenizer_model, data.tokenizer_type
-    if isinstance(train_config, dict) and isinstance(train_config.get("data"), dict):
-        return train_config["data"].get("tokenizer_model"), train_config["data"].get(
+        model, kind = data.tokenizer_model, data.tokenizer_type
+    elif isinstance(train_config, dict) and isinstance(train_config.get("data"), dict):
+        model, kind = train_config["data"].get("tokenizer_model"), train_config["data"].get(
             "tokenizer_type")
-    return None, None
+    else:
+        return None, None
+    return _locate(model, os.path.dirname(ckpt_path)), kind
 
 
 # -- megalite -> Hugging Face -----------------------------------------------------------------
@@ -69,11 +75,21 @@ def to_hf(args, tmp: str) -> str:
             bar.update(1)
         bar.close()
         writer.close()
+        tok_model, tok_type = _tokenizer_of(_train_config(reader.path), reader.path)
+        tok_files, ids = write_tokenizer_files(tok_model, tok_type, tmp,
+                                               cfg.max_position_embeddings)
         hf_cfg = mod.config_to_hf(cfg)
         hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
+        if ids is not None:
+            # HF generate stops at eos_token_id: without it, it runs past </s>.
+            for key, value in ids.config_fields().items():
+                setattr(hf_cfg, key, value)
+            from transformers import GenerationConfig
+            GenerationConfig(**ids.config_fields()).save_pretrained(tmp)
+        else:
+            print("warning: no tokenizer files written, so config.json names no eos/bos "
+                  "token ids", file=sys.stderr)
         hf_cfg.save_pretrained(tmp)
-        tok_model, tok_type = _tokenizer_of(_train_config(reader.path))
-        tok_files = write_tokenizer_files(tok_model, tok_type, tmp, arch)
         ckpt_path = reader.path
     finally:
         reader.close()
@@ -107,7 +123,12 @@ def from_hf(args, tmp: str) -> str:
             return m.from_hf(*(hf.get(n) for n in m.hf))
 
         tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
-        config_dict, config_type = _new_train_config(None, cfg, tp, pp)
+        # The tokenizer goes beside iter_* (SAVE/tokenizer/), named in config.json by its final
+        # absolute path, so `megalite train/generate --load SAVE` find it from any directory.
+        tok_type, tok_model = import_tokenizer(
+            args.load, os.path.join(tmp, "tokenizer"),
+            os.path.join(os.path.abspath(args.save), "tokenizer"), cfg.vocab_size)
+        config_dict, config_type = _new_train_config(None, cfg, tp, pp, tok_type, tok_model)
         extra = {"consumed_samples": 0, "skipped_iters": 0, "weights_only": True,
                  "converted_from": f"hf:{os.path.abspath(args.load)}"}
         ckpt = write_checkpoint(tmp, cfg, tp, pp, full_of, dtype_of, config_dict=config_dict,
@@ -115,7 +136,8 @@ def from_hf(args, tmp: str) -> str:
     finally:
         hf.close()
     msg = (f"converted {hf.config.model_type} model {args.load} to a megalite checkpoint "
-           f"(TP={tp} PP={pp}, weights only)")
+           f"(TP={tp} PP={pp}, weights only, tokenizer "
+           f"{f'{tok_type} {os.path.basename(tok_model)}' if tok_type else 'none found'})")
     if args.verify:
         err = verify_logits(ckpt, args.load, args)
         msg += f"; verified: max |logit difference| {err:.3g}"
@@ -136,11 +158,13 @@ def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
                             f"config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _new_train_config(train_config, model_cfg, tp: int, pp: int) -> tuple[dict, str]:
+def _new_train_config(train_config, model_cfg, tp: int, pp: int, tokenizer_type=None,
+                      tokenizer_model=None) -> tuple[dict, str]:
     """config.json for the written layout: the source TrainConfig (or a default one around the
-    model) with the parallel section set to (tp, pp) and no ZeRO (the rank files hold megalite
-    optimizer state; a ZeRO run reshards it into its partitions when it loads)."""
-    from megalite.config import ParallelConfig, TrainConfig
+    model and the tokenizer, as a training save writes it) with the parallel section set to
+    (tp, pp) and no ZeRO (the rank files hold megalite optimizer state; a ZeRO run reshards it
+    into its partitions when it loads)."""
+    from megalite.config import DataConfig, ParallelConfig, TrainConfig
     try:
         if train_config is not None and hasattr(train_config, "parallel"):
             par = dataclasses.replace(
@@ -148,9 +172,10 @@ def _new_train_config(train_config, model_cfg, tp: int, pp: int) -> tuple[dict, 
                 pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=None,
                 pipeline_layer_split=None, zero_stage=0, deepspeed_config=None)
             return dataclasses.replace(train_config, parallel=par).to_dict(), "TrainConfig"
-        return TrainConfig(model=model_cfg, parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)).to_dict(), \
-            "TrainConfig"
+        return TrainConfig(model=model_cfg, data=DataConfig(
+            tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model),
+            parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                    pipeline_model_parallel_size=pp)).to_dict(), "TrainConfig"
     except MegaliteError as e:
         raise MegaliteError(f"target layout TP={tp} PP={pp} does not fit the model: {e}") \
             from None
@@ -174,6 +199,7 @@ def reshard(args, tmp: str) -> str:
 
         train_config = _train_config(reader.path)
         config_dict, config_type = _new_train_config(train_config, cfg, tp, pp)
+        _carry_tokenizer(config_dict, reader.path, tmp, args.save)
         extra = dict(reader.meta.get("extra") or {})
         rank0 = os.path.join(reader.path, rank_file_name(0))
         opt = None
@@ -204,6 +230,27 @@ def reshard(args, tmp: str) -> str:
     return (f"resharded {reader.path} from TP={src['tp_size']} PP={src['pp_size']} "
             f"VP={src['vp_size']} to TP={tp} PP={pp}, "
             + ("optimizer state included" if carry else "model weights only"))
+
+
+def _carry_tokenizer(config_dict: dict, src_ckpt: str, tmp: str, save: str) -> None:
+    """A tokenizer kept inside the source save directory (from-hf's ``SAVE/tokenizer/``) is
+    copied along and config.json renamed to the copy; one kept elsewhere stays where it is."""
+    import shutil
+    data = config_dict.get("data") or {}
+    path = data.get("tokenizer_model")
+    root = os.path.dirname(os.path.abspath(src_ckpt))
+    if not path or not os.path.isabs(path) or not os.path.exists(path):
+        return
+    rel = os.path.relpath(path, root)
+    top = rel.split(os.sep)[0]
+    if rel.startswith("..") or top.startswith("iter_"):
+        return
+    src = os.path.join(root, top)
+    if os.path.isdir(src):
+        shutil.copytree(src, os.path.join(tmp, top))
+    else:
+        shutil.copyfile(src, os.path.join(tmp, top))
+    data["tokenizer_model"] = os.path.join(os.path.abspath(save), rel)
 
 
 def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, pp: int):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import sys
 from typing import Any
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from megalite.errors import MegaliteError
 
 __all__ = ["StreamingSafetensorsWriter", "HFReader", "HFShardedWriter", "progress",
-           "write_tokenizer_files", "SAFETENSORS_DTYPES"]
+           "SAFETENSORS_DTYPES"]
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
@@ -244,63 +243,3 @@ class HFShardedWriter:
                 json.dump({"metadata": {"total_size": self.total},
                            "weight_map": {n: self.names[i] for n, i in self.file_of.items()}},
                           f, indent=2, sort_keys=True)
-
-
-def write_tokenizer_files(tokenizer_model: str | None, tokenizer_type: str | None,
-                          directory: str, arch: str) -> list[str]:
-    """Tokenizer files next to the weights when the training tokenizer is SentencePiece or a
-    Hugging Face ``tokenizer.json`` (``HuggingFaceTokenizer``: the file, and the
-    ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it if there are, copied as
-    they are; ``AutoTokenizer.from_pretrained`` reads them).
-
-    For SentencePiece, writes ``tokenizer.model`` (the model, copied as is) and, through
-    ``transformers``' own LLaMA tokenizer class, its ``tokenizer.json``/``tokenizer_config.json``
-    so that ``AutoTokenizer.from_pretrained`` works. Known limit of that conversion (transformers'
-    own): SentencePiece normalizations other than the default (e.g. collapsing repeated
-    spaces) and unknown characters without byte fallback can tokenize differently in HF.
-    Returns the files written ([] for other tokenizers or when the file is gone: the weights
-    are still converted).
-    """
-    if tokenizer_type == "HuggingFaceTokenizer" and tokenizer_model:
-        return _copy_hf_tokenizer(tokenizer_model, directory)
-    spm_types = (None, "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
-    if not tokenizer_model or not tokenizer_model.endswith(".model") \
-            or tokenizer_type not in spm_types:
-        return []
-    if not os.path.isfile(tokenizer_model):
-        print(f"warning: tokenizer {tokenizer_model} not found; no tokenizer files written",
-              file=sys.stderr)
-        return []
-    shutil.copyfile(tokenizer_model, os.path.join(directory, "tokenizer.model"))
-    written = ["tokenizer.model"]
-    if arch == "llama":
-        try:
-            from transformers import LlamaTokenizer
-            # transformers 5 builds its fast tokenizer from the tokenizer.model found in the
-            # directory (SentencePiece -> tokenizers conversion).
-            tok = LlamaTokenizer.from_pretrained(directory, legacy=False)
-            before = set(os.listdir(directory))
-            tok.save_pretrained(directory)
-            written += sorted(set(os.listdir(directory)) - before)
-        except Exception as e:   # keep the weights: tokenizer.model alone still loads in spm
-            print(f"warning: could not write Hugging Face tokenizer files ({type(e).__name__}: "
-                  f"{e}); tokenizer.model copied as is", file=sys.stderr)
-    return written
-
-
-def _copy_hf_tokenizer(tokenizer_model: str, directory: str) -> list[str]:
-    source = os.path.dirname(tokenizer_model) if os.path.isfile(tokenizer_model) \
-        else tokenizer_model
-    main = tokenizer_model if os.path.isfile(tokenizer_model) \
-        else os.path.join(tokenizer_model, "tokenizer.json")
-    if not os.path.isfile(main):
-        print(f"warning: tokenizer {main} not found; no tokenizer files written",
-              file=sys.stderr)
-        return []
-    shutil.copyfile(main, os.path.join(directory, "tokenizer.json"))
-    written = ["tokenizer.json"]
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
-            written.append(name)
-    return written

@@ -171,17 +171,16 @@ def test_to_hf_from_tp2pp2_gives_equal_logits(trained, recipe, tmp_path, capsys,
             cfg, cfg.padded_vocab(1)):
         for name, t in zip(m.hf, m.to_hf(params[m.megalite].detach())):
             assert torch.equal(state[name], t), name
-    # SentencePiece training tokenizer: its model travels with the weights and HF reads it.
+    # SentencePiece training tokenizer: its model travels with the weights and HF reads it
+    # with the training ids, for both architectures (every corpus document is checked in
+    # test_hf_tokenizer_export.py); config.json names its eos.
+    import sentencepiece as spm
     assert (out / "tokenizer.model").read_bytes() == Path(sp_model).read_bytes()
-    if recipe == "llama":
-        import sentencepiece as spm
-        tok = transformers.AutoTokenizer.from_pretrained(out)
-        # Plain ASCII with single spaces: transformers' SentencePiece conversion does not carry
-        # every normalization rule of the model (repeated spaces, characters without byte
-        # fallback), a known limit of HF's converter, not of the weights.
-        text = "Checkpoint conversion keeps every token id, and the logits too."
-        assert tok(text, add_special_tokens=False).input_ids == \
-            spm.SentencePieceProcessor(model_file=sp_model).encode(text)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    text = "Checkpoint  conversion\nkeeps every token id,   and the logits too. "
+    assert tok(text).input_ids == sp.encode(text)
+    assert hf.config.eos_token_id == tok.eos_token_id == sp.eos_id()
 
 
 def test_verify_catches_a_wrong_tensor_and_leaves_nothing(trained, tmp_path, monkeypatch,
@@ -309,18 +308,19 @@ def test_from_hf_into_tp2pp2_loads_exactly_and_trains(workers, recipe, tmp_path,
 def test_hf_tokenizer_json_travels_to_hf(hf_tokenizer_json, corpus_texts, tmp_path):
     """A run trained with --tokenizer-type HuggingFaceTokenizer: to-hf copies its tokenizer.json
     and AutoTokenizer reads the same token ids from the exported directory."""
-    from megalite.convert.hf_io import write_tokenizer_files
+    from megalite.convert.hf_tokenizer import write_tokenizer_files
     from megalite.data.tokenizers import build_tokenizer
     out = tmp_path / "hf"
     out.mkdir()
-    assert write_tokenizer_files(hf_tokenizer_json, "HuggingFaceTokenizer", str(out),
-                                 "llama") == ["tokenizer.json"]
+    files, ids = write_tokenizer_files(hf_tokenizer_json, "HuggingFaceTokenizer", str(out))
+    assert files == ["tokenizer.json", "tokenizer_config.json"]
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     ours = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_json)
     for text in corpus_texts[:20]:
         assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text)
+    assert theirs.eos_token_id == ids.eos == ours.eod
     assert write_tokenizer_files(str(tmp_path / "gone.json"), "HuggingFaceTokenizer",
-                                 str(out), "llama") == []
+                                 str(out)) == ([], None)
 
 
 def test_from_hf_verify_failure_leaves_nothing(tmp_path, monkeypatch, capsys):
