@@ -157,8 +157,9 @@ def test_hf_tokenizer_json_export_names_the_training_eos(hf_tokenizer_json, corp
     assert (ids.eos, ids.bos, ids.pad) == (ours.eod, ours.eod, None)
     assert (theirs.eos_token_id, theirs.bos_token_id, theirs.pad_token_id) == (ours.eod,
                                                                               ours.eod, None)
-    assert theirs(corpus_texts, add_special_tokens=False).input_ids == \
-        ours.encode_batch(corpus_texts)
+    texts = corpus_texts + ["a<|endoftext|>b", " <|endoftext|> "]   # special text stays text
+    assert theirs(texts, add_special_tokens=False).input_ids == ours.encode_batch(texts)
+    assert ours.eod not in ours.encode("a<|endoftext|>b")
     assert write_tokenizer_files(str(tmp_path / "gone.json"), "HuggingFaceTokenizer",
                                  str(out)) == ([], None)
 
