@@ -217,6 +217,18 @@ def _fp16_section(precision, user: dict, where: str) -> dict:
     return {**user, **mine}
 
 
+def allow_fp16_on_cpu(deepspeed) -> None:
+    """Let DeepSpeed's CPU accelerator accept fp16 on CPUs without oneDNN's fp16 kernels.
+
+    DeepSpeed refuses fp16 on a CPU unless ``torch.ops.mkldnn._is_mkldnn_fp16_supported()``
+    (AVX512-FP16 or AMX-FP16): a speed test, not a correctness one. torch computes fp16 on every
+    CPU, and ZeRO's fp32 masters and reductions are the same; without this the fp16 ZeRO path
+    (and its tests) would run on one CPU model and fail on the next. A no-op on GPUs."""
+    accelerator = deepspeed.accelerator.get_accelerator()
+    if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
+        accelerator.is_fp16_supported = lambda: True
+
+
 @contextlib.contextmanager
 def without_shm_inference_op(deepspeed):
     """While DeepSpeed sets up its communication backend, mark its CPU shared-memory op as

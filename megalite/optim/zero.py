@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.optim.deepspeed_setup import (DeepSpeedMpu, deepspeed_config,
+from megalite.optim.deepspeed_setup import (allow_fp16_on_cpu, DeepSpeedMpu, deepspeed_config,
                                             validate_zero, without_shm_inference_op)
 from megalite.optim.optimizer import (StepResult, _accumulate_main_grad, build_optimizer,
                                       param_groups, sync_model_grads)
@@ -144,6 +144,8 @@ class ZeroOptimizer:
         adamw = torch.optim.AdamW(opt_groups, lr=optim.lr, betas=(optim.adam_beta1,
                                   optim.adam_beta2), eps=optim.adam_eps,
                                   weight_decay=optim.weight_decay)
+        if self.precision.fp16:
+            allow_fp16_on_cpu(deepspeed)
         with without_shm_inference_op(deepspeed):
             self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
                 model=module, optimizer=adamw, config=config, mpu=DeepSpeedMpu(ps))
