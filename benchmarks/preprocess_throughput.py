@@ -59,7 +59,7 @@ def make_input(workdir: str, megabytes: float) -> tuple[str, list[str]]:
 def make_tokenizer(kind: str, workdir: str, corpus: str, vocab_size: int) -> tuple[str, list[str]]:
     """Train a tokenizer on the built-in corpus; return (tokenizer type, its preprocess flags)."""
     if kind == "sentencepiece":
-        from megalite.tools import train_tokenizer
+        from megalite.dataprep import train_tokenizer
 
         prefix = os.path.join(workdir, "sp")
         train_tokenizer.main(["--input", corpus, "--output-prefix", prefix, "--vocab-size",
@@ -145,7 +145,7 @@ def reference_concurrent(tok_type, flags, path, workers) -> dict:
 
 
 def preprocess_speed(tok_type, flags, path, workdir, workers, repeats) -> dict:
-    from megalite.tools.preprocess_data import build_parser as pp_parser, preprocess
+    from megalite.dataprep.preprocess_data import build_parser as pp_parser, preprocess
 
     best = best_cpu = None
     for r in range(repeats):

@@ -15,9 +15,9 @@ SUBCOMMANDS = {
     "quickstart": ("megalite.quickstart", "run the main job on the built-in corpus (no downloads)"),
     "train": ("megalite.training.main", "pretrain a GPT model (YAML config + Megatron-LM flags)"),
     "generate": ("megalite.generate", "continue a prompt from a checkpoint (KV cache, any TP size)"),
-    "preprocess": ("megalite.tools.preprocess_data", "tokenize jsonl into .bin/.idx token files"),
-    "merge-datasets": ("megalite.tools.merge_datasets", "merge several .bin/.idx datasets into one"),
-    "train-tokenizer": ("megalite.tools.train_tokenizer", "train a SentencePiece model from jsonl"),
+    "preprocess": ("megalite.dataprep.preprocess_data", "tokenize jsonl into .bin/.idx token files"),
+    "merge-datasets": ("megalite.dataprep.merge_datasets", "merge several .bin/.idx datasets into one"),
+    "train-tokenizer": ("megalite.dataprep.train_tokenizer", "train a SentencePiece model from jsonl"),
     "convert": ("megalite.convert.cli", "checkpoints to/from Hugging Face, or to another TP/PP"),
 }
 

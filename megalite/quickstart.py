@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     if args.train_iters < 1:
         raise MegaliteError(f"--train-iters {args.train_iters} must be at least 1")
     from megalite.data.builtin_corpus import write_builtin_corpus
-    from megalite.tools import preprocess_data, train_tokenizer
+    from megalite.dataprep import preprocess_data, train_tokenizer
 
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)

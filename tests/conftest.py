@@ -47,7 +47,7 @@ def corpus_texts(corpus_jsonl) -> list[str]:
 
 @pytest.fixture(scope="session")
 def sp_model(corpus_jsonl, tmp_path_factory) -> str:
-    from megalite.tools import train_tokenizer
+    from megalite.dataprep import train_tokenizer
 
     prefix = str(tmp_path_factory.mktemp("sp") / "sp")
     rc = train_tokenizer.main(["--input", corpus_jsonl, "--output-prefix", prefix,
@@ -91,7 +91,7 @@ def hf_tokenizer_json(corpus_jsonl, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def corpus_token_dataset(corpus_jsonl, sp_model, tmp_path_factory) -> str:
-    from megalite.tools import preprocess_data
+    from megalite.dataprep import preprocess_data
 
     prefix = str(tmp_path_factory.mktemp("tokens") / "corpus")
     rc = preprocess_data.main(["--input", corpus_jsonl, "--output-prefix", prefix,
@@ -105,7 +105,7 @@ def corpus_token_dataset(corpus_jsonl, sp_model, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def wide_dataset(corpus_jsonl, hf_tokenizer_json, tmp_path_factory) -> str:
     """The corpus tokenized with the 2,000-entry byte-level BPE (ids up to 1,999)."""
-    from megalite.tools import preprocess_data
+    from megalite.dataprep import preprocess_data
 
     prefix = str(tmp_path_factory.mktemp("wide") / "corpus")
     assert preprocess_data.main(["--input", corpus_jsonl, "--output-prefix", prefix,

@@ -36,7 +36,7 @@ def convert(*argv) -> int:
 @pytest.fixture(scope="module")
 def quickstart_sp_model(corpus_jsonl, tmp_path_factory) -> str:
     from megalite.quickstart import tokenizer_args
-    from megalite.tools import train_tokenizer
+    from megalite.dataprep import train_tokenizer
     prefix = str(tmp_path_factory.mktemp("qs_tok") / "tokenizer")
     assert train_tokenizer.main(tokenizer_args(corpus_jsonl, prefix, 2000)) == 0
     return prefix + ".model"

@@ -10,7 +10,7 @@ import pytest
 
 from megalite.cli import run_main
 from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder
-from megalite.tools import merge_datasets
+from megalite.dataprep import merge_datasets
 
 
 def shard_name(i: int, n: int = 3) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from megalite.data.indexed import IndexedDataset
 from megalite.data.tokenizers import build_tokenizer
-from megalite.tools import merge_datasets, preprocess_data
+from megalite.dataprep import merge_datasets, preprocess_data
 
 TOKENIZERS = {
     # name -> (tokenizer type, fixture holding the file, flag for the file)

@@ -10,8 +10,8 @@ import pytest
 from megalite.cli import run_main
 from megalite.data.indexed import IndexedDataset
 from megalite.data.tokenizers import build_tokenizer
-from megalite.tools import preprocess_data
-from megalite.tools.jsonl_input import parse_line
+from megalite.dataprep import preprocess_data
+from megalite.dataprep.jsonl_input import parse_line
 
 GOOD = [b'{"text": "The first good document."}', b'{"text": "A second, good one."}']
 BAD = {  # case -> (line, words the message must contain, summary reason)

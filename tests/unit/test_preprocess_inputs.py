@@ -10,7 +10,7 @@ import re
 
 from megalite.cli import run_main
 from megalite.data.indexed import IndexedDataset
-from megalite.tools import preprocess_data
+from megalite.dataprep import preprocess_data
 
 
 def run(argv, capsys):

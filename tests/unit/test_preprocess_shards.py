@@ -1,4 +1,4 @@
-"""The shard rule of ``megalite preprocess`` (``megalite.tools.jsonl_input``), as a property:
+"""The shard rule of ``megalite preprocess`` (``megalite.dataprep.jsonl_input``), as a property:
 for any files, shard count and chunk size, the shards' lines in shard order are exactly the lines
 of the sorted files, each once, with the right line numbers; so shard outputs merge to the
 unsharded output. Pure Python, no tokenizer: hypothesis can try many layouts quickly."""
@@ -11,7 +11,7 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megalite.tools.jsonl_input import ChunkReader, plan_shard, resolve_inputs, split_lines
+from megalite.dataprep.jsonl_input import ChunkReader, plan_shard, resolve_inputs, split_lines
 
 line = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"x"))
 a_file = st.tuples(st.lists(line, max_size=12), st.booleans(), st.booleans())  # lines, gz, final \n

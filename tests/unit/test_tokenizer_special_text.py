@@ -16,7 +16,7 @@ import sentencepiece as spm
 from megalite.data.indexed import IndexedDataset
 from megalite.data.tokenizers import build_tokenizer
 from megalite.errors import MegaliteError
-from megalite.tools import preprocess_data
+from megalite.dataprep import preprocess_data
 
 SPECIALS = ["<s>", "</s>", "<pad>", "<unk>", "[SEP]", "[CLS]", "[PAD]", "[MASK]", "[UNK]",
             "<|endoftext|>"]

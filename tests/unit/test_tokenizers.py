@@ -11,7 +11,7 @@ import sentencepiece as spm
 from megalite.cli import run_main
 from megalite.data.tokenizers import build_tokenizer
 from megalite.errors import MegaliteError
-from megalite.tools import train_tokenizer
+from megalite.dataprep import train_tokenizer
 
 SAMPLE = "The quick brown fox jumps over the lazy dog; it returns None."
 

@@ -2,7 +2,7 @@
 """Tokenize jsonl into .bin/.idx token files (Megatron-LM's tools/preprocess_data.py flags).
 
 Same as `megalite preprocess`; run `python tools/preprocess/preprocess_data.py --help`.
-The work is in :mod:`megalite.tools.preprocess_data`; this script only turns errors into one clean line.
+The work is in :mod:`megalite.dataprep.preprocess_data`; this script only turns errors into one clean line.
 """
 import os
 import sys
@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megalite.cli import run_main  # noqa: E402
-from megalite.tools.preprocess_data import main  # noqa: E402
+from megalite.dataprep.preprocess_data import main  # noqa: E402
 
 if __name__ == "__main__":  # guard: worker processes (spawn) import this file
     sys.exit(run_main(main, sys.argv[1:]))

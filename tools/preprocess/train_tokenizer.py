@@ -2,7 +2,7 @@
 """Train a SentencePiece tokenizer from jsonl.
 
 Same as `megalite train-tokenizer`; run `python tools/preprocess/train_tokenizer.py --help`.
-The work is in :mod:`megalite.tools.train_tokenizer`; this script only turns errors into one clean line.
+The work is in :mod:`megalite.dataprep.train_tokenizer`; this script only turns errors into one clean line.
 """
 import os
 import sys
@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megalite.cli import run_main  # noqa: E402
-from megalite.tools.train_tokenizer import main  # noqa: E402
+from megalite.dataprep.train_tokenizer import main  # noqa: E402
 
 if __name__ == "__main__":  # guard: worker processes (spawn) import this file
     sys.exit(run_main(main, sys.argv[1:]))

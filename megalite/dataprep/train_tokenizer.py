@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from megalite.errors import MegaliteError
-from megalite.tools.jsonl_input import HelpFormatter, iter_records, resolve_inputs
+from megalite.dataprep.jsonl_input import HelpFormatter, iter_records, resolve_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ and return flat numpy token arrays; the parent takes the results back in submiss
 appends each document through the C++ MMIDIDX writer. Order is fixed by the chunk sequence, so the
 output bytes are the same for any ``--workers``, and memory stays bounded whatever the input size.
 
-Shards (``--shard-index i --num-shards n``) follow :mod:`megalite.tools.jsonl_input`'s rule: a
+Shards (``--shard-index i --num-shards n``) follow :mod:`megalite.dataprep.jsonl_input`'s rule: a
 contiguous byte slice of the sorted inputs, lines owned by the shard holding their first byte,
 ``.gz`` files assigned whole.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megalite.errors import MegaliteError
-from megalite.tools.jsonl_input import (ChunkReader, HelpFormatter, parse_line, plan_shard,
+from megalite.dataprep.jsonl_input import (ChunkReader, HelpFormatter, parse_line, plan_shard,
                                         resolve_inputs, split_lines)
 
 MAX_SHOWN_SKIPS = 10  # skipped lines reported one by one before only counting them

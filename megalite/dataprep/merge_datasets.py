@@ -22,7 +22,7 @@ import sys
 import time
 
 from megalite.errors import MegaliteError
-from megalite.tools.jsonl_input import HelpFormatter
+from megalite.dataprep.jsonl_input import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
