@@ -3,7 +3,7 @@
 # and tells the others through mpi4py (pip install mpi4py). Flags after the script name go to
 # `megalite train`.
 #
-#   NP=4 launch/mpirun.sh --config configs/tiny-gpt.yaml --mock-data
+#   NP=4 launch/mpirun.sh --config tiny-gpt --mock-data
 #   NP=16 HOSTFILE=hosts.txt launch/mpirun.sh --config X.yaml      (hosts.txt: "host slots=8")
 # Open MPI as root needs --allow-run-as-root (added when running as root); more ranks than cores
 # needs OVERSUBSCRIBE=1. mpirun forwards SIGUSR1 to the ranks: they checkpoint to CKPT_DIR and
@@ -34,4 +34,5 @@ else  # MPICH / Hydra
     args+=(-genv OMP_NUM_THREADS "${OMP_NUM_THREADS:-1}")
 fi
 
+mkdir -p "$CKPT_DIR"   # --load of a missing directory is an error; an empty one starts fresh
 exec "$MPIRUN" "${args[@]}" "$PYTHON" -m megalite train --save "$CKPT_DIR" --load "$CKPT_DIR" "$@"

@@ -2,7 +2,7 @@
 # Pretraining on one or more machines without SLURM, with torchrun (one worker per GPU, or
 # NPROC_PER_NODE CPU workers). Flags after the script name go to `megalite train`.
 #
-# One machine:   NPROC_PER_NODE=4 launch/torchrun.sh --config configs/tiny-gpt.yaml --mock-data
+# One machine:   NPROC_PER_NODE=4 launch/torchrun.sh --config tiny-gpt --mock-data
 # Two machines:  on each, with the same MASTER_ADDR (a host both reach) and NODE_RANK 0 / 1:
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 launch/torchrun.sh --config X.yaml
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 launch/torchrun.sh --config X.yaml

@@ -1,6 +1,7 @@
 """``megalite train`` options: a YAML file (``--config``) overridden by Megatron-LM-style flags.
 
-Precedence, lowest first: the dataclass defaults (megalite.config), the model preset
+Precedence, lowest first: the dataclass defaults (megalite.config), the model section and
+tokenizer of the checkpoint ``--load`` resumes (if it holds one), the model preset
 (``--model-preset`` or YAML ``model.preset``), the YAML file, the flags. Every value, from YAML
 or a flag, goes through the same checks (megalite.config); errors name the flag, the YAML key
 and, for a value from the file, the file.
@@ -127,18 +128,25 @@ _OPTIONS = [
         ("--log-json", None, dict(metavar="FILE"), "append one JSON object per log line"),
         ("--tensorboard-dir", None, dict(metavar="DIR"), "write TensorBoard scalars here"),
         ("--peak-tflops", None, dict(type=float),
-         "peak TFLOP/s per device for MFU (default: GPU table, measured on CPU)"),
+         "the device's peak TFLOP/s in the training precision, the denominator of the "
+         "logged MFU (default: the dense peak from megalite's table of GPUs; on CPU, a "
+         "matmul measured at the first log, as for GPUs not in the table)"),
         ("--exit-duration-in-mins", None, dict(type=float), "save and stop after this long"),
     ]),
     ("checkpoints", "training", [
         ("--save", None, dict(metavar="DIR"), "checkpoint directory to write"),
-        ("--load", None, dict(metavar="DIR"), "checkpoint directory to resume from"),
+        ("--load", None, dict(metavar="DIR"), "checkpoint directory to resume from (its "
+         "'latest'); an existing directory with no checkpoint yet starts from scratch (so a "
+         "requeued job can pass --load and --save the same DIR); a missing DIR is an error "
+         "[default: no resume]"),
         ("--no-load-optim", None, dict(action="store_true"),
          "with --load: take the weights, iteration and data position, but start a fresh "
          "optimizer (AdamW moments, ZeRO partitions) and loss scaler"),
         ("--no-load-rng", None, dict(action="store_true"),
          "with --load: keep this run's seeded random states instead of the saved ones"),
-        ("--save-interval", None, dict(type=int), "iterations between checkpoints"),
+        ("--save-interval", None, dict(type=int), "iterations between checkpoints (needs "
+         "--save; default: save only at the end of the run and when stopped by a signal or "
+         "--exit-duration-in-mins)"),
         ("--keep-last", None, dict(type=int, metavar="N"),
          "keep only the newest N complete checkpoints (older ones are removed only after a "
          "newer one is complete; default: keep all)"),
@@ -178,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "data parallelism. Settings come from --config FILE.yaml (sections model, "
                 "parallel, optim, precision, data, training holding the field names of "
                 "megalite.config, plus model.preset), overridden by the flags below.",
-                epilog="Example: megalite train --config configs/tiny-gpt.yaml --mock-data "
+                epilog="Example: megalite train --config tiny-gpt --mock-data "
                 "--train-iters 20; several processes: torchrun --nproc-per-node 4 -m megalite "
                 "train --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 ...")
-    p.add_argument("--config", dest="_config", metavar="FILE.yaml",
-                   help="YAML file with the settings; flags override it")
+    p.add_argument("--config", dest="_config", metavar="FILE.yaml|NAME",
+                   help="YAML file with the settings, or the name of a packaged one ("
+                   + ", ".join(packaged_config_names()) + "); flags override it")
     for title, section, options in _OPTIONS:
         group = p.add_argument_group(title)
         for flag, name, kwargs, help_text in options:
@@ -196,11 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_config_names() -> list[str]:
+    """Names of the YAML presets shipped in megalite/configs (``tiny-gpt``, ``llama2-7b``...)."""
+    return sorted(n[:-5] for n in os.listdir(PACKAGED_CONFIGS) if n.endswith(".yaml"))
+
+
+def resolve_config_path(name: str) -> str:
+    """``--config`` value -> a file: an existing path as given, else a packaged preset by name
+    (``tiny-gpt`` or ``tiny-gpt.yaml``), so the presets work from any directory."""
+    if os.path.exists(name) or os.sep in name:
+        return name
+    stem = name[:-5] if name.endswith(".yaml") else name
+    packaged = os.path.join(PACKAGED_CONFIGS, stem + ".yaml")
+    if os.path.isfile(packaged):
+        return packaged
+    raise ConfigError(f"--config {name}: no such file, and no packaged config of that name "
+                      f"(packaged: {', '.join(packaged_config_names())})")
+
+
 def load_yaml(path: str) -> dict[str, dict]:
-    """{section: {key: value}} of a YAML config; ConfigError naming the file for bad YAML,
-    an unknown section or key."""
+    """{section: {key: value}} of a YAML config (a path, or the name of a packaged config);
+    ConfigError naming the file for bad YAML, an unknown section or key."""
     import yaml
 
+    path = resolve_config_path(path)
     try:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
@@ -234,15 +265,39 @@ def load_yaml(path: str) -> dict[str, dict]:
     return out
 
 
-def _model_values(flags: dict, specials: dict, ym: dict) -> tuple[dict, bool]:
-    """Merged GPTConfig field values (preset < YAML < flags) and whether the vocabulary size
-    was given explicitly."""
+_CHECKPOINT_DATA_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file")
+
+
+def checkpoint_defaults(load: str | None) -> tuple[dict, dict]:
+    """(model section, tokenizer fields of the data section) of the checkpoint that ``--load``
+    would resume, or ({}, {}) when there is none: so ``--load DIR`` alone knows the model's
+    shape and tokenizer (a ``convert from-hf`` checkpoint, a run resumed without its YAML)."""
+    if not load or not os.path.isdir(load):
+        return {}, {}
+    from megalite.checkpoint.io import resolve_checkpoint
+    from megalite.checkpoint.reshard import read_train_config
+
+    if resolve_checkpoint(load) is None:
+        return {}, {}
+    saved = read_train_config(load)
+    saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
+    model = dict(saved.get("model") or {})
+    model.pop("sequence_parallel", None)       # a layout choice, not the model's shape
+    data = {k: v for k, v in (saved.get("data") or {}).items()
+            if k in _CHECKPOINT_DATA_KEYS and v is not None}
+    return model, data
+
+
+def _model_values(flags: dict, specials: dict, ym: dict,
+                  saved: dict) -> tuple[dict, bool]:
+    """Merged GPTConfig field values (the --load checkpoint's < preset < YAML < flags) and
+    whether the vocabulary size was given explicitly (a checkpoint's counts as explicit)."""
     preset = specials.get("_preset") or ym.pop("preset", None)
     ym.pop("preset", None)
-    base = {}
+    base = dict(saved)
     if preset is not None:
         try:
-            base = dataclasses.asdict(get_preset(str(preset)))
+            base.update(dataclasses.asdict(get_preset(str(preset))))
         except MegaliteError as e:
             raise ConfigError(f"--model-preset (model.preset): {e}", "model", "preset") from None
         del base["sequence_parallel"]
@@ -259,7 +314,10 @@ def _model_values(flags: dict, specials: dict, ym: dict) -> tuple[dict, bool]:
             raise ConfigError(f"--use-rope-scaling (llama3) contradicts model.rope_scaling: "
                               f"{ym['rope_scaling']}", "model", "rope_scaling")
         fm["rope_scaling"] = "llama3"
-    if "num_query_groups" in fm and not specials.get("_gqa"):
+    # Megatron's rule (--num-query-groups only counts with --group-query-attention), unless the
+    # YAML file or the preset already has grouped-query attention: then the flag resizes it.
+    gqa_before = {**base, **ym}.get("num_query_groups") is not None
+    if "num_query_groups" in fm and not specials.get("_gqa") and not gqa_before:
         raise ConfigError("--num-query-groups needs --group-query-attention", "model",
                           "num_query_groups")
     values = {**base, **ym, **fm}
@@ -271,7 +329,7 @@ def _model_values(flags: dict, specials: dict, ym: dict) -> tuple[dict, bool]:
                           "in the YAML file)", "model", "rope_scaling_factor")
     if values.get("max_position_embeddings") is None and values.get("seq_length") is not None:
         values["max_position_embeddings"] = values["seq_length"]
-    return values, "vocab_size" in ym or "vocab_size" in fm
+    return values, "vocab_size" in ym or "vocab_size" in fm or "vocab_size" in saved
 
 
 def parse_train_args(argv=None) -> TrainConfig:
@@ -280,6 +338,7 @@ def parse_train_args(argv=None) -> TrainConfig:
     the flag, the YAML key and file."""
     args = vars(build_parser().parse_args(argv))
     path = args.pop("_config", None)
+    path = resolve_config_path(path) if path else None
     yaml_sections = load_yaml(path) if path else {}
     specials = {k: v for k, v in args.items() if k.startswith("_")}
     flags: dict[str, dict] = {s: {} for s in SECTIONS}
@@ -296,11 +355,15 @@ def parse_train_args(argv=None) -> TrainConfig:
             return ConfigError(f"--config {path}: {e}", e.section, e.name, e.names)
         return e
 
+    load = flags["training"].get("load", yaml_sections.get("training", {}).get("load"))
+    saved_model, saved_data = checkpoint_defaults(load)
     try:
-        sections = {s: cls(**{**yaml_sections.get(s, {}), **flags[s]})
+        sections = {s: cls(**{**(saved_data if s == "data" else {}),
+                              **yaml_sections.get(s, {}), **flags[s]})
                     for s, cls in _SECTION_TYPES.items()}
         model_values, explicit_vocab = _model_values(flags["model"], specials,
-                                                     dict(yaml_sections.get("model", {})))
+                                                     dict(yaml_sections.get("model", {})),
+                                                     saved_model)
         data = sections["data"]
         if data.tokenizer_type is not None:
             from megalite.data.tokenizers import build_tokenizer
@@ -332,6 +395,14 @@ def parse_train_args(argv=None) -> TrainConfig:
         par = config.parallel
         validate_zero(par.zero_stage, (par.tensor_model_parallel_size,
                                        par.pipeline_model_parallel_size, 1), config.precision)
+    load = config.training.load
+    if load is not None and not os.path.isdir(load):
+        # A mistyped --load must not quietly train from scratch (in a requeue loop, a silent
+        # restart from iteration 0); an existing empty directory does start from scratch.
+        what = "is not a directory" if os.path.exists(load) else "does not exist"
+        raise located(ConfigError(f"{option_name('training', 'load')}: {load} {what} (to "
+                                  "start from scratch, create it or leave out --load)",
+                                  "training", "load"))
     ds = config.parallel.deepspeed_config
     if ds is not None and not os.path.isfile(ds):
         raise located(ConfigError(f"{option_name('parallel', 'deepspeed_config')}: {ds}: no "

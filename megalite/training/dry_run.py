@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from megalite.config import TrainConfig, check_batch_sizes
 from megalite.errors import MegaliteError
 
-__all__ = ["StagePlan", "RunPlan", "plan_run", "activation_bytes_per_layer", "dry_run"]
+__all__ = ["StagePlan", "RunPlan", "plan_run", "activation_bytes_per_layer", "dry_run",
+           "summary_lines"]
 
 GIB = 2 ** 30
 
@@ -97,7 +98,7 @@ def activation_bytes_per_layer(config: TrainConfig, tp: int) -> float:
     return s * b * h * per * scale
 
 
-def _data_lines(config: TrainConfig) -> list[str]:
+def _data_lines(config: TrainConfig, check_ids: bool = True) -> list[str]:
     data = config.data
     if data.mock_data:
         return [f"mock data: random tokens below {config.model.vocab_size}"]
@@ -109,14 +110,18 @@ def _data_lines(config: TrainConfig) -> list[str]:
     lines = []
     for k, prefix in enumerate(prefixes):
         ds = IndexedDataset(prefix)  # validates both files; DataFormatError names the file
-        check_token_ids([prefix], config.model.vocab_size, data.data_cache_path)
+        if check_ids:   # (the range cache is collective under torch.distributed)
+            check_token_ids([prefix], config.model.vocab_size, data.data_cache_path)
         w = f"weight {weights[k]:g}, " if weights else ""
         lines.append(f"{prefix}: {w}{len(ds)} documents, {ds.num_tokens} tokens")
     return lines
 
 
-def plan_run(config: TrainConfig, world_size: int) -> RunPlan:
-    """Validate ``config`` on ``world_size`` processes and compute the plan (no processes)."""
+def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> RunPlan:
+    """Validate ``config`` on ``world_size`` processes and compute the plan (no processes).
+
+    ``check_data=False`` skips the token-id check of the data files (collective when a process
+    group exists): for a running job, whose datasets were checked when they were built."""
     import torch
 
     from megalite.distributed.parallel_state import ParallelState, rank_layout
@@ -133,7 +138,7 @@ def plan_run(config: TrainConfig, world_size: int) -> RunPlan:
     if par.zero_stage:
         from megalite.optim.zero import validate_zero
         validate_zero(par.zero_stage, (tp, pp, dp), config.precision)
-    data = _data_lines(config)
+    data = _data_lines(config, check_ids=check_data)
 
     z = par.zero_stage
     half = config.precision.bf16 or config.precision.fp16
@@ -172,11 +177,20 @@ def plan_run(config: TrainConfig, world_size: int) -> RunPlan:
                    tr.global_batch_size or tr.micro_batch_size * dp, total, stages, data)
 
 
-def format_plan(plan: RunPlan, config: TrainConfig) -> str:
-    """The human-readable plan ``--dry-run`` prints."""
+def _tokenizer_line(config: TrainConfig) -> str:
+    data = config.data
+    if data.tokenizer_type is None:
+        return f"tokenizer: none (vocabulary size {config.model.vocab_size} given)"
+    return (f"tokenizer: {data.tokenizer_type} {data.tokenizer_model or data.vocab_file} "
+            f"(model vocabulary {config.model.vocab_size})")
+
+
+def summary_lines(plan: RunPlan, config: TrainConfig, title: str) -> list[str]:
+    """The run in a few lines (layout, model, batch, precision, data, tokenizer): the head of
+    the ``--dry-run`` plan and the banner a real run prints at start-up."""
     prec = "bf16" if config.precision.bf16 else "fp16" if config.precision.fp16 else "fp32"
-    lines = [
-        f"dry run: {plan.world_size} process(es) = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
+    return [
+        f"{title}: {plan.world_size} process(es) = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         + (f", {plan.vp} virtual chunks per stage" if plan.vp > 1 else ""),
         f"model: {config.model.num_layers} layers, hidden {config.model.hidden_size}, "
         f"{config.model.num_attention_heads} heads, vocab {config.model.vocab_size} (padded "
@@ -188,7 +202,13 @@ def format_plan(plan: RunPlan, config: TrainConfig) -> str:
         f"precision {prec}, ZeRO stage {config.parallel.zero_stage}, recompute "
         f"{config.model.recompute_granularity or 'none'}",
         "data: " + "; ".join(plan.data),
+        _tokenizer_line(config),
     ]
+
+
+def format_plan(plan: RunPlan, config: TrainConfig) -> str:
+    """The human-readable plan ``--dry-run`` prints."""
+    lines = summary_lines(plan, config, "dry run")
     for st in plan.stages:
         layers = ", ".join(f"[{a}, {b})" for a, b in st.layer_ranges)
         mem = st.memory_bytes

@@ -1,6 +1,6 @@
 """``megalite train``: pretraining from a YAML config and/or Megatron-LM flags.
 
-Single process: ``megalite train --config configs/tiny-gpt.yaml --mock-data``.
+Single process: ``megalite train --config tiny-gpt --mock-data``.
 Several processes: started by torchrun, SLURM ``srun`` or ``mpirun``; rank, world and master
 come from the launcher's variables (megalite.distributed.launch_env).
 ``--dry-run`` checks everything and prints the plan without training (training/dry_run.py).

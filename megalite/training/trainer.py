@@ -278,18 +278,34 @@ class Trainer:
             "peak_memory_gib": peak_mem,
         })
 
+    def banner(self, resume: str) -> str:
+        """The start-up lines rank 0 prints: layout, model and parameters, batch, precision,
+        data, tokenizer (as ``--dry-run`` shows them) and where the run starts (``resume``)."""
+        from megalite.training.dry_run import plan_run, summary_lines
+
+        plan = plan_run(self.config, self.ps.world_size, check_data=False)   # rank 0 alone
+        return "\n".join(summary_lines(plan, self.config, "megalite train")
+                         + [f"start: {resume}; {self.config.training.train_iters - self.iteration}"
+                            f" iterations to go (to {self.config.training.train_iters})"])
+
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self) -> str:
-        """Collective checkpoint of the whole training state (RNG states included)."""
+        """Collective checkpoint of the whole training state (RNG states included); rank 0
+        prints one line saying where it went."""
         from megalite.checkpoint import save_checkpoint
         self._last_saved = self.iteration
         extra = {"consumed_samples": self.train_data.consumed_samples,
                  "skipped_iters": self.skipped_iters}
-        return save_checkpoint(self.config.training.save, self.iteration,
+        start = time.perf_counter()
+        path = save_checkpoint(self.config.training.save, self.iteration,
                                model_chunks=self.model_chunks, optimizer=self.optimizer,
                                config=self.config, ps=self.ps, extra=extra,
                                keep_last=self.config.training.keep_last,
                                rng_tracker=self.rng_tracker)
+        if self.ps.rank == 0:
+            print(f"saved checkpoint of iteration {self.iteration} to {path} "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+        return path
 
     def _load_weights_only(self, directory: str) -> bool:
         """Load the weights of a weights-only checkpoint in ``directory`` (any layout), or of
@@ -339,8 +355,10 @@ def pretrain(config: TrainConfig, ps: ParallelState | None = None,
             elif trainer.optimizer_resharded:
                 message += " (optimizer state resharded by parameter name: another layout " \
                            "or ZeRO stage)"
-        else:  # say so: a mistyped --load must not look like a resume
+        else:  # say so: an empty --load directory must not look like a resume
             message = f"no checkpoint in {load}: starting from scratch"
-        if trainer.ps.rank == 0:
-            print(message, flush=True)
+    else:
+        message = "from scratch (no --load)"
+    if trainer.ps.rank == 0:
+        print(trainer.banner(message), flush=True)
     return trainer.train(monitor)

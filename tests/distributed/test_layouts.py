@@ -26,7 +26,7 @@ import pytest
 
 from harness import DistributedWorkers
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 
 ITERS = 10
 RECIPES = {

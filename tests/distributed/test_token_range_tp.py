@@ -10,7 +10,7 @@ import pytest
 
 from harness import run_distributed
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 
 
 def _pretrain_error(argv: list[str]) -> str | None:

@@ -15,7 +15,7 @@ TRAIN_ITERS = 60
 def train_args(log_json: str) -> list[str]:
     """tiny-gpt (4 layers, hidden 64) on mock data; global batch 16 = micro 4 x DP 4 on 4 ranks.
     --peak-tflops skips measuring the CPU for MFU; one log line (loss) per iteration."""
-    return ["--config", os.path.join(ROOT, "configs", "tiny-gpt.yaml"), "--mock-data",
+    return ["--config", os.path.join(ROOT, "megalite", "configs", "tiny-gpt.yaml"), "--mock-data",
             "--train-iters", str(TRAIN_ITERS), "--lr-warmup-iters", "4", "--eval-iters", "0",
             "--log-interval", "1", "--peak-tflops", "1", "--log-json", log_json]
 

@@ -40,7 +40,7 @@ from hf_common import scale_up_  # noqa: E402
 
 from megalite.cli import main as megalite_main  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 RECIPES = {"classic": str(CONFIGS / "tiny-gpt.yaml"), "llama": str(CONFIGS / "tiny-llama.yaml")}
 TOL = 1e-4
 

@@ -222,6 +222,15 @@ def test_from_hf_takes_tokenizer_json_and_reports_none(hf_tokenizer_json, tmp_pa
     assert data.tokenizer_type == "HuggingFaceTokenizer"
     assert build_tokenizer(data.tokenizer_type, data.tokenizer_model).eod == \
         build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_json).eod
+    # `train --load` alone takes the model shape and the tokenizer from the checkpoint
+    from megalite.config import parse_train_args
+    from megalite.training.trainer import pretrain
+    resumed = parse_train_args(["--load", str(tmp_path / "ckpt"), "--mock-data",
+                                "--train-iters", "1", "--eval-iters", "0"])
+    assert resumed.model == read_train_config(str(tmp_path / "ckpt")).model
+    assert resumed.model.hidden_size == cfg.hidden_size and resumed.model.vocab_size == 2000
+    assert resumed.data.tokenizer_model == data.tokenizer_model
+    assert pretrain(resumed).iteration == 1
 
 
 # -- reshard: the README example on the quickstart's model shape ----------------------------------

@@ -18,6 +18,9 @@ def test_quickstart_trains_saves_and_generates(tmp_path):
                         "--train-iters", "50", "--vocab-size", "1000"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the start-up banner (printed by rank 0 alone, after the collective data checks)
+    assert "\nmegalite train: 4 process(es) = TP 2 x PP 2 x DP 1\n" in r.stdout
+    assert f"\ndata: {out}/corpus_text_document: " in r.stdout
 
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train = [rec for rec in records if rec["split"] == "train"]

@@ -16,7 +16,7 @@ from megalite.errors import MegaliteError
 from megalite.model.presets import PRESETS, get_preset
 from megalite.train_args import build_parser
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs")
 TINY = ["--model-preset", "tiny", "--mock-data"]
 
 
@@ -367,6 +367,41 @@ def test_unknown_yaml_preset_names_file_and_key(tmp_path):
 
 def test_missing_yaml_file_names_it():
     assert "--config /nonexistent/x.yaml" in error_of(["--config", "/nonexistent/x.yaml"])
+
+
+def test_packaged_configs_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)             # outside the clone: no configs/ here
+    by_name = parse_train_args(["--config", "tiny-llama", "--mock-data"])
+    assert by_name == parse_train_args(["--config", os.path.join(CONFIGS, "tiny-llama.yaml"),
+                                        "--mock-data"])
+    assert parse_train_args(["--config", "tiny-llama.yaml", "--mock-data"]) == by_name
+    msg = error_of(["--config", "tiny-lama", "--mock-data"])
+    assert msg.startswith("--config tiny-lama: no such file, and no packaged config of that "
+                          "name (packaged: gpt2-small, llama2-7b, llama3.1-8b, quickstart, ")
+    (tmp_path / "tiny-llama.yaml").write_text("model: {preset: tiny}\ndata: {mock_data: true}\n")
+    assert parse_train_args(["--config", "tiny-llama.yaml"]).model == get_preset("tiny")  # a file wins
+
+
+def test_num_query_groups_resizes_gqa_that_the_yaml_or_preset_enables(tmp_path):
+    """Megatron's rule: --num-query-groups needs --group-query-attention, unless the YAML file
+    or the preset already has grouped-query attention (then the flag only resizes it)."""
+    assert parse_train_args(["--config", "tiny-llama", "--mock-data", "--num-query-groups",
+                             "1"]).model.num_query_groups == 1
+    assert parse_train_args(["--model-preset", "tiny-llama", "--mock-data",
+                             "--num-query-groups", "4"]).model.num_query_groups == 4
+    assert "--num-query-groups needs --group-query-attention" in error_of(
+        ["--config", "tiny-gpt", "--mock-data", "--num-query-groups", "2"])
+
+
+def test_help_states_checkpoint_defaults_and_the_mfu_peak():
+    text = " ".join(build_parser().format_help().split())
+    assert "a missing DIR is an error [default: no resume]" in text
+    assert "an existing directory with no checkpoint yet starts from scratch" in text
+    assert ("default: save only at the end of the run and when stopped by a signal or "
+            "--exit-duration-in-mins") in text
+    assert "the denominator of the logged MFU" in text
+    assert "packaged one (gpt2-small, llama2-7b, llama3.1-8b, quickstart, tiny-gpt, tiny-llama)" \
+        in text
 
 
 def test_flag_fixes_a_bad_yaml_value(tmp_path):

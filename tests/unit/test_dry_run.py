@@ -10,8 +10,8 @@ from megalite.config import parse_train_args
 from megalite.errors import MegaliteError
 from megalite.training.dry_run import GIB, activation_bytes_per_layer, plan_run
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny-gpt.yaml")
-LLAMA = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny-llama.yaml")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs", "tiny-gpt.yaml")
+LLAMA = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs", "tiny-llama.yaml")
 
 
 def _config(*extra, config=CONFIG):

@@ -16,7 +16,7 @@ from megalite.config import parse_train_args  # noqa: E402
 from megalite.training.signals import EXIT_STOPPED, STOP_SIGNALS, StopMonitor  # noqa: E402
 from megalite.training.trainer import Trainer, pretrain  # noqa: E402
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny-gpt.yaml")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs", "tiny-gpt.yaml")
 
 
 def _args(*extra):

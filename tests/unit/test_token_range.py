@@ -19,7 +19,7 @@ from megalite.data.indexed import IndexedDatasetBuilder
 from megalite.data.token_range import check_token_ids, token_id_range
 from megalite.errors import MegaliteError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 
 
 def _train_argv(prefix, sp_model, save):
