@@ -16,7 +16,8 @@ Candidates (PyPI packages that split without downloading anything at run time): 
    Chinese paragraphs below repeated), reported also as a ratio to the fastest.
 3. ``preprocess``: ``megalite preprocess --split-sentences`` against the same run without it
    (the built-in corpus ``--copies`` times, SentencePiece BPE 8,000 trained on it, 1 worker,
-   ``--append-eod``), as a wall-time ratio.
+   ``--append-eod``), as a wall-time ratio; and ``builder_calls``: the parent's cost of writing
+   sentence-split documents one builder call per document.
 
     python benchmarks/sentence_splitters.py            # needs: pip install nupunkt blingfire pysbd sentencex
 """
@@ -188,6 +189,33 @@ def preprocess_cost(workdir: str, repeats: int, copies: int) -> dict:
     return out
 
 
+def builder_calls(workdir: str, documents: int = 100_000) -> dict:
+    """What the parent spends writing sentence-split documents (one builder call per document)
+    against the same tokens written as one-sequence documents in one call: synthetic documents
+    of 1-19 sentences of 1-39 tokens."""
+    import numpy as np
+
+    from megalite.data.indexed import IndexedDatasetBuilder
+    from megalite.dataprep.sentences import add_sentence_documents
+
+    rng = np.random.default_rng(0)
+    per_doc = rng.integers(1, 20, documents).astype(np.int64)
+    lengths = rng.integers(1, 40, int(per_doc.sum())).astype(np.int64)
+    tokens = rng.integers(0, 1000, int(lengths.sum())).astype(np.uint16)
+    with IndexedDatasetBuilder(os.path.join(workdir, "a"), np.uint16) as a, \
+            IndexedDatasetBuilder(os.path.join(workdir, "b"), np.uint16) as b:
+        t0 = time.perf_counter()
+        add_sentence_documents(a, tokens, lengths, per_doc)
+        t1 = time.perf_counter()
+        b.add_documents(tokens, np.bincount(np.repeat(np.arange(documents), per_doc), lengths).astype(np.int64))
+        t2 = time.perf_counter()
+        a.abort()
+        b.abort()
+    return {"documents": documents, "sentences": int(lengths.size), "tokens": int(tokens.size),
+            "per_document_calls_s": round(t1 - t0, 4), "one_call_s": round(t2 - t1, 4),
+            "us_per_document": round((t1 - t0) / documents * 1e6, 2)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is kept")
@@ -212,6 +240,7 @@ def main(argv=None) -> int:
     if not args.no_preprocess:
         with tempfile.TemporaryDirectory() as workdir:
             result["preprocess"] = preprocess_cost(workdir, args.repeats, args.copies)
+            result["builder_calls"] = builder_calls(workdir)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0

@@ -43,7 +43,8 @@ _CODE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})*")
 # that whitespace were one byte. Boundaries are therefore found in a copy of the text with every
 # non-ASCII whitespace character replaced by a space (same length in characters, so the cuts
 # carry over to the real text unchanged); such whitespace then counts as a space everywhere.
-_NON_ASCII_SPACE = {c: " " for c in range(0x80, 0x110000) if chr(c).isspace()}
+NON_ASCII_SPACES = "\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # str.isspace()
+_NON_ASCII_SPACE = re.compile(f"[{NON_ASCII_SPACES}]")
 
 
 def language_code(lang: str | None) -> str:
@@ -85,7 +86,7 @@ class SentenceSplitter:
         Each piece sentencex returns is looked up in the text rather than trusting the pieces to
         add up to it: sentencex 1.0.32 sometimes drops the blank line between two paragraphs.
         Anything else missing or changed raises ``RuntimeError``."""
-        probe = text if text.isascii() else text.translate(_NON_ASCII_SPACE)
+        probe = text if text.isascii() else _NON_ASCII_SPACE.sub(" ", text)
         starts, pos = [], 0
         for piece in self._segment(self.lang, probe):
             core = piece.strip()
