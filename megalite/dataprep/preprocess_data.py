@@ -488,8 +488,8 @@ def main(argv=None) -> int:
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(s["skipped"].items())) or "none"
     outputs = "\n".join(f"  {p}.bin  {p}.idx" for p in s["outputs"])
     shard = f" (shard {args.shard_index} of {args.num_shards})" if args.num_shards > 1 else ""
-    sentences = f", {s['sequences']} sentences" if args.split_sentences else ""
-    print(f"done{shard}: {s['documents']} documents{sentences}, {s['tokens']} tokens ({s['dtype']}) in {dt:.1f} s, "
+    docs = f"{s['documents']} documents" + (f", {s['sequences']} sentences" if args.split_sentences else "")
+    print(f"done{shard}: {docs}, {s['tokens']} tokens ({s['dtype']}) in {dt:.1f} s, "
           f"{s['tokens'] / dt:.0f} tokens/s, {s['input_bytes'] / dt / 1e6:.2f} MB/s; "
           f"skipped lines: {sum(s['skipped'].values())} ({skipped}); blank lines: {s['blank_lines']}\n"
           f"wrote:\n{outputs}", file=sys.stderr)

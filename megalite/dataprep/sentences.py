@@ -3,7 +3,7 @@
 The splitter is ``sentencex`` (PyPI, MIT, rules for ~300 languages with fallbacks, nothing
 downloaded at run time), pinned to :data:`SPLITTER_VERSION` because another version may cut
 sentences elsewhere, which would change the output bytes. Why this one and not nupunkt, blingfire
-or pysbd: README ("Sentence splitting"), figures from ``benchmarks/sentence_splitters.py``.
+or pysbd: README (Data preprocessing), figures from ``benchmarks/sentence_splitters.py``.
 
 sentencex cuts a document's text into consecutive pieces, located in the text by
 :meth:`SentenceSplitter.spans`; a piece of whitespace only (e.g. the blank line between

@@ -137,7 +137,8 @@ def test_non_ascii_whitespace_before_a_period_does_not_crash_the_splitter():
 def test_language_names():
     assert language_code(None) == "en" and language_code("english") == "en"
     assert language_code("German") == "de" and language_code("zh") == "zh"
-    assert SentenceSplitter(lang="de")("Das ist z.B. gut. Hallo Welt.") == ["Das ist z.B. gut.", "Hallo Welt."]
+    german = SentenceSplitter(lang="de")
+    assert german("Das ist z.B. gut. Hallo Welt.") == ["Das ist z.B. gut.", "Hallo Welt."]
 
 
 def test_grouping_follows_megatron():
