@@ -36,6 +36,9 @@ setup(
         "pyyaml",
         "safetensors",  # checkpoint model files
         "orjson",  # 3x faster jsonl parsing in preprocessing (json still decides validity)
+        # preprocess --split-sentences; pinned: another version may cut sentences elsewhere,
+        # which changes the output bytes (megalite/dataprep/sentences.py)
+        "sentencex==1.0.32",
     ],
     extras_require={
         "hf": ["transformers"],

@@ -202,6 +202,28 @@ class ChunkReader:
             raise MegaliteError(f"{self.piece.path}: cannot decompress ({e})")
 
 
+class ChunkStream:
+    """``(reader, line_offset, data)`` over all pieces in order; ``bytes_read``, read just after a
+    chunk is yielded, is the input position at that chunk's end."""
+
+    def __init__(self, pieces, chunk_bytes: int):
+        self.pieces, self.chunk_bytes = pieces, chunk_bytes
+        self._finished_bytes = 0
+        self._reader = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self._finished_bytes + (self._reader.consumed if self._reader else 0)
+
+    def __iter__(self):
+        for piece in self.pieces:
+            self._reader = ChunkReader(piece, self.chunk_bytes)
+            for line_offset, data in self._reader:
+                yield self._reader, line_offset, data
+            self._finished_bytes += self._reader.consumed
+            self._reader = None
+
+
 def split_lines(data: bytes) -> list[bytes]:
     """The lines of a chunk, without their newlines."""
     lines = data.split(b"\n")

@@ -6,6 +6,9 @@ and return flat numpy token arrays; the parent takes the results back in submiss
 appends each document through the C++ MMIDIDX writer. Order is fixed by the chunk sequence, so the
 output bytes are the same for any ``--workers``, and memory stays bounded whatever the input size.
 
+With ``--split-sentences`` a worker also cuts each text into sentences
+(:mod:`megalite.dataprep.sentences`) and each sentence becomes one sequence of its document.
+
 Shards (``--shard-index i --num-shards n``) follow :mod:`megalite.dataprep.jsonl_input`'s rule: a
 contiguous byte slice of the sorted inputs, lines owned by the shard holding their first byte,
 ``.gz`` files assigned whole.
@@ -28,8 +31,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megalite.errors import MegaliteError
-from megalite.dataprep.jsonl_input import (ChunkReader, HelpFormatter, parse_line, plan_shard,
-                                        resolve_inputs, split_lines)
+from megalite.dataprep.jsonl_input import (ChunkStream, HelpFormatter, parse_line, plan_shard,
+                                           resolve_inputs, split_lines)
+from megalite.dataprep.sentences import (SentenceSplitter, add_sentence_documents, group_sentences,
+                                         check_newlines_survive, language_code, load_segmenter,
+                                         split_values)
 
 MAX_SHOWN_SKIPS = 10  # skipped lines reported one by one before only counting them
 
@@ -40,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize jsonl into Megatron-compatible MMIDIDX token files "
                     "OUTPUT_PREFIX_{KEY}_document.bin/.idx (uint16 tokens when the vocabulary has "
                     "fewer than 65,500 entries, else int32). One document per jsonl line; blank "
-                    "lines are ignored. Sentence splitting (Megatron's --split-sentences) is not "
-                    "supported: every document is one sequence.",
+                    "lines are ignored. Each document is one sequence, or with --split-sentences "
+                    "one sequence per sentence (OUTPUT_PREFIX_{KEY}_sentence.bin/.idx).",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
@@ -57,7 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it the first bad line stops the run with FILE:LINE: reason, exit "
                         "status 2, and no output")
     g.add_argument("--split-sentences", action="store_true",
-                   help="NOT SUPPORTED (kept so Megatron command lines fail with a clear message)")
+                   help="one sequence per sentence (splitter: sentencex), grouped into documents "
+                        "by the .idx document index; outputs named _sentence, not _document. "
+                        "Sentences that tokenize to nothing are dropped; --append-eod ends a "
+                        "document's last sentence (a document of no tokens gets no sentence)")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="with --split-sentences: a sentence keeps the whitespace after it (else "
+                        "it is stripped); refused with a tokenizer that drops newlines")
+    g.add_argument("--lang", metavar="LANG",
+                   help="with --split-sentences: language of the splitting rules, a code (en, zh, "
+                        "de, ...) or an NLTK name (english, ...); default en (also ends at 。！？)")
     g.add_argument("--dataset-impl", choices=("mmap",), default="mmap",
                    help="accepted for old Megatron command lines; MMIDIDX (mmap) is the only format")
     g = p.add_argument_group("tokenizer")
@@ -99,12 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_prefixes(output_prefix: str, keys, shard_index: int = 0, num_shards: int = 1) -> list[str]:
-    """The dataset prefix written for each key (shard-tagged when ``num_shards > 1``)."""
+def output_prefixes(output_prefix: str, keys, shard_index: int = 0, num_shards: int = 1,
+                    split_sentences: bool = False) -> list[str]:
+    """The dataset prefix written for each key (shard-tagged when ``num_shards > 1``; ``_sentence``
+    instead of ``_document`` when sentences are split, as Megatron-LM names them)."""
     base = output_prefix
     if num_shards > 1:
         base = f"{output_prefix}_shard{shard_index:05d}-of-{num_shards:05d}"
-    return [f"{base}_{key}_document" for key in keys]
+    level = "sentence" if split_sentences else "document"
+    return [f"{base}_{key}_{level}" for key in keys]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,15 +149,24 @@ class _WorkerConfig:
     """numpy dtype name of the output tokens."""
     skip_bad_lines: bool
     """Keep going past bad lines (else stop the chunk at the first)."""
+    split_sentences: bool = False
+    """``--split-sentences``."""
+    keep_newlines: bool = False
+    """``--keep-newlines``."""
+    lang: str | None = None
+    """``--lang``."""
 
 
 @dataclass
 class ChunkResult:
     """Tokens of one chunk. ``tokens[k]``: 1-D, all documents of key k back to back;
-    ``lengths[k]``: int64 ``[documents]``; ``bad``: ``(line offset in the piece, reason, message)``."""
+    ``lengths[k]``: int64 ``[sequences]`` (one per document, or per sentence when splitting);
+    ``sentences[k]``: int64 ``[documents]``, sentences per document (only when splitting);
+    ``bad``: ``(line offset in the piece, reason, message)``."""
 
     tokens: list = field(default_factory=list)
     lengths: list = field(default_factory=list)
+    sentences: list = field(default_factory=list)
     documents: int = 0
     blank: int = 0
     bad: list = field(default_factory=list)
@@ -155,12 +182,17 @@ class _ChunkEncoder:
         self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file,
                                          cfg.merge_file)
         self.dtype = np.dtype(cfg.dtype)
+        self.splitter = (SentenceSplitter(cfg.lang, cfg.keep_newlines) if cfg.split_sentences
+                         else None)
 
     def __call__(self, line_offset: int, data: bytes) -> ChunkResult:
         cfg, result = self.cfg, ChunkResult()
-        texts = [[] for _ in cfg.keys]
+        texts = [[] for _ in cfg.keys]  # per key: the documents' texts (lists of sentences)
+        eod = self.tokenizer.eod if cfg.append_eod else None
         for i, line in enumerate(split_lines(data)):
             values, bad = parse_line(line, cfg.keys)
+            if values is not None and self.splitter is not None:
+                values, bad = split_values(self.splitter, cfg.keys, values)
             if values is None:
                 if bad is None:
                     result.blank += 1
@@ -173,15 +205,18 @@ class _ChunkEncoder:
                 column.append(value)
         result.documents = len(texts[0])
         for column in texts:
-            ids = self.tokenizer.encode_batch(column)
-            if cfg.append_eod:
-                eod = self.tokenizer.eod
-                for doc in ids:
-                    doc.append(eod)
-            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype,
-                               count=int(lengths.sum()))
-            result.tokens.append(flat)
+            if self.splitter is not None:
+                ids = self.tokenizer.encode_batch([s for doc in column for s in doc])
+                flat, lengths, per_doc = group_sentences(ids, [len(doc) for doc in column], eod)
+                result.sentences.append(per_doc)
+            else:
+                ids = self.tokenizer.encode_batch(column)
+                if eod is not None:
+                    for doc in ids:
+                        doc.append(eod)
+                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                flat = itertools.chain.from_iterable(ids)
+            result.tokens.append(np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum())))
             result.lengths.append(lengths)
         return result
 
@@ -303,7 +338,7 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.total_bytes = total_bytes
         self.log_interval = log_interval
-        self.documents = self.tokens = self.blank = 0
+        self.documents = self.sequences = self.tokens = self.blank = 0
         self.skipped = collections.Counter()
         self.shown_skips = 0
         self._next_log = log_interval
@@ -322,9 +357,13 @@ class _Progress:
 
 
 def _check_args(args) -> None:
+    for flag, value in (("--keep-newlines", args.keep_newlines), ("--lang", args.lang)):
+        if value and not args.split_sentences:
+            raise MegaliteError(f"{flag} only applies to sentence splitting: add --split-sentences "
+                                f"or leave {flag} out")
     if args.split_sentences:
-        raise MegaliteError("--split-sentences is not supported: each jsonl line is one document "
-                            "and one sequence")
+        language_code(args.lang)
+        load_segmenter()
     if args.workers < 1:
         raise MegaliteError(f"--workers {args.workers}: must be at least 1")
     if args.log_interval < 1:
@@ -339,28 +378,6 @@ def _check_args(args) -> None:
         raise MegaliteError(f"--json-keys {' '.join(args.json_keys)}: a key is repeated")
 
 
-class _ChunkStream:
-    """``(reader, line_offset, data)`` over all pieces in order; ``bytes_read``, read just after a
-    chunk is yielded, is the input position at that chunk's end."""
-
-    def __init__(self, pieces, chunk_bytes: int):
-        self.pieces, self.chunk_bytes = pieces, chunk_bytes
-        self._finished_bytes = 0
-        self._reader = None
-
-    @property
-    def bytes_read(self) -> int:
-        return self._finished_bytes + (self._reader.consumed if self._reader else 0)
-
-    def __iter__(self):
-        for piece in self.pieces:
-            self._reader = ChunkReader(piece, self.chunk_bytes)
-            for line_offset, data in self._reader:
-                yield self._reader, line_offset, data
-            self._finished_bytes += self._reader.consumed
-            self._reader = None
-
-
 def preprocess(args: argparse.Namespace) -> dict:
     """Run the tool for parsed ``args``; return the summary (also used by the benchmark)."""
     from megalite.data.indexed import (IndexedDatasetBuilder, best_dtype, check_output_parent,
@@ -373,15 +390,19 @@ def preprocess(args: argparse.Namespace) -> dict:
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
                                 args.merge_file)
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
+    if args.keep_newlines:
+        check_newlines_survive(tokenizer, args.tokenizer_type)
     cfg = _WorkerConfig(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-                        list(args.json_keys), args.append_eod, dtype.name, args.skip_bad_lines)
+                        list(args.json_keys), args.append_eod, dtype.name, args.skip_bad_lines,
+                        args.split_sentences, args.keep_newlines, args.lang)
     pieces = plan_shard(files, args.shard_index, args.num_shards)
-    prefixes = output_prefixes(args.output_prefix, args.json_keys, args.shard_index, args.num_shards)
+    prefixes = output_prefixes(args.output_prefix, args.json_keys, args.shard_index, args.num_shards,
+                               args.split_sentences)
     for prefix in prefixes:  # what an earlier run of these outputs left when it was kill -9'ed
         for path in remove_stale_temporaries(prefix):
             print(f"removed {path}, left by an earlier run that did not finish", file=sys.stderr)
     progress = _Progress(sum(p.end - p.start for p in pieces), args.log_interval)
-    stream = _ChunkStream(pieces, args.chunk_bytes)
+    stream = ChunkStream(pieces, args.chunk_bytes)
 
     def consume(reader, result: ChunkResult, builders, bytes_done: int) -> None:
         for offset, reason, message in result.bad:
@@ -393,9 +414,13 @@ def preprocess(args: argparse.Namespace) -> dict:
                 progress.shown_skips += 1
                 more = " (further skipped lines are only counted)" if progress.shown_skips == MAX_SHOWN_SKIPS else ""
                 print(f"skipped {where}: {message}{more}", file=sys.stderr)
-        for builder, flat, lengths in zip(builders, result.tokens, result.lengths):
-            builder.add_documents(flat, lengths)  # one C++ call per chunk, not per document
+        for k, (builder, flat, lengths) in enumerate(zip(builders, result.tokens, result.lengths)):
+            if result.sentences:
+                add_sentence_documents(builder, flat, lengths, result.sentences[k])
+            else:
+                builder.add_documents(flat, lengths)  # one C++ call per chunk, not per document
         progress.documents += result.documents
+        progress.sequences += sum(int(lengths.size) for lengths in result.lengths)
         progress.tokens += sum(int(flat.size) for flat in result.tokens)
         progress.blank += result.blank
         progress.maybe_log(bytes_done)
@@ -443,7 +468,8 @@ def preprocess(args: argparse.Namespace) -> dict:
             print(f"received {signal.Signals(stop.received).name} while moving the finished "
                   f"output into place; the output is complete", file=sys.stderr)
     elapsed = time.perf_counter() - progress.t0
-    return {"documents": progress.documents, "tokens": progress.tokens, "blank_lines": progress.blank,
+    return {"documents": progress.documents, "sequences": progress.sequences,
+            "tokens": progress.tokens, "blank_lines": progress.blank,
             "skipped": dict(progress.skipped), "seconds": elapsed, "input_files": files,
             "input_bytes": progress.total_bytes, "outputs": prefixes, "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size}
@@ -462,7 +488,8 @@ def main(argv=None) -> int:
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(s["skipped"].items())) or "none"
     outputs = "\n".join(f"  {p}.bin  {p}.idx" for p in s["outputs"])
     shard = f" (shard {args.shard_index} of {args.num_shards})" if args.num_shards > 1 else ""
-    print(f"done{shard}: {s['documents']} documents, {s['tokens']} tokens ({s['dtype']}) in {dt:.1f} s, "
+    docs = f"{s['documents']} documents" + (f", {s['sequences']} sentences" if args.split_sentences else "")
+    print(f"done{shard}: {docs}, {s['tokens']} tokens ({s['dtype']}) in {dt:.1f} s, "
           f"{s['tokens'] / dt:.0f} tokens/s, {s['input_bytes'] / dt / 1e6:.2f} MB/s; "
           f"skipped lines: {sum(s['skipped'].values())} ({skipped}); blank lines: {s['blank_lines']}\n"
           f"wrote:\n{outputs}", file=sys.stderr)

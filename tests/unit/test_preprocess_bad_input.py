@@ -118,7 +118,6 @@ def test_missing_key_among_several_keys_skips_the_whole_line(sp_model, tmp_path,
     (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "{d}"], "--tokenizer-model {d}: no tokenizer.json there"),
     (["--workers", "0"], "--workers 0: must be at least 1"),
     (["--num-shards", "2", "--shard-index", "2"], "--shard-index 2: must be in [0, 2)"),
-    (["--split-sentences"], "--split-sentences is not supported"),
 ])
 def test_bad_flags_are_clear_errors(argv, words, sp_model, tmp_path, capsys):
     d = str(tmp_path)

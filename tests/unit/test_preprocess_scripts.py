@@ -53,6 +53,17 @@ def test_scripts_run_directly_with_megatron_flags(small_corpus, corpus_texts, tm
     assert IndexedDataset(str(tmp_path / "twice")).num_documents == 800
 
 
+def test_script_splits_sentences(small_corpus, sp_model, tmp_path):
+    r = run([sys.executable, os.path.join(TOOLS, "preprocess_data.py"), "--input", small_corpus,
+             "--output-prefix", "c", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+             sp_model, "--split-sentences", "--append-eod", "--workers", "2", "--lang", "english"],
+            tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "done: 400 documents, " in r.stderr and " sentences, " in r.stderr
+    ds = IndexedDataset(str(tmp_path / "c_text_sentence"))
+    assert ds.num_documents == 400 and len(ds) > 800
+
+
 @pytest.mark.parametrize("script, argv, words", [
     ("preprocess_data.py", ["--input", "missing.jsonl", "--output-prefix", "o", "--tokenizer-type",
                             "SentencePieceTokenizer", "--tokenizer-model", "x"], "--input missing.jsonl"),
@@ -70,9 +81,12 @@ def test_sbatch_script_is_valid_bash():
     assert r.returncode == 0, r.stderr
 
 
-def test_sbatch_shards_and_merge_equal_an_unsharded_run(small_corpus, sp_model, tmp_path):
+@pytest.mark.parametrize("extra_args", ["--append-eod", "--append-eod --split-sentences"])
+def test_sbatch_shards_and_merge_equal_an_unsharded_run(extra_args, small_corpus, sp_model, tmp_path):
+    level = "sentence" if "--split-sentences" in extra_args else "document"
     env = {"INPUT": small_corpus, "OUTPUT_PREFIX": str(tmp_path / "out" / "corpus"), "NUM_SHARDS": "3",
-           "TOKENIZER_MODEL": sp_model, "WORKERS": "1", "PYTHON": sys.executable}
+           "TOKENIZER_MODEL": sp_model, "WORKERS": "1", "PYTHON": sys.executable,
+           "EXTRA_ARGS": extra_args}
     # Even when the tests themselves run inside a SLURM job: no merge submission from "task 0".
     env.update({key: "" for key in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")})
     r = run(["bash", SBATCH, "--merge"], tmp_path, env)
@@ -86,8 +100,8 @@ def test_sbatch_shards_and_merge_equal_an_unsharded_run(small_corpus, sp_model, 
     assert r.returncode == 2 and "not in [0, NUM_SHARDS=3)" in r.stderr
     r = run([sys.executable, "-m", "megalite", "preprocess", "--input", small_corpus, "--output-prefix",
              str(tmp_path / "full"), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
-             sp_model, "--append-eod"], tmp_path)
+             sp_model, *extra_args.split()], tmp_path)
     assert r.returncode == 0, r.stderr
     for ext in ("bin", "idx"):
-        assert filecmp.cmp(tmp_path / f"full_text_document.{ext}",
-                           tmp_path / "out" / f"corpus_text_document.{ext}", shallow=False)
+        assert filecmp.cmp(tmp_path / f"full_text_{level}.{ext}",
+                           tmp_path / "out" / f"corpus_text_{level}.{ext}", shallow=False)
