@@ -1,4 +1,4 @@
-"""Benchmark: GPT dataset index building (C++ vs the Python reference) and cached-index opening.
+"""Benchmark: GPT dataset index building (C++ vs the Python reference in tests/) and cached-index opening.
 
 Synthetic corpora are just arrays of document lengths (the index builders never read tokens):
 lengths uniform in [1, 2 * mean - 1], so ``documents * mean`` tokens on average. One epoch's
@@ -17,13 +17,17 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-from megalite import _C
-from megalite.data import index_reference as ref
+# The pure-Python twins are a test oracle and live in tests/, not in the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import index_reference as ref  # noqa: E402
+
+from megalite import _C  # noqa: E402
 from megalite.data.gpt_dataset import final_epoch_split, num_epochs
 from megalite.data.index_cache import load_or_build
 

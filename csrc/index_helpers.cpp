@@ -1,6 +1,6 @@
 // GPT dataset index builders (document, sample, shuffle and blending indices).
 //
-// Every function here has a plain-Python twin in megalite/data/index_reference.py and the two
+// Every function here has a plain-Python twin in tests/index_reference.py and the two
 // must agree element for element; the tests compare them on random inputs. The randomness is
 // therefore defined here once, precisely:
 //

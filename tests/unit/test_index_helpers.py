@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from megalite import _C
-from megalite.data import index_reference as ref
+import index_reference as ref  # tests/index_reference.py (tests/ is on sys.path via its conftest)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 seeds = st.integers(0, 2**64 - 1)
