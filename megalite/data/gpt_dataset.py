@@ -194,23 +194,6 @@ class GPTDataset(torch.utils.data.Dataset):
             raise MegaliteError(f"index cache in {cache_dir} has arrays of the wrong shape for "
                                 f"{prefix} ({name}); delete it to rebuild")
 
-    _INDEX_ARRAYS = ("document_index", "sample_index", "shuffle_index")
-
-    def __getstate__(self):
-        # DataLoader workers (spawn) get the cache file names, not copies of the index arrays.
-        state = self.__dict__.copy()
-        for name in self._INDEX_ARRAYS:
-            array = state[name]
-            if isinstance(array, np.memmap) and array.filename:
-                state[name] = ("npy", array.filename)
-        return state
-
-    def __setstate__(self, state):
-        for name in self._INDEX_ARRAYS:
-            if isinstance(state[name], tuple):
-                state[name] = np.load(state[name][1], mmap_mode="r", allow_pickle=False)
-        self.__dict__.update(state)
-
     def __len__(self) -> int:
         return self.num_samples
 

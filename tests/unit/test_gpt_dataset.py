@@ -190,17 +190,6 @@ def test_indexing_errors(corpus, tmp_path):
         ds[5]
 
 
-def test_pickles_by_file_name(corpus, tmp_path):
-    # What a spawned DataLoader worker receives: small, and the same samples.
-    import pickle
-    ds = GPTDataset(corpus, (0, 60), 3000, GPTDatasetConfig(16, cache_dir=str(tmp_path)))
-    data = pickle.dumps(ds)
-    assert len(data) < 10_000 < ds.sample_index.nbytes  # 48 kB of sample index alone
-    copy = pickle.loads(data)
-    assert isinstance(copy.shuffle_index, np.memmap)
-    assert all(np.array_equal(copy[i], ds[i]) for i in range(0, 3000, 37))
-
-
 def test_bad_inputs(corpus, tmp_path):
     config = GPTDatasetConfig(16, cache_dir=str(tmp_path))
     with pytest.raises(MegaliteError, match="contains no tokens"):
