@@ -1,113 +1,68 @@
-"""Plain-Python twins of the C++ index builders in ``csrc/index_helpers.cpp``.
+"""Plain-Python/numpy twins of the C++ index builders in ``csrc/index_helpers.cpp`` (a test oracle).
 
 Each function here returns exactly what its ``megalite._C`` namesake returns (same values, same
-dtype, same shape); the tests compare the two on random inputs, and the benchmark uses these as
-the baseline. They are written to be obviously correct, not fast: the PRNG works on Python
-integers, and the sample index is computed by a *different* method from the C++ loop (locating
-each sample's first token in the cumulative document lengths), so agreement is a real check.
+dtype, same shape); the tests compare the two on random inputs, and the benchmark can use these
+as a second baseline. They are written to be obviously correct, not fast:
 
-The randomness (defined once, identically in C++):
-
-* PRNG: splitmix64. ``state += 0x9E3779B97F4A7C15`` (mod 2^64), output = finaliser(state).
-  The state starts at the seed.
-* Bounded draw in ``[0, n)``: Lemire's multiply-shift with rejection (unbiased): ``m = x * n``;
-  while ``m mod 2^64 < (2^64 - n) mod n`` draw a new ``x``; the result is ``m >> 64``.
-* Shuffle: Fisher-Yates from the back, ``for i = n-1 .. 1: swap(a[i], a[bounded(i + 1)])``.
+* the shuffles *are* ``numpy.random.RandomState.shuffle`` (the definition the C++ reproduces);
+* the sample index is computed by a different method from the C++ loop: each row is located by
+  a binary search for the sample's last token in the cumulative sequence lengths;
+* the blending rules are written out step by step on Python floats.
 """
 from __future__ import annotations
 
 import numpy as np
 
-_MASK = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
-
-
-class SplitMix64:
-    """splitmix64 generator on Python integers (see the module docstring)."""
-
-    def __init__(self, seed: int):
-        self.state = seed & _MASK
-
-    def next(self) -> int:
-        """The next 64-bit output."""
-        self.state = (self.state + _GAMMA) & _MASK
-        z = self.state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-        return z ^ (z >> 31)
-
-    def below(self, n: int) -> int:
-        """Uniform integer in ``[0, n)`` for ``n >= 1`` (Lemire's method, unbiased)."""
-        m = self.next() * n
-        threshold = ((1 << 64) - n) % n
-        while (m & _MASK) < threshold:
-            m = self.next() * n
-        return m >> 64
-
-
-def shuffle(values: list, rng: SplitMix64) -> None:
-    """Fisher-Yates shuffle of ``values`` in place, from the back."""
-    for i in range(len(values) - 1, 0, -1):
-        j = rng.below(i + 1)
-        values[i], values[j] = values[j], values[i]
-
-
-def splitmix64_outputs(seed: int, count: int, bound: int = 0) -> np.ndarray:
-    """First ``count`` outputs (``bound == 0``) or bounded draws in ``[0, bound)``; uint64."""
-    rng = SplitMix64(seed)
-    return np.array([rng.next() if bound == 0 else rng.below(bound) for _ in range(count)],
-                    dtype=np.uint64)
-
 
 def build_document_index(begin: int, end: int, num_epochs: int, separate_final_epoch: bool,
-                         seed: int) -> np.ndarray:
+                         rng: np.random.RandomState) -> np.ndarray:
     """int32 ``[(end - begin) * num_epochs]``: ids ``begin..end-1`` tiled ``num_epochs`` times and
-    shuffled; with ``separate_final_epoch`` the first ``num_epochs - 1`` copies are shuffled
-    together, then the last copy alone, with the same generator continuing."""
+    shuffled by ``rng``; with ``separate_final_epoch`` the first ``num_epochs - 1`` copies are
+    shuffled together, then the last copy alone."""
     if separate_final_epoch and num_epochs < 2:
         raise ValueError("separate_final_epoch needs num_epochs >= 2")
-    epoch = list(range(begin, end))
-    rng = SplitMix64(seed)
-    if separate_final_epoch:
-        head, tail = epoch * (num_epochs - 1), list(epoch)
-        shuffle(head, rng)
-        shuffle(tail, rng)
-        ids = head + tail
-    else:
-        ids = epoch * num_epochs
-        shuffle(ids, rng)
-    return np.array(ids, dtype=np.int32)
+    epoch = np.arange(begin, end, dtype=np.int32)
+    if not separate_final_epoch:
+        ids = np.tile(epoch, num_epochs)
+        rng.shuffle(ids)
+        return ids
+    head, tail = np.tile(epoch, num_epochs - 1), epoch.copy()
+    rng.shuffle(head)
+    rng.shuffle(tail)
+    return np.concatenate([head, tail])
 
 
 def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length: int,
-                       num_samples: int) -> np.ndarray:
-    """int64 ``[num_samples + 1, 2]``: row ``i`` = (row of ``document_index``, token offset) of
-    token ``i * seq_length`` in the stream of documents read in ``document_index`` order; row 0
-    is ``(0, 0)`` by convention (even when the first document is empty).
-
-    Sample ``i`` is tokens ``i*seq_length .. (i+1)*seq_length`` inclusive of that stream."""
+                       num_samples: int, add_extra_token: bool, allow_partial: bool) -> np.ndarray:
+    """int64 ``[num_samples + 1, 2]``. With x = add_extra_token, sample i covers stream positions
+    ``[i*seq_length, i*seq_length + seq_length + x)``; row i+1 is (row of ``document_index``
+    holding the sample's last token q, q's offset in that row + 1 - x). Row 0 is ``(0, 0)``.
+    A sample past the end of the stream (only with ``allow_partial``) gets (last row, its length
+    - x)."""
+    x = int(add_extra_token)
     lengths = np.asarray(sizes, dtype=np.int64)[np.asarray(document_index, dtype=np.int64)]
-    ends = np.cumsum(lengths)  # ends[r]: stream position just past document row r
-    if num_samples > 0 and num_samples * seq_length >= (int(ends[-1]) if len(ends) else 0):
-        raise ValueError("the document index holds fewer than num_samples samples")
+    ends = np.cumsum(lengths)  # ends[r]: stream position just past row r
+    total = int(ends[-1]) if len(ends) else 0
     out = np.zeros((num_samples + 1, 2), dtype=np.int64)
     for i in range(1, num_samples + 1):
-        position = i * seq_length
-        # The row holding `position` is the first whose end lies beyond it (empty rows never do).
-        row = int(np.searchsorted(ends, position, side="right"))
-        start = int(ends[row] - lengths[row])
-        out[i] = (row, position - start)
+        last = i * seq_length + x - 1  # the last token of sample i - 1
+        if last >= total:
+            if not allow_partial or not len(ends):
+                raise ValueError("the document index holds fewer than num_samples samples")
+            out[i] = (len(ends) - 1, lengths[-1] - x)
+            continue
+        # The row holding `last` is the first whose end lies beyond it (empty rows never do).
+        row = int(np.searchsorted(ends, last, side="right"))
+        out[i] = (row, last - int(ends[row] - lengths[row]) + 1 - x)
     return out
 
 
-def build_shuffle_index(num_samples: int, first: int, seed: int) -> np.ndarray:
-    """int64 ``[num_samples]``: permutation of the sample ids; ``[0, first)`` and
-    ``[first, num_samples)`` shuffled separately with the same generator continuing."""
-    rng = SplitMix64(seed)
-    head, tail = list(range(first)), list(range(first, num_samples))
-    shuffle(head, rng)
-    shuffle(tail, rng)
-    return np.array(head + tail, dtype=np.int64)
+def build_shuffle_index(total: int, first: int, rng: np.random.RandomState) -> np.ndarray:
+    """int64 ``[total]``: ``[0, first)`` shuffled by ``rng``, then ``[first, total)``."""
+    head, tail = np.arange(first, dtype=np.int64), np.arange(first, total, dtype=np.int64)
+    rng.shuffle(head)
+    rng.shuffle(tail)
+    return np.concatenate([head, tail])
 
 
 def build_blending_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,5 +91,21 @@ def build_blending_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
             best = deficits.index(max(deficits))
         dataset_index[t - 1] = best
         sample_index[t - 1] = drawn[best]
+        drawn[best] += 1
+    return dataset_index, sample_index
+
+
+def build_blending_index_megatron(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's greedy rule: row r draws the dataset with the largest
+    ``w * max(r, 1) - drawn`` (the first such k on ties)."""
+    weights = [float(w) for w in weights]
+    drawn = [0] * len(weights)
+    dataset_index = np.zeros(size, dtype=np.int16)
+    sample_index = np.zeros(size, dtype=np.int64)
+    for r in range(size):
+        errors = [w * float(max(r, 1)) - c for w, c in zip(weights, drawn)]
+        best = errors.index(max(errors))
+        dataset_index[r] = best
+        sample_index[r] = drawn[best]
         drawn[best] += 1
     return dataset_index, sample_index
