@@ -222,8 +222,9 @@ std::vector<double> checked_weights(const CArray<double> &weights, const char *w
 
 // Blending index: Tijdeman's solution of the "chairman assignment problem" (R. Tijdeman, 1980),
 // which keeps every dataset's count within 1 - delta < 1 of its ideal share after *every* step.
-// (The simpler "draw the largest weights[k] * (t + 1) - drawn[k]" rule can drift past one with
-// three or more datasets, e.g. weights 8, 8, 1.0625, 1.0625, 1.0625 at step 12.)
+// (Megatron's greedy rule, build_blending_index_megatron below, can fall more than one behind
+// with three or more datasets: weights 8, 8, 1.0625, 1.0625, 1.0625 give the second dataset 18
+// of its 19.18 after 46 steps.)
 //
 //   K      number of positive weights; delta = 1 / (2K - 2), or 0 when K == 1
 //   step t (1-based; output row t - 1): dataset k is eligible when weights[k] > 0 and
