@@ -65,16 +65,17 @@ def timed(steps) -> tuple[dict, dict]:
     return results, times
 
 
-def build_megalite(sizes, tokens, seq_length, num_samples, seed):
+def build_twin(impl, rng, sizes, tokens, seq_length, num_samples):
+    """The arrays as GPTDataset builds them, with ``megalite._C`` and its LegacyRandomState, or
+    with the twins of tests/index_reference.py and numpy's RandomState (same signatures)."""
     epochs, first, total = plan(tokens, seq_length, num_samples)
-    rng = _C.LegacyRandomState(seed)
     return timed([
-        ("document_index", lambda r: _C.build_document_index(0, len(sizes), epochs,
-                                                             first is not None, rng)),
-        ("sample_index", lambda r: _C.build_sample_index(sizes, r["document_index"], seq_length,
-                                                         total, True, False)),
-        ("shuffle_index", lambda r: _C.build_shuffle_index(total, total if first is None
-                                                           else first, rng))])
+        ("document_index", lambda r: impl.build_document_index(0, len(sizes), epochs,
+                                                               first is not None, rng)),
+        ("sample_index", lambda r: impl.build_sample_index(sizes, r["document_index"],
+                                                           seq_length, total, True, False)),
+        ("shuffle_index", lambda r: impl.build_shuffle_index(total, total if first is None
+                                                             else first, rng))])
 
 
 def build_megatron(sizes, tokens, seq_length, num_samples, seed):
@@ -98,18 +99,6 @@ def build_megatron(sizes, tokens, seq_length, num_samples, seed):
         ("sample_index", sample_index),
         ("shuffle_index", lambda r: _build_shuffle_index(total if first is None else first,
                                                          total, rng))])
-
-
-def build_reference(sizes, tokens, seq_length, num_samples, seed):
-    epochs, first, total = plan(tokens, seq_length, num_samples)
-    rng = np.random.RandomState(seed)
-    return timed([
-        ("document_index", lambda r: ref.build_document_index(0, len(sizes), epochs,
-                                                              first is not None, rng)),
-        ("sample_index", lambda r: ref.build_sample_index(sizes, r["document_index"], seq_length,
-                                                          total, True, False)),
-        ("shuffle_index", lambda r: ref.build_shuffle_index(total, total if first is None
-                                                            else first, rng))])
 
 
 def same(a: dict, b: dict) -> bool:
@@ -187,7 +176,8 @@ def main(argv=None) -> int:
 
     best, best_megatron, ratios, identical = None, None, [], True
     for _ in range(args.repeat):  # alternate, so both see the same machine load
-        arrays, times = build_megalite(sizes, tokens, args.seq_length, num_samples, args.seed)
+        arrays, times = build_twin(_C, _C.LegacyRandomState(args.seed), sizes, tokens,
+                                   args.seq_length, num_samples)
         if best is None or times["total"] < best["total"]:
             best = times
         if not args.no_megatron:
@@ -207,8 +197,8 @@ def main(argv=None) -> int:
         result["identical_to_megatron"] = identical
 
     if args.reference:
-        ref_arrays, ref_times = build_reference(sizes, tokens, args.seq_length, num_samples,
-                                                args.seed)
+        ref_arrays, ref_times = build_twin(ref, np.random.RandomState(args.seed), sizes, tokens,
+                                           args.seq_length, num_samples)
         result["reference_seconds"] = rounded(ref_times)
         result["identical_to_reference"] = same(arrays, ref_arrays)
         del ref_arrays

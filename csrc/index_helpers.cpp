@@ -220,6 +220,29 @@ std::vector<double> checked_weights(const CArray<double> &weights, const char *w
   return w;
 }
 
+// A blend of `size` rows over k_count datasets: choose(row, drawn) names the dataset row `row`
+// draws from, given how many each has given so far; the row records (that dataset, drawn[it])
+// and drawn[it] grows by one.
+template <typename Choose>
+std::pair<py::array_t<int16_t>, py::array_t<int64_t>> run_blend(int64_t k_count, int64_t size,
+                                                                const char *who, Choose choose) {
+  if (size < 0) throw std::invalid_argument(std::string(who) + ": size must be >= 0");
+  py::array_t<int16_t> dataset_index(size);
+  py::array_t<int64_t> sample_index(size);
+  int16_t *di = dataset_index.mutable_data();
+  int64_t *si = sample_index.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    std::vector<int64_t> drawn(k_count, 0);
+    for (int64_t row = 0; row < size; ++row) {
+      const int64_t k = choose(row, drawn);
+      di[row] = static_cast<int16_t>(k);
+      si[row] = drawn[k]++;
+    }
+  }
+  return {dataset_index, sample_index};
+}
+
 // Blending index: Tijdeman's solution of the "chairman assignment problem" (R. Tijdeman, 1980),
 // which keeps every dataset's count within 1 - delta < 1 of its ideal share after *every* step.
 // (Megatron's greedy rule, build_blending_index_megatron below, can fall more than one behind
@@ -241,46 +264,36 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> build_blending_index(CArra
                                                                            int64_t size) {
   const std::vector<double> w = checked_weights(weights, "build_blending_index");
   const int64_t k_count = static_cast<int64_t>(w.size());
-  if (size < 0) throw std::invalid_argument("build_blending_index: size must be >= 0");
   int64_t positive = 0;
   for (double x : w) positive += x > 0;
   const double delta = positive > 1 ? 1.0 / static_cast<double>(2 * positive - 2) : 0.0;
-  py::array_t<int16_t> dataset_index(size);
-  py::array_t<int64_t> sample_index(size);
-  int16_t *di = dataset_index.mutable_data();
-  int64_t *si = sample_index.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    std::vector<int64_t> drawn(k_count, 0);
-    for (int64_t t = 1; t <= size; ++t) {
-      const double steps = static_cast<double>(t);
-      int64_t best = -1;
-      double best_deadline = 0;
-      for (int64_t k = 0; k < k_count; ++k) {
-        if (!(w[k] > 0)) continue;
-        const double deficit = w[k] * steps - static_cast<double>(drawn[k]);
-        if (deficit < delta) continue;
-        const double deadline = (static_cast<double>(drawn[k]) + 1.0 - delta) / w[k];
-        if (best < 0 || deadline < best_deadline) {
-          best = k;
-          best_deadline = deadline;
-        }
+  return run_blend(k_count, size, "build_blending_index",
+                   [&](int64_t row, const std::vector<int64_t> &drawn) {
+    const double steps = static_cast<double>(row + 1);
+    int64_t best = -1;
+    double best_deadline = 0;
+    for (int64_t k = 0; k < k_count; ++k) {
+      if (!(w[k] > 0)) continue;
+      const double deficit = w[k] * steps - static_cast<double>(drawn[k]);
+      if (deficit < delta) continue;
+      const double deadline = (static_cast<double>(drawn[k]) + 1.0 - delta) / w[k];
+      if (best < 0 || deadline < best_deadline) {
+        best = k;
+        best_deadline = deadline;
       }
-      if (best < 0) {  // rounding fallback: the largest deficit
-        double best_deficit = 0;
-        for (int64_t k = 0; k < k_count; ++k) {
-          const double deficit = w[k] * steps - static_cast<double>(drawn[k]);
-          if (best < 0 || deficit > best_deficit) {
-            best = k;
-            best_deficit = deficit;
-          }
-        }
-      }
-      di[t - 1] = static_cast<int16_t>(best);
-      si[t - 1] = drawn[best]++;
     }
-  }
-  return {dataset_index, sample_index};
+    if (best < 0) {  // rounding fallback: the largest deficit
+      double best_deficit = 0;
+      for (int64_t k = 0; k < k_count; ++k) {
+        const double deficit = w[k] * steps - static_cast<double>(drawn[k]);
+        if (best < 0 || deficit > best_deficit) {
+          best = k;
+          best_deficit = deficit;
+        }
+      }
+    }
+    return best;
+  });
 }
 
 // Megatron's blending rule (megatron-core's build_blending_indices), for blend_rule="megatron":
@@ -291,30 +304,20 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> build_blending_index_megat
     CArray<double> weights, int64_t size) {
   const std::vector<double> w = checked_weights(weights, "build_blending_index_megatron");
   const int64_t k_count = static_cast<int64_t>(w.size());
-  if (size < 0) throw std::invalid_argument("build_blending_index_megatron: size must be >= 0");
-  py::array_t<int16_t> dataset_index(size);
-  py::array_t<int64_t> sample_index(size);
-  int16_t *di = dataset_index.mutable_data();
-  int64_t *si = sample_index.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    std::vector<int64_t> drawn(k_count, 0);
-    for (int64_t r = 0; r < size; ++r) {
-      const double steps = r > 1 ? static_cast<double>(r) : 1.0;
-      int64_t best = 0;
-      double best_error = w[0] * steps - static_cast<double>(drawn[0]);
-      for (int64_t k = 1; k < k_count; ++k) {
-        const double error = w[k] * steps - static_cast<double>(drawn[k]);
-        if (error > best_error) {
-          best = k;
-          best_error = error;
-        }
+  return run_blend(k_count, size, "build_blending_index_megatron",
+                   [&](int64_t row, const std::vector<int64_t> &drawn) {
+    const double steps = row > 1 ? static_cast<double>(row) : 1.0;
+    int64_t best = 0;
+    double best_error = w[0] * steps - static_cast<double>(drawn[0]);
+    for (int64_t k = 1; k < k_count; ++k) {
+      const double error = w[k] * steps - static_cast<double>(drawn[k]);
+      if (error > best_error) {
+        best = k;
+        best_error = error;
       }
-      di[r] = static_cast<int16_t>(best);
-      si[r] = drawn[best]++;
     }
-  }
-  return {dataset_index, sample_index};
+    return best;
+  });
 }
 
 // Exposed for tests: raw generator outputs and bounded draws, to compare with numpy's.
