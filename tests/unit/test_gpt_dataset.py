@@ -46,9 +46,8 @@ def stream_of(indexed, dataset):
     return np.concatenate([indexed.get(int(s)) for s in dataset.document_index])
 
 
-def split_tokens(indexed, document_range):
-    lo, hi = (int(indexed.document_indices[d]) for d in document_range)
-    return np.concatenate([indexed.get(s) for s in range(lo, hi)])
+def split_tokens(indexed, sequence_range):
+    return np.concatenate([indexed.get(s) for s in range(*sequence_range)])
 
 
 # ---- split, epochs -------------------------------------------------------------------------
