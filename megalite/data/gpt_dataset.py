@@ -3,21 +3,23 @@
 The indices are megatron-core's ``GPTDataset`` indices (0.16.1), value for value, for the same
 seed, split, sequence length, sample count, ``add_extra_token_to_sequence`` and
 ``drop_last_partial_validation_sequence`` (the tests compare them with the installed
-megatron-core); so is every sample's tokens. With ``x = add_extra_token_to_sequence`` (1 or 0):
+megatron-core), and so are every sample's tokens. With ``x = add_extra_token_to_sequence`` (1 or
+0):
 
 * ``split`` ("969,30,1") divides the N *sequences* of a token file (one per document unless the
-  data was sentence-split) into train/valid/test: split k covers ``[round(c_k * N),
-  round(c_k+1 * N))`` at the cumulative fractions ``c`` (Python's ``round``, halves to even:
+  data was sentence-split) into train/valid/test: split k covers ``[round(c[k] * N),
+  round(c[k+1] * N))`` at the cumulative fractions ``c`` (Python's ``round``, halves to even:
   484.5 -> 484).
 * Epochs: the smallest E with ``E * tokens >= num_samples * seq_length + x`` (E = 1 when
   ``num_samples`` is None). The dataset holds every sample its E epochs provide, ``S = (E *
   tokens - x) // seq_length`` (the valid split, when it keeps its partial last sample,
   ``ceil(float32(E * tokens - x) / seq_length)``, computed in single precision as Megatron
   does), so ``len(dataset) = S >= num_samples``.
-* Three index arrays, built by ``megalite._C`` and cached on disk (``index_cache``), all drawn
-  from one ``numpy.random.RandomState(seed)`` (reproduced in C++), in this order:
+* Three index arrays, built by ``megalite._C`` and cached on disk (``index_cache``); both
+  shuffles draw from one ``numpy.random.RandomState(seed)`` (reproduced in C++), the document
+  index first:
 
-  - document index, int32 ``[E * n]``: the split's sequence ids tiled E times and shuffled. When
+  - document index, int32 ``[E * n]``: the split's n sequence ids tiled E times and shuffled. When
     E > 1 and the last epoch supplies fewer than ``int(0.8 * per_epoch)`` of the requested
     samples (``per_epoch = (tokens - x) // seq_length``), the first E-1 copies are shuffled
     together and the last copy then on its own.
