@@ -45,8 +45,10 @@ setup(
         # --zero-stage; the ZeRO state map reads DeepSpeed's bookkeeping, tested with 0.19
         "zero": ["deepspeed>=0.19.8,<0.20"],
         "tensorboard": ["tensorboard"],
+        # megatron-core==0.16.1 is the tests' reference for the dataset indices and token files;
+        # the Makefile installs it --no-deps (its datasets need only torch, numpy, packaging).
         "test": ["pytest", "pytest-timeout", "hypothesis", "transformers",
-                 "deepspeed>=0.19.8,<0.20", "tensorboard"],
+                 "deepspeed>=0.19.8,<0.20", "tensorboard", "packaging"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

@@ -1,15 +1,25 @@
-"""Benchmark: GPT dataset index building (C++ vs the Python reference) and cached-index opening.
+"""Benchmark: GPT dataset index building, megalite (C++) vs megatron-core's own path.
+
+Both build the same three arrays (document, sample and shuffle index) for the same corpus, seed
+and sequence length, and the script checks they are identical:
+
+* megalite: ``megalite._C`` (``LegacyRandomState`` + the three builders), as ``GPTDataset`` calls it;
+* megatron-core 0.16.1: what its ``GPTDataset`` runs, in its order: ``_build_document_index``
+  (numpy ``RandomState.shuffle``), the copy of the sequence lengths it makes for its helper,
+  ``helpers.build_sample_idx`` (its C++), ``_build_shuffle_index`` (numpy again).
+
+The two are timed alternately in one process, ``--repeat`` times each; the figure is megalite's
+best time / megatron-core's best time (and the same ratio for each round). Optionally the
+pure-Python/numpy twins of tests/index_reference.py are timed too (``--reference``), and the cache
+write / open and the ``GPTDataset`` first build / reopen are measured.
 
 Synthetic corpora are just arrays of document lengths (the index builders never read tokens):
 lengths uniform in [1, 2 * mean - 1], so ``documents * mean`` tokens on average. One epoch's
 worth of samples is indexed (``(tokens - 1) // seq_length``), as in a one-epoch pretraining run.
+Prints one JSON object, e.g.::
 
-Prints one JSON object per measured corpus, e.g.::
-
-    python benchmarks/index_build.py                          # 1B tokens, C++ and reference
-    python benchmarks/index_build.py --documents 200000000 --no-reference   # 100B tokens, C++
-
-Timings are wall-clock seconds of one run (best of ``--repeat`` for the C++ builders).
+    python benchmarks/index_build.py                                    # 1B tokens
+    python benchmarks/index_build.py --documents 200000000 --no-megatron --repeat 1   # 100B
 """
 from __future__ import annotations
 
@@ -17,35 +27,83 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
-from megalite import _C
-from megalite.data import index_reference as ref
-from megalite.data.gpt_dataset import final_epoch_split, num_epochs
-from megalite.data.index_cache import load_or_build
+# The pure-Python twins are a test oracle and live in tests/, not in the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import index_reference as ref  # noqa: E402
+
+from megalite import _C  # noqa: E402
+from megalite.data.gpt_dataset import (final_epoch_split, num_epochs,  # noqa: E402
+                                       samples_available)
+from megalite.data.index_cache import load_or_build  # noqa: E402
 
 NAMES = ["document_index", "sample_index", "shuffle_index"]
 
 
-def build(impl, sizes: np.ndarray, tokens: int, seq_length: int, num_samples: int, seed: int):
-    """The three arrays as GPTDataset builds them; returns (arrays, seconds per array)."""
+def plan(tokens: int, seq_length: int, num_samples: int) -> tuple[int, int | None, int]:
+    """(epochs, samples before a separate final epoch or None, all samples) as GPTDataset has."""
     epochs = num_epochs(tokens, seq_length, num_samples)
-    first = final_epoch_split(tokens, seq_length, num_samples)
-    times = {}
-    t0 = time.perf_counter()
-    doc = impl.build_document_index(0, len(sizes), epochs, first is not None, seed)
-    t1 = time.perf_counter()
-    sample = impl.build_sample_index(sizes, doc, seq_length, num_samples)
-    t2 = time.perf_counter()
-    shuffle = impl.build_shuffle_index(num_samples, num_samples if first is None else first,
-                                       seed + 1)
-    t3 = time.perf_counter()
-    times = {"document_index": t1 - t0, "sample_index": t2 - t1, "shuffle_index": t3 - t2,
-             "total": t3 - t0}
-    return {"document_index": doc, "sample_index": sample, "shuffle_index": shuffle}, times
+    return (epochs, final_epoch_split(tokens, seq_length, num_samples),
+            samples_available(epochs, tokens, seq_length))
+
+
+def timed(steps) -> tuple[dict, dict]:
+    """Run ``[(name, fn)]`` in order; returns (results, seconds per step and total)."""
+    results, times = {}, {}
+    t_start = time.perf_counter()
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        results[name] = fn(results)
+        times[name] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_start
+    return results, times
+
+
+def build_twin(impl, rng, sizes, tokens, seq_length, num_samples):
+    """The arrays as GPTDataset builds them, with ``megalite._C`` and its LegacyRandomState, or
+    with the twins of tests/index_reference.py and numpy's RandomState (same signatures)."""
+    epochs, first, total = plan(tokens, seq_length, num_samples)
+    return timed([
+        ("document_index", lambda r: impl.build_document_index(0, len(sizes), epochs,
+                                                               first is not None, rng)),
+        ("sample_index", lambda r: impl.build_sample_index(sizes, r["document_index"],
+                                                           seq_length, total, True, False)),
+        ("shuffle_index", lambda r: impl.build_shuffle_index(total, total if first is None
+                                                             else first, rng))])
+
+
+def build_megatron(sizes, tokens, seq_length, num_samples, seed):
+    with warnings.catch_warnings():  # it warns that Apex / Transformer Engine are absent
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import helpers
+        from megatron.core.datasets.gpt_dataset import _build_document_index, _build_shuffle_index
+    epochs, first, total = plan(tokens, seq_length, num_samples)
+    rng = np.random.RandomState(seed)
+    indices = np.arange(len(sizes), dtype=np.int32)
+
+    def sample_index(r):
+        # GPTDataset copies the lengths first when the document index is dense in them.
+        lengths = sizes.copy() if len(r["document_index"]) * 2 > len(sizes) else sizes
+        return helpers.build_sample_idx(lengths, r["document_index"], seq_length, epochs, tokens,
+                                        True, True)
+
+    return timed([
+        ("document_index", lambda r: _build_document_index(indices, epochs, rng,
+                                                           first is not None)),
+        ("sample_index", sample_index),
+        ("shuffle_index", lambda r: _build_shuffle_index(total if first is None else first,
+                                                         total, rng))])
+
+
+def same(a: dict, b: dict) -> bool:
+    """Equal values (megatron-core stores narrower dtypes: int32 sample index, uint32 shuffle)."""
+    return all(a[n].shape == b[n].shape and np.array_equal(a[n], b[n]) for n in NAMES)
 
 
 def write_synthetic_dataset(prefix: str, sizes: np.ndarray) -> None:
@@ -96,8 +154,10 @@ def main(argv=None) -> int:
     p.add_argument("--mean-length", type=int, default=500, help="mean document length in tokens")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--repeat", type=int, default=3, help="C++ runs (best is reported)")
-    p.add_argument("--no-reference", action="store_true", help="skip the Python reference")
+    p.add_argument("--repeat", type=int, default=3, help="rounds (best of each is reported)")
+    p.add_argument("--no-megatron", action="store_true", help="skip megatron-core's path")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the pure-Python/numpy twins (slow: seconds per 1B tokens)")
     p.add_argument("--no-dataset", action="store_true",
                    help="skip the GPTDataset open measurement (it writes the .idx, 20 bytes per "
                         "document, and a sparse .bin)")
@@ -114,19 +174,33 @@ def main(argv=None) -> int:
               "seq_length": args.seq_length, "num_samples": num_samples,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
 
-    best = None
-    for _ in range(args.repeat):
-        arrays, times = build(_C, sizes, tokens, args.seq_length, num_samples, args.seed)
+    best, best_megatron, ratios, identical = None, None, [], True
+    for _ in range(args.repeat):  # alternate, so both see the same machine load
+        arrays, times = build_twin(_C, _C.LegacyRandomState(args.seed), sizes, tokens,
+                                   args.seq_length, num_samples)
         if best is None or times["total"] < best["total"]:
             best = times
-    result["cpp_seconds"] = rounded(best)
+        if not args.no_megatron:
+            theirs, their_times = build_megatron(sizes, tokens, args.seq_length, num_samples,
+                                                 args.seed)
+            identical = identical and same(arrays, theirs)
+            ratios.append(times["total"] / their_times["total"])
+            if best_megatron is None or their_times["total"] < best_megatron["total"]:
+                best_megatron = their_times
+            del theirs
+    result["megalite_seconds"] = rounded(best)
     result["index_bytes"] = {n: int(a.nbytes) for n, a in arrays.items()}
+    if not args.no_megatron:
+        result["megatron_core_seconds"] = rounded(best_megatron)
+        result["megalite_over_megatron"] = round(best["total"] / best_megatron["total"], 3)
+        result["ratio_per_round"] = [round(r, 3) for r in ratios]
+        result["identical_to_megatron"] = identical
 
-    if not args.no_reference:
-        ref_arrays, ref_times = build(ref, sizes, tokens, args.seq_length, num_samples, args.seed)
+    if args.reference:
+        ref_arrays, ref_times = build_twin(ref, np.random.RandomState(args.seed), sizes, tokens,
+                                           args.seq_length, num_samples)
         result["reference_seconds"] = rounded(ref_times)
-        result["speedup"] = round(ref_times["total"] / best["total"], 1)
-        result["identical"] = all(np.array_equal(arrays[n], ref_arrays[n]) for n in NAMES)
+        result["identical_to_reference"] = same(arrays, ref_arrays)
         del ref_arrays
 
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as cache:

@@ -1,13 +1,22 @@
 """Blending several GPT datasets by weight, and the train/valid/test builder the trainer calls.
 
-Blending rule (``megalite._C.build_blending_index``, stated in full in ``csrc/index_helpers.cpp``):
-weights are normalised to sum to 1, and the datasets are interleaved by Tijdeman's solution of the
-chairman assignment problem: after every step t, each dataset's count is within ``1 - 1/(2K-2)``
-(< 1) of its ideal share ``w[k] * t`` (K positive weights). In short: among the datasets at least
-``1/(2K-2)`` behind their share, draw the one whose next sample is due soonest. (Megatron's
-greedy "largest ``w * t - drawn``" rule can fall more than one behind with three or more
-datasets.) Dataset k's samples are taken in order 0, 1, 2, ... The index is deterministic (no
-seed) and cheap (O(size * datasets) in C++), so it is computed, not cached.
+Two blending rules (``blend_rule``); both take dataset k's samples in order 0, 1, 2, ..., are
+deterministic (no seed) and cheap (O(size * datasets) in C++), so the index is computed, not
+cached:
+
+* ``"megalite"`` (default): Tijdeman's solution of the chairman assignment problem
+  (``megalite._C.build_blending_index``, stated in full in ``csrc/index_helpers.cpp``). Weights
+  normalised to sum to 1; after every step t each dataset's count is within ``1 - 1/(2K-2)``
+  (< 1) of its ideal share ``w[k] * t`` (K positive weights). The blend has exactly
+  ``num_samples`` samples; component k is asked for ``max(drawn, ceil(w[k] * n * 1.005))``.
+* ``"megatron"``: megatron-core's rule (0.16.1), reproduced exactly: its dataset index, dataset
+  sample index, component sizes and blend size. Row r draws the largest
+  ``w[k] * max(r, 1) - drawn[k]``, which can fall more than one sample behind a share with
+  three or more datasets. Weighted: component k is asked for ``ceil(ceil(n * w[k]) * 1.005)``
+  samples and the blend has ``sum_k ceil(n * w[k])``; unweighted: each component holds one
+  epoch and is weighted by its sample count, the blend has ``n`` samples (an error if the
+  epochs hold fewer). A single prefix given with a weight is blended (one component), as in
+  Megatron.
 """
 from __future__ import annotations
 
@@ -19,14 +28,15 @@ import numpy as np
 import torch
 
 from megalite import _C
-from megalite.data.gpt_dataset import (SPLIT_NAMES, GPTDataset, GPTDatasetConfig, parse_split,
-                                       split_document_ranges)
+from megalite.data.gpt_dataset import (DEFAULT_PAD_TOKEN_ID, SPLIT_NAMES, GPTDataset,
+                                       GPTDatasetConfig, parse_split, split_sequence_ranges)
 from megalite.data.token_range import check_token_ids
 from megalite.errors import MegaliteError
 
-# Each component is sized this much above its exact share (Megatron uses the same 0.5%), and
-# at least as large as the blending index actually draws from it.
-SIZE_MARGIN = 1.005
+BLEND_RULES = ("megalite", "megatron")
+# Each component is sized this much above its share (megatron-core's default
+# mid_level_dataset_surplus, 0.005, which both rules use).
+SIZE_MARGIN = 1 + 0.005
 
 
 def _is_number(text: str) -> bool:
@@ -61,33 +71,61 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
 
 
 def normalise_weights(weights: Sequence[float]) -> np.ndarray:
-    """float64 weights divided by their sum (which must be positive)."""
+    """float64 weights divided by their (numpy) sum, which must be positive; bit for bit what
+    megatron-core's ``normalize`` returns."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise MegaliteError(f"blending weights must be finite, >= 0 and not all 0; got {list(weights)}")
-    return w / w.sum()
+    return w / np.sum(w)
 
 
-def blending_counts(weights: Sequence[float], size: int) -> np.ndarray:
+def check_blend_rule(blend_rule: str) -> str:
+    if blend_rule not in BLEND_RULES:
+        raise MegaliteError(f"--blend-rule {blend_rule!r}: expected one of {', '.join(BLEND_RULES)}")
+    return blend_rule
+
+
+def blending_index(weights: Sequence[float], size: int, blend_rule: str = "megalite"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 ``[size]`` dataset ids, int64 ``[size]`` sample within that dataset) of the blend
+    of ``size`` steps under ``blend_rule``, the weights normalised first."""
+    build = (_C.build_blending_index_megatron if check_blend_rule(blend_rule) == "megatron"
+             else _C.build_blending_index)
+    return build(normalise_weights(weights), int(size))
+
+
+def blending_counts(weights: Sequence[float], size: int, blend_rule: str = "megalite") -> np.ndarray:
     """How many samples the blending index of ``size`` steps draws from each dataset."""
-    dataset_index, _ = _C.build_blending_index(normalise_weights(weights), size)
+    dataset_index, _ = blending_index(weights, size, blend_rule)
     return np.bincount(dataset_index, minlength=len(weights))
 
 
+def megatron_component_sizes(weights: Sequence[float], num_samples: int) -> tuple[list[int], int]:
+    """Megatron's sizes for a weighted blend of ``num_samples``: the samples requested from each
+    component, ``ceil(ceil(n * w[k]) * 1.005)``, and the blend's size, ``sum ceil(n * w[k])``
+    (w normalised; Python float arithmetic in Megatron's order)."""
+    w = normalise_weights(weights).tolist()
+    shares = [int(math.ceil(num_samples * wk)) for wk in w]
+    return [int(math.ceil(math.ceil(num_samples * wk) * SIZE_MARGIN)) for wk in w], sum(shares)
+
+
 class BlendedDataset(torch.utils.data.Dataset):
-    """``size`` samples drawn from ``datasets`` in proportion to ``weights``.
+    """``size`` samples drawn from ``datasets`` in proportion to ``weights`` by ``blend_rule``.
 
     Item i is ``datasets[dataset_index[i]][dataset_sample_index[i]]``; the arrays are int16
     ``[size]`` and int64 ``[size]``. Each component must hold at least as many samples as the
     index draws from it (:func:`blending_counts`)."""
 
     def __init__(self, datasets: Sequence[torch.utils.data.Dataset], weights: Sequence[float],
-                 size: int):
+                 size: int, blend_rule: str = "megalite"):
         if len(datasets) != len(weights):
             raise MegaliteError(f"{len(datasets)} datasets but {len(weights)} weights")
-        self.datasets, self.weights, self.size = list(datasets), normalise_weights(weights), int(size)
-        self.dataset_index, self.dataset_sample_index = _C.build_blending_index(self.weights,
-                                                                                self.size)
+        if check_blend_rule(blend_rule) == "megatron" and not all(w > 0 for w in weights):
+            raise MegaliteError(f"the Megatron blend needs positive weights, got {list(weights)}")
+        self.datasets, self.size, self.blend_rule = list(datasets), int(size), blend_rule
+        self.weights = normalise_weights(weights)
+        self.dataset_index, self.dataset_sample_index = blending_index(self.weights, self.size,
+                                                                       blend_rule)
         counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for k, (dataset, count) in enumerate(zip(self.datasets, counts)):
             if count > len(dataset):
@@ -117,50 +155,80 @@ def _open_indexed(prefix: str):
     return IndexedDataset(prefix)
 
 
+def _blend_split(indexed, ranges, weights, given_weights, n, config, name, blend_rule):
+    """The ``name`` split of several prefixes (or of one weighted prefix under Megatron's rule)."""
+    if blend_rule == "megatron":
+        if given_weights is None:  # one epoch of each, weighted by its sample count
+            parts = [GPTDataset(d, r, None, config, name) for d, r in zip(indexed, ranges)]
+            lengths = [len(p) for p in parts]
+            if sum(lengths) < n:
+                raise MegaliteError(
+                    f"the unweighted Megatron blend of the {name} split holds {sum(lengths)} "
+                    f"samples (one epoch of each dataset) but {n} are needed; give weights in "
+                    "--data-path or use --blend-rule megalite")
+            return BlendedDataset(parts, lengths, n, blend_rule)
+        # Megatron normalises the weights for the sizes and again inside its blended dataset.
+        sizes, size = megatron_component_sizes(given_weights, n)
+        parts = [GPTDataset(d, r, s, config, name) for d, r, s in zip(indexed, ranges, sizes)]
+        return BlendedDataset(parts, normalise_weights(given_weights), size, blend_rule)
+    # Size each component from the exact counts the blend will draw (same weights, same
+    # index), plus the margin, so no component index runs past its end.
+    counts = blending_counts(weights, n)
+    total = sum(weights)
+    parts = [GPTDataset(d, r, max(int(c), math.ceil(w / total * n * SIZE_MARGIN)), config, name)
+             for d, r, w, c in zip(indexed, ranges, weights, counts)]
+    return BlendedDataset(parts, weights, n)
+
+
 def build_train_valid_test_datasets(
         data_path: list[str], split: str, num_samples: tuple[int, int, int], seq_length: int,
-        seed: int, cache_dir: str | None = None, vocab_size: int | None = None
+        seed: int, cache_dir: str | None = None, vocab_size: int | None = None,
+        blend_rule: str = "megalite", add_extra_token_to_sequence: bool = True,
+        drop_last_partial_validation_sequence: bool = True,
+        pad_token_id: int = DEFAULT_PAD_TOKEN_ID,
 ) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None,
            torch.utils.data.Dataset | None]:
     """Train, valid and test datasets over ``data_path`` (see :func:`parse_data_path`).
 
-    Each prefix's documents are split by ``split``; split k has ``num_samples[k]`` samples of
-    ``seq_length + 1`` tokens, blended across prefixes by weight (token counts when no weights
-    are given). A split with zero weight or zero samples is None. With one prefix the GPT
-    dataset is returned directly. Every rank of a job must call this the same way (the index
-    caches are built by one process; see ``index_cache``). With ``vocab_size``, a file holding
-    a token id outside ``[0, vocab_size)`` is refused first (``token_range``)."""
+    Each prefix's sequences are split by ``split``; split k serves ``num_samples[k]`` samples
+    of ``seq_length + 1`` tokens (``seq_length`` without the extra token), blended across
+    prefixes by ``blend_rule`` (module docstring; prefixes without weights are weighted by
+    token count under ``"megalite"``). A split with zero weight or zero samples is None; a
+    prefix with weight 0 takes no part. With one prefix (and no weight under ``"megatron"``)
+    the GPT dataset is returned directly. Every rank of a job must call this the same way (the
+    index caches are built by one process; see ``index_cache``). With ``vocab_size``, a file
+    holding a token id outside ``[0, vocab_size)`` is refused first (``token_range``)."""
+    check_blend_rule(blend_rule)
     if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
         raise MegaliteError(f"num_samples must be three non-negative counts, got {num_samples}")
     fractions = parse_split(split)
-    prefixes, weights = parse_data_path(data_path)
-    if weights is not None:  # zero-weight prefixes take no part
-        kept = [(p, w) for p, w in zip(prefixes, weights) if w > 0]
-        prefixes, weights = [p for p, _ in kept], [w for _, w in kept]
+    prefixes, given_weights = parse_data_path(data_path)
+    if given_weights is not None:  # zero-weight prefixes take no part
+        kept = [(p, w) for p, w in zip(prefixes, given_weights) if w > 0]
+        prefixes, given_weights = [p for p, _ in kept], [w for _, w in kept]
     indexed = [_open_indexed(p) for p in prefixes]
     if vocab_size is not None:
         check_token_ids(prefixes, vocab_size, cache_dir)
-    if weights is None:
+    weights = given_weights
+    if weights is None and blend_rule == "megalite":
         weights = [float(np.asarray(d.sequence_lengths).sum(dtype=np.int64)) for d in indexed]
         if sum(weights) <= 0:
             raise MegaliteError(f"--data-path: the datasets {prefixes} contain no tokens")
-    config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=split, cache_dir=cache_dir)
-    ranges = [split_document_ranges(len(d.document_indices) - 1, fractions) for d in indexed]
+    config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=split, cache_dir=cache_dir,
+                              add_extra_token_to_sequence=add_extra_token_to_sequence,
+                              drop_last_partial_validation_sequence=drop_last_partial_validation_sequence,
+                              pad_token_id=pad_token_id)
+    ranges = [split_sequence_ranges(len(d.sequence_lengths), fractions) for d in indexed]
+    direct = len(indexed) == 1 and (blend_rule == "megalite" or given_weights is None)
 
     results = []
     for k, name in enumerate(SPLIT_NAMES):
         n = int(num_samples[k])
         if fractions[k] == 0 or n == 0:
             results.append(None)
-            continue
-        if len(indexed) == 1:
+        elif direct:
             results.append(GPTDataset(indexed[0], ranges[0][k], n, config, name))
-            continue
-        # Size each component from the exact counts the blend will draw (same weights, same
-        # index), plus the margin, so no component index runs past its end.
-        counts = blending_counts(weights, n)
-        total = sum(weights)
-        parts = [GPTDataset(d, r[k], max(int(c), math.ceil(w / total * n * SIZE_MARGIN)), config,
-                            name) for d, r, w, c in zip(indexed, ranges, weights, counts)]
-        results.append(BlendedDataset(parts, weights, n))
+        else:
+            results.append(_blend_split(indexed, [r[k] for r in ranges], weights, given_weights,
+                                        n, config, name, blend_rule))
     return tuple(results)

@@ -32,8 +32,9 @@ import numpy as np
 
 from megalite.errors import MegaliteError
 
-# Bump when the meaning of any cached array changes, so old entries are never reused.
-ALGORITHM_VERSION = "megalite-index-v1"
+# Bump when the meaning of any cached array changes, so old entries are never reused. v1 was
+# megalite's own splitmix64 shuffles and document split; v2 is megatron-core 0.16.1's indices.
+ALGORITHM_VERSION = "megalite-index-v2-megatron"
 
 
 def description_digest(description: dict) -> str:
@@ -57,9 +58,10 @@ def file_identity(path: str) -> dict:
 class IndexCacheEntry:
     """One cache entry: ``names`` arrays described by ``description`` under ``cache_dir``."""
 
-    def __init__(self, cache_dir: str, description: dict, names: list[str]):
+    def __init__(self, cache_dir: str, description: dict, names: list[str],
+                 algorithm: str = ALGORITHM_VERSION):
         self.cache_dir = os.path.abspath(cache_dir)
-        self.description = dict(description, algorithm=ALGORITHM_VERSION)
+        self.description = dict(description, algorithm=algorithm)
         self.digest = description_digest(self.description)
         self.names = list(names)
         self.paths = {n: os.path.join(self.cache_dir, f"{self.digest}-{n}.npy") for n in names}

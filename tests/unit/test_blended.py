@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from megalite.data.blended import (BlendedDataset, blending_counts,
-                                   build_train_valid_test_datasets, parse_data_path)
+                                   build_train_valid_test_datasets, megatron_component_sizes,
+                                   parse_data_path)
 from megalite.data.gpt_dataset import GPTDataset
 from megalite.data.indexed import IndexedDatasetBuilder
 from megalite.errors import MegaliteError
@@ -83,15 +84,16 @@ def test_single_prefix_gives_gpt_datasets(prefixes, tmp_path):
     train, valid, test = build_train_valid_test_datasets(
         [prefixes[0]], "8,2,0", (50, 10, 10), 16, 1, cache_dir=str(tmp_path))
     assert isinstance(train, GPTDataset) and isinstance(valid, GPTDataset) and test is None
-    assert (len(train), len(valid)) == (50, 10)
-    assert (train.document_range, valid.document_range) == ((0, 32), (32, 40))
+    assert (train.num_samples, valid.num_samples) == (50, 10)
+    assert len(train) >= 50 and len(valid) >= 10  # every sample of their epochs
+    assert (train.sequence_range, valid.sequence_range) == ((0, 32), (32, 40))
     assert train[0].shape == (17,)
 
 
 def test_zero_samples_give_none(prefixes, tmp_path):
     train, valid, test = build_train_valid_test_datasets(
         [prefixes[0]], "969,30,1", (20, 0, 0), 16, 1, cache_dir=str(tmp_path))
-    assert len(train) == 20 and valid is None and test is None
+    assert train.num_samples == 20 and valid is None and test is None
 
 
 def source_of(sample):
@@ -138,3 +140,59 @@ def test_bad_inputs(prefixes, tmp_path):
         build_train_valid_test_datasets([prefixes[0]], "999,1", (5, 5, 0), 8, 1, cache)
     with pytest.raises(MegaliteError, match="num_samples"):
         build_train_valid_test_datasets([prefixes[0]], "1", (5, -1, 0), 8, 1, cache)
+
+
+# ---- blend_rule="megatron" (exactness against megatron-core: test_megatron_parity.py) --------
+
+def test_megatron_component_sizes():
+    # ceil(ceil(n * w) * 1.005) per component; the blend holds sum(ceil(n * w)) >= n samples.
+    sizes, size = megatron_component_sizes([0.2, 0.5, 0.3], 1000)
+    assert sizes == [201, 503, 302] and size == 1000
+    sizes, size = megatron_component_sizes([1, 1, 1], 100)
+    assert sizes == [35, 35, 35] and size == 102  # ceil(34 * 1.005) = ceil(34.17)
+
+
+def test_megatron_rule_weighted_blend(prefixes, tmp_path):
+    path = ["0.2", prefixes[0], "0.8", prefixes[2]]
+    train, _, _ = build_train_valid_test_datasets(path, "1", (333, 0, 0), 16, 7,
+                                                  cache_dir=str(tmp_path), blend_rule="megatron")
+    assert isinstance(train, BlendedDataset) and train.blend_rule == "megatron"
+    sizes, size = megatron_component_sizes([0.2, 0.8], 333)
+    assert len(train) == size == 67 + 267
+    assert [d.num_samples for d in train.datasets] == sizes
+    for i in range(0, len(train), 7):  # each item is its component's sample
+        k, j = int(train.dataset_index[i]), int(train.dataset_sample_index[i])
+        assert np.array_equal(train[i], train.datasets[k][j])
+        assert source_of(train[i]) == [0, 2][k]
+
+
+def test_megatron_rule_single_weighted_prefix_is_blended(prefixes, tmp_path):
+    # As in Megatron: a weight makes it a blend of one, whose component asks for 0.5% more.
+    train, _, _ = build_train_valid_test_datasets(["1", prefixes[1]], "1", (200, 0, 0), 16, 7,
+                                                  cache_dir=str(tmp_path), blend_rule="megatron")
+    assert isinstance(train, BlendedDataset) and len(train) == 200
+    assert train.datasets[0].num_samples == 201
+    assert train.dataset_index.tolist() == [0] * 200
+    plain, _, _ = build_train_valid_test_datasets([prefixes[1]], "1", (200, 0, 0), 16, 7,
+                                                  cache_dir=str(tmp_path), blend_rule="megatron")
+    assert isinstance(plain, GPTDataset) and plain.num_samples == 200
+
+
+def test_megatron_rule_unweighted_blend(prefixes, tmp_path):
+    # One epoch of each component, weighted by its sample count; the blend has n samples.
+    train, _, _ = build_train_valid_test_datasets(prefixes, "1", (300, 0, 0), 16, 7,
+                                                  cache_dir=str(tmp_path), blend_rule="megatron")
+    lengths = [len(d) for d in train.datasets]
+    assert [d.num_samples for d in train.datasets] == [None] * 3
+    assert [d.num_epochs for d in train.datasets] == [1] * 3
+    assert len(train) == 300
+    assert np.allclose(train.weights, np.array(lengths) / sum(lengths), rtol=0, atol=1e-15)
+    with pytest.raises(MegaliteError, match=f"holds {sum(lengths)} samples .* but 100000"):
+        build_train_valid_test_datasets(prefixes, "1", (100000, 0, 0), 16, 7,
+                                        cache_dir=str(tmp_path), blend_rule="megatron")
+
+
+def test_unknown_blend_rule(prefixes, tmp_path):
+    with pytest.raises(MegaliteError, match="--blend-rule 'tijdeman': expected one of megalite, megatron"):
+        build_train_valid_test_datasets([prefixes[0]], "1", (5, 0, 0), 8, 1, str(tmp_path),
+                                        blend_rule="tijdeman")

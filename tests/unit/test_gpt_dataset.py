@@ -1,18 +1,22 @@
 """GPTDataset: split rules, epochs, sample contents against the raw token stream, index cache.
 
 Token files are written with the real IndexedDatasetBuilder; every token's value is its own
-position in the .bin file, so a sample tells exactly which tokens it was cut from.
+position in the .bin file, so a sample tells exactly which tokens it was cut from. The indices
+themselves are compared with megatron-core's in test_megatron_parity.py.
 """
 import json
 import multiprocessing as mp
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
 
 from megalite.data.gpt_dataset import (GPTDataset, GPTDatasetConfig, final_epoch_split,
-                                       num_epochs, parse_split, split_document_ranges)
+                                       num_epochs, parse_split, samples_available,
+                                       split_sequence_ranges)
+from megalite.data.index_cache import IndexCacheEntry, file_identity
 from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megalite.errors import MegaliteError
 
@@ -42,9 +46,8 @@ def stream_of(indexed, dataset):
     return np.concatenate([indexed.get(int(s)) for s in dataset.document_index])
 
 
-def split_tokens(indexed, document_range):
-    lo, hi = (int(indexed.document_indices[d]) for d in document_range)
-    return np.concatenate([indexed.get(s) for s in range(lo, hi)])
+def split_tokens(indexed, sequence_range):
+    return np.concatenate([indexed.get(s) for s in range(*sequence_range)])
 
 
 # ---- split, epochs -------------------------------------------------------------------------
@@ -64,41 +67,70 @@ def test_parse_split_errors(text):
 
 @pytest.mark.parametrize("n,split,expected", [
     (1000, "969,30,1", [(0, 969), (969, 999), (999, 1000)]),
+    (500, "969,30,1", [(0, 484), (484, 500), (500, 500)]),  # 484.5 -> 484, 499.5 -> 500
     (10, "1,1", [(0, 5), (5, 10), (10, 10)]),
-    (5, "1,1", [(0, 3), (3, 5), (5, 5)]),          # 2.5 rounds up
+    (5, "1,1", [(0, 2), (2, 5), (5, 5)]),          # 2.5 rounds to even
+    (7, "1,1", [(0, 4), (4, 7), (7, 7)]),          # 3.5 rounds to even
     (3, "1,1,1", [(0, 1), (1, 2), (2, 3)]),
     (7, "1", [(0, 7), (7, 7), (7, 7)]),
     (0, "969,30,1", [(0, 0), (0, 0), (0, 0)]),
     (100, "0,1,0", [(0, 0), (0, 100), (100, 100)])])
-def test_split_document_ranges(n, split, expected):
-    assert split_document_ranges(n, split) == expected
+def test_split_sequence_ranges(n, split, expected):
+    assert split_sequence_ranges(n, split) == expected
 
 
-def test_split_ranges_follow_the_rounding_rule():
-    # Against the rule written out independently: bound = floor(cumulative * N + 0.5).
-    for n in [1, 2, 9, 101, 12345]:
-        for split in ["969,30,1", "98,2,0", "3,3,4", "1,0,1"]:
-            w = [float(x) for x in split.split(",")]
-            c = np.cumsum(w) / sum(w)
-            bounds = [0] + [int(np.floor(x * n + 0.5)) for x in c[:-1]] + [n]
-            assert split_document_ranges(n, split) == list(zip(bounds[:-1], bounds[1:]))
+def test_split_ranges_are_megatrons():
+    # Megatron's split matrix (its own functions) and the bounds its builder takes from it,
+    # int(round(bookend * float(N))).
+    with warnings.catch_warnings():  # megatron-core warns that Apex / Transformer Engine are absent
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    for n in [1, 2, 9, 101, 500, 1500, 12345, 999_999]:
+        for split in ["969,30,1", "98,2,0", "3,3,4", "1,0,1", "1,1", "90,8,2", "0.7,0.2,0.1"]:
+            matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+            ours = split_sequence_ranges(n, split)
+            for k, bookends in enumerate(matrix):
+                if bookends is None:  # a zero-weight split: Megatron builds nothing
+                    assert ours[k][0] == ours[k][1]
+                else:
+                    assert ours[k] == tuple(int(round(b * float(n))) for b in bookends)
 
 
-def test_num_epochs_is_the_smallest_that_fits():
+@pytest.mark.parametrize("extra", [True, False])
+def test_num_epochs_is_the_smallest_that_fits(extra):
     for tokens in [1, 7, 100]:
         for seq in [1, 5, 16]:
             for n in [1, 3, 40, 1000]:
-                e = num_epochs(tokens, seq, n)
-                assert e * tokens >= n * seq + 1 and (e == 1 or (e - 1) * tokens < n * seq + 1)
+                e = num_epochs(tokens, seq, n, extra)
+                need = n * seq + extra
+                assert e * tokens >= need and (e == 1 or (e - 1) * tokens < need)
+                assert samples_available(e, tokens, seq, extra) >= n
+    assert num_epochs(100, 10, None) == 1
 
 
 def test_final_epoch_split_rule():
-    # 100 tokens/epoch, seq 10: 9 whole samples per epoch. 10 samples need 101 tokens: 2 epochs,
-    # the first serves 9 samples and the second only 1 (< 80% of 9): shuffled separately.
+    # 100 tokens/epoch, seq 10: per epoch (100 - 1) // 10 = 9 samples, threshold int(0.8 * 9) = 7.
+    # 10 samples need 101 tokens: 2 epochs, the first serves 9 samples and the second only 1:
+    # shuffled separately.
     assert final_epoch_split(100, 10, 10) == 9
-    # 17 samples: the last epoch supplies 8 of 9 (89% >= 80%): one shuffle.
+    assert final_epoch_split(100, 10, 15) == 9  # 6 < 7
+    # 16 samples: the last epoch supplies 7, not under int(0.8 * 9) = 7: one shuffle (the
+    # rule 5 * last < 4 * per_epoch would have separated it).
+    assert final_epoch_split(100, 10, 16) is None
     assert final_epoch_split(100, 10, 17) is None
     assert final_epoch_split(100, 10, 5) is None  # a single epoch
+    # Without the extra token: per epoch 10, threshold 8; 12 samples: the second epoch gives 2.
+    assert final_epoch_split(100, 10, 12, add_extra_token=False) == 10
+    assert final_epoch_split(100, 10, 18, add_extra_token=False) is None
+
+
+def test_samples_available_counts_like_megatron():
+    assert samples_available(1, 100, 10) == 9
+    assert samples_available(1, 100, 10, add_extra_token=False) == 10
+    assert samples_available(1, 100, 10, drop_last_partial=False) == 10  # 99 / 10, rounded up
+    # The kept partial sample is counted in single precision: 2^24 + 1 tokens round to 2^24.
+    assert samples_available(1, 2**24 + 2, 1, drop_last_partial=False) == 2**24
 
 
 # ---- samples -------------------------------------------------------------------------------
@@ -106,26 +138,28 @@ def test_final_epoch_split_rule():
 @pytest.mark.parametrize("num_samples", [1, 37, 150, 400])
 def test_samples_are_cuts_of_the_document_stream(corpus, tmp_path, num_samples):
     config = GPTDatasetConfig(seq_length=16, seed=3, cache_dir=str(tmp_path))
-    rng_range = split_document_ranges(corpus.num_documents, "90,10,0")[0]
+    rng_range = split_sequence_ranges(len(corpus.sequence_lengths), "90,10,0")[0]
     ds = GPTDataset(corpus, rng_range, num_samples, config, "train")
-    assert len(ds) == num_samples
+    tokens = split_tokens(corpus, rng_range)
+    # The dataset holds every sample of the epochs the request takes, as Megatron's does.
+    assert ds.tokens_per_epoch == len(tokens)
+    assert ds.num_epochs == num_epochs(len(tokens), 16, num_samples)
+    assert len(ds) == (ds.num_epochs * len(tokens) - 1) // 16 >= num_samples
     stream = stream_of(corpus, ds)
     seen = []
-    for i in range(num_samples):
+    for i in range(len(ds)):
         j = int(ds.shuffle_index[i])
         sample = ds[i]
         assert sample.dtype == np.int64 and sample.shape == (17,)
         assert np.array_equal(sample, stream[j * 16:j * 16 + 17])
         seen.append(sample)
-    # Only tokens of the split appear, and once the samples span a full epoch, all of them do.
-    tokens = split_tokens(corpus, rng_range)
+    # The shuffle index is a permutation of all of them (not only of the first num_samples).
+    assert np.array_equal(np.sort(ds.shuffle_index), np.arange(len(ds)))
+    # Only tokens of the split appear, and since the samples span whole epochs, nearly all do.
     seen = np.unique(np.concatenate(seen))
     assert np.isin(seen, tokens).all()
-    if num_samples * 16 >= len(tokens) - 1:
-        assert np.isin(tokens, seen).all()
-    # The document index tiles the split's documents num_epochs times.
-    assert ds.tokens_per_epoch == len(tokens)
-    assert ds.num_epochs == num_epochs(len(tokens), 16, num_samples)
+    assert np.isin(tokens, seen).sum() >= len(tokens) - 16
+    # The document index tiles the split's sequences num_epochs times.
     assert np.array_equal(np.sort(ds.document_index),
                           np.repeat(np.arange(*rng_range), ds.num_epochs))
 
@@ -141,12 +175,12 @@ def test_separate_final_epoch(corpus, tmp_path):
     # The first two epochs are whole permutations of the documents, the third on its own.
     assert np.array_equal(np.sort(ds.document_index[-40:]), np.arange(40))
     # Samples [0, first) end inside the first two epochs of the document index, so the separately
-    # shuffled final epoch only feeds samples [first, n).
+    # shuffled final epoch only feeds samples [first, len).
     assert ds.sample_index[first][0] < 2 * 40 <= ds.sample_index[first + 1][0]
     assert np.array_equal(np.sort(ds.shuffle_index[:first]), np.arange(first))
-    assert np.array_equal(np.sort(ds.shuffle_index[first:]), np.arange(first, n))
+    assert np.array_equal(np.sort(ds.shuffle_index[first:]), np.arange(first, len(ds)))
     stream = stream_of(corpus, ds)
-    for i in range(n):
+    for i in range(len(ds)):
         j = int(ds.shuffle_index[i])
         assert np.array_equal(ds[i], stream[j * 16:j * 16 + 17])
 
@@ -156,49 +190,76 @@ def test_single_document_and_long_documents(tmp_path):
     ds = GPTDataset(one, (0, 1), 20, GPTDatasetConfig(seq_length=8, cache_dir=str(tmp_path)))
     stream = stream_of(one, ds)
     assert ds.num_epochs == 4  # 20 * 8 + 1 = 161 tokens from 50-token epochs
-    for i in range(20):
+    assert len(ds) == (4 * 50 - 1) // 8
+    for i in range(len(ds)):
         j = int(ds.shuffle_index[i])
         assert np.array_equal(ds[i], stream[j * 8:j * 8 + 9])
 
 
-def test_sentence_split_documents_split_by_document(tmp_path):
-    # 4 documents of 2-3 sentences: the split is over documents, the index over sentences.
+def test_without_the_extra_token_samples_do_not_overlap(corpus, tmp_path):
+    config = GPTDatasetConfig(16, seed=9, cache_dir=str(tmp_path), add_extra_token_to_sequence=False)
+    ds = GPTDataset(corpus, (0, 30), 100, config)
+    tokens = len(split_tokens(corpus, (0, 30)))
+    assert ds.num_epochs == num_epochs(tokens, 16, 100, add_extra_token=False)
+    assert len(ds) == ds.num_epochs * tokens // 16
+    stream = stream_of(corpus, ds)
+    for i in range(len(ds)):
+        j = int(ds.shuffle_index[i])
+        assert np.array_equal(ds[i], stream[j * 16:(j + 1) * 16])
+
+
+@pytest.mark.parametrize("extra", [True, False])
+def test_partial_last_validation_sample_is_padded(corpus, tmp_path, extra):
+    # Kept only in the valid split, and only when asked; padded with pad_token_id.
+    config = GPTDatasetConfig(16, seed=4, cache_dir=str(tmp_path), add_extra_token_to_sequence=extra,
+                              drop_last_partial_validation_sequence=False, pad_token_id=-7)
+    tokens = len(split_tokens(corpus, (0, 7)))
+    assert (tokens - extra) % 16  # the stream does end inside a sample
+    valid = GPTDataset(corpus, (0, 7), 1, config, "valid")
+    train = GPTDataset(corpus, (0, 7), 1, config, "train")
+    assert len(valid) == len(train) + 1 == -(-(tokens - extra) // 16)
+    stream = stream_of(corpus, valid)
+    last = int(np.nonzero(np.asarray(valid.shuffle_index) == len(valid) - 1)[0][0])
+    rest = stream[(len(valid) - 1) * 16:]
+    assert np.array_equal(valid[last], np.concatenate([rest, np.full(16 + extra - len(rest), -7)]))
+
+
+def test_sentence_split_files_split_by_sequence(tmp_path):
+    # 4 documents of 2-3 sentences (9 sequences): like Megatron, the split is over sequences
+    # (4.5 -> 4: the valid split starts inside document 1) and so is the index.
     sentences = [[3, 4], [5, 1, 2], [6, 6], [2, 7]]
     indexed = write_dataset(tmp_path / "sent", [sum(s) for s in sentences], sentences)
-    lo, hi = split_document_ranges(4, "1,1")[1]  # documents 2..3 = sequences 5..8
+    lo, hi = split_sequence_ranges(9, "1,1")[1]
+    assert (lo, hi) == (4, 9)
     ds = GPTDataset(indexed, (lo, hi), 5, GPTDatasetConfig(4, cache_dir=str(tmp_path)), "valid")
-    assert sorted(set(ds.document_index.tolist())) == [5, 6, 7, 8]
+    assert sorted(set(ds.document_index.tolist())) == [4, 5, 6, 7, 8]
     stream = stream_of(indexed, ds)
-    for i in range(5):
+    for i in range(len(ds)):
         j = int(ds.shuffle_index[i])
         assert np.array_equal(ds[i], stream[j * 4:j * 4 + 5])
 
 
-def test_any_integer_seed(corpus, tmp_path):
-    # Seeds are taken mod 2^64 by the PRNG; negative and huge seeds work and differ.
-    a = GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=-1, cache_dir=str(tmp_path)))
-    b = GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=2**64 - 1, cache_dir=str(tmp_path)))
-    c = GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=7, cache_dir=str(tmp_path)))
-    assert np.array_equal(a.shuffle_index, b.shuffle_index)
-    assert not np.array_equal(a.document_index, c.document_index)
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seeds_at_both_ends_of_the_range(corpus, tmp_path, seed):
+    ds = GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=seed, cache_dir=str(tmp_path)))
+    rng = np.random.RandomState(seed)
+    expected = np.arange(60, dtype=np.int32)
+    rng.shuffle(expected)
+    assert np.array_equal(ds.document_index, expected)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True])
+def test_seed_outside_numpys_range_is_refused(corpus, tmp_path, seed):
+    with pytest.raises(MegaliteError, match=r"--seed .*\[0, 2\^32 - 1\]"):
+        GPTDataset(corpus, (0, 60), 50, GPTDatasetConfig(16, seed=seed, cache_dir=str(tmp_path)))
 
 
 def test_indexing_errors(corpus, tmp_path):
     ds = GPTDataset(corpus, (0, 10), 5, GPTDatasetConfig(16, cache_dir=str(tmp_path)))
-    assert np.array_equal(ds[-1], ds[4])
+    n = len(ds)
+    assert np.array_equal(ds[-1], ds[n - 1])
     with pytest.raises(IndexError):
-        ds[5]
-
-
-def test_pickles_by_file_name(corpus, tmp_path):
-    # What a spawned DataLoader worker receives: small, and the same samples.
-    import pickle
-    ds = GPTDataset(corpus, (0, 60), 3000, GPTDatasetConfig(16, cache_dir=str(tmp_path)))
-    data = pickle.dumps(ds)
-    assert len(data) < 10_000 < ds.sample_index.nbytes  # 48 kB of sample index alone
-    copy = pickle.loads(data)
-    assert isinstance(copy.shuffle_index, np.memmap)
-    assert all(np.array_equal(copy[i], ds[i]) for i in range(0, 3000, 37))
+        ds[n]
 
 
 def test_bad_inputs(corpus, tmp_path):
@@ -207,6 +268,7 @@ def test_bad_inputs(corpus, tmp_path):
         GPTDataset(corpus, (5, 5), 10, config, "test")
     with pytest.raises(MegaliteError, match="num_samples"):
         GPTDataset(corpus, (0, 5), 0, config)
+    assert len(GPTDataset(corpus, (0, 5), None, config)) == (split_tokens(corpus, (0, 5)).size - 1) // 16
     with pytest.raises(MegaliteError, match="outside"):
         GPTDataset(corpus, (0, 61), 5, config)
     with pytest.raises(MegaliteError, match="need 3200000001 passes"):  # not an 8 GB allocation
@@ -242,13 +304,38 @@ def test_cache_is_reused_and_keyed(corpus, tmp_path):
     for ds in [GPTDataset(corpus, (0, 50), 100, GPTDatasetConfig(16, seed=6, cache_dir=cache)),
                GPTDataset(corpus, (0, 50), 101, config),
                GPTDataset(corpus, (0, 50), 100, GPTDatasetConfig(8, seed=5, cache_dir=cache)),
-               GPTDataset(corpus, (0, 49), 100, config)]:
+               GPTDataset(corpus, (0, 49), 100, config),
+               GPTDataset(corpus, (0, 50), 100, GPTDatasetConfig(
+                   16, seed=5, cache_dir=cache, add_extra_token_to_sequence=False)),
+               GPTDataset(corpus, (0, 50), 100, config, "valid"),
+               GPTDataset(corpus, (0, 50), 100, GPTDatasetConfig(
+                   16, seed=5, cache_dir=cache, drop_last_partial_validation_sequence=False),
+                   "valid")]:
         assert ds.index_built
-    assert len(cache_files(cache)) == 15
+    assert len(cache_files(cache)) == 24
     meta = [json.load(open(os.path.join(cache, f))) for f in os.listdir(cache) if f.endswith(".json")]
     assert {m["description"]["seed"] for m in meta} == {5, 6}
     assert all(m["description"]["idx"]["path"] == os.path.abspath(corpus.prefix + ".idx")
                for m in meta)
+
+
+def test_entry_of_the_old_rule_is_not_reused(corpus, tmp_path):
+    # An entry as megalite's earlier rule (algorithm v1: splitmix64 shuffles, document split)
+    # wrote it for the same request: a new build must ignore it, not load it.
+    cache = str(tmp_path / "cache")
+    old = IndexCacheEntry(cache, {
+        "kind": "gpt", "idx": file_identity(corpus.prefix + ".idx"), "split": "train",
+        "document_range": [0, 50], "sequence_range": [0, 50], "num_samples": 100,
+        "seq_length": 16, "seed": 5}, ["document_index", "sample_index", "shuffle_index"],
+        algorithm="megalite-index-v1")
+    stale = GPTDataset(corpus, (0, 50), 100, GPTDatasetConfig(16, seed=5, cache_dir=str(tmp_path)))
+    old.load_or_build_locked(lambda: {"document_index": stale.document_index[::-1],
+                                      "sample_index": stale.sample_index,
+                                      "shuffle_index": stale.shuffle_index[::-1]})
+    ds = GPTDataset(corpus, (0, 50), 100, GPTDatasetConfig(16, seed=5, cache_dir=cache))
+    assert ds.index_built
+    assert np.array_equal(ds.document_index, stale.document_index)
+    assert len(cache_files(cache)) == 6
 
 
 def test_default_cache_dir_is_next_to_the_data(tmp_path):
