@@ -195,11 +195,15 @@ class DataConfig:
     """vocab.txt of the BertWordPiece tokenizers."""
     data_cache_path: str | None = None
     """Directory for the dataset index caches; None: next to the token files."""
+    blend_rule: str = "megalite"
+    """How several --data-path datasets are interleaved: "megalite" (Tijdeman's rule: every
+    count within one sample of its share after every step) or "megatron" (megatron-core's
+    rule and sizes, reproducing a Megatron run's blended order exactly)."""
     num_workers: int = 1
     """Data-loading worker processes per rank."""
 
     def __post_init__(self) -> None:
-        from megalite.data.blended import parse_data_path
+        from megalite.data.blended import BLEND_RULES, parse_data_path
         from megalite.data.gpt_dataset import parse_split
         from megalite.data.tokenizers import TOKENIZER_TYPES
 
@@ -216,6 +220,9 @@ class DataConfig:
         if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
             bad("data", "tokenizer_type", f"must be one of {', '.join(TOKENIZER_TYPES)}, "
                 f"got {self.tokenizer_type!r}")
+        if self.blend_rule not in BLEND_RULES:
+            bad("data", "blend_rule", f"must be one of {', '.join(BLEND_RULES)}, got "
+                f"{self.blend_rule!r}")
         if self.tokenizer_type is None and (self.tokenizer_model or self.vocab_file):
             bad("data", "tokenizer_type", "--tokenizer-model/--vocab-file need --tokenizer-type")
 
@@ -263,6 +270,8 @@ class TrainingConfig:
         check_types(self, "training")
         for name in ("micro_batch_size", "train_iters", "log_interval", "eval_interval"):
             at_least(self, "training", name, 1)
+        if not 0 <= self.seed < 2**32:   # the data shuffles use numpy's RandomState(seed)
+            bad("training", "seed", f"must be in [0, 2^32 - 1], got {self.seed}")
         at_least(self, "training", "eval_iters", 0)
         for name in ("global_batch_size", "save_interval", "keep_last"):
             at_least(self, "training", name, 1, optional=True)

@@ -107,7 +107,14 @@ _OPTIONS = [
     ("data and tokenizer", "data", [
         ("--data-path", None, dict(nargs="+", metavar="[WEIGHT] PREFIX"),
          "token files PREFIX.bin/.idx, optionally weighted: 0.3 A 0.7 B"),
-        ("--split", None, dict(), "train,valid,test document weights"),
+        ("--split", None, dict(), "train,valid,test weights over each file's sequences "
+         "(its documents, or sentences when the file is sentence-split)"),
+        ("--blend-rule", None, dict(choices=("megalite", "megatron")),
+         "how the --data-path datasets are interleaved: megalite (Tijdeman's rule: every "
+         "dataset's count stays within one sample of its weighted share after every step, "
+         "and the blend has exactly the samples asked) or megatron (megatron-core's rule and "
+         "sizes, reproducing a Megatron run's blended sample order exactly; it can fall more "
+         "than one sample behind a share with three or more datasets)"),
         ("--mock-data", None, dict(action="store_true"), "random tokens, no files"),
         ("--tokenizer-type", None, dict(), "SentencePieceTokenizer, HuggingFaceTokenizer, "
          "BertWordPieceLowerCase or BertWordPieceCase"),

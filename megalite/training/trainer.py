@@ -134,7 +134,8 @@ class Trainer:
             from megalite.data.blended import build_train_valid_test_datasets
             datasets = build_train_valid_test_datasets(
                 cfg.data.data_path, cfg.data.split, num_samples, self.seq_length, tr.seed,
-                cache_dir=cfg.data.data_cache_path, vocab_size=cfg.model.vocab_size)
+                cache_dir=cfg.data.data_cache_path, vocab_size=cfg.model.vocab_size,
+                blend_rule=cfg.data.blend_rule)
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 

@@ -132,7 +132,7 @@ def test_help_has_every_megatron_flag_of_the_issue():
         --disable-bias-linear --group-query-attention --num-query-groups --hidden-dropout
         --attention-dropout --config --model-preset --vocab-size --log-json --tensorboard-dir
         --peak-tflops --pipeline-layer-split --deepspeed-config --keep-last --no-load-optim
-        --no-load-rng --use-rope-scaling --rope-scaling-factor --add-qkv-bias""".split():
+        --no-load-rng --use-rope-scaling --rope-scaling-factor --add-qkv-bias --blend-rule""".split():
         assert f"  {flag} " in text or f"  {flag}\n" in text, flag
     for group in ("model", "parallelism", "optimizer", "precision", "data", "training",
                   "checkpoints"):
@@ -289,6 +289,9 @@ BAD_FLAGS = [
     (["--exit-duration-in-mins", "-1"], ["--exit-duration-in-mins"]),
     (["--num-workers", "-1"], ["--num-workers"]),
     (["--split", "a,b"], ["--split"]),
+    (["--blend-rule", "tijdeman"], ["--blend-rule"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--seed", str(2**32)], ["--seed"]),
     (["--data-path", "0.3", "a", "b"], ["--data-path"]),
     (["--data-path", "prefix"], ["--mock-data", "--data-path"]),  # both given (TINY has mock)
     (["--tokenizer-model", "x.model"], ["--tokenizer-type"]),

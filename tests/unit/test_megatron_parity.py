@@ -246,3 +246,20 @@ def test_default_rule_keeps_its_bound_on_the_same_blend(three_files, tmp_path):
               for k, (p, n) in enumerate(zip(three_files, sizes))]
     for a, b in zip(train.datasets, theirs):
         assert_same_gpt(a, b)
+
+
+def test_blend_rule_flag_reaches_the_trainer(three_files, tmp_path):
+    """`megalite train --blend-rule megatron` trains on megatron-core's blend (the flag goes
+    through the config and the trainer to the builder); the default flag on the default rule."""
+    from megalite.config import parse_train_args
+    from megalite.training.trainer import Trainer
+
+    a, b = three_files[:2]
+    argv = ["--model-preset", "tiny", "--vocab-size", "2000", "--seq-length", str(SEQ),
+            "--max-position-embeddings", str(SEQ), "--data-path", "0.3", a, "0.7", b,
+            "--split", "90,8,2", "--train-iters", "10", "--micro-batch-size", "8",
+            "--eval-iters", "0", "--seed", "7", "--data-cache-path", str(tmp_path / "o")]
+    trainer = Trainer(parse_train_args(argv + ["--blend-rule", "megatron"]))
+    theirs = megatron_datasets([a, b], [0.3, 0.7], "90,8,2", (80, 0, 0), 7, tmp_path / "m")
+    assert_same_blend(trainer.train_data.dataset, theirs[0])
+    assert Trainer(parse_train_args(argv)).train_data.dataset.blend_rule == "megalite"
