@@ -49,7 +49,7 @@ from plain_pytorch_baseline import (BaselineConfig, BaselineGPT, BaselineLoop,  
                                     from_megalite_state_dict)
 
 from megalite.model.flops import flops_per_iteration  # noqa: E402
-from megalite.train_args import parse_train_args  # noqa: E402
+from megalite.training.prepare import parse_train_args  # noqa: E402
 from megalite.training.metrics import device_peak_flops, measure_matmul_flops  # noqa: E402
 from megalite.training.trainer import Trainer  # noqa: E402
 

@@ -15,7 +15,8 @@ section        class                       holds
 
 The same names are the YAML keys of ``megalite train --config FILE`` (``optim: {lr: 3.0e-4}``)
 and, with ``_`` spelled ``-``, mostly the command-line flags (``--lr``); see
-:mod:`megalite.train_args` for the flags and :func:`parse_train_args`.
+:mod:`megalite.train_args` for the flags and :mod:`megalite.training.prepare` for the run
+preparation that turns them into a TrainConfig.
 
 Every value is checked when a section is constructed (also from YAML or a checkpoint's
 ``to_dict``), and errors name the flag and the YAML key (``--lr (optim.lr): ...``).
@@ -32,14 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megalite.config_checks import (ConfigError, at_least, bad, check_types, coerce, flag_name,
-                                    option_name)
-from megalite.errors import MegaliteError
+from megalite.config_checks import at_least, bad, check_types, coerce, option_name
+from megalite.errors import ConfigError, MegaliteError
 from megalite.model.config import GPTConfig
 
-__all__ = ["SECTIONS", "ConfigError", "flag_name", "option_name", "ParallelConfig", "OptimConfig",
-           "PrecisionConfig", "DataConfig", "TrainingConfig", "TrainConfig", "check_batch_sizes",
-           "resolve_vocab_size", "parse_train_args"]
+__all__ = ["SECTIONS", "SECTION_TYPES", "ParallelConfig", "OptimConfig", "PrecisionConfig",
+           "DataConfig", "TrainingConfig", "TrainConfig", "check_batch_sizes",
+           "resolve_vocab_size", "build_model_config", "check_keys"]
 
 SECTIONS = ("model", "parallel", "optim", "precision", "data", "training")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -199,8 +199,6 @@ class DataConfig:
     """How several --data-path datasets are interleaved: "megalite" (Tijdeman's rule: every
     count within one sample of its share after every step) or "megatron" (megatron-core's
     rule and sizes, reproducing a Megatron run's blended order exactly)."""
-    num_workers: int = 1
-    """Data-loading worker processes per rank."""
 
     def __post_init__(self) -> None:
         from megalite.data.blended import BLEND_RULES, parse_data_path
@@ -208,7 +206,6 @@ class DataConfig:
         from megalite.data.tokenizers import TOKENIZER_TYPES
 
         check_types(self, "data")
-        at_least(self, "data", "num_workers", 0)
         for name, check in (("split", lambda: parse_split(self.split)),
                             ("data_path", lambda: self.data_path and parse_data_path(self.data_path))):
             try:
@@ -297,7 +294,11 @@ def check_batch_sizes(training: TrainingConfig, dp_size: int) -> int:
     return g // step
 
 
-_SECTION_TYPES = {"parallel": ParallelConfig, "optim": OptimConfig, "precision": PrecisionConfig,
+# Keys that older megalite versions wrote into checkpoints and that no longer exist (read and
+# dropped, so their checkpoints still load): data.num_workers was never used.
+_RETIRED_KEYS = {("data", "num_workers")}
+
+SECTION_TYPES = {"parallel": ParallelConfig, "optim": OptimConfig, "precision": PrecisionConfig,
                   "data": DataConfig, "training": TrainingConfig}
 
 
@@ -382,7 +383,8 @@ class TrainConfig:
         sections = {}
         try:
             for name in SECTIONS:
-                values = dict(d.get(name) or {})
+                values = {k: v for k, v in (d.get(name) or {}).items()
+                          if (name, k) not in _RETIRED_KEYS}
                 check_keys(values, name, source)
                 if name == "model":
                     sp = values.pop("sequence_parallel", None)
@@ -392,7 +394,7 @@ class TrainConfig:
                                           f"parallel.sequence_parallel={par_sp}")
                     sections[name] = build_model_config(values)
                 else:
-                    sections[name] = _SECTION_TYPES[name](**values)
+                    sections[name] = SECTION_TYPES[name](**values)
             return cls(**sections)
         except ConfigError as e:
             if str(e).startswith(f"{source}: "):
@@ -402,7 +404,7 @@ class TrainConfig:
 
 def section_fields(section: str) -> list[str]:
     """The keys a YAML/dict section may hold."""
-    cls = GPTConfig if section == "model" else _SECTION_TYPES[section]
+    cls = GPTConfig if section == "model" else SECTION_TYPES[section]
     return [f.name for f in dataclasses.fields(cls)]
 
 
@@ -440,17 +442,10 @@ def build_model_config(values: dict) -> GPTConfig:
 def resolve_vocab_size(config: TrainConfig, vocab_size: int) -> TrainConfig:
     """A copy of ``config`` whose model has vocabulary size ``vocab_size`` (the tokenizer's).
 
-    :func:`parse_train_args` already takes the tokenizer's size when a tokenizer is configured
+    The run preparation already takes the tokenizer's size when a tokenizer is configured
     and no size was given explicitly; this is for TrainConfigs built by hand (tests, tools).
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ConfigError(f"resolve_vocab_size: vocab_size must be a positive integer, "
                           f"got {vocab_size!r}", "model", "vocab_size")
     return dataclasses.replace(config, model=config.model.replace(vocab_size=vocab_size))
-
-
-def parse_train_args(argv=None) -> TrainConfig:
-    """``megalite train`` options -> TrainConfig (see :mod:`megalite.train_args`)."""
-    from megalite.train_args import parse_train_args as parse
-
-    return parse(argv)

@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 
-from megalite.errors import MegaliteError
+from megalite.errors import ConfigError
 
 # Fields whose flag is not "--" + field name with "_" -> "-".
 _FLAG_EXCEPTIONS = {
@@ -29,17 +29,6 @@ def flag_name(section: str, name: str) -> str:
 def option_name(section: str, name: str) -> str:
     """How errors name a setting: its flag and its YAML key, ``--lr (optim.lr)``."""
     return f"{flag_name(section, name)} ({section}.{name})"
-
-
-class ConfigError(MegaliteError):
-    """A bad setting. ``section``/``name`` say which (None: not one setting); ``names`` lists
-    every field of ``section`` the message involves (``(name,)`` by default)."""
-
-    def __init__(self, message: str, section: str | None = None, name: str | None = None,
-                 names: tuple[str, ...] | None = None):
-        super().__init__(message)
-        self.section, self.name = section, name
-        self.names = tuple(names) if names is not None else ((name,) if name else ())
 
 
 def bad(section: str, name: str, message: str):

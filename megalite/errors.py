@@ -11,3 +11,14 @@ class MegaliteError(Exception):
 
 class DataFormatError(MegaliteError):
     """A token file (.bin/.idx) or a dataset input is malformed."""
+
+
+class ConfigError(MegaliteError):
+    """A bad setting of a run. ``section``/``name`` say which (None: not one setting);
+    ``names`` lists every field of ``section`` the message involves (``(name,)`` by default)."""
+
+    def __init__(self, message: str, section: str | None = None, name: str | None = None,
+                 names: tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.section, self.name = section, name
+        self.names = tuple(names) if names is not None else ((name,) if name else ())

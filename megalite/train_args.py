@@ -1,30 +1,24 @@
-"""``megalite train`` options: a YAML file (``--config``) overridden by Megatron-LM-style flags.
+"""``megalite train``'s command line: the flags (Megatron-LM names), the ``--config`` YAML file,
+parsed once into :class:`TrainArgs`. Turning them into a checked ``TrainConfig`` (tokenizer,
+checkpoint, files) is the run preparation, :mod:`megalite.training.prepare`.
 
 Precedence, lowest first: the dataclass defaults (megalite.config), the model section and
 tokenizer of the checkpoint ``--load`` resumes (if it holds one), the model preset
 (``--model-preset`` or YAML ``model.preset``), the YAML file, the flags. Every value, from YAML
 or a flag, goes through the same checks (megalite.config); errors name the flag, the YAML key
 and, for a value from the file, the file.
-
-The vocabulary size: ``--vocab-size`` / ``model.vocab_size`` if given; else the tokenizer's
-(``--tokenizer-type`` ...; an explicit size must be at least the tokenizer's); else the
-preset's (for ``--mock-data``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+from dataclasses import dataclass, field
 
-from megalite.config import (LR_DECAY_STYLES, ConfigError, DataConfig, OptimConfig,
-                             ParallelConfig, PrecisionConfig, TrainConfig, TrainingConfig,
-                             build_model_config, check_keys, option_name, SECTIONS)
-from megalite.errors import MegaliteError
+from megalite.config import LR_DECAY_STYLES, SECTION_TYPES, SECTIONS, check_keys
+from megalite.errors import ConfigError, MegaliteError
 from megalite.model.config import NORMALIZATIONS, POSITION_EMBEDDING_TYPES, ACTIVATIONS
 from megalite.model.presets import PRESETS, get_preset
-
-_SECTION_TYPES = {"parallel": ParallelConfig, "optim": OptimConfig, "precision": PrecisionConfig,
-                  "data": DataConfig, "training": TrainingConfig}
 
 # (argument-group title, section, [(flag, field or None (= flag name), argparse kwargs, help)])
 _OPTIONS = [
@@ -121,7 +115,6 @@ _OPTIONS = [
         ("--tokenizer-model", None, dict(metavar="FILE"), "SentencePiece .model / tokenizer.json"),
         ("--vocab-file", None, dict(metavar="FILE"), "vocab.txt for the WordPiece tokenizers"),
         ("--data-cache-path", None, dict(metavar="DIR"), "where dataset index caches go"),
-        ("--num-workers", None, dict(type=int), "data-loading workers per rank"),
     ]),
     ("training and logging", "training", [
         ("--micro-batch-size", None, dict(type=int), "sequences per microbatch per DP rank"),
@@ -179,7 +172,7 @@ class _Parser(argparse.ArgumentParser):
 def _default_text(section: str, name: str) -> str:
     if section == "model":
         return ""
-    f = {f.name: f for f in dataclasses.fields(_SECTION_TYPES[section])}.get(name)
+    f = {f.name: f for f in dataclasses.fields(SECTION_TYPES[section])}.get(name)
     if f is None or f.default is None or f.default is False or f.default is dataclasses.MISSING:
         return ""
     return f" [default: {f.default}]"
@@ -272,31 +265,8 @@ def load_yaml(path: str) -> dict[str, dict]:
     return out
 
 
-_CHECKPOINT_DATA_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file")
-
-
-def checkpoint_defaults(load: str | None) -> tuple[dict, dict]:
-    """(model section, tokenizer fields of the data section) of the checkpoint that ``--load``
-    would resume, or ({}, {}) when there is none: so ``--load DIR`` alone knows the model's
-    shape and tokenizer (a ``convert from-hf`` checkpoint, a run resumed without its YAML)."""
-    if not load or not os.path.isdir(load):
-        return {}, {}
-    from megalite.checkpoint.io import resolve_checkpoint
-    from megalite.checkpoint.reshard import read_train_config
-
-    if resolve_checkpoint(load) is None:
-        return {}, {}
-    saved = read_train_config(load)
-    saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
-    model = dict(saved.get("model") or {})
-    model.pop("sequence_parallel", None)       # a layout choice, not the model's shape
-    data = {k: v for k, v in (saved.get("data") or {}).items()
-            if k in _CHECKPOINT_DATA_KEYS and v is not None}
-    return model, data
-
-
-def _model_values(flags: dict, specials: dict, ym: dict,
-                  saved: dict) -> tuple[dict, bool]:
+def merge_model_values(flags: dict, specials: dict, ym: dict,
+                       saved: dict) -> tuple[dict, bool]:
     """Merged GPTConfig field values (the --load checkpoint's < preset < YAML < flags) and
     whether the vocabulary size was given explicitly (a checkpoint's counts as explicit)."""
     preset = specials.get("_preset") or ym.pop("preset", None)
@@ -339,82 +309,55 @@ def _model_values(flags: dict, specials: dict, ym: dict,
     return values, "vocab_size" in ym or "vocab_size" in fm or "vocab_size" in saved
 
 
-def parse_train_args(argv=None) -> TrainConfig:
-    """``megalite train`` argv -> a validated TrainConfig whose model has its vocabulary size
-    (loading the tokenizer when one is configured). Raises ConfigError (a MegaliteError) naming
-    the flag, the YAML key and file."""
+@dataclass
+class TrainArgs:
+    """``megalite train``'s command line, parsed: the YAML file read, flags split by section.
+    Nothing is checked against other files yet (that is :mod:`megalite.training.prepare`)."""
+
+    flags: dict[str, dict]
+    """{section: {field: value}} of the flags given (a flag absent here was not given)."""
+    yaml: dict[str, dict]
+    """{section: {key: value}} of the ``--config`` file ({} without one)."""
+    config_path: str | None = None
+    """The ``--config`` file (a packaged config's name resolved to its path)."""
+    specials: dict = field(default_factory=dict)
+    """Flags that are not one field: --model-preset, --swiglu, --group-query-attention, ..."""
+    dry_run: bool = False
+    """--dry-run: check and print the plan, do not train."""
+    world_size: int | None = None
+    """--world-size: the planned world size of a dry run."""
+
+    def value(self, section: str, name: str, default=None):
+        """A setting as the flags and the YAML file give it (flag first)."""
+        return self.flags[section].get(name, self.yaml.get(section, {}).get(name, default))
+
+    def locate(self, e: ConfigError) -> ConfigError:
+        """``e`` prefixed with the --config file when one of its settings came from it."""
+        if self.config_path and e.section and any(
+                n in self.yaml.get(e.section, {}) and n not in self.flags[e.section]
+                for n in e.names):
+            return ConfigError(f"--config {self.config_path}: {e}", e.section, e.name, e.names)
+        return e
+
+
+def parse_args(argv=None) -> TrainArgs:
+    """``megalite train`` argv -> :class:`TrainArgs` (argparse and YAML errors are ConfigErrors
+    naming the flag, or the file and key)."""
     args = vars(build_parser().parse_args(argv))
     path = args.pop("_config", None)
     path = resolve_config_path(path) if path else None
-    yaml_sections = load_yaml(path) if path else {}
-    specials = {k: v for k, v in args.items() if k.startswith("_")}
     flags: dict[str, dict] = {s: {} for s in SECTIONS}
+    specials = {}
     for dest, value in args.items():
-        if not dest.startswith("_"):
+        if dest.startswith("_"):
+            specials[dest] = value
+        else:
             section, name = dest.split(".", 1)
             flags[section][name] = value
-
-    def from_yaml(section, name) -> bool:
-        return name in yaml_sections.get(section, {}) and name not in flags[section]
-
-    def located(e: ConfigError) -> ConfigError:
-        if path and e.section and any(from_yaml(e.section, n) for n in e.names):
-            return ConfigError(f"--config {path}: {e}", e.section, e.name, e.names)
-        return e
-
-    load = flags["training"].get("load", yaml_sections.get("training", {}).get("load"))
-    saved_model, saved_data = checkpoint_defaults(load)
-    try:
-        sections = {s: cls(**{**(saved_data if s == "data" else {}),
-                              **yaml_sections.get(s, {}), **flags[s]})
-                    for s, cls in _SECTION_TYPES.items()}
-        model_values, explicit_vocab = _model_values(flags["model"], specials,
-                                                     dict(yaml_sections.get("model", {})),
-                                                     saved_model)
-        data = sections["data"]
-        if data.tokenizer_type is not None:
-            from megalite.data.tokenizers import build_tokenizer
-
-            tok_vocab = build_tokenizer(data.tokenizer_type, data.tokenizer_model,
-                                        data.vocab_file).vocab_size
-            if not explicit_vocab:
-                model_values["vocab_size"] = tok_vocab
-            elif model_values["vocab_size"] < tok_vocab:
-                raise ConfigError(f"{option_name('model', 'vocab_size')}: "
-                                  f"{model_values['vocab_size']} is smaller than the vocabulary "
-                                  f"of the tokenizer ({tok_vocab})", "model", "vocab_size")
-        elif model_values.get("vocab_size") is None:
-            raise ConfigError("the vocabulary size is unknown: give --vocab-size N (e.g. with "
-                              "--mock-data), a --model-preset, or a tokenizer "
-                              "(--tokenizer-type with --tokenizer-model/--vocab-file)",
-                              "model", "vocab_size")
-        config = TrainConfig(model=build_model_config(model_values), **sections)
-    except ConfigError as e:
-        raise located(e) from None
-    if not data.mock_data and not data.data_path:
-        raise ConfigError("no training data: give --data-path PREFIX (data.data_path) or "
-                          "--mock-data (data.mock_data)", "data", "data_path")
-    if config.parallel.zero_stage:
-        # Early, before any process group exists (data-parallel size unknown: stage limits
-        # depend on TP/PP and precision only); build_optimizer checks again with the real layout.
-        from megalite.optim.zero import validate_zero
-
-        par = config.parallel
-        validate_zero(par.zero_stage, (par.tensor_model_parallel_size,
-                                       par.pipeline_model_parallel_size, 1), config.precision)
-    load = config.training.load
-    if load is not None and not os.path.isdir(load):
-        # A mistyped --load must not quietly train from scratch (in a requeue loop, a silent
-        # restart from iteration 0); an existing empty directory does start from scratch.
-        what = "is not a directory" if os.path.exists(load) else "does not exist"
-        raise located(ConfigError(f"{option_name('training', 'load')}: {load} {what} (to "
-                                  "start from scratch, create it or leave out --load)",
-                                  "training", "load"))
-    ds = config.parallel.deepspeed_config
-    if ds is not None and not os.path.isfile(ds):
-        raise located(ConfigError(f"{option_name('parallel', 'deepspeed_config')}: {ds}: no "
-                                  "such file", "parallel", "deepspeed_config"))
-    return config
+    return TrainArgs(flags=flags, yaml=load_yaml(path) if path else {}, config_path=path,
+                     specials=specials, dry_run=bool(specials.pop("_dry_run", False)),
+                     world_size=specials.pop("_world_size", None))
 
 
-__all__ = ["build_parser", "load_yaml", "parse_train_args", "MegaliteError"]
+__all__ = ["TrainArgs", "build_parser", "load_yaml", "merge_model_values", "parse_args",
+           "packaged_config_names", "resolve_config_path"]

@@ -52,9 +52,10 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
 
     Items may also hold several whitespace-separated words (``["0.3 a 0.7 b"]``). Weights are
     returned as given (not normalised); None means "weight each prefix by its token count"."""
-    words = [w for item in data_path for w in str(item).split()]
+    words = [w for item in data_path or () for w in str(item).split()]
     if not words:
-        raise MegaliteError("--data-path: no dataset prefix given")
+        raise MegaliteError("--data-path: no dataset prefix given (give --data-path PREFIX or "
+                            "--mock-data)")
     numeric = [_is_number(w) for w in words]
     if not any(numeric):
         return words, None

@@ -1,7 +1,7 @@
 """``megalite train --dry-run``: check a run and print its plan without training.
 
 Checks, in order (each failure is a MegaliteError naming the flag or file): the config (already
-validated by parse_train_args, tokenizer included), the layout against the world size (TP x PP
+checked by the run preparation, training/prepare.py, tokenizer included), the layout against the world size (TP x PP
 divides it; heads, query groups, MLP width and vocabulary split over TP; layers over PP and
 virtual stages; the global batch over micro x DP; ZeRO's limits), and the data files (every
 ``--data-path`` prefix opened, its index validated, and its token ids inside the model's

@@ -17,22 +17,22 @@ import torch.distributed as dist
 
 
 def main(argv=None) -> int:
-    from megalite.config import parse_train_args
-    from megalite.train_args import build_parser
+    from megalite.train_args import parse_args
+    from megalite.training.prepare import prepare_run
 
-    config = parse_train_args(argv)  # before the heavy imports: --help and flag errors stay fast
-    specials, _ = build_parser().parse_known_args(argv)
+    args = parse_args(argv)       # argv parsed once, before the heavy imports: --help and
+    config = prepare_run(args)    # flag errors stay fast
     from megalite.distributed.launch_env import detect_launch_env, init_from_launch_env
 
-    if getattr(specials, "_dry_run", False):
+    if args.dry_run:
         from megalite.training.dry_run import dry_run
 
-        world = getattr(specials, "_world_size", None)
+        world = args.world_size
         if world is None:
             world = detect_launch_env().world_size
         print(dry_run(config, world), flush=True)
         return 0
-    if getattr(specials, "_world_size", None) is not None:
+    if args.world_size is not None:
         from megalite.errors import MegaliteError
         raise MegaliteError("--world-size is for --dry-run planning; a real run takes its world "
                             "size from the launcher (torchrun, srun, mpirun)")

@@ -129,8 +129,6 @@ class Trainer:
             datasets = [MockGPTDataset(cfg.model.vocab_size, self.seq_length, n, tr.seed + k)
                         if n else None for k, n in enumerate(num_samples)]
         else:
-            if not cfg.data.data_path:
-                raise MegaliteError("no training data: give --data-path PREFIX (or --mock-data)")
             from megalite.data.blended import build_train_valid_test_datasets
             datasets = build_train_valid_test_datasets(
                 cfg.data.data_path, cfg.data.split, num_samples, self.seq_length, tr.seed,

@@ -37,7 +37,7 @@ def workers():
 
 # -- through the trainer --------------------------------------------------------------------------
 def _train_args(extra):
-    from megalite.config import parse_train_args
+    from megalite.training.prepare import parse_train_args
     return parse_train_args([
         "--mock-data", "--vocab-size", "203", "--model-preset", "tiny", "--num-layers", "4",
         "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",

@@ -71,7 +71,7 @@ def _argv(recipe: str, data_prefix: str, sp_model: str, tp: int, pp: int, extra:
 
 def _train(argv: list[str]) -> list[float]:
     """Run in every worker (top level: pickled by reference)."""
-    from megalite.config import parse_train_args
+    from megalite.training.prepare import parse_train_args
     from megalite.training.trainer import Trainer
 
     return Trainer(parse_train_args(argv)).train().losses

@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 
 
 def _pretrain_error(argv: list[str]) -> str | None:
-    from megalite.config import parse_train_args
+    from megalite.training.prepare import parse_train_args
     from megalite.errors import MegaliteError
     from megalite.training.trainer import pretrain
 

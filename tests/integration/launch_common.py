@@ -35,7 +35,7 @@ def losses_by_iteration(log_json: str) -> dict[int, float]:
 def reference_losses(tmp_dir: str) -> dict[int, float]:
     """The same config trained in this process (one rank: 4 microbatches accumulated instead
     of 4 DP ranks), one intra-op thread like the launched ranks."""
-    from megalite.config import parse_train_args
+    from megalite.training.prepare import parse_train_args
     from megalite.training.trainer import pretrain
 
     n = torch.get_num_threads()

@@ -46,7 +46,7 @@ TOL = 1e-4
 
 
 def _args(recipe, prefix, sp, tp, pp, extra=()):
-    from megalite.config import parse_train_args
+    from megalite.training.prepare import parse_train_args
     return parse_train_args([
         "--config", RECIPES[recipe], "--data-path", prefix, "--split", "98,2,0",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp,

@@ -223,7 +223,7 @@ def test_from_hf_takes_tokenizer_json_and_reports_none(hf_tokenizer_json, tmp_pa
     assert build_tokenizer(data.tokenizer_type, data.tokenizer_model).eod == \
         build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_json).eod
     # `train --load` alone takes the model shape and the tokenizer from the checkpoint
-    from megalite.config import parse_train_args
+    from megalite.training.prepare import parse_train_args
     from megalite.training.trainer import pretrain
     resumed = parse_train_args(["--load", str(tmp_path / "ckpt"), "--mock-data",
                                 "--train-iters", "1", "--eval-iters", "0"])

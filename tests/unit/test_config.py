@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-from megalite.config import (ConfigError, DataConfig, OptimConfig, ParallelConfig,
-                             PrecisionConfig, TrainConfig, TrainingConfig, check_batch_sizes,
-                             parse_train_args, resolve_vocab_size)
-from megalite.errors import MegaliteError
+from megalite.config import (DataConfig, OptimConfig, ParallelConfig, PrecisionConfig,
+                             TrainConfig, TrainingConfig, check_batch_sizes, resolve_vocab_size)
+from megalite.errors import ConfigError, MegaliteError
 from megalite.model.presets import PRESETS, get_preset
 from megalite.train_args import build_parser
+from megalite.training.prepare import parse_train_args
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs")
 TINY = ["--model-preset", "tiny", "--mock-data"]
@@ -198,7 +198,7 @@ def test_to_dict_from_dict_round_trip_exactly():
                                   loss_scale_window=7, min_loss_scale=2.0),
         data=DataConfig(data_path=["0.3", "a", "0.7", "b"], split="90,9,1",
                         tokenizer_type="SentencePieceTokenizer", tokenizer_model="x.model",
-                        data_cache_path="cache", num_workers=0),
+                        data_cache_path="cache"),
         training=TrainingConfig(micro_batch_size=2, global_batch_size=8, train_iters=50,
                                 seed=7, log_interval=5, eval_interval=10, eval_iters=2,
                                 save="ck", load="ck", save_interval=20, log_json="l.jsonl",
@@ -208,6 +208,13 @@ def test_to_dict_from_dict_round_trip_exactly():
     assert d == c.to_dict()
     back = TrainConfig.from_dict(d)
     assert back == c and back.to_dict() == d
+
+
+def test_old_checkpoint_configs_with_retired_keys_still_load():
+    """data.num_workers (never used) was dropped; configs saved with it still load."""
+    d = parse_train_args(TINY).to_dict()
+    d["data"]["num_workers"] = 1
+    assert TrainConfig.from_dict(d) == parse_train_args(TINY)
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -287,7 +294,6 @@ BAD_FLAGS = [
     (["--keep-last", "0", "--save", "ckpt"], ["--keep-last"]),
     (["--peak-tflops", "0"], ["--peak-tflops"]),
     (["--exit-duration-in-mins", "-1"], ["--exit-duration-in-mins"]),
-    (["--num-workers", "-1"], ["--num-workers"]),
     (["--split", "a,b"], ["--split"]),
     (["--blend-rule", "tijdeman"], ["--blend-rule"]),
     (["--seed", "-1"], ["--seed"]),

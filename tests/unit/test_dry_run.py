@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megalite.cli import main
-from megalite.config import parse_train_args
+from megalite.training.prepare import parse_train_args
 from megalite.errors import MegaliteError
 from megalite.training.dry_run import GIB, activation_bytes_per_layer, plan_run
 

@@ -251,7 +251,7 @@ def test_default_rule_keeps_its_bound_on_the_same_blend(three_files, tmp_path):
 def test_blend_rule_flag_reaches_the_trainer(three_files, tmp_path):
     """`megalite train --blend-rule megatron` trains on megatron-core's blend (the flag goes
     through the config and the trainer to the builder); the default flag on the default rule."""
-    from megalite.config import parse_train_args
+    from megalite.training.prepare import parse_train_args
     from megalite.training.trainer import Trainer
 
     a, b = three_files[:2]

@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
 from harness import run_distributed  # noqa: E402
 
-from megalite.config import parse_train_args  # noqa: E402
+from megalite.training.prepare import parse_train_args  # noqa: E402
 from megalite.training.signals import EXIT_STOPPED, STOP_SIGNALS, StopMonitor  # noqa: E402
 from megalite.training.trainer import Trainer, pretrain  # noqa: E402
 

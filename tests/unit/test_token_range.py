@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megalite.cli import main
-from megalite.config import parse_train_args
+from megalite.training.prepare import parse_train_args
 from megalite.data.indexed import IndexedDatasetBuilder
 from megalite.data.token_range import check_token_ids, token_id_range
 from megalite.errors import MegaliteError

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from megalite.config import parse_train_args
+from megalite.training.prepare import parse_train_args
 from megalite.errors import MegaliteError
 from megalite.training.trainer import pretrain
 
