@@ -112,20 +112,9 @@ def _saved_tokenizer(train_config) -> dict:
     return {k: (data or {}).get(k) for k in keys}
 
 
-def _locate(path: str | None, load_dir: str) -> str | None:
-    """A saved tokenizer path: as saved (cwd), else next to the checkpoint or its parent."""
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    base = os.path.abspath(load_dir)
-    for root in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
-        candidate = os.path.join(root, path)
-        if os.path.exists(candidate):
-            return candidate
-    return path   # not found: build_tokenizer names the flag and the path
-
-
 def resolve_tokenizer(args, train_config):
     """The tokenizer: from the flags when given, else from the checkpoint's config."""
+    from megalite.checkpoint.io import locate_beside_checkpoint
     from megalite.data.tokenizers import build_tokenizer
     if args.tokenizer_type:
         return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file)
@@ -138,8 +127,8 @@ def resolve_tokenizer(args, train_config):
                             f"--vocab-file")
     try:
         return build_tokenizer(saved["tokenizer_type"],
-                               _locate(saved["tokenizer_model"], args.load),
-                               _locate(saved["vocab_file"], args.load))
+                               locate_beside_checkpoint(saved["tokenizer_model"], args.load),
+                               locate_beside_checkpoint(saved["vocab_file"], args.load))
     except MegaliteError as e:
         raise MegaliteError(f"the checkpoint's tokenizer cannot be loaded ({e}); pass the "
                             f"tokenizer flags to point at it") from None

@@ -38,8 +38,8 @@ from megalite.errors import MegaliteError
 __all__ = [
     "MANIFEST", "META", "CONFIG", "LATEST", "checkpoint_name", "parse_checkpoint_name",
     "fsync_dir", "finish_file", "write_json_atomic", "write_latest", "read_latest",
-    "list_checkpoints", "resolve_checkpoint", "clean_stale", "prune_checkpoints",
-    "write_manifest", "verify_manifest", "verify_checksum", "safe_torch_load", "check_plain",
+    "list_checkpoints", "resolve_checkpoint", "locate_beside_checkpoint", "clean_stale",
+    "prune_checkpoints", "write_manifest", "verify_manifest", "verify_checksum", "safe_torch_load", "check_plain",
     "read_json",
 ]
 
@@ -354,3 +354,16 @@ def safe_torch_load(path: str, mmap: bool = False) -> Any:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise MegaliteError(f"checkpoint file {path} is corrupt or not a torch.save file: "
                             f"{str(e).strip()[:200]}") from None
+
+
+def locate_beside_checkpoint(path: str | None, load_dir: str) -> str | None:
+    """A file a checkpoint's config names (its tokenizer), saved as a relative path: as saved
+    (from the working directory), else next to the checkpoint, its save directory or above."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    base = os.path.abspath(load_dir)
+    for root in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
+        candidate = os.path.join(root, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path   # not found: build_tokenizer names the flag and the path

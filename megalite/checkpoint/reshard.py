@@ -37,7 +37,7 @@ from megalite.model.config import GPTConfig
 from megalite.parallel.layers import full_shape, shard_tensor, unshard_tensors
 
 __all__ = ["load_model_weights", "load_model_weights_from", "read_model_config",
-           "read_train_config", "model_file_name", "VOCAB_TENSORS", "WORD_EMBEDDINGS"]
+           "model_config_from_meta", "read_train_config", "model_file_name", "VOCAB_TENSORS", "WORD_EMBEDDINGS"]
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
@@ -62,7 +62,7 @@ def read_model_config(directory: str, iteration: int | None = None) -> GPTConfig
     """The GPTConfig a checkpoint was saved with (to build the model before loading weights)."""
     path = _resolve(directory, iteration)
     meta = io.read_json(os.path.join(path, io.META))
-    return _model_config(meta, path)
+    return model_config_from_meta(meta, path)
 
 
 def read_train_config(directory: str, iteration: int | None = None) -> Any:
@@ -108,7 +108,8 @@ def _resolve(directory: str, iteration: int | None) -> str:
     return path
 
 
-def _model_config(meta: dict, path: str) -> GPTConfig:
+def model_config_from_meta(meta: dict, path: str) -> GPTConfig:
+    """The GPTConfig in a checkpoint's metadata ``meta`` (read from ``path``), checked."""
     raw = meta.get("model_config")
     if not isinstance(raw, dict):
         raise MegaliteError(f"{os.path.join(path, io.META)} has no model_config")
@@ -186,7 +187,7 @@ def load_model_weights_from(path: str, meta: dict, files: dict, model_chunks: li
                             ps: ParallelState, *, verify_checksums: bool = True) -> None:
     """:func:`load_model_weights` on an already resolved checkpoint ``path`` (with its parsed
     ``meta.json`` and the manifest entries of :func:`io.verify_manifest`)."""
-    saved_config = _model_config(meta, path)
+    saved_config = model_config_from_meta(meta, path)
     for chunk in model_chunks:
         check_model_config(saved_config, chunk.config, path)
     index: dict[str, dict] = meta.get("tensors") or {}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from megalite.checkpoint.reshard import WORD_EMBEDDINGS
-from megalite.convert import _module, architecture_of, config_from_hf
+from megalite.convert import architecture_module, architecture_of, config_from_hf
 from megalite.convert.hf_io import HFReader, HFShardedWriter, progress
 from megalite.convert.hf_tokenizer import import_tokenizer, write_tokenizer_files
 from megalite.convert.offline import CheckpointReader, write_checkpoint
@@ -39,7 +39,7 @@ def _train_config(path: str):
 def _tokenizer_of(train_config, ckpt_path: str) -> tuple[str | None, str | None]:
     """(tokenizer_model, tokenizer_type) of a checkpoint's config; a relative path is found
     as ``megalite generate`` finds it (the working directory, else beside the checkpoint)."""
-    from megalite.generate import _locate
+    from megalite.checkpoint.io import locate_beside_checkpoint
     data = getattr(train_config, "data", None)
     if data is not None:
         model, kind = data.tokenizer_model, data.tokenizer_type
@@ -48,7 +48,7 @@ def _tokenizer_of(train_config, ckpt_path: str) -> tuple[str | None, str | None]
             "tokenizer_type")
     else:
         return None, None
-    return _locate(model, os.path.dirname(ckpt_path)), kind
+    return locate_beside_checkpoint(model, os.path.dirname(ckpt_path)), kind
 
 
 # -- megalite -> Hugging Face -----------------------------------------------------------------
@@ -57,7 +57,7 @@ def to_hf(args, tmp: str) -> str:
     try:
         cfg = reader.config
         arch = architecture_of(cfg)
-        mod = _module(arch)
+        mod = architecture_module(arch)
         rows = reader.meta_tensor(WORD_EMBEDDINGS).shape[0]
         maps = mod.param_mappings(cfg, rows)
         out_dtype = _DTYPES.get(args.dtype)
@@ -108,7 +108,7 @@ def from_hf(args, tmp: str) -> str:
     try:
         cfg = config_from_hf(hf.config)
         arch = architecture_of(cfg)
-        maps = {m.megalite: m for m in _module(arch).param_mappings(cfg)}
+        maps = {m.megalite: m for m in architecture_module(arch).param_mappings(cfg)}
         _check_hf_names(hf, maps, cfg, args.load)
         out_dtype = _DTYPES.get(args.dtype)
 

@@ -24,8 +24,10 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from megalite.convert import (ParamMapping, from_hf_state_dict, grouped_to_qkv, identity_mapping,
-                              qkv_to_grouped, to_hf_state_dict, transposed_mapping, vocab_mapping)
+from megalite.convert.architectures import architecture_of
+from megalite.convert.mapping import (ParamMapping, from_hf_state_dict, grouped_to_qkv,
+                                      identity_mapping, qkv_to_grouped, to_hf_state_dict,
+                                      transposed_mapping, vocab_mapping)
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
 
@@ -75,7 +77,6 @@ def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[P
 
 
 def _check(config: GPTConfig) -> None:
-    from megalite.convert import architecture_of
     if architecture_of(config) != "gpt2":
         raise MegaliteError("GPT-2 conversion needs the classic recipe (LayerNorm, learned "
                             "positions, gelu, bias, tied embeddings, no GQA)")

@@ -28,8 +28,9 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from megalite.convert import (ParamMapping, from_hf_state_dict, grouped_to_qkv, identity_mapping,
-                              qkv_to_grouped, to_hf_state_dict, vocab_mapping)
+from megalite.convert.mapping import (ParamMapping, from_hf_state_dict, grouped_to_qkv,
+                                      identity_mapping, qkv_to_grouped, to_hf_state_dict,
+                                      vocab_mapping)
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from megalite.checkpoint import io
-from megalite.checkpoint.reshard import (VOCAB_TENSORS, _model_config, file_metadata,
+from megalite.checkpoint.reshard import (VOCAB_TENSORS, file_metadata, model_config_from_meta,
                                          model_file_name)
 from megalite.checkpoint.sharded import FORMAT, rank_file_name
 from megalite.convert.hf_io import StreamingSafetensorsWriter, progress
@@ -63,7 +63,7 @@ class CheckpointReader:
         if self.meta.get("format") != FORMAT:
             raise MegaliteError(f"{os.path.join(path, io.META)}: unknown format "
                                 f"{self.meta.get('format')!r} (expected {FORMAT})")
-        self.config: GPTConfig = _model_config(self.meta, path)
+        self.config: GPTConfig = model_config_from_meta(self.meta, path)
         self.index: dict[str, dict] = self.meta.get("tensors") or {}
         self.tp = int(self.meta["layout"]["tp_size"])
         self.verify = verify_checksums

@@ -148,7 +148,7 @@ def megalite_logits(ckpt, tokens):
 # -- to-hf ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_to_hf_from_tp2pp2_gives_equal_logits(trained, recipe, tmp_path, capsys, sp_model):
-    from megalite.convert import _module
+    from megalite.convert import architecture_module as _module
     root, _ = trained
     out = tmp_path / "hf"
     assert convert("to-hf", "--load", os.path.join(root, recipe), "--save", out,
