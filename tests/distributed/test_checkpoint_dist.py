@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
+from harness import DistributedWorkers
 
-from megalite.checkpoint import load_checkpoint, load_model_weights, save_checkpoint  # noqa: E402
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.errors import MegaliteError  # noqa: E402
-from megalite.model import get_preset  # noqa: E402
-from megalite.model.gpt import GPTModel  # noqa: E402
-from megalite.parallel.layers import init_parameter_, set_sharding  # noqa: E402
-from megalite.parallel.random import model_parallel_seed  # noqa: E402
+from megalite.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from megalite.distributed.parallel_state import ParallelState
+from megalite.errors import MegaliteError
+from megalite.model import get_preset
+from megalite.model.gpt import GPTModel
+from megalite.parallel.layers import init_parameter_, set_sharding
+from megalite.parallel.random import model_parallel_seed
 
 REL = 1e-6
 B, S = 2, 12

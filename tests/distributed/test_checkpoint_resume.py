@@ -15,18 +15,16 @@ resharding, so their resumed curves must be bitwise equal.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
+from harness import DistributedWorkers
 
-from megalite.checkpoint import load_model_weights, save_checkpoint  # noqa: E402
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.model.gpt import GPTModel  # noqa: E402
+from megalite.checkpoint import load_model_weights, save_checkpoint
+from megalite.distributed.parallel_state import ParallelState
+from megalite.model.gpt import GPTModel
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,14 @@ bit (torch.equal), in float32 and in bfloat16.
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
+from harness import DistributedWorkers
 
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.parallel.data_parallel import _buckets  # noqa: E402
+from megalite.distributed.parallel_state import ParallelState
+from megalite.parallel.data_parallel import _buckets
 
 SHAPES = [((3, 5), torch.float32), ((100,), torch.float32), ((7,), torch.float32),
           ((40, 30), torch.float32), ((6, 4), torch.bfloat16), ((9,), torch.bfloat16),

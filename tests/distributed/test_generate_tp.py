@@ -13,19 +13,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
+from harness import DistributedWorkers
 
-from megalite.checkpoint import save_checkpoint  # noqa: E402
-from megalite.config import DataConfig, TrainConfig  # noqa: E402
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.generate import build_parser, generate_text  # noqa: E402
-from megalite.model import get_preset  # noqa: E402
-from megalite.model.gpt import GPTModel  # noqa: E402
+from megalite.checkpoint import save_checkpoint
+from megalite.config import DataConfig, TrainConfig
+from megalite.distributed.parallel_state import ParallelState
+from megalite.generate import build_parser, generate_text
+from megalite.model import get_preset
+from megalite.model.gpt import GPTModel
 
 RECIPES = {  # vocab 1000 = the sp_model fixture's; init std 0.3 for spread logits
     "classic": get_preset("tiny").replace(init_method_std=0.3),

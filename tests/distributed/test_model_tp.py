@@ -12,19 +12,16 @@ gradient must also be nonzero so the comparison cannot pass vacuously.
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
+from harness import DistributedWorkers
 
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.model import get_preset  # noqa: E402
-from megalite.model.gpt import GPTModel  # noqa: E402
-from megalite.parallel.random import model_parallel_seed  # noqa: E402
+from megalite.distributed.parallel_state import ParallelState
+from megalite.model import get_preset
+from megalite.model.gpt import GPTModel
+from megalite.parallel.random import model_parallel_seed
 
 REL = 1e-5
 B, S, SEED = 2, 16, 11

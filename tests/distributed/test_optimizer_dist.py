@@ -20,22 +20,19 @@ round different partial sums).
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
+from harness import DistributedWorkers
 
-from megalite.config import OptimConfig, PrecisionConfig  # noqa: E402
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.model import get_preset  # noqa: E402
-from megalite.parallel.layers import gather_full_tensor  # noqa: E402
-from megalite.parallel.pipeline.schedules import forward_backward  # noqa: E402
-from megalite.parallel.pipeline.stages import build_model_chunks  # noqa: E402
+from megalite.config import OptimConfig, PrecisionConfig
+from megalite.distributed.parallel_state import ParallelState
+from megalite.model import get_preset
+from megalite.parallel.layers import gather_full_tensor
+from megalite.parallel.pipeline.schedules import forward_backward
+from megalite.parallel.pipeline.stages import build_model_chunks
 
 REL = 1e-5
 # Parameters after 4 AdamW steps: the layouts' ~1e-7 relative gradient differences (fp32

@@ -13,8 +13,6 @@ few 1e-7). Sharding/initialization and RNG checks are exact (bitwise): they move
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -22,19 +20,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedTestError, DistributedWorkers  # noqa: E402
+from harness import DistributedTestError, DistributedWorkers
 
-from megalite.distributed.parallel_state import (  # noqa: E402
+from megalite.distributed.parallel_state import (
     ParallelState, init_distributed, rank_layout)
-from megalite.errors import MegaliteError  # noqa: E402
-from megalite.parallel import comm  # noqa: E402
-from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
-from megalite.parallel.layers import (  # noqa: E402
+from megalite.errors import MegaliteError
+from megalite.parallel import comm
+from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
     allreduce_sequence_parallel_grads, gather_full_tensor, init_parameter_, parallel_lm_logits,
     set_sharding, shard_tensor)
-from megalite.parallel.random import checkpoint, model_parallel_seed  # noqa: E402
+from megalite.parallel.random import checkpoint, model_parallel_seed
 
 REL64 = 1e-12
 REL32 = 1e-5

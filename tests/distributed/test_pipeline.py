@@ -18,18 +18,15 @@ be nonzero somewhere, so a comparison cannot pass on two zero tensors.
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
+from harness import DistributedWorkers
 
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.model import get_preset  # noqa: E402
-from megalite.model.gpt import GPTModel  # noqa: E402
+from megalite.distributed.parallel_state import ParallelState
+from megalite.model import get_preset
+from megalite.model.gpt import GPTModel
 
 B, S, SEED = 2, 16, 7
 RECIPES = {

@@ -17,20 +17,17 @@ AdamW eps 1e-6 so near-zero gradients do not amplify them). bf16: 2e-2 relative 
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
-from test_optimizer_dist import (BF16_REL, assert_same_training, build, configs,  # noqa: E402
+from harness import DistributedWorkers
+from test_optimizer_dist import (BF16_REL, assert_same_training, build, configs,
                                  full_params, make_optimizer, model_config, reference,
                                  run_steps, train)
 
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.errors import MegaliteError  # noqa: E402
+from megalite.distributed.parallel_state import ParallelState
+from megalite.errors import MegaliteError
 
 
 @pytest.fixture(scope="module")

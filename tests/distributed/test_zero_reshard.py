@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DistributedWorkers  # noqa: E402
-from test_checkpoint_resume import _train_args as checkpoint_resume_args  # noqa: E402
+from harness import DistributedWorkers
+from test_checkpoint_resume import _train_args as checkpoint_resume_args
 
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
+from megalite.distributed.parallel_state import ParallelState
 
 pytest.importorskip("deepspeed")
 

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,11 +33,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from harness import DistributedWorkers  # noqa: E402
-from hf_common import scale_up_  # noqa: E402
+from harness import DistributedWorkers
+from hf_common import scale_up_
 
-from megalite.cli import main as megalite_main  # noqa: E402
+from megalite.cli import main as megalite_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 RECIPES = {"classic": str(CONFIGS / "tiny-gpt.yaml"), "llama": str(CONFIGS / "tiny-llama.yaml")}

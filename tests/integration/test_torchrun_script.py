@@ -7,14 +7,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
-from harness import free_port  # noqa: E402
-from launch_common import (ROOT, TRAIN_ITERS, assert_close_to_reference,  # noqa: E402
+from harness import free_port
+from launch_common import (ROOT, TRAIN_ITERS, assert_close_to_reference,
                            losses_by_iteration, reference_losses, train_args)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from megalite.config import (DataConfig, OptimConfig, ParallelConfig, PrecisionConfig,
                              TrainConfig, TrainingConfig, check_batch_sizes, resolve_vocab_size)
-from megalite.errors import ConfigError, MegaliteError
+from megalite.errors import MegaliteError
 from megalite.model.presets import PRESETS, get_preset
 from megalite.train_args import build_parser
 from megalite.training.prepare import parse_train_args

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import index_reference as ref  # tests/index_reference.py (tests/ is on sys.path via its conftest)
+import index_reference as ref  # tests/index_reference.py (pyproject: pytest pythonpath)
 from megalite import _C
 from megalite.data.gpt_dataset import samples_available
 

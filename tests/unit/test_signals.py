@@ -3,18 +3,16 @@ iteration with a checkpoint, all ranks at the same iteration, and the resumed ru
 bitwise those of an uninterrupted run (same layout, same process: identical arithmetic)."""
 import os
 import signal
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
-from harness import run_distributed  # noqa: E402
+from harness import run_distributed
 
-from megalite.training.prepare import parse_train_args  # noqa: E402
-from megalite.training.signals import EXIT_STOPPED, STOP_SIGNALS, StopMonitor  # noqa: E402
-from megalite.training.trainer import Trainer, pretrain  # noqa: E402
+from megalite.training.prepare import parse_train_args
+from megalite.training.signals import EXIT_STOPPED, STOP_SIGNALS, StopMonitor
+from megalite.training.trainer import Trainer, pretrain
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs", "tiny-gpt.yaml")
 
