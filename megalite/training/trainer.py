@@ -30,6 +30,7 @@ from megalite.model.flops import flops_per_iteration
 from megalite.optim.lr_schedule import LRSchedule
 from megalite.optim.optimizer import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
+from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.data import BatchIterator, MockGPTDataset
@@ -96,8 +97,8 @@ class Trainer:
         self.vp_size = 1 if vp is None else (
             config.model.num_layers // (ps.pp_size * vp))
         self.model_chunks = build_model_chunks(
-            config.model, ps, vp_size=self.vp_size, split=par.pipeline_layer_split,
-            device=self.device, rng_tracker=self.rng_tracker)
+            config.model, ModelContext(ps, self.rng_tracker, self.device), vp_size=self.vp_size,
+            split=par.pipeline_layer_split)
         for chunk in self.model_chunks:
             chunk.init_weights(tr.seed)
             chunk.to(dtype=self.dtype)

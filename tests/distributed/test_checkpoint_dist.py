@@ -29,8 +29,9 @@ from megalite.distributed.parallel_state import ParallelState  # noqa: E402
 from megalite.errors import MegaliteError  # noqa: E402
 from megalite.model import get_preset  # noqa: E402
 from megalite.model.gpt import GPTModel  # noqa: E402
-from megalite.parallel.layers import init_parameter_, set_sharding  # noqa: E402
+from megalite.parallel.context import ModelContext  # noqa: E402
 from megalite.parallel.random import model_parallel_seed  # noqa: E402
+from megalite.parallel.sharding import init_parameter_, set_sharding  # noqa: E402
 
 REL = 1e-6
 B, S = 2, 12
@@ -59,8 +60,8 @@ def build(cfg, ps, vp=1, seed=0):
     chunks = []
     for c, rng in enumerate(ranges):
         v = c * ps.pp_size + ps.pp_rank
-        chunks.append(GPTModel(cfg, ps, pre_process=v == 0, post_process=v == n_virtual - 1,
-                               layer_range=rng, rng_tracker=tracker))
+        chunks.append(GPTModel(cfg, ModelContext(ps, rng_tracker=tracker), pre_process=v == 0,
+                               post_process=v == n_virtual - 1, layer_range=rng))
     for chunk in chunks:
         chunk.init_weights(seed)
     return chunks

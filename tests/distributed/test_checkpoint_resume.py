@@ -27,6 +27,7 @@ from harness import DistributedWorkers  # noqa: E402
 from megalite.checkpoint import load_model_weights, save_checkpoint  # noqa: E402
 from megalite.distributed.parallel_state import ParallelState  # noqa: E402
 from megalite.model.gpt import GPTModel  # noqa: E402
+from megalite.parallel.context import ModelContext  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def w_zero3_weights(root):
     load_model_weights(root, [other], ps)
     with gathered(list(other.parameters())):
         back = all(torch.equal(ref[n], p) for n, p in other.named_parameters())
-    single = GPTModel(other.config, ParallelState.single())
+    single = GPTModel(other.config, ModelContext(ParallelState.single()))
     load_model_weights(root, [single], ParallelState.single())
     plain = all(torch.equal(ref[n], p) for n, p in single.named_parameters())
     return back, plain

@@ -33,9 +33,10 @@ from harness import DistributedWorkers  # noqa: E402
 from megalite.config import OptimConfig, PrecisionConfig  # noqa: E402
 from megalite.distributed.parallel_state import ParallelState  # noqa: E402
 from megalite.model import get_preset  # noqa: E402
-from megalite.parallel.layers import gather_full_tensor  # noqa: E402
+from megalite.parallel.context import ModelContext  # noqa: E402
 from megalite.parallel.pipeline.schedules import forward_backward  # noqa: E402
 from megalite.parallel.pipeline.stages import build_model_chunks  # noqa: E402
+from megalite.parallel.sharding import gather_full_tensor  # noqa: E402
 
 REL = 1e-5
 # Parameters after 4 AdamW steps: the layouts' ~1e-7 relative gradient differences (fp32
@@ -86,7 +87,7 @@ def build(recipe: str, tp: int, pp: int, sp: bool = False, vp: int = 1):
     ``vp`` virtual pipeline stages (chunks) per rank."""
     ps = (ParallelState.build(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
           if dist.is_initialized() else ParallelState.single())
-    chunks = build_model_chunks(model_config(recipe, sp), ps, vp_size=vp)
+    chunks = build_model_chunks(model_config(recipe, sp), ModelContext(ps), vp_size=vp)
     for c in chunks:
         c.init_weights(SEED)
     return ps, chunks
