@@ -425,7 +425,7 @@ def _init_params(ps, device=None):
               "emb": (VocabParallelEmbedding, (32, 8), {})}
     out = {}
     for name, (cls, args, kw) in shapes.items():
-        m = cls(*args, ps=ps, dtype=torch.float32, **kw)
+        m = cls(*args, ModelContext(ps, dtype=torch.float32), **kw)
         for pname, p in m.named_parameters():
             init_parameter_(p, lambda t, gen: t.normal_(0, 0.02, generator=gen), seed=5,
                             name=f"{name}.{pname}", ps=ps)
