@@ -96,9 +96,9 @@ class Trainer:
         vp = par.num_layers_per_virtual_pipeline_stage
         self.vp_size = 1 if vp is None else (
             config.model.num_layers // (ps.pp_size * vp))
-        self.model_chunks = build_model_chunks(
-            config.model, ModelContext(ps, self.rng_tracker, self.device), vp_size=self.vp_size,
-            split=par.pipeline_layer_split)
+        ctx = ModelContext(ps, rng_tracker=self.rng_tracker, device=self.device)
+        self.model_chunks = build_model_chunks(config.model, ctx, vp_size=self.vp_size,
+                                               split=par.pipeline_layer_split)
         for chunk in self.model_chunks:
             chunk.init_weights(tr.seed)
             chunk.to(dtype=self.dtype)
