@@ -78,6 +78,7 @@ def phase(args: argparse.Namespace) -> dict:
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model.config import GPTConfig
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
 
     torch.set_num_threads(args.threads)
     cfg = GPTConfig(num_layers=args.layers, hidden_size=args.hidden,
@@ -87,7 +88,7 @@ def phase(args: argparse.Namespace) -> dict:
                     untie_embeddings_and_output_weights=True)
     ps = (ParallelState.for_shapes(tp_size=2, tp_rank=0) if args.phase == "weights-tp2"
           else ParallelState.single())
-    model = GPTModel(cfg, ps)
+    model = GPTModel(cfg, ModelContext(ps))
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     out = {"phase": args.phase, "params_this_rank": n_params,

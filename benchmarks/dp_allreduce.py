@@ -45,6 +45,7 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
     from megalite.distributed.parallel_state import ParallelState, init_distributed
     from megalite.model import get_preset
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
     from megalite.parallel.data_parallel import allreduce_gradients
 
     init_distributed("gloo")
@@ -54,7 +55,8 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
     cfg = cfg.replace(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=heads,
                       num_query_groups=heads if cfg.num_query_groups else None,
                       ffn_hidden_size=None)
-    shapes = [p.shape for p in GPTModel(cfg, ParallelState.single(), device="meta").parameters()]
+    meta = ModelContext(ParallelState.single(), device="meta")
+    shapes = [p.shape for p in GPTModel(cfg, meta).parameters()]
     g = torch.Generator().manual_seed(rank)
     source = [torch.randn(s, generator=g) for s in shapes]
 

@@ -27,6 +27,7 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.inference import SamplingConfig, generate_tokens
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         num_query_groups=args.groups, ffn_hidden_size=args.ffn, vocab_size=args.vocab,
         max_position_embeddings=args.prompt + args.new, seq_length=None, init_method_std=0.3)
-    model = GPTModel(cfg, ParallelState.single(), device=device).eval()
+    model = GPTModel(cfg, ModelContext(ParallelState.single(), device=device)).eval()
     model.init_weights(0)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt),
                            generator=torch.Generator().manual_seed(0))

@@ -24,6 +24,7 @@ import torch
 from megalite.distributed.parallel_state import ParallelState
 from megalite.model import flops_per_iteration, get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 
 def main() -> None:
@@ -53,7 +54,8 @@ def main() -> None:
            "model_flops_per_step": flops, "modes": {}}
     for gran in (None, "selective", "full"):
         torch.manual_seed(0)
-        model = GPTModel(base.replace(recompute_granularity=gran), ParallelState.single())
+        model = GPTModel(base.replace(recompute_granularity=gran),
+                         ModelContext(ParallelState.single()))
         model.init_weights(seed=1)
         times = []
         for i in range(args.iters + 1):

@@ -30,11 +30,12 @@ import torch.multiprocessing as mp
 def build(args, ps):
     from megalite.model import get_preset
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
     cfg = get_preset("tiny-llama").replace(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8,
         num_query_groups=4, ffn_hidden_size=args.hidden * 11 // 4, vocab_size=args.vocab,
         max_position_embeddings=128, seq_length=128)
-    model = GPTModel(cfg, ps)
+    model = GPTModel(cfg, ModelContext(ps))
     model.init_weights(1)
     return model
 

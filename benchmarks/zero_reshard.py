@@ -43,7 +43,8 @@ def build(args, ps, stage):
     from megalite.config import OptimConfig, PrecisionConfig
     from megalite.model.gpt import GPTModel
     from megalite.optim.optimizer import Optimizer
-    model = GPTModel(model_config(args), ps)
+    from megalite.parallel.context import ModelContext
+    model = GPTModel(model_config(args), ModelContext(ps))
     model.init_weights(1)
     optim, prec = OptimConfig(clip_grad=1.0), PrecisionConfig()
     if stage:
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
                                  timeout=3600)[0]
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model.gpt import GPTModel
-    meta = GPTModel(model_config(args), ParallelState.single(), device="meta")
+    from megalite.parallel.context import ModelContext
+    meta = GPTModel(model_config(args), ModelContext(ParallelState.single(), device="meta"))
     params = sum(p.numel() for p in meta.parameters())
     print(json.dumps({"args": vars(args), "parameters": params, "targets": result}, indent=1))
     return 0

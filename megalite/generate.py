@@ -233,13 +233,14 @@ def generate_text(args, ps, device=None, prepared=None):
     from megalite.checkpoint import load_model_weights
     from megalite.inference import generate_tokens
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
 
     sampling = sampling_from_args(args)
     config, tokenizer, prompt_ids, ids, new, _ = prepared or prepare(args)
     device = torch.device(device or "cpu")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     # Parameters start uninitialized (torch.empty): the checkpoint fills every one of them.
-    model = GPTModel(config, ps, device=device, dtype=dtype).eval()
+    model = GPTModel(config, ModelContext(ps, device=device, dtype=dtype)).eval()
     load_model_weights(args.load, [model], ps, iteration=args.iteration)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     # vocab_size: a model trained with a larger --vocab-size than its tokenizer must never

@@ -8,16 +8,17 @@ mapped, one tensor at a time), and
 
 * same tensor-parallel size and full shape: copies the matching shard as it is;
 * otherwise: reads every saved TP shard of that one tensor, unshards it
-  (:func:`~megalite.parallel.layers.unshard_tensors`), fixes the vocabulary padding, and keeps this
-  rank's shard (:func:`~megalite.parallel.layers.shard_tensor`).
+  (:func:`~megalite.parallel.sharding.unshard_tensors`), fixes the vocabulary padding, and keeps
+  this rank's shard (:func:`~megalite.parallel.sharding.shard_tensor`).
 
 Peak extra memory is therefore one full tensor (the largest: the embedding), never the model.
 
 Vocabulary matrices (word embedding, output layer) are padded to a multiple of
 ``make_vocab_size_divisible_by * tp``, which differs between TP sizes: the ``vocab_size`` real
-rows are copied and the padding rows set to zero. A tied output layer held by the last pipeline
-stage (``shared_embedding``) is read from the saved ``output_layer.weight`` when the saved layout
-had one, else from the word embedding (a layout whose first and last stage coincide).
+rows are copied and the padding rows set to zero (:func:`megalite.model.weights.fit_vocab_rows`).
+A tied output layer held by the last pipeline stage (``shared_embedding``) is read from the saved
+``output_layer.weight`` when the saved layout had one, else from the word embedding (a layout
+whose first and last stage coincide).
 """
 from __future__ import annotations
 
@@ -34,14 +35,12 @@ from megalite.checkpoint import io
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
-from megalite.parallel.layers import full_shape, shard_tensor, unshard_tensors
+from megalite.model.weights import OUTPUT_LAYER, VOCAB_TENSORS, WORD_EMBEDDINGS, fit_vocab_rows
+from megalite.parallel.sharding import full_shape, shard_tensor, sharding_of, unshard_tensors
 
 __all__ = ["load_model_weights", "load_model_weights_from", "read_model_config",
-           "model_config_from_meta", "read_train_config", "model_file_name", "VOCAB_TENSORS", "WORD_EMBEDDINGS"]
+           "model_config_from_meta", "read_train_config", "model_file_name"]
 
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
-OUTPUT_LAYER = "output_layer.weight"
-VOCAB_TENSORS = (WORD_EMBEDDINGS, OUTPUT_LAYER)
 # GPTConfig fields that change what the weights compute; the others (dropout, recompute,
 # sequence parallelism, padding multiple, sequence lengths, init) may differ at load time.
 _NUMERIC_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -170,18 +169,6 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
 
 
-def _fit_vocab(full: torch.Tensor, rows: int, vocab_size: int, name: str) -> torch.Tensor:
-    """``full`` with its rows padded/cut to ``rows``: real rows copied, padding zero."""
-    if full.shape[0] == rows:
-        return full
-    if full.shape[0] < vocab_size:
-        raise MegaliteError(f"{name}: checkpoint has {full.shape[0]} rows, fewer than "
-                            f"vocab_size={vocab_size}")
-    out = full.new_zeros((rows, *full.shape[1:]))
-    out[:vocab_size] = full[:vocab_size]
-    return out
-
-
 @torch.no_grad()
 def load_model_weights_from(path: str, meta: dict, files: dict, model_chunks: list,
                             ps: ParallelState, *, verify_checksums: bool = True) -> None:
@@ -217,8 +204,7 @@ def _load_one(reader: _ShardReader, index: dict, name: str, param: torch.Tensor,
     entry = index.get(src)
     if entry is None:
         return False
-    dim = getattr(param, "tensor_parallel_dim", None)
-    stride = getattr(param, "partition_stride", 1)
+    dim, stride = sharding_of(param)
     if (entry["tensor_parallel_dim"], entry["partition_stride"]) != (dim, stride):
         raise MegaliteError(
             f"{name}: saved split over dim {entry['tensor_parallel_dim']} (stride "
@@ -244,15 +230,14 @@ def reshard_tensor(read_shard, entry: dict, param: torch.Tensor, saved_tp: int,
     full shape: shard ``tp_rank`` as stored; otherwise unshard, fix the vocabulary padding, and
     shard for this layout (one full tensor in memory at a time).
     """
-    dim = getattr(param, "tensor_parallel_dim", None)
-    stride = getattr(param, "partition_stride", 1)
+    dim, stride = sharding_of(param)
     target = list(full_shape(param, ps.tp_size))
     if saved_tp == ps.tp_size and list(entry["full_shape"]) == target:
         return read_shard(ps.tp_rank if dim is not None else 0)
     ranks = range(saved_tp) if dim is not None else range(1)
     full = unshard_tensors([read_shard(r) for r in ranks], dim, stride)
     if is_vocab:
-        full = _fit_vocab(full, target[0], vocab_size, name)
+        full = fit_vocab_rows(full, target[0], vocab_size, f"{name} (checkpoint)")
     if list(full.shape) != target:
         raise MegaliteError(f"{name}: checkpoint full shape {tuple(full.shape)}, model expects "
                             f"{tuple(target)}")

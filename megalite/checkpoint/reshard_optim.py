@@ -31,10 +31,10 @@ from typing import Any, Callable
 import torch
 
 from megalite.checkpoint import io
-from megalite.checkpoint.reshard import (OUTPUT_LAYER, VOCAB_TENSORS, WORD_EMBEDDINGS,
-                                         reshard_tensor)
+from megalite.checkpoint.reshard import reshard_tensor
 from megalite.distributed.parallel_state import ParallelState, rank_layout
 from megalite.errors import MegaliteError
+from megalite.model.weights import OUTPUT_LAYER, VOCAB_TENSORS, WORD_EMBEDDINGS
 
 __all__ = ["reshardable", "is_zero_state", "is_zero_optimizer", "accepts_resharded",
            "reshard_optimizer_state"]

@@ -43,6 +43,7 @@ from megalite.checkpoint.reshard_optim import (accepts_resharded, is_zero_optimi
 from megalite.checkpoint.rng import capture_rng_states, restore_rng_states
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
+from megalite.parallel.sharding import full_shape, sharding_of
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rank_file_name"]
 
@@ -96,12 +97,9 @@ def _named_params(model_chunks: list) -> dict[str, torch.nn.Parameter]:
 
 
 def _tensor_entry(p: torch.Tensor, ps: ParallelState, pp_rank: int) -> dict:
-    shape = list(p.shape)
-    dim = getattr(p, "tensor_parallel_dim", None)
-    if dim is not None:
-        shape[dim] *= ps.tp_size
-    return {"pp_rank": pp_rank, "tensor_parallel_dim": dim,
-            "partition_stride": getattr(p, "partition_stride", 1), "full_shape": shape,
+    dim, stride = sharding_of(p)
+    return {"pp_rank": pp_rank, "tensor_parallel_dim": dim, "partition_stride": stride,
+            "full_shape": list(full_shape(p, ps.tp_size)),
             "dtype": str(p.dtype).removeprefix("torch.")}
 
 

@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import torch
 
-from megalite.checkpoint.reshard import WORD_EMBEDDINGS
 from megalite.convert import architecture_module, architecture_of, config_from_hf
+from megalite.model.weights import WORD_EMBEDDINGS
 from megalite.convert.hf_io import HFReader, HFShardedWriter, progress
 from megalite.convert.hf_tokenizer import import_tokenizer, write_tokenizer_files
 from megalite.convert.offline import CheckpointReader, write_checkpoint
@@ -264,6 +264,7 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
     from megalite.checkpoint.sharded import FORMAT, rank_file_name
     from megalite.distributed.parallel_state import ParallelState
     from megalite.optim.optimizer import build_optimizer
+    from megalite.parallel.context import ModelContext
     from megalite.parallel.pipeline.stages import build_model_chunks
     from megalite.parallel.random import model_parallel_seed
     new_config = dataclasses.replace(train_config, parallel=dataclasses.replace(
@@ -279,7 +280,7 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
 
     def rank_state(rank: int, tp_rank: int, pp_rank: int) -> dict:
         ps = ParallelState.for_shapes(tp, tp_rank, pp, pp_rank)
-        chunks = build_model_chunks(cfg, ps, device="meta")
+        chunks = build_model_chunks(cfg, ModelContext(ps, device="meta"))
         dtype = new_config.precision.params_dtype
         # The rank file holds optimizer state only (masters come from the saved state), so the
         # chunks need shapes and storage, not the weights (write_checkpoint wrote those).
@@ -314,9 +315,10 @@ def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
     from megalite.checkpoint import load_model_weights, read_model_config
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
     cfg = read_model_config(ckpt_dir).replace(hidden_dropout=0.0, attention_dropout=0.0)
     ps = ParallelState.single()
-    ours = GPTModel(cfg, ps, device="meta").to_empty(device="cpu")
+    ours = GPTModel(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
     load_model_weights(ckpt_dir, [ours], ps, verify_checksums=False)
     ours.eval()
     try:

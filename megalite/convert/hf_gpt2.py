@@ -30,6 +30,9 @@ from megalite.convert.mapping import (ParamMapping, from_hf_state_dict, grouped_
                                       transposed_mapping, vocab_mapping)
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
+from megalite.model.weights import (FINAL_NORM, INPUT_NORM, LINEAR_FC1, LINEAR_FC2, LINEAR_PROJ,
+                                    LINEAR_QKV, POSITION_EMBEDDINGS, POST_ATTENTION_NORM,
+                                    WORD_EMBEDDINGS, layer_prefix)
 
 _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _OUR_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
@@ -51,28 +54,25 @@ def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[P
         q, k, v = torch.split(rows, a * d, dim=0)
         return qkv_to_grouped(q, k, v, a)
 
-    maps = [vocab_mapping("embedding.word_embeddings.weight", "transformer.wte.weight",
-                          c.vocab_size, vp),
-            identity_mapping("embedding.position_embeddings.weight", "transformer.wpe.weight")]
+    maps = [vocab_mapping(WORD_EMBEDDINGS, "transformer.wte.weight", c.vocab_size, vp),
+            identity_mapping(POSITION_EMBEDDINGS, "transformer.wpe.weight")]
     for i in range(c.num_layers):
-        m, h = f"layers.{i}.", f"transformer.h.{i}."
+        m, h = layer_prefix(i), f"transformer.h.{i}."
         for s in ("weight", "bias"):
-            maps.append(identity_mapping(f"{m}input_norm.{s}", f"{h}ln_1.{s}"))
-        maps.append(ParamMapping(f"{m}attention.linear_qkv.weight", (f"{h}attn.c_attn.weight",),
-                                 qkv_to_hf, qkv_from_hf))
-        maps.append(ParamMapping(f"{m}attention.linear_qkv.bias", (f"{h}attn.c_attn.bias",),
-                                 qkv_to_hf, qkv_from_hf))
-        maps.append(transposed_mapping(f"{m}attention.linear_proj.weight",
-                                       f"{h}attn.c_proj.weight"))
-        maps.append(identity_mapping(f"{m}attention.linear_proj.bias", f"{h}attn.c_proj.bias"))
+            maps.append(identity_mapping(f"{m}{INPUT_NORM}.{s}", f"{h}ln_1.{s}"))
         for s in ("weight", "bias"):
-            maps.append(identity_mapping(f"{m}post_attention_norm.{s}", f"{h}ln_2.{s}"))
-        maps.append(transposed_mapping(f"{m}mlp.linear_fc1.weight", f"{h}mlp.c_fc.weight"))
-        maps.append(identity_mapping(f"{m}mlp.linear_fc1.bias", f"{h}mlp.c_fc.bias"))
-        maps.append(transposed_mapping(f"{m}mlp.linear_fc2.weight", f"{h}mlp.c_proj.weight"))
-        maps.append(identity_mapping(f"{m}mlp.linear_fc2.bias", f"{h}mlp.c_proj.bias"))
+            maps.append(ParamMapping(f"{m}{LINEAR_QKV}.{s}", (f"{h}attn.c_attn.{s}",),
+                                     qkv_to_hf, qkv_from_hf))
+        maps.append(transposed_mapping(f"{m}{LINEAR_PROJ}.weight", f"{h}attn.c_proj.weight"))
+        maps.append(identity_mapping(f"{m}{LINEAR_PROJ}.bias", f"{h}attn.c_proj.bias"))
+        for s in ("weight", "bias"):
+            maps.append(identity_mapping(f"{m}{POST_ATTENTION_NORM}.{s}", f"{h}ln_2.{s}"))
+        maps.append(transposed_mapping(f"{m}{LINEAR_FC1}.weight", f"{h}mlp.c_fc.weight"))
+        maps.append(identity_mapping(f"{m}{LINEAR_FC1}.bias", f"{h}mlp.c_fc.bias"))
+        maps.append(transposed_mapping(f"{m}{LINEAR_FC2}.weight", f"{h}mlp.c_proj.weight"))
+        maps.append(identity_mapping(f"{m}{LINEAR_FC2}.bias", f"{h}mlp.c_proj.bias"))
     for s in ("weight", "bias"):
-        maps.append(identity_mapping(f"final_norm.{s}", f"transformer.ln_f.{s}"))
+        maps.append(identity_mapping(f"{FINAL_NORM}.{s}", f"transformer.ln_f.{s}"))
     return maps
 
 
@@ -85,7 +85,7 @@ def _check(config: GPTConfig) -> None:
 def to_hf(state: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
     """Full megalite state dict -> ``GPT2LMHeadModel`` state dict (lm_head tied to wte)."""
     _check(config)
-    emb = state.get("embedding.word_embeddings.weight")
+    emb = state.get(WORD_EMBEDDINGS)
     vp = emb.shape[0] if emb is not None else None
     return to_hf_state_dict(state, param_mappings(config, vp),
                             {"lm_head.weight": "transformer.wte.weight"})

@@ -33,6 +33,9 @@ from megalite.convert.mapping import (ParamMapping, from_hf_state_dict, grouped_
                                       vocab_mapping)
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
+from megalite.model.weights import (FINAL_NORM, INPUT_NORM, LINEAR_FC1, LINEAR_FC2, LINEAR_PROJ,
+                                    LINEAR_QKV, OUTPUT_LAYER, POST_ATTENTION_NORM, WORD_EMBEDDINGS,
+                                    layer_prefix)
 
 
 def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[ParamMapping]:
@@ -40,33 +43,31 @@ def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[P
     c = config
     vp = padded_vocab or c.padded_vocab(1)
     a, g, d, f = c.num_attention_heads, c.query_groups, c.head_dim, c.ffn_size
-    maps = [vocab_mapping("embedding.word_embeddings.weight", "model.embed_tokens.weight",
-                          c.vocab_size, vp)]
+    maps = [vocab_mapping(WORD_EMBEDDINGS, "model.embed_tokens.weight", c.vocab_size, vp)]
     suffixes = ("weight", "bias") if c.add_bias_linear else ("weight",)
     qkv_suffixes = ("weight", "bias") if c.add_bias_linear or c.add_qkv_bias else ("weight",)
     for i in range(c.num_layers):
-        m, h = f"layers.{i}.", f"model.layers.{i}."
-        maps.append(identity_mapping(m + "input_norm.weight", h + "input_layernorm.weight"))
+        m, h = layer_prefix(i), f"model.layers.{i}."
+        maps.append(identity_mapping(f"{m}{INPUT_NORM}.weight", h + "input_layernorm.weight"))
         for s in qkv_suffixes:
             maps.append(ParamMapping(
-                f"{m}attention.linear_qkv.{s}",
+                f"{m}{LINEAR_QKV}.{s}",
                 tuple(f"{h}self_attn.{p}_proj.{s}" for p in "qkv"),
                 lambda t: grouped_to_qkv(t, a, g, d),
                 lambda q, k, v: qkv_to_grouped(q, k, v, g)))
         for s in suffixes:
-            maps.append(identity_mapping(f"{m}attention.linear_proj.{s}",
-                                         f"{h}self_attn.o_proj.{s}"))
-        maps.append(identity_mapping(m + "post_attention_norm.weight",
+            maps.append(identity_mapping(f"{m}{LINEAR_PROJ}.{s}", f"{h}self_attn.o_proj.{s}"))
+        maps.append(identity_mapping(f"{m}{POST_ATTENTION_NORM}.weight",
                                      h + "post_attention_layernorm.weight"))
         for s in suffixes:
             maps.append(ParamMapping(
-                f"{m}mlp.linear_fc1.{s}", (f"{h}mlp.gate_proj.{s}", f"{h}mlp.up_proj.{s}"),
+                f"{m}{LINEAR_FC1}.{s}", (f"{h}mlp.gate_proj.{s}", f"{h}mlp.up_proj.{s}"),
                 lambda t: tuple(x.contiguous() for x in torch.split(t, f, dim=0)),
                 lambda gate, up: torch.cat([gate, up], dim=0)))
-            maps.append(identity_mapping(f"{m}mlp.linear_fc2.{s}", f"{h}mlp.down_proj.{s}"))
-    maps.append(identity_mapping("final_norm.weight", "model.norm.weight"))
+            maps.append(identity_mapping(f"{m}{LINEAR_FC2}.{s}", f"{h}mlp.down_proj.{s}"))
+    maps.append(identity_mapping(f"{FINAL_NORM}.weight", "model.norm.weight"))
     if not c.tied_embeddings:
-        maps.append(vocab_mapping("output_layer.weight", "lm_head.weight", c.vocab_size, vp))
+        maps.append(vocab_mapping(OUTPUT_LAYER, "lm_head.weight", c.vocab_size, vp))
     return maps
 
 
@@ -93,7 +94,7 @@ def from_hf(hf_state: Mapping[str, Tensor], config: GPTConfig,
 
 
 def _padded_rows(state: Mapping[str, Tensor], config: GPTConfig) -> int:
-    emb = state.get("embedding.word_embeddings.weight")
+    emb = state.get(WORD_EMBEDDINGS)
     return emb.shape[0] if emb is not None else config.padded_vocab(1)
 
 

@@ -29,15 +29,16 @@ from typing import Any, Callable
 import torch
 
 from megalite.checkpoint import io
-from megalite.checkpoint.reshard import (VOCAB_TENSORS, file_metadata, model_config_from_meta,
-                                         model_file_name)
+from megalite.checkpoint.reshard import file_metadata, model_config_from_meta, model_file_name
 from megalite.checkpoint.sharded import FORMAT, rank_file_name
 from megalite.convert.hf_io import StreamingSafetensorsWriter, progress
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
-from megalite.parallel.layers import shard_tensor, unshard_tensors
+from megalite.model.weights import VOCAB_TENSORS, fit_vocab_rows
+from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.stages import build_model_chunks
+from megalite.parallel.sharding import shard_tensor, unshard_tensors
 
 __all__ = ["CheckpointReader", "write_checkpoint", "stage_params"]
 
@@ -120,17 +121,8 @@ def stage_params(config: GPTConfig, tp: int, pp: int, pp_rank: int) -> dict[str,
     """Parameters (meta device, with their sharding attributes) that tp rank 0 of pipeline stage
     ``pp_rank`` holds under layout (tp, pp, vp=1); every tp rank holds the same names."""
     ps = ParallelState.for_shapes(tp, 0, pp, pp_rank)
-    chunks = build_model_chunks(config, ps, device="meta")
+    chunks = build_model_chunks(config, ModelContext(ps, device="meta"))
     return {n: p for c in chunks for n, p in c.named_parameters()}
-
-
-def _padded(full: torch.Tensor, rows: int, vocab_size: int) -> torch.Tensor:
-    """A vocabulary matrix with ``rows`` rows: real rows copied, padding rows zero."""
-    if full.shape[0] == rows:
-        return full
-    out = full.new_zeros((rows, *full.shape[1:]))
-    out[:vocab_size] = full[:vocab_size]
-    return out
 
 
 def write_checkpoint(save: str, config: GPTConfig, tp: int, pp: int,
@@ -187,7 +179,7 @@ def write_checkpoint(save: str, config: GPTConfig, tp: int, pp: int,
                     src = VOCAB_TENSORS[0]   # the last stage's copy of a tied embedding
                 full = full_of(src).to(dtype_of(n))
                 if n in VOCAB_TENSORS:
-                    full = _padded(full, padded_vocab, config.vocab_size)
+                    full = fit_vocab_rows(full, padded_vocab, config.vocab_size, n)
                 e = entries[n]
                 if list(full.shape) != e["full_shape"]:
                     raise MegaliteError(f"{n}: full shape {list(full.shape)}, the model needs "

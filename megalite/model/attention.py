@@ -33,22 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalite.distributed.parallel_state import ParallelState
 from megalite.model.config import GPTConfig
 from megalite.model.positions import apply_rotary
+from megalite.parallel.context import ModelContext
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megalite.parallel.random import RNGStatesTracker, checkpoint
+from megalite.parallel.random import checkpoint
 
 
 class Attention(nn.Module):
     """``forward(x, rope=None) -> [s, b, h]``; ``rope`` is (cos, sin) from RotaryEmbedding."""
 
-    def __init__(self, config: GPTConfig, ps: ParallelState, rng_tracker: RNGStatesTracker,
-                 device=None, dtype=None):
+    def __init__(self, config: GPTConfig, ctx: ModelContext):
         super().__init__()
-        c, tp = config, ps.tp_size
+        c, tp = config, ctx.ps.tp_size
         config.validate_parallel(tp)
-        self.rng_tracker = rng_tracker
+        self.rng_tracker = ctx.rng_tracker
         self.head_dim = c.head_dim
         self.local_heads = c.num_attention_heads // tp
         self.local_groups = c.query_groups // tp
@@ -57,13 +56,11 @@ class Attention(nn.Module):
         self.selective_recompute = c.recompute_granularity == "selective"
         qkv_size = (c.num_attention_heads + 2 * c.query_groups) * c.head_dim
         self.linear_qkv = ColumnParallelLinear(
-            c.hidden_size, qkv_size, ps=ps, bias=c.add_bias_linear or c.add_qkv_bias,
-            gather_output=False,
-            sequence_parallel=c.sequence_parallel, device=device, dtype=dtype)
+            c.hidden_size, qkv_size, ctx, bias=c.add_bias_linear or c.add_qkv_bias,
+            gather_output=False, sequence_parallel=c.sequence_parallel)
         self.linear_proj = RowParallelLinear(
-            c.num_attention_heads * c.head_dim, c.hidden_size, ps=ps, bias=c.add_bias_linear,
-            input_is_parallel=True, sequence_parallel=c.sequence_parallel, device=device,
-            dtype=dtype)
+            c.num_attention_heads * c.head_dim, c.hidden_size, ctx, bias=c.add_bias_linear,
+            input_is_parallel=True, sequence_parallel=c.sequence_parallel)
 
     def core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the probabilities.

@@ -25,31 +25,26 @@ generator, identical on all tensor-parallel ranks, so the replicas stay equal.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
+from megalite.model import weights
 from megalite.model.attention import Attention
 from megalite.model.config import GPTConfig, padded_vocab_size
 from megalite.model.mlp import MLP
 from megalite.model.norms import build_norm, mark_replicated
 from megalite.model.positions import RotaryEmbedding, SinusoidalPositions
 from megalite.parallel.comm import reduce_scatter_to_sequence_parallel_region
+from megalite.parallel.context import ModelContext
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding,
-                                      gather_full_tensor, init_parameter_, parallel_lm_logits,
-                                      shard_tensor)
-from megalite.parallel.random import TP_SEED_OFFSET, RNGStatesTracker, checkpoint
+                                      parallel_lm_logits)
+from megalite.parallel.random import RNGStatesTracker, checkpoint
 
 __all__ = ["GPTModel", "padded_vocab_size"]
-
-# Name under which a tied output layer held away from the embedding (a pipeline's last stage)
-# is initialized, so that both copies start equal.
-_WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
 def _dropout(x: Tensor, p: float, training: bool, tracker: RNGStatesTracker, split: bool) -> Tensor:
@@ -70,22 +65,22 @@ class Embedding(nn.Module):
     it is marked ``sequence_parallel`` (summed over tp by the trainer, like the norms).
     """
 
-    def __init__(self, config: GPTConfig, ps: ParallelState, rng_tracker: RNGStatesTracker,
-                 device=None, dtype=None):
+    def __init__(self, config: GPTConfig, ctx: ModelContext):
         super().__init__()
-        self.config, self.ps, self.rng_tracker = config, ps, rng_tracker
+        ps = ctx.ps
+        self.config, self.ps, self.rng_tracker = config, ps, ctx.rng_tracker
         self.sp = config.sequence_parallel and ps.tp_size > 1
         h = config.hidden_size
-        self.word_embeddings = VocabParallelEmbedding(config.padded_vocab(ps.tp_size), h, ps=ps,
-                                                      reduce_output=not self.sp, device=device,
-                                                      dtype=dtype)
+        self.word_embeddings = VocabParallelEmbedding(config.padded_vocab(ps.tp_size), h, ctx,
+                                                      reduce_output=not self.sp)
         kind = config.position_embedding_type
         if kind == "learned_absolute":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, h,
-                                                    device=device, dtype=dtype)
+                                                    device=ctx.device, dtype=ctx.dtype)
             mark_replicated(self.position_embeddings, sequence_parallel=self.sp)
         elif kind == "sinusoidal":
-            self.sinusoidal = SinusoidalPositions(config.max_position_embeddings, h, device=device)
+            self.sinusoidal = SinusoidalPositions(config.max_position_embeddings, h,
+                                                  device=ctx.device)
 
     def forward(self, input_ids: Tensor, position_offset: int = 0) -> Tensor:
         """``position_offset``: absolute position of ``input_ids[:, 0]`` (tokens already in an
@@ -109,16 +104,15 @@ class Embedding(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm block: ``forward(x [s, b, h], cos=None, sin=None, kv_cache=None) -> [s, b, h]``."""
 
-    def __init__(self, config: GPTConfig, ps: ParallelState, rng_tracker: RNGStatesTracker,
-                 device=None, dtype=None):
+    def __init__(self, config: GPTConfig, ctx: ModelContext):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
-        self.split = config.sequence_parallel and ps.tp_size > 1
-        self.rng_tracker = rng_tracker
-        self.input_norm = build_norm(config, device, dtype)
-        self.attention = Attention(config, ps, rng_tracker, device, dtype)
-        self.post_attention_norm = build_norm(config, device, dtype)
-        self.mlp = MLP(config, ps, device, dtype)
+        self.split = config.sequence_parallel and ctx.ps.tp_size > 1
+        self.rng_tracker = ctx.rng_tracker
+        self.input_norm = build_norm(config, ctx)
+        self.attention = Attention(config, ctx)
+        self.post_attention_norm = build_norm(config, ctx)
+        self.mlp = MLP(config, ctx)
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
                 kv_cache=None) -> Tensor:
@@ -135,57 +129,55 @@ class GPTModel(nn.Module):
 
     Args:
         config: model shapes and recipe.
-        ps: this rank's parallel layout (only ``tp_*`` is used here).
+        ctx: this rank's layout (only ``ps.tp_*`` is used here), dropout RNG streams, and the
+            device (``"meta"`` to inspect shapes without memory) and dtype of the parameters
+            (default torch's default, float32; init is drawn in float32 and cast, so a bf16
+            model holds the rounded float32 weights). See
+            :class:`~megalite.parallel.context.ModelContext`.
         pre_process: hold the embedding (first pipeline stage).
         post_process: hold the final norm and the output layer (last pipeline stage).
         layer_range: global ids ``[a, b)`` of the layers held here (default: all). Parameter
             names use global ids (``layers.7.mlp...``) on every stage.
-        device: where to create parameters (``"meta"`` to inspect shapes without memory).
-        dtype: parameter dtype (default torch's default, float32). Init is drawn in float32
-            and cast, so a bf16 model holds the rounded float32 weights.
-        rng_tracker: dropout RNG streams, normally ``model_parallel_seed(seed, ps)`` from the
-            trainer; by default a private tracker whose "model-parallel" stream is seeded
-            ``TP_SEED_OFFSET + tp_rank`` (enough for dropout-free use and tests).
 
-    Parameters are uninitialized until :meth:`init_weights` (or a state dict) fills them.
+    Every module is built on the meta device, then this rank's shards are allocated on
+    ``ctx.device``: nothing is drawn at construction, and the parameters are uninitialized
+    until :meth:`init_weights` (or a state dict) fills them, once (:mod:`megalite.model.weights`).
     """
 
-    def __init__(self, config: GPTConfig, ps: ParallelState, *, pre_process: bool = True,
-                 post_process: bool = True, layer_range: tuple[int, int] | None = None,
-                 device=None, dtype=None, rng_tracker: RNGStatesTracker | None = None):
+    def __init__(self, config: GPTConfig, ctx: ModelContext, *, pre_process: bool = True,
+                 post_process: bool = True, layer_range: tuple[int, int] | None = None):
         super().__init__()
+        ps = ctx.ps
         config.validate()
         config.validate_parallel(ps.tp_size)
         lo, hi = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= lo <= hi <= config.num_layers:
             raise MegaliteError(f"layer_range {layer_range} is not within [0, "
                                 f"{config.num_layers}] (num_layers)")
-        if rng_tracker is None:
-            rng_tracker = RNGStatesTracker()
-            rng_tracker.add("model-parallel", TP_SEED_OFFSET + ps.tp_rank)
-        self.config, self.ps, self.rng_tracker = config, ps, rng_tracker
+        self.config, self.ps, self.rng_tracker = config, ps, ctx.rng_tracker
         self.pre_process, self.post_process, self.layer_range = pre_process, post_process, (lo, hi)
         self.padded_vocab = config.padded_vocab(ps.tp_size)
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
 
+        meta = ctx.on_meta()
         if pre_process:
-            self.embedding = Embedding(config, ps, rng_tracker, device, dtype)
+            self.embedding = Embedding(config, meta)
         self.rotary = (RotaryEmbedding.from_config(config)
                        if config.position_embedding_type == "rope" else None)
         # A ModuleDict keyed by the global layer id keeps state-dict names stage-independent.
-        self.layers = nn.ModuleDict({
-            str(i): TransformerLayer(config, ps, rng_tracker, device, dtype)
-            for i in range(lo, hi)})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, meta)
+                                     for i in range(lo, hi)})
         if post_process:
-            self.final_norm = build_norm(config, device, dtype)
+            self.final_norm = build_norm(config, meta)
             if not config.tied_embeddings or not pre_process:
                 # Untied output layer, or the last stage's copy of a tied embedding (kept equal
                 # to the first stage's by the pipeline's embedding-group all-reduce).
                 self.output_layer = ColumnParallelLinear(
-                    config.hidden_size, self.padded_vocab, ps=ps, bias=False,
-                    gather_output=False, sequence_parallel=self.sequence_parallel, device=device,
-                    dtype=dtype)
+                    config.hidden_size, self.padded_vocab, meta, bias=False,
+                    gather_output=False, sequence_parallel=self.sequence_parallel)
                 self.output_layer.weight.shared_embedding = config.tied_embeddings
+        if not ctx.is_meta:
+            weights.materialize(self, ctx.resolved_device())
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, inputs: Tensor, labels: Tensor | None = None, *, kv_cache=None) -> Tensor:
@@ -275,99 +267,23 @@ class GPTModel(nn.Module):
             logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
         return logits
 
-    # ---- weights ---------------------------------------------------------------------------
+    # ---- weights (megalite.model.weights) --------------------------------------------------
     def to_empty(self, *, device, recurse: bool = True) -> "GPTModel":
-        """``nn.Module.to_empty`` keeping the parameters' sharding attributes.
-
-        Moving off the meta device makes torch create new Parameter objects, which would drop
-        ``tensor_parallel_dim`` / ``partition_stride`` / ``sequence_parallel`` /
-        ``shared_embedding``; they are copied over. Follow with :meth:`init_weights` or
-        :meth:`load_full_state_dict`.
-        """
-        saved = {n: dict(vars(p)) for n, p in self.named_parameters()}
-        super().to_empty(device=device, recurse=recurse)
-        for n, p in self.named_parameters():
-            for key, value in saved.get(n, {}).items():
-                if not hasattr(p, key):
-                    setattr(p, key, value)
-        return self
+        """``nn.Module.to_empty`` keeping the parameters' sharding attributes
+        (:func:`~megalite.model.weights.to_empty_keeping_attributes`). Follow with
+        :meth:`init_weights` or :meth:`load_full_state_dict`."""
+        return weights.to_empty_keeping_attributes(self, device, recurse=recurse)
 
     def init_weights(self, seed: int) -> None:
-        """Megatron-style init, identical full weights for every tensor-parallel layout.
+        """Layout-independent init from ``seed`` (:func:`megalite.model.weights.init_weights`)."""
+        weights.init_weights(self, seed)
 
-        Weight matrices ~ N(0, init_method_std); the attention output projection and the second
-        MLP linear (the ones writing into the residual stream) ~ N(0, std / sqrt(2 L)); biases
-        0; norm weights 1. Each full tensor is drawn from a generator seeded by (seed, name),
-        then sharded, so TP=1, 2, 4, 8 see the same full model. Vocabulary matrices draw only
-        their ``vocab_size`` real rows (padding rows are zero), so they agree across layouts
-        whose padding differs. Also recomputes the fixed sinusoidal table, so a model built on
-        the meta device and materialized with ``to_empty(device=...)`` is complete after this.
-        """
-        for m in self.modules():            # buffers too: a model materialized from the meta
-            if isinstance(m, SinusoidalPositions):   # device with to_empty holds garbage
-                m.reset()
-        std = self.config.init_method_std
-        out_std = std / math.sqrt(2.0 * self.config.num_layers)
-        vocab = self.config.vocab_size
-
-        def normal(sigma):
-            return lambda t, g: t.normal_(0.0, sigma, generator=g)
-
-        def vocab_normal(t, g):
-            t.zero_()
-            t[:vocab].normal_(0.0, std, generator=g)
-
-        for name, p in self.named_parameters():
-            shared = getattr(p, "shared_embedding", False)
-            if name.endswith("bias"):
-                fn = lambda t, g: t.zero_()  # noqa: E731
-            elif "norm" in name:
-                fn = lambda t, g: t.fill_(1.0)  # noqa: E731
-            elif name in (_WORD_EMBEDDINGS, "output_layer.weight"):
-                fn = vocab_normal
-            elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-                fn = normal(out_std)
-            else:
-                fn = normal(std)
-            init_parameter_(p, fn, seed, _WORD_EMBEDDINGS if shared else name, self.ps)
-
-    @torch.no_grad()
     def full_state_dict(self) -> dict[str, Tensor]:
-        """Every parameter gathered to its full shape (a collective over the tp group: all tp
-        ranks must call it); full tensors on every tp rank, CPU copies."""
-        return {n: gather_full_tensor(p.detach(), p, self.ps).cpu()
-                for n, p in self.named_parameters()}
+        """Every parameter gathered to its full shape, on every tp rank (collective over the tp
+        group; :func:`megalite.model.weights.full_state_dict`)."""
+        return weights.full_state_dict(self)
 
-    @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Copy this rank's shard of each full tensor in ``state`` into the parameters.
-
-        Raises MegaliteError naming missing/unexpected names or a wrong full shape. Vocabulary
-        matrices may come with any padding (e.g. from Hugging Face: none): the ``vocab_size`` real
-        rows are copied and the padding rows set to zero.
-        """
-        params = dict(self.named_parameters())
-        missing = sorted(set(params) - set(state))
-        unexpected = sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise MegaliteError(f"state dict does not match the model: missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]}")
-        tp = self.ps.tp_size
-        for name, p in params.items():
-            full = state[name]
-            dim = getattr(p, "tensor_parallel_dim", None)
-            stride = getattr(p, "partition_stride", 1)
-            shape = list(p.shape)
-            if dim is not None:
-                shape[dim] *= tp
-            if name in (_WORD_EMBEDDINGS, "output_layer.weight") and full.shape[0] != shape[0]:
-                if full.shape[0] < self.config.vocab_size or full.shape[1:] != p.shape[1:]:
-                    raise MegaliteError(f"{name}: full shape {tuple(full.shape)} does not fit "
-                                        f"vocab_size={self.config.vocab_size}, h={shape[1]}")
-                resized = full.new_zeros(shape)
-                resized[:self.config.vocab_size] = full[:self.config.vocab_size]
-                full = resized
-            if list(full.shape) != shape:
-                raise MegaliteError(f"{name}: full shape {tuple(full.shape)}, model expects "
-                                    f"{tuple(shape)}")
-            p.copy_(shard_tensor(full, dim, stride, self.ps.tp_rank, tp))
+        """Copy this rank's shard of each full tensor in ``state`` into the parameters
+        (:func:`megalite.model.weights.load_full_state_dict`)."""
+        weights.load_full_state_dict(self, state)

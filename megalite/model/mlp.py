@@ -14,25 +14,24 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalite.distributed.parallel_state import ParallelState
 from megalite.model.config import GPTConfig
+from megalite.parallel.context import ModelContext
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 class MLP(nn.Module):
     """``forward(x [s, b, h]) -> [s, b, h]`` (with SP: [s/tp, b, h] in and out)."""
 
-    def __init__(self, config: GPTConfig, ps: ParallelState, device=None, dtype=None):
+    def __init__(self, config: GPTConfig, ctx: ModelContext):
         super().__init__()
         self.activation = config.activation
         gated = config.activation == "swiglu"
         h, f, sp = config.hidden_size, config.ffn_size, config.sequence_parallel
         self.linear_fc1 = ColumnParallelLinear(
-            h, 2 * f if gated else f, ps=ps, bias=config.add_bias_linear, gather_output=False,
-            sequence_parallel=sp, partition_stride=2 if gated else 1, device=device, dtype=dtype)
+            h, 2 * f if gated else f, ctx, bias=config.add_bias_linear, gather_output=False,
+            sequence_parallel=sp, partition_stride=2 if gated else 1)
         self.linear_fc2 = RowParallelLinear(
-            f, h, ps=ps, bias=config.add_bias_linear, input_is_parallel=True,
-            sequence_parallel=sp, device=device, dtype=dtype)
+            f, h, ctx, bias=config.add_bias_linear, input_is_parallel=True, sequence_parallel=sp)
 
     def forward(self, x: Tensor) -> Tensor:
         inner = self.linear_fc1(x)                              # [s, b, f/tp] (x2 for swiglu)

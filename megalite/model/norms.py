@@ -11,26 +11,25 @@ from __future__ import annotations
 from torch import nn
 
 from megalite.model.config import GPTConfig
+from megalite.parallel.context import ModelContext
+from megalite.parallel.sharding import set_sharding
 
 
 def mark_replicated(module: nn.Module, sequence_parallel: bool) -> None:
     """Tag every parameter of ``module`` as replicated over tp (grads summed over tp under SP)."""
     for p in module.parameters():
-        p.tensor_parallel_dim = None
-        p.partition_stride = 1
-        p.sequence_parallel = sequence_parallel
+        set_sharding(p, None, 1, sequence_parallel)
 
 
-def build_norm(config: GPTConfig, device=None, dtype=None) -> nn.Module:
-    """``config.normalization`` over ``config.hidden_size``: input [..., h] -> [..., h].
+def build_norm(config: GPTConfig, ctx: ModelContext) -> nn.Module:
+    """``config.normalization`` over ``config.hidden_size`` with parameters on ``ctx.device`` in
+    ``ctx.dtype``: input [..., h] -> [..., h].
 
     Uses torch's own ``nn.LayerNorm`` (weight and bias) and ``nn.RMSNorm`` (weight only), which
     match Hugging Face's GPT-2 and LLaMA norms to float32 rounding.
     """
     h, eps = config.hidden_size, config.layernorm_epsilon
-    if config.normalization == "LayerNorm":
-        norm = nn.LayerNorm(h, eps=eps, device=device, dtype=dtype)
-    else:
-        norm = nn.RMSNorm(h, eps=eps, device=device, dtype=dtype)
+    kw = dict(eps=eps, device=ctx.device, dtype=ctx.dtype)
+    norm = nn.LayerNorm(h, **kw) if config.normalization == "LayerNorm" else nn.RMSNorm(h, **kw)
     mark_replicated(norm, config.sequence_parallel)
     return norm

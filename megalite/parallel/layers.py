@@ -1,4 +1,4 @@
-"""Tensor-parallel layers and the per-parameter sharding metadata.
+"""Tensor-parallel layers.
 
 Layers (activations sequence-first ``[s, b, h]``; with sequence parallelism (SP) the sequence
 dimension is split over the TP group, ``[s/tp, b, h]``):
@@ -11,20 +11,15 @@ dimension is split over the TP group, ``[s/tp, b, h]``):
 * :class:`VocabParallelEmbedding` with the vocabulary rows split; each rank looks up the ids in its
   range, zeros the rest, and the partial embeddings are summed.
 
-Every parameter carries three attributes (set by :func:`set_sharding`) that tell layout-independent
-init, gradient checks, checkpoint resharding and HF conversion how it relates to the full tensor:
-
-* ``tensor_parallel_dim``: the dimension split over TP, or ``None`` when replicated.
-* ``partition_stride``: ``k > 1`` for fused weights made of ``k`` stacked blocks (e.g. ``[gate;
-  up]``): each block is split separately, so rank ``r`` holds block0[r] ++ block1[r] ++ ...
-* ``sequence_parallel``: replicated parameter that sees only this rank's sequence shard when SP is
-  on (norm weights, row-parallel bias): its gradient must be summed over TP
-  (:func:`allreduce_sequence_parallel_grads`) before the optimizer step.
+Each layer takes a :class:`~megalite.parallel.context.ModelContext` (layout, device, dtype) and
+tags its parameters with the sharding attributes of :mod:`megalite.parallel.sharding`. Built
+off the meta device, a layer initializes its weight from torch's default generator (full
+master weight drawn, this rank's shard kept: layout independent, since that generator is seeded
+alike on all TP ranks) and zeros its bias; on the meta device it draws nothing. A model builds
+its layers on the meta device and initializes each parameter once, by name
+(:mod:`megalite.model.weights`).
 """
 from __future__ import annotations
-
-import hashlib
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,85 +29,13 @@ from torch import Tensor, nn
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.parallel import comm
+from megalite.parallel.context import ModelContext
+from megalite.parallel.sharding import InitFn, init_shard_, set_sharding
 
 __all__ = [
-    "set_sharding", "shard_tensor", "unshard_tensors", "full_shape", "gather_full_tensor",
-    "allreduce_sequence_parallel_grads", "init_parameter_", "seed_for", "default_weight_init",
+    "allreduce_sequence_parallel_grads", "default_weight_init",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "parallel_lm_logits",
 ]
-
-InitFn = Callable[[Tensor, torch.Generator], None]
-
-
-# -- sharding metadata and full <-> shard mapping ------------------------------------------------
-def set_sharding(param: Tensor, tensor_parallel_dim: int | None = None, partition_stride: int = 1,
-                 sequence_parallel: bool = False) -> Tensor:
-    """Attach the sharding attributes (see module docstring) to ``param``; returns it."""
-    param.tensor_parallel_dim = tensor_parallel_dim
-    param.partition_stride = partition_stride
-    param.sequence_parallel = sequence_parallel
-    return param
-
-
-def _meta(param: Tensor) -> tuple[int | None, int]:
-    return getattr(param, "tensor_parallel_dim", None), getattr(param, "partition_stride", 1)
-
-
-def _check_divisible(size: int, dim: int, stride: int, tp_size: int) -> None:
-    if size % (stride * tp_size):
-        raise MegaliteError(f"dimension {dim} of size {size} cannot be split into "
-                            f"{stride} block(s) x {tp_size} tensor-parallel shards")
-
-
-def shard_tensor(full: Tensor, dim: int | None, stride: int, tp_rank: int, tp_size: int) -> Tensor:
-    """Rank ``tp_rank``'s shard of the ``full`` tensor (a contiguous copy; ``full`` if replicated).
-
-    With ``stride`` k the dimension is k equal blocks, each split into ``tp_size`` chunks; the shard
-    is the concatenation of chunk ``tp_rank`` of every block.
-    """
-    if dim is None or tp_size == 1:
-        return full
-    _check_divisible(full.shape[dim], dim, stride, tp_size)
-    blocks = full.chunk(stride, dim=dim)
-    return torch.cat([b.chunk(tp_size, dim=dim)[tp_rank] for b in blocks], dim=dim).contiguous()
-
-
-def unshard_tensors(shards: list[Tensor], dim: int | None, stride: int) -> Tensor:
-    """Inverse of :func:`shard_tensor`: the full tensor from all ranks' shards (in tp_rank order).
-
-    For a replicated parameter (``dim is None``) the first shard is returned.
-    """
-    if dim is None or len(shards) == 1:
-        return shards[0]
-    _check_divisible(shards[0].shape[dim], dim, stride, 1)
-    pieces = [s.chunk(stride, dim=dim) for s in shards]  # pieces[rank][block]
-    return torch.cat([pieces[r][b] for b in range(stride) for r in range(len(shards))], dim=dim)
-
-
-def full_shape(param: Tensor, tp_size: int) -> torch.Size:
-    """Shape of the unsharded tensor of which ``param`` is one TP shard."""
-    dim, _ = _meta(param)
-    shape = list(param.shape)
-    if dim is not None:
-        shape[dim] *= tp_size
-    return torch.Size(shape)
-
-
-def gather_full_tensor(param_or_grad: Tensor, meta_from: Tensor, ps: ParallelState) -> Tensor:
-    """The full tensor assembled from every TP rank's shard of ``param_or_grad``.
-
-    ``meta_from`` is the parameter whose sharding attributes apply (pass the parameter itself, or
-    the parameter when gathering its ``.grad``). Collective over the TP group: all TP ranks must
-    call it for the same parameter. Replicated tensors are returned as a detached copy.
-    """
-    dim, stride = _meta(meta_from)
-    t = param_or_grad.detach()
-    if dim is None or ps.tp_size == 1:
-        return t.clone()
-    t = t.contiguous()
-    shards = [torch.empty_like(t) for _ in range(ps.tp_size)]
-    dist.all_gather(shards, t, group=ps.tp_group)
-    return unshard_tensors(shards, dim, stride)
 
 
 def allreduce_sequence_parallel_grads(module: nn.Module, ps: ParallelState) -> None:
@@ -135,59 +58,22 @@ def allreduce_sequence_parallel_grads(module: nn.Module, ps: ParallelState) -> N
         offset += g.numel()
 
 
-# -- layout-independent initialization ----------------------------------------------------------
-def seed_for(seed: int, name: str) -> int:
-    """A 63-bit generator seed derived from ``(seed, name)`` (stable across runs and machines,
-    unlike Python's salted ``hash``)."""
-    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _init_from_generator(param: Tensor, init_fn: InitFn, generator: torch.Generator,
-                         ps: ParallelState) -> None:
-    if param.device.type == "meta":
-        return
-    # Draw the FULL tensor on CPU, in fp32 (fp64 stays fp64), so every layout and dtype sees the
-    # same numbers; then keep this rank's shard.
-    master_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    master = torch.empty(full_shape(param, ps.tp_size), dtype=master_dtype, device="cpu")
-    init_fn(master, generator)
-    dim, stride = _meta(param)
-    with torch.no_grad():
-        param.copy_(shard_tensor(master, dim, stride, ps.tp_rank, ps.tp_size))
-
-
-def init_parameter_(param: Tensor, init_fn: InitFn, seed: int, name: str,
-                    ps: ParallelState) -> None:
-    """Initialize ``param`` (a TP shard) so that the full tensor depends only on ``(seed, name)``.
-
-    ``init_fn(master, generator)`` fills the full-shape CPU tensor ``master`` in place, drawing
-    only from ``generator`` (e.g. ``lambda t, g: t.normal_(0, 0.02, generator=g)``); this rank's
-    shard of it is copied into ``param``. TP=1,2,4,8 therefore produce identical full weights.
-    Does nothing for parameters on the meta device.
-    """
-    if param.device.type == "meta":
-        return
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed_for(seed, name))
-    _init_from_generator(param, init_fn, generator, ps)
-
-
 def default_weight_init(master: Tensor, generator: torch.Generator) -> None:
     """Normal(0, 0.02): GPT-2's initializer, the layers' default."""
     master.normal_(0.0, 0.02, generator=generator)
 
 
-def _make_param(shape, device, dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+def _make_param(shape, ctx: ModelContext) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=ctx.device, dtype=ctx.dtype))
 
 
 def _init_layer(weight: Tensor, bias: Tensor | None, init_method: InitFn | None,
                 ps: ParallelState) -> None:
     # Default init draws the full master weight from torch's default generator, which is seeded
     # identically on all TP ranks (see megalite.parallel.random.model_parallel_seed), so it is
-    # layout independent too. Models re-initialize with init_parameter_ and named seeds.
-    _init_from_generator(weight, init_method or default_weight_init, torch.default_generator, ps)
+    # layout independent too. Models build on the meta device (nothing drawn here) and
+    # initialize once with init_parameter_ and named seeds.
+    init_shard_(weight, init_method or default_weight_init, torch.default_generator, ps)
     if bias is not None and bias.device.type != "meta":
         with torch.no_grad():
             bias.zero_()
@@ -209,17 +95,16 @@ class ColumnParallelLinear(nn.Module):
     or ``[s, b, out]`` with ``gather_output``.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, ps: ParallelState, bias: bool = True,
+    def __init__(self, input_size: int, output_size: int, ctx: ModelContext, *, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
-                 partition_stride: int = 1, init_method: InitFn | None = None,
-                 device=None, dtype=None):
+                 partition_stride: int = 1, init_method: InitFn | None = None):
         super().__init__()
-        self.ps, self.gather_output, self.sequence_parallel = ps, gather_output, sequence_parallel
+        ps = self.ps = ctx.ps
+        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
         self.input_size, self.output_size = input_size, output_size
         local = _tp_chunk(output_size, "output size", ps, partition_stride)
-        self.weight = set_sharding(_make_param((local, input_size), device, dtype), 0,
-                                   partition_stride)
-        self.bias = (set_sharding(_make_param((local,), device, dtype), 0, partition_stride)
+        self.weight = set_sharding(_make_param((local, input_size), ctx), 0, partition_stride)
+        self.bias = (set_sharding(_make_param((local,), ctx), 0, partition_stride)
                      if bias else None)
         _init_layer(self.weight, self.bias, init_method, ps)
 
@@ -245,20 +130,20 @@ class RowParallelLinear(nn.Module):
     with SP (reduce-scatter over the sequence).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, ps: ParallelState, bias: bool = True,
+    def __init__(self, input_size: int, output_size: int, ctx: ModelContext, *, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
-                 init_method: InitFn | None = None, device=None, dtype=None):
+                 init_method: InitFn | None = None):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise MegaliteError("RowParallelLinear with sequence_parallel needs input_is_parallel")
-        self.ps, self.input_is_parallel = ps, input_is_parallel
-        self.sequence_parallel = sequence_parallel
+        ps = self.ps = ctx.ps
+        self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         self.input_size, self.output_size = input_size, output_size
         local = _tp_chunk(input_size, "input size", ps)
-        self.weight = set_sharding(_make_param((output_size, local), device, dtype), 1)
+        self.weight = set_sharding(_make_param((output_size, local), ctx), 1)
         # With SP the bias is added to this rank's sequence shard only: its grad is partial.
-        self.bias = (set_sharding(_make_param((output_size,), device, dtype), None, 1,
-                                  sequence_parallel) if bias else None)
+        self.bias = (set_sharding(_make_param((output_size,), ctx), None, 1, sequence_parallel)
+                     if bias else None)
         _init_layer(self.weight, self.bias, init_method, ps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -301,15 +186,15 @@ class VocabParallelEmbedding(nn.Module):
     :func:`comm.reduce_scatter_to_sequence_parallel_region`).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, ps: ParallelState,
-                 reduce_output: bool = True, init_method: InitFn | None = None,
-                 device=None, dtype=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, ctx: ModelContext, *,
+                 reduce_output: bool = True, init_method: InitFn | None = None):
         super().__init__()
-        self.ps, self.reduce_output = ps, reduce_output
+        ps = self.ps = ctx.ps
+        self.reduce_output = reduce_output
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         local = _tp_chunk(num_embeddings, "vocabulary size", ps)
         self.vocab_start, self.vocab_end = ps.tp_rank * local, (ps.tp_rank + 1) * local
-        self.weight = set_sharding(_make_param((local, embedding_dim), device, dtype), 0)
+        self.weight = set_sharding(_make_param((local, embedding_dim), ctx), 0)
         _init_layer(self.weight, None, init_method, ps)
 
     def forward(self, ids: Tensor) -> Tensor:

@@ -22,10 +22,9 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
-from megalite.parallel.layers import init_parameter_, seed_for  # re-exported: init lives there
 
-__all__ = ["RNGStatesTracker", "model_parallel_seed", "checkpoint", "init_parameter_",
-           "seed_for", "MODEL_PARALLEL_RNG", "TP_SEED_OFFSET", "PP_SEED_STRIDE"]
+__all__ = ["RNGStatesTracker", "model_parallel_seed", "checkpoint", "MODEL_PARALLEL_RNG",
+           "TP_SEED_OFFSET", "PP_SEED_STRIDE"]
 
 MODEL_PARALLEL_RNG = "model-parallel"
 TP_SEED_OFFSET = 2718   # model-parallel stream seed = seed + 2718 + tp_rank (as Megatron)

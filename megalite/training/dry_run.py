@@ -125,6 +125,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
     import torch
 
     from megalite.distributed.parallel_state import ParallelState, rank_layout
+    from megalite.parallel.context import ModelContext
     from megalite.parallel.pipeline.stages import build_model_chunks, layer_ranges
 
     par, tr, m = config.parallel, config.training, config.model
@@ -153,8 +154,8 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
     for p in range(pp):
         ps = ParallelState.for_shapes(tp, 0, pp, p, dp)
         with torch.device("meta"):
-            chunks = build_model_chunks(m, ps, vp_size=vp, split=par.pipeline_layer_split,
-                                        device="meta")
+            chunks = build_model_chunks(m, ModelContext(ps, device="meta"), vp_size=vp,
+                                        split=par.pipeline_layer_split)
         params = sum(t.numel() for c in chunks for t in c.parameters())
         # whole-model count: TP-sharded tensors once per TP rank, replicated ones (norms,
         # row-parallel biases, position table) once

@@ -30,6 +30,7 @@ from megalite.model.flops import flops_per_iteration
 from megalite.optim.lr_schedule import LRSchedule
 from megalite.optim.optimizer import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
+from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.data import BatchIterator, MockGPTDataset
@@ -95,9 +96,9 @@ class Trainer:
         vp = par.num_layers_per_virtual_pipeline_stage
         self.vp_size = 1 if vp is None else (
             config.model.num_layers // (ps.pp_size * vp))
-        self.model_chunks = build_model_chunks(
-            config.model, ps, vp_size=self.vp_size, split=par.pipeline_layer_split,
-            device=self.device, rng_tracker=self.rng_tracker)
+        ctx = ModelContext(ps, rng_tracker=self.rng_tracker, device=self.device)
+        self.model_chunks = build_model_chunks(config.model, ctx, vp_size=self.vp_size,
+                                               split=par.pipeline_layer_split)
         for chunk in self.model_chunks:
             chunk.init_weights(tr.seed)
             chunk.to(dtype=self.dtype)

@@ -27,8 +27,9 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
-from megalite.parallel.layers import init_parameter_, set_sharding
+from megalite.parallel.context import ModelContext
 from megalite.parallel.random import model_parallel_seed
+from megalite.parallel.sharding import init_parameter_, set_sharding
 
 REL = 1e-6
 B, S = 2, 12
@@ -57,8 +58,8 @@ def build(cfg, ps, vp=1, seed=0):
     chunks = []
     for c, rng in enumerate(ranges):
         v = c * ps.pp_size + ps.pp_rank
-        chunks.append(GPTModel(cfg, ps, pre_process=v == 0, post_process=v == n_virtual - 1,
-                               layer_range=rng, rng_tracker=tracker))
+        chunks.append(GPTModel(cfg, ModelContext(ps, rng_tracker=tracker), pre_process=v == 0,
+                               post_process=v == n_virtual - 1, layer_range=rng))
     for chunk in chunks:
         chunk.init_weights(seed)
     return chunks

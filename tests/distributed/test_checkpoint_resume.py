@@ -25,6 +25,7 @@ from harness import DistributedWorkers
 from megalite.checkpoint import load_model_weights, save_checkpoint
 from megalite.distributed.parallel_state import ParallelState
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def w_zero3_weights(root):
     load_model_weights(root, [other], ps)
     with gathered(list(other.parameters())):
         back = all(torch.equal(ref[n], p) for n, p in other.named_parameters())
-    single = GPTModel(other.config, ParallelState.single())
+    single = GPTModel(other.config, ModelContext(ParallelState.single()))
     load_model_weights(root, [single], ParallelState.single())
     plain = all(torch.equal(ref[n], p) for n, p in single.named_parameters())
     return back, plain

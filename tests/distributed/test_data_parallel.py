@@ -84,6 +84,7 @@ def test_buckets_split_on_size_and_dtype():
 def worker_embedding_group(grad_attr):
     import torch.distributed as dist
     from megalite.model import get_preset
+    from megalite.parallel.context import ModelContext
     from megalite.parallel.data_parallel import allreduce_embedding_grads
     from megalite.parallel.pipeline import build_model_chunks
     ps = ParallelState.build(1, 2)      # world 2: pp = 2, the two stages form the group
@@ -91,7 +92,7 @@ def worker_embedding_group(grad_attr):
     x = torch.tensor([float(ps.rank + 1)])
     dist.all_reduce(x, group=ps.embedding_group)
     cfg = get_preset("tiny").replace(vocab_size=200)
-    chunks = build_model_chunks(cfg, ps)
+    chunks = build_model_chunks(cfg, ModelContext(ps))
     w = (chunks[0].embedding.word_embeddings.weight if ps.rank == 0
          else chunks[0].output_layer.weight)
     # rank 0's copy has a gradient, rank 1's has none yet (must count as zero)

@@ -24,6 +24,7 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.generate import build_parser, generate_text
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 RECIPES = {  # vocab 1000 = the sp_model fixture's; init std 0.3 for spread logits
     "classic": get_preset("tiny").replace(init_method_std=0.3),
@@ -45,7 +46,7 @@ def save(directory, cfg, tokenizer_model, ps):
     kw = ({} if ps.pp_size == 1 else
           dict(pre_process=ps.pp_rank == 0, post_process=ps.pp_rank == 1,
                layer_range=(0, half) if ps.pp_rank == 0 else (half, cfg.num_layers)))
-    model = GPTModel(cfg, ps, **kw)
+    model = GPTModel(cfg, ModelContext(ps), **kw)
     model.init_weights(3)
     save_checkpoint(directory, 1, model_chunks=[model], optimizer=None, ps=ps,
                     config=TrainConfig(model=cfg, data=DataConfig(

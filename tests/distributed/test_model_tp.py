@@ -21,6 +21,7 @@ from harness import DistributedWorkers
 from megalite.distributed.parallel_state import ParallelState
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 from megalite.parallel.random import model_parallel_seed
 
 REL = 1e-5
@@ -47,7 +48,7 @@ def batch(cfg):
 def run_case(cfg, ps, tracker=None):
     """Forward + backward on one rank; returns full (gathered) logits, loss and grads."""
     from megalite.parallel.layers import allreduce_sequence_parallel_grads
-    model = GPTModel(cfg, ps, rng_tracker=tracker)
+    model = GPTModel(cfg, ModelContext(ps, rng_tracker=tracker))
     model.init_weights(SEED)
     ids, labels = batch(cfg)
     logits = model(ids)                                        # [b, s, Vp/tp]
@@ -60,7 +61,7 @@ def run_case(cfg, ps, tracker=None):
         parts = [torch.empty_like(full_logits) for _ in range(ps.tp_size)]
         torch.distributed.all_gather(parts, full_logits.contiguous(), group=ps.tp_group)
         full_logits = torch.cat(parts, dim=-1)
-    from megalite.parallel.layers import gather_full_tensor
+    from megalite.parallel.sharding import gather_full_tensor
     grads = {n: gather_full_tensor(p.grad, p, ps) for n, p in model.named_parameters()}
     return {"logits": full_logits, "loss": loss.detach(), "grads": grads,
             "weights": model.full_state_dict()}
@@ -93,12 +94,12 @@ def worker_recompute(tp):
     # Without SP the residual stream is replicated: its dropout masks (default generator, same
     # seed on all tp ranks) must agree, so every rank ends with the same hidden states, while
     # attention dropout (model-parallel stream) acts on each rank's own heads.
-    body = GPTModel(cfg.replace(sequence_parallel=False), ps, post_process=False,
-                    rng_tracker=model_parallel_seed(125, ps))
+    body = GPTModel(cfg.replace(sequence_parallel=False),
+                    ModelContext(ps, rng_tracker=model_parallel_seed(125, ps)), post_process=False)
     body.init_weights(SEED)
     hidden = body(batch(cfg)[0]).detach()
     dropless = GPTModel(cfg.replace(sequence_parallel=False, hidden_dropout=0.0,
-                                    attention_dropout=0.0), ps, post_process=False)
+                                    attention_dropout=0.0), ModelContext(ps), post_process=False)
     dropless.init_weights(SEED)
     res["hidden"] = (hidden, dropless(batch(cfg)[0]).detach())
     return res if ps.rank == 0 else {"hidden": res["hidden"]}
@@ -122,7 +123,7 @@ def worker_hf_load(tp):
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.2) if p.dim() == 2 else p.uniform_(0.5, 1.5)
-    model = GPTModel(cfg, ps).eval()
+    model = GPTModel(cfg, ModelContext(ps)).eval()
     model.load_full_state_dict(from_hf(hf.state_dict(), cfg))
     ids, _ = batch(cfg)
     with torch.no_grad():

@@ -30,9 +30,10 @@ from harness import DistributedWorkers
 from megalite.config import OptimConfig, PrecisionConfig
 from megalite.distributed.parallel_state import ParallelState
 from megalite.model import get_preset
-from megalite.parallel.layers import gather_full_tensor
+from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.pipeline.stages import build_model_chunks
+from megalite.parallel.sharding import gather_full_tensor
 
 REL = 1e-5
 # Parameters after 4 AdamW steps: the layouts' ~1e-7 relative gradient differences (fp32
@@ -83,7 +84,7 @@ def build(recipe: str, tp: int, pp: int, sp: bool = False, vp: int = 1):
     ``vp`` virtual pipeline stages (chunks) per rank."""
     ps = (ParallelState.build(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
           if dist.is_initialized() else ParallelState.single())
-    chunks = build_model_chunks(model_config(recipe, sp), ps, vp_size=vp)
+    chunks = build_model_chunks(model_config(recipe, sp), ModelContext(ps), vp_size=vp)
     for c in chunks:
         c.init_weights(SEED)
     return ps, chunks

@@ -26,12 +26,14 @@ from megalite.distributed.parallel_state import (
     ParallelState, init_distributed, rank_layout)
 from megalite.errors import MegaliteError
 from megalite.parallel import comm
+from megalite.parallel.context import ModelContext
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads, gather_full_tensor, init_parameter_, parallel_lm_logits,
-    set_sharding, shard_tensor)
+    allreduce_sequence_parallel_grads, parallel_lm_logits)
 from megalite.parallel.random import checkpoint, model_parallel_seed
+from megalite.parallel.sharding import (
+    gather_full_tensor, init_parameter_, set_sharding, shard_tensor)
 
 REL64 = 1e-12
 REL32 = 1e-5
@@ -80,7 +82,7 @@ def check_layouts():
             if my is not None:
                 assert ranks[my] == rank
     import copy  # a model holding real groups can be deep-copied (EMA, tests); the state is shared
-    col = ColumnParallelLinear(4, 8, ps=ps)
+    col = ColumnParallelLinear(4, 8, ModelContext(ps))
     assert copy.deepcopy(col).ps is ps
     try:
         ParallelState.build(tensor_model_parallel_size=3)
@@ -167,8 +169,8 @@ def check_linear_stack(tp, sp, dtype_name):
     s, b, h, f = 8, 2, 16, 32
     x_full, gy = _randn(g, s, b, h, dtype=dtype), _randn(g, s, b, h, dtype=dtype)
     ref1, ref2 = nn.Linear(h, f, dtype=dtype), nn.Linear(f, h, dtype=dtype)
-    col = ColumnParallelLinear(h, f, ps=ps, sequence_parallel=sp, dtype=dtype)
-    row = RowParallelLinear(f, h, ps=ps, sequence_parallel=sp, dtype=dtype)
+    col = ColumnParallelLinear(h, f, ModelContext(ps, dtype=dtype), sequence_parallel=sp)
+    row = RowParallelLinear(f, h, ModelContext(ps, dtype=dtype), sequence_parallel=sp)
     with torch.no_grad():
         for ref, mine in ((ref1, col), (ref2, row)):
             for name in ("weight", "bias"):
@@ -221,9 +223,9 @@ def check_linear_variants(tp):
     errs = {}
 
     # (a) column with gather_output -> row that splits its own input.
-    col = ColumnParallelLinear(h, f, ps=ps, bias=False, gather_output=True, dtype=torch.float64)
-    row = RowParallelLinear(f, h, ps=ps, bias=False, input_is_parallel=False,
-                            dtype=torch.float64)
+    ctx = ModelContext(ps, dtype=torch.float64)
+    col = ColumnParallelLinear(h, f, ctx, bias=False, gather_output=True)
+    row = RowParallelLinear(f, h, ctx, bias=False, input_is_parallel=False)
     with torch.no_grad():
         col.weight.copy_(shard_tensor(w_gu[:f], 0, 1, ps.tp_rank, tp))
         row.weight.copy_(shard_tensor(w_down, 1, 1, ps.tp_rank, tp))
@@ -239,9 +241,8 @@ def check_linear_variants(tp):
     errs["a.out"], errs["a.dx"] = rel(y, yr), rel(x.grad, xr.grad)
 
     # (b) fused gate/up with partition_stride=2: the local output is [gate_r; up_r].
-    fused = ColumnParallelLinear(h, 2 * f, ps=ps, bias=False, partition_stride=2,
-                                 dtype=torch.float64)
-    down = RowParallelLinear(f, h, ps=ps, bias=False, dtype=torch.float64)
+    fused = ColumnParallelLinear(h, 2 * f, ctx, bias=False, partition_stride=2)
+    down = RowParallelLinear(f, h, ctx, bias=False)
     with torch.no_grad():
         fused.weight.copy_(shard_tensor(w_gu, 0, 2, ps.tp_rank, tp))
         down.weight.copy_(shard_tensor(w_down, 1, 1, ps.tp_rank, tp))
@@ -284,7 +285,7 @@ def check_embedding_and_loss(tp, sp):
                             target.reshape(-1), reduction="none").view(s, b)
     lossr.sum().backward()
 
-    emb = VocabParallelEmbedding(V, h, ps=ps, dtype=torch.float64)
+    emb = VocabParallelEmbedding(V, h, ModelContext(ps, dtype=torch.float64))
     with torch.no_grad():
         emb.weight.copy_(shard_tensor(w, 0, 1, ps.tp_rank, tp))
     hid = emb(ids).transpose(0, 1)
@@ -384,8 +385,8 @@ def check_checkpoint(tp, sp):
     ps = ParallelState.build(tp)
     s, b, h, f = 8, 2, 8, 16
     torch.manual_seed(0)
-    col = ColumnParallelLinear(h, f, ps=ps, sequence_parallel=sp, dtype=torch.float64)
-    row = RowParallelLinear(f, h, ps=ps, sequence_parallel=sp, dtype=torch.float64)
+    col = ColumnParallelLinear(h, f, ModelContext(ps, dtype=torch.float64), sequence_parallel=sp)
+    row = RowParallelLinear(f, h, ModelContext(ps, dtype=torch.float64), sequence_parallel=sp)
     x0 = _randn(torch.Generator().manual_seed(1), s // tp if sp else s, b, h)
 
     def grads(mode):
@@ -421,7 +422,7 @@ def _init_params(ps, device=None):
               "emb": (VocabParallelEmbedding, (32, 8), {})}
     out = {}
     for name, (cls, args, kw) in shapes.items():
-        m = cls(*args, ps=ps, dtype=torch.float32, **kw)
+        m = cls(*args, ModelContext(ps, dtype=torch.float32), **kw)
         for pname, p in m.named_parameters():
             init_parameter_(p, lambda t, gen: t.normal_(0, 0.02, generator=gen), seed=5,
                             name=f"{name}.{pname}", ps=ps)

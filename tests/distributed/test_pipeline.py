@@ -27,6 +27,7 @@ from harness import DistributedWorkers
 from megalite.distributed.parallel_state import ParallelState
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 B, S, SEED = 2, 16, 7
 RECIPES = {
@@ -78,13 +79,14 @@ def loss_fn(per_token_loss, microbatch):
 def worker_case(name):
     from megalite.parallel.data_parallel import (allreduce_embedding_grads, allreduce_gradients,
                                                  tied_embedding_params)
-    from megalite.parallel.layers import allreduce_sequence_parallel_grads, gather_full_tensor
+    from megalite.parallel.layers import allreduce_sequence_parallel_grads
+    from megalite.parallel.sharding import gather_full_tensor
     from megalite.parallel.pipeline import build_model_chunks, forward_backward
 
     case = CASES[name]
     ps = ParallelState.build(case["tp"], case["pp"])
     cfg = case_config(case)
-    chunks = build_model_chunks(cfg, ps, vp_size=case["vp"], split=case["split"])
+    chunks = build_model_chunks(cfg, ModelContext(ps), vp_size=case["vp"], split=case["split"])
     for chunk in chunks:
         chunk.init_weights(SEED)
     forward_only = case.get("forward_only", False)
@@ -114,7 +116,7 @@ def worker_case(name):
 
 def reference(case):
     cfg = case_config(case).replace(sequence_parallel=False)
-    model = GPTModel(cfg, ParallelState.single())
+    model = GPTModel(cfg, ModelContext(ParallelState.single()))
     model.init_weights(SEED)
     dp = 4 // (case["tp"] * case["pp"])
     m = case["m"]

@@ -30,9 +30,11 @@ def _embedding_errors(ids: list[int]) -> list[str | None]:
 
     from megalite.distributed.parallel_state import ParallelState
     from megalite.errors import MegaliteError
+    from megalite.parallel.context import ModelContext
     from megalite.parallel.layers import VocabParallelEmbedding
 
-    emb = VocabParallelEmbedding(1024, 8, ps=ParallelState.build(tensor_model_parallel_size=2))
+    emb = VocabParallelEmbedding(1024, 8,
+                                 ModelContext(ParallelState.build(tensor_model_parallel_size=2)))
     out = []
     for i in ids:
         try:

@@ -90,7 +90,7 @@ def w_from_hf(ckpt, hf_dir):
     from megalite.convert import from_hf
     from megalite.convert.hf_io import HFReader
     from megalite.distributed.parallel_state import ParallelState
-    from megalite.parallel.layers import shard_tensor
+    from megalite.parallel.sharding import shard_tensor
     from megalite.training.trainer import Trainer
     ps = ParallelState.build(2, 2)
     tc = read_train_config(ckpt)
@@ -136,8 +136,9 @@ def megalite_logits(ckpt, tokens):
     from megalite.checkpoint import load_model_weights, read_model_config
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
     cfg = read_model_config(ckpt)
-    model = GPTModel(cfg, ParallelState.single()).eval()
+    model = GPTModel(cfg, ModelContext(ParallelState.single())).eval()
     load_model_weights(ckpt, [model], ParallelState.single())
     with torch.no_grad():
         return model(tokens)[..., :cfg.vocab_size], model, cfg
@@ -231,7 +232,7 @@ def test_reshard_with_optimizer_continues_the_loss_curve(
 def assert_same_optimizer_state(src: str, dst: str) -> None:
     """The TP=1 x PP=1 rank file holds the TP=2 x PP=2 run's Adam moments, unsharded, bit for
     bit (real vocabulary rows; padding rows may differ in number)."""
-    from megalite.parallel.layers import unshard_tensors
+    from megalite.parallel.sharding import unshard_tensors
     meta = json.loads(Path(src, "meta.json").read_text())
     vocab = meta["model_config"]["vocab_size"]
     shards: dict = {}
@@ -340,6 +341,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model import get_preset
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
 
     def error_of(*argv) -> str:
         assert convert(*argv) == 2
@@ -367,7 +369,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
         "from-hf", "--load", tmp_path / "llama", "--save", tmp_path / "full")
     # A recipe mix no Hugging Face architecture represents (rope + LayerNorm + gelu).
     cfg = get_preset("tiny").replace(position_embedding_type="rope", vocab_size=100)
-    model = GPTModel(cfg, ParallelState.single())
+    model = GPTModel(cfg, ModelContext(ParallelState.single()))
     model.init_weights(0)
     save_checkpoint(str(tmp_path / "mix"), 1, model_chunks=[model], optimizer=None, config={},
                     ps=ParallelState.single())

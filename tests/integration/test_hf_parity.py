@@ -24,6 +24,7 @@ from megalite.distributed.parallel_state import ParallelState  # noqa: E402
 from megalite.errors import MegaliteError  # noqa: E402
 from megalite.model import get_preset  # noqa: E402
 from megalite.model.gpt import GPTModel  # noqa: E402
+from megalite.parallel.context import ModelContext  # noqa: E402
 
 TOL = 1e-4
 
@@ -65,7 +66,7 @@ def hf_model(cfg, seed, hf_cfg=None):
 
 
 def megalite_model(cfg):
-    return GPTModel(cfg, ParallelState.single()).eval()
+    return GPTModel(cfg, ModelContext(ParallelState.single())).eval()
 
 
 def assert_logits_match(ours, hf_logits, cfg):

@@ -51,8 +51,9 @@ def fresh_checkpoint(path, recipe: str, tokenizer_model: str | None, vocab_size:
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model import get_preset
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
     cfg = get_preset(recipe).replace(vocab_size=vocab_size, **(overrides or {}))
-    model = GPTModel(cfg, ParallelState.single())
+    model = GPTModel(cfg, ModelContext(ParallelState.single()))
     model.init_weights(0)
     data = DataConfig(tokenizer_type="SentencePieceTokenizer", tokenizer_model=tokenizer_model) \
         if tokenizer_model else DataConfig()

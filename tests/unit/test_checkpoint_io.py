@@ -29,6 +29,7 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 PS = ParallelState.single()
 CFG = get_preset("tiny").replace(vocab_size=203, hidden_dropout=0.1)
@@ -37,7 +38,7 @@ CFG = get_preset("tiny").replace(vocab_size=203, hidden_dropout=0.1)
 def make(seed: int, cfg=CFG):
     """A model whose optimizer has taken one real step (non-trivial Adam moments)."""
     torch.manual_seed(seed)
-    model = GPTModel(cfg, PS)
+    model = GPTModel(cfg, ModelContext(PS))
     model.init_weights(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for p in model.parameters():     # gradients need not come from a loss to fill Adam's state
@@ -99,7 +100,7 @@ def test_round_trip_is_bitwise_including_rng(tmp_path):
 
 
 def test_rng_states_round_trip_alone():
-    tracker = GPTModel(CFG, PS).rng_tracker
+    tracker = GPTModel(CFG, ModelContext(PS)).rng_tracker
     states = capture_rng_states(tracker)
     expected = draws(tracker)
     restore_rng_states(states, tracker)
@@ -281,11 +282,12 @@ def test_saving_the_same_iteration_again_replaces_it(tmp_path):
 def test_weights_into_a_different_model_config_are_refused(tmp_path):
     model, opt = make(1)
     save(tmp_path, 1, model, opt)
-    other = GPTModel(CFG.replace(activation="gelu_tanh"), PS)
+    other = GPTModel(CFG.replace(activation="gelu_tanh"), ModelContext(PS))
     with pytest.raises(MegaliteError, match="activation: checkpoint 'gelu', model 'gelu_tanh'"):
         load_model_weights(str(tmp_path), [other], PS)
     # Fields that do not change the weights' meaning may differ (dropout, padding multiple).
-    looser = GPTModel(CFG.replace(hidden_dropout=0.0, make_vocab_size_divisible_by=8), PS)
+    looser = GPTModel(CFG.replace(hidden_dropout=0.0, make_vocab_size_divisible_by=8),
+                      ModelContext(PS))
     assert load_model_weights(str(tmp_path), [looser], PS) == {"note": "test"}
     w = looser.embedding.word_embeddings.weight
     assert w.shape[0] == 208 and torch.equal(w[:203], model.embedding.word_embeddings.weight[:203])
@@ -301,11 +303,12 @@ SAVER = textwrap.dedent("""
     from megalite.distributed.parallel_state import ParallelState
     from megalite.model import get_preset
     from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
     directory = sys.argv[1]
     ps = ParallelState.single()
     # ~3.5M parameters: model + two Adam moments, about 45 MB per checkpoint.
     cfg = get_preset("tiny").replace(num_layers=4, hidden_size=256, vocab_size=1000)
-    model = GPTModel(cfg, ps)
+    model = GPTModel(cfg, ModelContext(ps))
     opt = torch.optim.AdamW(model.parameters())
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -346,7 +349,7 @@ def test_kill_9_mid_save_leaves_the_previous_checkpoint(tmp_path):
             proc.kill()
             proc.wait()
         killed_mid_write += any(".tmp-" in n for n in os.listdir(directory))
-        model = GPTModel(KILL_CFG, PS)
+        model = GPTModel(KILL_CFG, ModelContext(PS))
         out = load_checkpoint(str(directory), model_chunks=[model], optimizer=None, ps=PS)
         # The loaded checkpoint is complete and self-consistent, and no older than the last
         # save this run reported.
@@ -369,7 +372,7 @@ def test_non_json_extra_fails_the_save_cleanly(tmp_path):
     assert os.listdir(tmp_path) == []
     # A checkpoint directory itself (not its parent) is accepted too.
     path = save(tmp_path, 2, model, opt)
-    fresh = GPTModel(CFG, PS)
+    fresh = GPTModel(CFG, ModelContext(PS))
     load_model_weights(path, [fresh], PS)
     assert torch.equal(fresh.final_norm.weight, model.final_norm.weight)
 

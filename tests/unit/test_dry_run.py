@@ -21,9 +21,10 @@ def _config(*extra, config=CONFIG):
 def _full_model_params(cfg) -> int:
     """Parameters of the whole model built in one piece on the meta device."""
     from megalite.distributed.parallel_state import ParallelState
+    from megalite.parallel.context import ModelContext
     from megalite.parallel.pipeline.stages import build_model_chunks
 
-    (model,) = build_model_chunks(cfg.model, ParallelState.single(), device="meta")
+    (model,) = build_model_chunks(cfg.model, ModelContext(ParallelState.single(), device="meta"))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -32,6 +32,7 @@ from megalite.inference import (KVCache, SamplingConfig, filter_logits, generate
                                 sample_next)
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 CACHE_TOL = 1e-5
 HF_TOL = 1e-4
@@ -49,7 +50,7 @@ RECIPES = {
 
 
 def build(cfg, seed=3):
-    model = GPTModel(cfg, ParallelState.single()).eval()
+    model = GPTModel(cfg, ModelContext(ParallelState.single())).eval()
     model.init_weights(seed)
     return model
 
@@ -217,7 +218,7 @@ def test_stops_at_eod():
 
 # ---- the CLI ----------------------------------------------------------------------------------
 def save_tiny_checkpoint(directory, cfg, data: DataConfig, seed=3) -> None:
-    model = GPTModel(cfg, ParallelState.single())
+    model = GPTModel(cfg, ModelContext(ParallelState.single()))
     model.init_weights(seed)
     save_checkpoint(str(directory), 5, model_chunks=[model], optimizer=None,
                     config=TrainConfig(model=cfg, data=data), ps=ParallelState.single())

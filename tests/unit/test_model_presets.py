@@ -12,6 +12,7 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model import PRESETS, GPTConfig, flops_per_iteration, get_preset, padded_vocab_size
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 LLAMA2_7B_PARAMS = 6_738_415_616   # LLaMA-2-7B as published / as LlamaForCausalLM counts it
 LLAMA31_8B_PARAMS = 8_030_261_248  # Llama-3.1-8B as published
@@ -59,7 +60,7 @@ def test_config_rejects_layouts_that_do_not_split():
     with pytest.raises(MegaliteError, match="num_query_groups=2 is not divisible by 4"):
         cfg.validate_parallel(4)
     with pytest.raises(MegaliteError, match="num_query_groups"):
-        GPTModel(cfg, ParallelState.for_shapes(4), device="meta")
+        GPTModel(cfg, ModelContext(ParallelState.for_shapes(4), device="meta"))
     sp = cfg.replace(sequence_parallel=True)
     with pytest.raises(MegaliteError, match="sequence length"):
         sp.validate_parallel(2, seq_length=63)
@@ -77,7 +78,7 @@ def test_presets_are_distinct_valid_configs():
 # ---- parameter counts on the meta device ------------------------------------------------------
 def test_llama2_7b_has_exactly_its_parameter_count_on_meta():
     cfg = get_preset("llama2-7b")
-    model = GPTModel(cfg, ParallelState.single(), device="meta")
+    model = GPTModel(cfg, ModelContext(ParallelState.single(), device="meta"))
     # At TP=1 the vocabulary needs no padding (32000 = 250 * 128), so the megalite model holds
     # exactly LLaMA-2-7B's parameters.
     assert model.padded_vocab == 32000
@@ -87,7 +88,7 @@ def test_llama2_7b_has_exactly_its_parameter_count_on_meta():
 
 def test_llama31_8b_has_exactly_its_parameter_count_and_hf_config():
     cfg = get_preset("llama3.1-8b")
-    model = GPTModel(cfg, ParallelState.single(), device="meta")
+    model = GPTModel(cfg, ModelContext(ParallelState.single(), device="meta"))
     assert model.padded_vocab == 128256 and _numel(model) == LLAMA31_8B_PARAMS
     pytest.importorskip("transformers")
     from megalite.convert import config_to_hf
@@ -109,7 +110,7 @@ def test_llama2_7b_per_rank_shapes_under_tp8():
     h, f, d = 4096, 11008, 128
     total = 0
     for r in range(8):
-        model = GPTModel(cfg, ParallelState.for_shapes(8, r), device="meta")
+        model = GPTModel(cfg, ModelContext(ParallelState.for_shapes(8, r), device="meta"))
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         assert model.padded_vocab == 32768                       # 32000 -> multiple of 1024
         assert shapes["embedding.word_embeddings.weight"] == (4096, h)
@@ -135,7 +136,7 @@ def test_llama2_7b_per_rank_shapes_under_tp8():
 ])
 def test_preset_parameter_counts_without_padding(name, expected):
     cfg = get_preset(name)
-    model = GPTModel(cfg, ParallelState.single(), device="meta")
+    model = GPTModel(cfg, ModelContext(ParallelState.single(), device="meta"))
     padding = (model.padded_vocab - cfg.vocab_size) * cfg.hidden_size
     padding *= 1 if cfg.tied_embeddings else 2
     assert _numel(model) - padding == expected
@@ -143,7 +144,7 @@ def test_preset_parameter_counts_without_padding(name, expected):
 
 def test_gqa_shapes_under_tp():
     cfg = get_preset("1b")                                   # 32 heads, 4 groups, d = 64
-    model = GPTModel(cfg, ParallelState.for_shapes(4, 3), device="meta")
+    model = GPTModel(cfg, ModelContext(ParallelState.for_shapes(4, 3), device="meta"))
     qkv = model.layers["0"].attention.linear_qkv.weight
     assert tuple(qkv.shape) == ((32 + 2 * 4) * 64 // 4, 2048)    # one group (8 q + k + v)
 
@@ -175,7 +176,7 @@ def test_flops_gemm_terms_match_torch_flop_counter(preset):
     the formula; the output layer runs on the padded vocabulary, so that difference is added."""
     torch.manual_seed(0)
     cfg = get_preset(preset)
-    model = GPTModel(cfg, ParallelState.single())
+    model = GPTModel(cfg, ModelContext(ParallelState.single()))
     model.init_weights(seed=1)
     b, s = 2, 16
     ids = torch.randint(0, cfg.vocab_size, (b, s))

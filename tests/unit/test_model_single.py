@@ -18,8 +18,9 @@ from megalite.errors import MegaliteError
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
 from megalite.model.positions import sinusoidal_table
-from megalite.parallel.layers import unshard_tensors
+from megalite.parallel.context import ModelContext
 from megalite.parallel.random import model_parallel_seed
+from megalite.parallel.sharding import unshard_tensors
 
 
 def close(a, b, rel=1e-6):
@@ -27,9 +28,9 @@ def close(a, b, rel=1e-6):
     return (a - b).abs().max().item() <= rel * max(scale, 1e-30)
 
 
-def build(cfg, seed=1, ps=None, **kw):
+def build(cfg, seed=1, ps=None, rng_tracker=None, dtype=None, **kw):
     ps = ps or ParallelState.single()
-    model = GPTModel(cfg, ps, **kw)
+    model = GPTModel(cfg, ModelContext(ps, rng_tracker, dtype=dtype), **kw)
     model.init_weights(seed)
     return model
 
@@ -152,7 +153,7 @@ def test_pipeline_slices_compose_to_the_full_model(cfg):
     assert hidden.shape == (16, 2, cfg.hidden_size)
     assert torch.equal(last(hidden), full(ids))
     with pytest.raises(MegaliteError, match="layer_range"):
-        GPTModel(cfg, ParallelState.single(), layer_range=(1, 3))
+        GPTModel(cfg, ModelContext(ParallelState.single()), layer_range=(1, 3))
 
 
 def test_sinusoidal_table_formula():
@@ -213,15 +214,15 @@ def test_meta_build_then_materialize_equals_direct_build():
     (the way large models avoid drawing weights twice)."""
     cfg = get_preset("tiny").replace(position_embedding_type="sinusoidal", vocab_size=200)
     direct = build(cfg, seed=2)
-    lazy = GPTModel(cfg, ParallelState.single(), device="meta").to_empty(device="cpu")
+    lazy = GPTModel(cfg, ModelContext(ParallelState.single(), device="meta")).to_empty(device="cpu")
     lazy.init_weights(2)
     ids = ids_for(cfg)
     assert torch.equal(lazy(ids), direct(ids))
     # Sharding metadata survives materialization (torch makes new Parameter objects).
     ps = ParallelState.for_shapes(2, 1)
-    shard = GPTModel(cfg, ps, device="meta").to_empty(device="cpu")
+    shard = GPTModel(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
     shard.init_weights(2)
-    ref = GPTModel(cfg, ps)
+    ref = GPTModel(cfg, ModelContext(ps))
     ref.init_weights(2)
     for (n, p), q in zip(shard.named_parameters(), ref.parameters()):
         assert (p.tensor_parallel_dim, p.partition_stride, p.sequence_parallel) == (

@@ -20,6 +20,7 @@ from megalite.model.gpt import GPTModel
 from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
 from megalite.optim.loss_scaler import LossScaler, build_loss_scaler
 from megalite.optim.optimizer import Optimizer, param_groups
+from megalite.parallel.context import ModelContext
 
 PS = ParallelState.single()
 SEQ, BATCH, MICRO = 16, 4, 2
@@ -27,7 +28,7 @@ SEQ, BATCH, MICRO = 16, 4, 2
 
 def make_model(recipe="tiny", seed=3):
     cfg = get_preset(recipe).replace(vocab_size=300, max_position_embeddings=SEQ, seq_length=SEQ)
-    model = GPTModel(cfg, PS)
+    model = GPTModel(cfg, ModelContext(PS))
     model.init_weights(seed)
     return model
 

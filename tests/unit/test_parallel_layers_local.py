@@ -14,11 +14,12 @@ from torch import nn
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.parallel import comm
+from megalite.parallel.context import ModelContext
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megalite.parallel.layers import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, full_shape, init_parameter_,
-    set_sharding, shard_tensor, unshard_tensors)
+from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megalite.parallel.random import RNGStatesTracker, checkpoint, model_parallel_seed
+from megalite.parallel.sharding import (full_shape, init_parameter_, set_sharding, shard_tensor,
+                                        unshard_tensors)
 
 SINGLE = ParallelState.single()
 
@@ -54,15 +55,16 @@ def test_fused_stride_layout_and_full_shape():
 
 def test_tp1_layers_equal_torch_without_torch_distributed(monkeypatch):
     # TP=1 must make no torch.distributed call at all: cut the modules off from it.
-    from megalite.parallel import cross_entropy, layers
-    for mod in (comm, layers, cross_entropy):
+    from megalite.parallel import cross_entropy, layers, sharding
+    for mod in (comm, layers, sharding, cross_entropy):
         monkeypatch.setattr(mod, "dist", None)
     monkeypatch.setattr(comm, "_all_gather_single", None)
     monkeypatch.setattr(comm, "_reduce_scatter_single", None)
     torch.manual_seed(0)
     x = torch.randn(5, 2, 8, requires_grad=True)
-    col = ColumnParallelLinear(8, 12, ps=SINGLE, gather_output=True, sequence_parallel=True)
-    row = RowParallelLinear(12, 8, ps=SINGLE, sequence_parallel=True)
+    ctx = ModelContext(SINGLE)
+    col = ColumnParallelLinear(8, 12, ctx, gather_output=True, sequence_parallel=True)
+    row = RowParallelLinear(12, 8, ctx, sequence_parallel=True)
     ref1, ref2 = nn.Linear(8, 12), nn.Linear(12, 8)
     with torch.no_grad():
         for a, b in ((ref1, col), (ref2, row)):
@@ -71,7 +73,7 @@ def test_tp1_layers_equal_torch_without_torch_distributed(monkeypatch):
     y = row(F.gelu(col(x)))
     yr = ref2(F.gelu(ref1(x)))
     assert torch.equal(y, yr)
-    emb = VocabParallelEmbedding(16, 8, ps=SINGLE)
+    emb = VocabParallelEmbedding(16, 8, ctx)
     ids = torch.randint(0, 16, (2, 5))
     assert torch.equal(emb(ids), F.embedding(ids, emb.weight))
     # metadata that init, checkpoints and HF conversion rely on
@@ -88,21 +90,21 @@ def test_tp1_layers_equal_torch_without_torch_distributed(monkeypatch):
 
 
 def test_layer_sizes_not_divisible_are_clear_errors():
-    ps = ParallelState.for_shapes(4)
+    meta = ModelContext(ParallelState.for_shapes(4), device="meta")
     with pytest.raises(MegaliteError, match="output size 6 is not divisible by tensor-parallel size 4"):
-        ColumnParallelLinear(8, 6, ps=ps, device="meta")
+        ColumnParallelLinear(8, 6, meta)
     with pytest.raises(MegaliteError, match="vocabulary size 50 is not divisible"):
-        VocabParallelEmbedding(50, 8, ps=ps, device="meta")
+        VocabParallelEmbedding(50, 8, meta)
     with pytest.raises(MegaliteError, match="partition stride 2"):
-        ColumnParallelLinear(8, 12, ps=ps, partition_stride=2, device="meta")
+        ColumnParallelLinear(8, 12, meta, partition_stride=2)
 
 
 def test_per_rank_shapes_on_meta_device():
     ps = ParallelState.for_shapes(8, tp_rank=5)
-    col = ColumnParallelLinear(4096, 2 * 11008, ps=ps, bias=False, partition_stride=2,
-                               device="meta")
-    row = RowParallelLinear(11008, 4096, ps=ps, bias=False, device="meta")
-    emb = VocabParallelEmbedding(32000, 4096, ps=ps, device="meta")
+    meta = ModelContext(ps, device="meta")
+    col = ColumnParallelLinear(4096, 2 * 11008, meta, bias=False, partition_stride=2)
+    row = RowParallelLinear(11008, 4096, meta, bias=False)
+    emb = VocabParallelEmbedding(32000, 4096, meta)
     assert col.weight.shape == (2752, 4096) and row.weight.shape == (4096, 1376)
     assert emb.weight.shape == (4000, 4096) and (emb.vocab_start, emb.vocab_end) == (20000, 24000)
 
@@ -114,9 +116,10 @@ def _normal(t, g):
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_init_parameter_same_full_tensor_for_every_tp(tp):
     def build(ps):
-        mods = {"col": ColumnParallelLinear(8, 16, ps=ps), "row": RowParallelLinear(16, 8, ps=ps),
-                "fused": ColumnParallelLinear(8, 32, ps=ps, partition_stride=2),
-                "emb": VocabParallelEmbedding(64, 8, ps=ps)}
+        ctx = ModelContext(ps)
+        mods = {"col": ColumnParallelLinear(8, 16, ctx), "row": RowParallelLinear(16, 8, ctx),
+                "fused": ColumnParallelLinear(8, 32, ctx, partition_stride=2),
+                "emb": VocabParallelEmbedding(64, 8, ctx)}
         params = {f"{m}.{n}": p for m, mod in mods.items() for n, p in mod.named_parameters()}
         for name, p in params.items():
             init_parameter_(p, _normal, seed=11, name=name, ps=ps)
@@ -130,7 +133,7 @@ def test_init_parameter_same_full_tensor_for_every_tp(tp):
                               q.partition_stride)
         assert torch.equal(got, p.detach()), name
     assert not torch.equal(ref["col.weight"][:8], ref["row.weight"][:, :8].T)  # names matter
-    meta = ColumnParallelLinear(8, 16, ps=SINGLE, device="meta")
+    meta = ColumnParallelLinear(8, 16, ModelContext(SINGLE, device="meta"))
     init_parameter_(meta.weight, _normal, seed=11, name="x", ps=SINGLE)  # skipped, no error
 
 

@@ -18,6 +18,7 @@ from megalite.distributed.parallel_state import ParallelState, rank_layout
 from megalite.errors import MegaliteError
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline import (build_model_chunks, forward_backward, layer_ranges,
                                        schedule_order, schedule_steps)
 
@@ -69,7 +70,7 @@ def test_chunks_hold_the_right_parts():
     seen = []
     for rank in range(2):
         ps = ParallelState.for_shapes(1, 0, pp_size=2, pp_rank=rank)
-        chunks = build_model_chunks(cfg, ps, vp_size=2, device="meta")
+        chunks = build_model_chunks(cfg, ModelContext(ps, device="meta"), vp_size=2)
         for c, chunk in enumerate(chunks):
             names = {n.split(".")[0] for n, _ in chunk.named_parameters()}
             assert ("embedding" in names) == (rank == 0 and c == 0)
@@ -84,7 +85,7 @@ def test_chunks_hold_the_right_parts():
 
 def test_single_stage_keeps_the_whole_model():
     cfg = get_preset("tiny-llama")
-    (chunk,) = build_model_chunks(cfg, ParallelState.single(), device="meta")
+    (chunk,) = build_model_chunks(cfg, ModelContext(ParallelState.single(), device="meta"))
     assert chunk.pre_process and chunk.post_process and len(chunk.layers) == cfg.num_layers
 
 
@@ -315,9 +316,9 @@ def test_no_pipelining_accumulates_exactly_the_mean_gradient():
     # each tensor's scale (float32).
     cfg, mbs = _tiny_llama()
     ps = ParallelState.single()
-    (chunk,) = build_model_chunks(cfg, ps)
+    (chunk,) = build_model_chunks(cfg, ModelContext(ps))
     chunk.init_weights(5)
-    ref = GPTModel(cfg, ps)
+    ref = GPTModel(cfg, ModelContext(ps))
     ref.init_weights(5)
     calls = []
 
@@ -344,7 +345,7 @@ def test_no_pipelining_accumulates_exactly_the_mean_gradient():
 def test_forward_only_keeps_no_graph_and_misuse_is_clear():
     cfg, mbs = _tiny_llama()
     ps = ParallelState.single()
-    chunks = build_model_chunks(cfg, ps)
+    chunks = build_model_chunks(cfg, ModelContext(ps))
     chunks[0].init_weights(5)
     losses = forward_backward(chunks, iter(mbs), 3, ps, _loss_fn, seq_length=8,
                               micro_batch_size=2, dtype=torch.float32, forward_only=True)

@@ -90,9 +90,10 @@ def test_the_same_data_with_its_own_tokenizer_trains(wide_dataset, hf_tokenizer_
 @pytest.mark.parametrize("bad", [1000, 1023, -1])
 def test_embedding_refuses_out_of_range_ids(bad):
     from megalite.distributed.parallel_state import ParallelState
+    from megalite.parallel.context import ModelContext
     from megalite.parallel.layers import VocabParallelEmbedding
 
-    emb = VocabParallelEmbedding(1000, 8, ps=ParallelState.single())
+    emb = VocabParallelEmbedding(1000, 8, ModelContext(ParallelState.single()))
     emb(torch.tensor([[0, 999]]))
     with pytest.raises(MegaliteError, match=rf"token id {bad} is outside the embedding's 1000 rows"):
         emb(torch.tensor([[1, bad, 2]]))

@@ -15,10 +15,10 @@ The embedding sits in (rank 0, chunk 0), the output layer in (last rank, last ch
 """
 from __future__ import annotations
 
-from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model.config import GPTConfig
 from megalite.model.gpt import GPTModel
+from megalite.parallel.context import ModelContext
 
 __all__ = ["layer_ranges", "build_model_chunks"]
 
@@ -77,10 +77,10 @@ def layer_ranges(num_layers: int, pp_size: int, vp_size: int = 1,
             for r in range(pp_size)]
 
 
-def build_model_chunks(config: GPTConfig, ps: ParallelState, vp_size: int = 1,
-                       split: list[int] | None = None, device=None,
-                       rng_tracker=None) -> list[GPTModel]:
-    """This rank's model chunks, one :class:`GPTModel` per virtual stage (``vp_size`` of them).
+def build_model_chunks(config: GPTConfig, ctx: ModelContext, vp_size: int = 1,
+                       split: list[int] | None = None) -> list[GPTModel]:
+    """This rank's model chunks, one :class:`GPTModel` per virtual stage (``vp_size`` of them),
+    built with ``ctx`` (this rank's layout, dropout streams, device, dtype).
 
     ``pre_process`` (embedding) only on (pp_rank 0, chunk 0), ``post_process`` (final norm,
     output layer, loss) only on (last pp_rank, last chunk). With tied embeddings and pp > 1 the
@@ -88,12 +88,13 @@ def build_model_chunks(config: GPTConfig, ps: ParallelState, vp_size: int = 1,
     ``shared_embedding``, initialized equal); :func:`megalite.parallel.data_parallel.
     allreduce_embedding_grads` keeps the two copies equal. Parameters are uninitialized: call
     ``init_weights(seed)`` on each chunk (layout-independent, so every split sees the same
-    model). All chunks share ``rng_tracker``.
+    model). All chunks share ``ctx.rng_tracker``.
     """
+    ps = ctx.ps
     ranges = layer_ranges(config.num_layers, ps.pp_size, vp_size, split)[ps.pp_rank]
     last_chunk = len(ranges) - 1
-    return [GPTModel(config, ps,
+    return [GPTModel(config, ctx,
                      pre_process=ps.is_first_pp_stage and c == 0,
                      post_process=ps.is_last_pp_stage and c == last_chunk,
-                     layer_range=rng, device=device, rng_tracker=rng_tracker)
+                     layer_range=rng)
             for c, rng in enumerate(ranges)]
