@@ -259,3 +259,45 @@ def test_megatron_blend_rule_equals_megatrons(tokenizer, sentences, odd_document
             11, tmp_path / "m", vocab_extra_ids=30,
             decoder_seq_length=extra.get("decoder_seq_length"))
         assert_same_splits(ours, theirs)
+
+
+def test_pad_id_not_zero(corpus_jsonl, wordpiece_vocab, tmp_path):
+    """With [PAD] at id 5, Megatron writes 5 into BERT's padding_mask and token types at
+    padding; megalite writes 0 there (a mask and type ids stay 0/1). Every other field, and all
+    of T5's, stay equal."""
+    from megalite.dataprep import preprocess_data
+
+    words = open(wordpiece_vocab, encoding="utf-8").read().split("\n")
+    pad = words.index("[PAD]")
+    words[pad], words[5] = words[5], words[pad]
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join(words), encoding="utf-8")
+    lines = open(corpus_jsonl, encoding="utf-8").readlines()[:300]
+    (tmp_path / "in.jsonl").write_text("".join(lines), encoding="utf-8")
+    prefix = str(tmp_path / "pad5")
+    assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", prefix,
+                                 "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file",
+                                 str(vocab_file), "--split-sentences", "--workers", "1",
+                                 "--log-interval", "1000000"]) == 0
+    prefix += "_text_sentence"
+    tokenizer = build_tokenizer("BertWordPieceLowerCase", vocab_file=str(vocab_file))
+    vocab = masked_lm_vocab(tokenizer, 20)
+    assert vocab.pad == 5
+    sizes = (400, 0, 0)
+    ours = build_bert_datasets([prefix], "1", sizes, 96, 4, vocab, cache_dir=str(tmp_path / "o"))
+    theirs = megatron_masked_datasets("bert", tokenizer, [prefix], None, "1", sizes, 96, 4,
+                                      tmp_path / "m", vocab_extra_ids=20)
+    padded = 0
+    for i in range(len(ours[0])):
+        a, b = ours[0][i], theirs[0][i]
+        for key in ("text", "labels", "loss_mask", "is_random", "truncated"):
+            assert np.array_equal(a[key], b[key]), (i, key)
+        assert set(np.unique(b["padding_mask"])) <= {1, 5}
+        assert np.array_equal(a["padding_mask"], (b["padding_mask"] == 1).astype(np.int64))
+        assert np.array_equal(a["types"], np.where(b["types"] == 5, 0, b["types"]))
+        padded += int((a["padding_mask"] == 0).any())
+    assert padded > 0
+    ours = build_t5_datasets([prefix], "1", sizes, 96, 4, vocab, 48, cache_dir=str(tmp_path / "o"))
+    theirs = megatron_masked_datasets("t5", tokenizer, [prefix], None, "1", sizes, 96, 4,
+                                      tmp_path / "m", vocab_extra_ids=20, decoder_seq_length=48)
+    assert_same_splits(ours, theirs)
