@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <cstdint>
 #include <limits>
 #include <random>
@@ -90,13 +92,41 @@ class TargetLength {
   int64_t block_[kBlock];
 };
 
-// Rows of 3 (first sentence, end sentence, target); owned by a capsule once returned.
+// Rows of 3 (first sentence, end sentence, target) in a malloc'd buffer grown by realloc (large
+// blocks move by remapping, not copying); handed to numpy with a capsule that frees it.
 template <typename Idx>
-py::array rows_to_array(std::vector<Idx> *rows) {
-  const int64_t n = static_cast<int64_t>(rows->size() / 3);
-  py::capsule owner(rows, [](void *p) { delete reinterpret_cast<std::vector<Idx> *>(p); });
-  return py::array_t<Idx>({n, int64_t{3}}, {3 * sizeof(Idx), sizeof(Idx)}, rows->data(), owner);
-}
+class Rows {
+ public:
+  ~Rows() { std::free(data_); }
+  int64_t size() const { return static_cast<int64_t>(len_ / 3); }
+  Idx *data() { return data_; }
+  void reserve(int64_t rows) {
+    if (3 * static_cast<size_t>(rows) <= cap_) return;
+    cap_ = 3 * static_cast<size_t>(rows);
+    data_ = static_cast<Idx *>(std::realloc(data_, cap_ * sizeof(Idx)));
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  void add(int64_t first, int64_t end, int64_t target) {
+    if (len_ + 3 > cap_) reserve(std::max<int64_t>(2 * size(), 4096));
+    Idx *row = data_ + len_;
+    row[0] = static_cast<Idx>(first);
+    row[1] = static_cast<Idx>(end);
+    row[2] = static_cast<Idx>(target);
+    len_ += 3;
+  }
+  py::array to_numpy() {  // with the GIL held; the array owns the buffer from here on
+    const int64_t n = size();
+    if (data_ == nullptr) reserve(1);
+    Idx *data = data_;
+    data_ = nullptr;
+    py::capsule owner(data, [](void *p) { std::free(p); });
+    return py::array_t<Idx>({n, int64_t{3}}, {3 * sizeof(Idx), sizeof(Idx)}, data, owner);
+  }
+
+ private:
+  Idx *data_ = nullptr;
+  size_t len_ = 0, cap_ = 0;
+};
 
 // Fisher-Yates over rows of 3 with Megatron's draws; partners drawn kLookahead steps ahead and
 // prefetched (they do not depend on the contents), the swaps in the plain loop's order.
@@ -122,14 +152,43 @@ void shuffle_rows(Idx *a, int64_t n, uint64_t seed) {
   }
 }
 
+// Samples of document [first, last) into rows: a sample closes at sentence s when it holds
+// >= target tokens and >= min_sentences sentences and s < last - 2 (more than one sentence
+// left), else at the document's last sentence.
+template <typename Idx>
+void walk_document(int64_t first, int64_t last, const int32_t *sizes, int64_t min_sentences,
+                   TargetLength &target_length, Rows<Idx> &rows) {
+  const int64_t stop = last - 2;
+  int64_t start = first;
+  int64_t target = target_length.next();
+  while (true) {
+    int64_t s = start, seq_len = 0, end = last;
+    for (const int64_t s_min = std::min(start + min_sentences - 1, stop); s < s_min; ++s)
+      seq_len += sizes[s];
+    for (; s < stop; ++s) {
+      seq_len += sizes[s];
+      if (seq_len >= target) {
+        end = s + 1;
+        break;
+      }
+    }
+    rows.add(start, end, target);
+    target = target_length.next();  // also after a document's last sample, as Megatron
+    if (end == last) return;
+    start = end;
+  }
+}
+
 template <typename Idx>
 py::array build_rows(const int64_t *starts, int64_t num_docs, const int32_t *sizes,
                      int64_t num_samples, int64_t max_len, double short_seq_prob, int64_t seed,
                      int64_t min_sentences, int64_t *stats) {
-  auto *rows = new std::vector<Idx>();
+  Rows<Idx> rows;
   {
     py::gil_scoped_release nogil;
-    // Which documents are used, decided once (Megatron re-decides it every epoch, same answer).
+    TargetLength target_length(static_cast<uint32_t>(seed), short_seq_prob, max_len);
+    // The first epoch also decides which documents are used (Megatron re-decides it every
+    // epoch, with the same answer); each is walked right after its check, from the cache.
     std::vector<std::pair<int64_t, int64_t>> used;
     for (int64_t d = 0; d < num_docs; ++d) {
       const int64_t first = starts[d], last = starts[d + 1], n = last - first;
@@ -147,43 +206,16 @@ py::array build_rows(const int64_t *starts, int64_t num_docs, const int32_t *siz
         ++stats[kSkippedLong];
       } else {
         used.emplace_back(first, last);
+        if (num_samples != 0) walk_document(first, last, sizes, min_sentences, target_length, rows);
       }
     }
-    TargetLength target_length(static_cast<uint32_t>(seed), short_seq_prob, max_len);
-    const int64_t wanted = num_samples < 0 ? 0 : num_samples;
-    int64_t epoch = 0;
-    while (used.size() > 0 &&
-           (num_samples < 0 ? epoch < 1 : static_cast<int64_t>(rows->size() / 3) < wanted)) {
-      for (const auto &[first, last] : used) {
-        // A sample closes at sentence s when it holds >= target tokens and >= min_sentences
-        // sentences and s < last - 2 (more than one sentence left), else at the last sentence.
-        const int64_t stop = last - 2;
-        int64_t start = first;
-        int64_t target = target_length.next();
-        while (true) {
-          int64_t s = start, seq_len = 0, end = last;
-          for (const int64_t s_min = std::min(start + min_sentences - 1, stop); s < s_min; ++s)
-            seq_len += sizes[s];
-          for (; s < stop; ++s) {
-            seq_len += sizes[s];
-            if (seq_len >= target) {
-              end = s + 1;
-              break;
-            }
-          }
-          rows->push_back(static_cast<Idx>(start));
-          rows->push_back(static_cast<Idx>(end));
-          rows->push_back(static_cast<Idx>(target));
-          target = target_length.next();  // also after a document's last sample, as Megatron
-          if (end == last) break;
-          start = end;
-        }
-      }
+    int64_t epoch = num_samples != 0 && !used.empty();
+    if (num_samples > 0 && rows.size() < num_samples)  // room for the epochs still needed
+      rows.reserve(num_samples + 2 * rows.size());
+    while (epoch > 0 && rows.size() < num_samples) {
+      for (const auto &[first, last] : used)
+        walk_document(first, last, sizes, min_sentences, target_length, rows);
       ++epoch;
-      if (epoch == 1 && num_samples > 0) {  // room for the epochs still needed, plus one
-        const int64_t per_epoch = static_cast<int64_t>(rows->size() / 3);
-        rows->reserve(3 * static_cast<size_t>(wanted + 2 * per_epoch));
-      }
     }
     stats[kEpochs] = epoch;
     // Megatron's seed is a C int: seed + 1 wraps to INT32_MIN for 2^31 - 1 (two's complement,
@@ -191,9 +223,9 @@ py::array build_rows(const int64_t *starts, int64_t num_docs, const int32_t *siz
     // Megatron cannot take) use seed + 1 plainly.
     const uint64_t shuffle_seed = seed == 0x7FFFFFFF ? static_cast<uint64_t>(int64_t{INT32_MIN})
                                                      : static_cast<uint64_t>(seed) + 1;
-    shuffle_rows(rows->data(), static_cast<int64_t>(rows->size() / 3), shuffle_seed);
+    shuffle_rows(rows.data(), rows.size(), shuffle_seed);
   }
-  return rows_to_array(rows);
+  return rows.to_numpy();
 }
 
 // (rows [S, 3] uint32 or uint64, stats int64 [kNumStats]); see the header for the rules.
