@@ -80,8 +80,8 @@ class TargetLength {
   void refill() {
     for (int k = 0; k < kBlock; ++k) {
       const uint64_t x = gen_();
-      block_[k] = x % ratio_ == 0 ? 2 + static_cast<int64_t>(x % static_cast<uint64_t>(max_len_ - 1))
-                                  : max_len_;
+      const uint64_t span = static_cast<uint64_t>(max_len_ - 1);
+      block_[k] = x % ratio_ == 0 ? 2 + static_cast<int64_t>(x % span) : max_len_;
     }
     pos_ = 0;
   }

@@ -80,3 +80,15 @@ def megatron_masked_datasets(kind, tokenizer, prefixes, weights, split, sizes, s
         warnings.simplefilter("ignore")
         return BlendedMegatronDatasetBuilder(dataset_class, list(sizes), lambda: True,
                                              config).build()
+
+
+def megalite_train_splits(prefix, vocab, samples, seq_length, seed, decoder_seq_length, cache):
+    """megalite's BERT and T5 train datasets over the whole of ``prefix`` (split "1")."""
+    from megalite.data.bert_dataset import build_bert_datasets
+    from megalite.data.t5_dataset import build_t5_datasets
+
+    sizes = (samples, 0, 0)
+    bert = build_bert_datasets([prefix], "1", sizes, seq_length, seed, vocab, cache_dir=str(cache))
+    t5 = build_t5_datasets([prefix], "1", sizes, seq_length, seed, vocab, decoder_seq_length,
+                           cache_dir=str(cache))
+    return bert[0], t5[0]

@@ -94,12 +94,14 @@ def masked_lm_vocab(tokenizer, vocab_extra_ids: int = 0) -> MaskedLMVocab:
         raise MegaliteError(f"BERT and T5 data need a WordPiece vocabulary (--tokenizer-type "
                             f"BertWordPieceLowerCase or BertWordPieceCase); got "
                             f"{type(tokenizer).__name__} ({getattr(tokenizer, 'source', '')})")
-    if isinstance(vocab_extra_ids, bool) or not isinstance(vocab_extra_ids, int) or vocab_extra_ids < 0:
+    if isinstance(vocab_extra_ids, bool) or not isinstance(vocab_extra_ids, int) or \
+            vocab_extra_ids < 0:
         raise MegaliteError(f"--vocab-extra-ids {vocab_extra_ids!r}: expected an integer >= 0")
     source = f"--vocab-file {tokenizer.vocab_file}"
     vocab = dict(models.WordPiece.read_file(tokenizer.vocab_file))  # the tokenizer's own ids
     if sorted(vocab.values()) != list(range(len(vocab))):
-        raise MegaliteError(f"{source}: the vocab has repeated tokens (ids are not 0..{len(vocab) - 1})")
+        raise MegaliteError(f"{source}: the vocab has repeated tokens (ids are not "
+                            f"0..{len(vocab) - 1})")
     for token in ("[CLS]", "[SEP]", "[MASK]", "[PAD]"):
         if token not in vocab:
             raise MegaliteError(f"{source}: no {token} token in the vocab (BERT/T5 data need "
@@ -181,7 +183,8 @@ class MaskedDataset(torch.utils.data.Dataset):
             raise MegaliteError(f"{prefix}: document range [{lo}, {hi}) of the {name} split is "
                                 f"outside the {num_docs} documents")
         if self.num_samples is not None and self.num_samples < 1:
-            raise MegaliteError(f"{prefix}: the {name} split needs num_samples >= 1, got {num_samples}")
+            raise MegaliteError(f"{prefix}: the {name} split needs num_samples >= 1, got "
+                                f"{num_samples}")
         if hi == lo:
             raise MegaliteError(f"{prefix}: the {name} split (documents [{lo}, {hi}) of "
                                 f"{num_docs}) holds no document, so it cannot supply samples; "
@@ -318,8 +321,8 @@ def build_masked_datasets(dataset_class, config: MaskedDatasetConfig, data_path:
 
     if vocab_size is not None and vocab_size < config.vocab.size:
         raise MegaliteError(
-            f"--vocab-size {vocab_size}: the {dataset_class.kind} vocabulary ({config.vocab.source} "
-            f"with [BOS], [EOS] and {len(config.vocab.sentinels)} --vocab-extra-ids tokens) has "
+            f"--vocab-size {vocab_size}: the {dataset_class.kind} vocabulary "
+            f"({config.vocab.source} with [BOS], [EOS] and {len(config.vocab.sentinels)} --vocab-extra-ids tokens) has "
             f"{config.vocab.size} ids; the model must hold them all")
     return build_split_datasets(
         data_path, split, num_samples,

@@ -86,7 +86,7 @@ class T5Dataset(MaskedDataset):
         encoder = np.concatenate(encoder).astype(np.int64)
         decoder_in = np.concatenate(decoder).astype(np.int64)
         decoder_out = np.concatenate([decoder_in[1:], [v.eos]]).astype(np.int64)
-        ne, nd = len(encoder), len(decoder_in)
+        nd = len(decoder_in)
         if nd > c.decoder_seq_length:
             raise MegaliteError(f"T5 sample {i} of the {self.name} split needs {nd} decoder "
                                 f"tokens but --decoder-seq-length is {c.decoder_seq_length}; "

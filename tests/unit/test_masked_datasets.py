@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from masked_reference import megalite_train_splits
 
 from megalite.data.bert_dataset import build_bert_datasets, trim_counts
 from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder
@@ -89,10 +90,7 @@ def test_vocab_errors(tokenizer, sp_model, wordpiece_vocab, tmp_path):
 
 def test_items_have_the_documented_shapes(tokenizer, documents, tmp_path):
     vocab = masked_lm_vocab(tokenizer, 20)
-    bert, _, _ = build_bert_datasets([documents], "1", (100, 0, 0), 64, 1, vocab,
-                                     cache_dir=str(tmp_path))
-    t5, _, _ = build_t5_datasets([documents], "1", (100, 0, 0), 64, 1, vocab, 32,
-                                 cache_dir=str(tmp_path))
+    bert, t5 = megalite_train_splits(documents, vocab, 100, 64, 1, 32, tmp_path)
     for dataset, shapes in ((bert, {"text": 64, "types": 64, "labels": 64, "loss_mask": 64,
                                     "padding_mask": 64, "is_random": None, "truncated": None}),
                             (t5, {"text_enc": 64, "text_dec": 32, "labels": 32, "loss_mask": 32,

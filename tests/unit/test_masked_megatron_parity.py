@@ -16,8 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from masked_reference import megatron_masked_datasets
+from masked_reference import megalite_train_splits, megatron_masked_datasets
 
 from megalite.data.bert_dataset import build_bert_datasets
 from megalite.data.blended import BlendedDataset
@@ -36,12 +35,7 @@ from megalite import _C
 SPLIT = "90,8,2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pg") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +214,8 @@ def test_skipped_documents_counted_as_megatron_does(odd_documents, capfd, min_se
 
 
 def test_skip_counts_reach_the_dataset(tokenizer, odd_documents, tmp_path):
-    vocab = masked_lm_vocab(tokenizer, 5)
-    bert, _, _ = build_bert_datasets([odd_documents], "1", (500, 0, 0), 128, 3, vocab,
-                                     cache_dir=str(tmp_path))
-    t5, _, _ = build_t5_datasets([odd_documents], "1", (500, 0, 0), 128, 3, vocab, 64,
-                                 cache_dir=str(tmp_path))
+    bert, t5 = megalite_train_splits(odd_documents, masked_lm_vocab(tokenizer, 5), 500, 128, 3,
+                                     64, tmp_path)
     b, t = bert.document_stats, t5.document_stats
     assert b["skipped_too_few_sentences"] == b["empty"] + b["one_sentence"] == 86 + 132
     assert t["skipped_too_few_sentences"] == t["empty"] == 86
