@@ -10,6 +10,8 @@
   i.e. ``PREFIX.bin``/``PREFIX.idx``, uint16.
 - ``wide_dataset``: the corpus tokenised with ``hf_tokenizer_json`` (ids up to 1,999: more than
   ``sp_model``'s 1,000, for the vocabulary-mismatch tests).
+- ``one_process_group`` (per module): a one-process gloo group, for megatron-core's datasets
+  (they read ``torch.distributed``).
 
 Each is built once per test session (a few seconds in all).
 """
@@ -113,3 +115,13 @@ def wide_dataset(corpus_jsonl, hf_tokenizer_json, tmp_path_factory) -> str:
                                  "--tokenizer-model", hf_tokenizer_json, "--append-eod",
                                  "--workers", "1", "--log-interval", "1000000"]) == 0
     return prefix + "_text_document"
+
+
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory):
+    import torch.distributed as dist
+
+    path = tmp_path_factory.mktemp("pg") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

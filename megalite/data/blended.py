@@ -113,8 +113,9 @@ def megatron_component_sizes(weights: Sequence[float], num_samples: int) -> tupl
 class BlendedDataset(torch.utils.data.Dataset):
     """``size`` samples drawn from ``datasets`` in proportion to ``weights`` by ``blend_rule``.
 
-    Item i is ``datasets[dataset_index[i]][dataset_sample_index[i]]``; the arrays are int16
-    ``[size]`` and int64 ``[size]``. Each component must hold at least as many samples as the
+    Item i is ``datasets[dataset_index[i]][dataset_sample_index[i]]`` (a dict item gains
+    ``dataset_id``, int64 ``[]``: that dataset's number); the arrays are int16 ``[size]`` and
+    int64 ``[size]``. Each component must hold at least as many samples as the
     index draws from it (:func:`blending_counts`)."""
 
     def __init__(self, datasets: Sequence[torch.utils.data.Dataset], weights: Sequence[float],
@@ -136,14 +137,17 @@ class BlendedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i) -> np.ndarray:
+    def __getitem__(self, i):
         i = int(i)
         if i < 0:
             i += self.size
         if not 0 <= i < self.size:
             raise IndexError(f"sample {i} out of range for {self.size} samples")
         k = int(self.dataset_index[i])
-        return self.datasets[k][int(self.dataset_sample_index[i])]
+        item = self.datasets[k][int(self.dataset_sample_index[i])]
+        if isinstance(item, dict):  # BERT/T5 items say where they come from, as Megatron's
+            return {"dataset_id": np.array(k, dtype=np.int64), **item}
+        return item
 
 
 def _open_indexed(prefix: str):
@@ -156,11 +160,12 @@ def _open_indexed(prefix: str):
     return IndexedDataset(prefix)
 
 
-def _blend_split(indexed, ranges, weights, given_weights, n, config, name, blend_rule):
-    """The ``name`` split of several prefixes (or of one weighted prefix under Megatron's rule)."""
+def _blend_split(indexed, ranges, weights, given_weights, n, name, blend_rule, make):
+    """The ``name`` split of several prefixes (or of one weighted prefix under Megatron's rule);
+    ``make(indexed, range, num_samples, name)`` builds one component."""
     if blend_rule == "megatron":
         if given_weights is None:  # one epoch of each, weighted by its sample count
-            parts = [GPTDataset(d, r, None, config, name) for d, r in zip(indexed, ranges)]
+            parts = [make(d, r, None, name) for d, r in zip(indexed, ranges)]
             lengths = [len(p) for p in parts]
             if sum(lengths) < n:
                 raise MegaliteError(
@@ -170,15 +175,56 @@ def _blend_split(indexed, ranges, weights, given_weights, n, config, name, blend
             return BlendedDataset(parts, lengths, n, blend_rule)
         # Megatron normalises the weights for the sizes and again inside its blended dataset.
         sizes, size = megatron_component_sizes(given_weights, n)
-        parts = [GPTDataset(d, r, s, config, name) for d, r, s in zip(indexed, ranges, sizes)]
+        parts = [make(d, r, s, name) for d, r, s in zip(indexed, ranges, sizes)]
         return BlendedDataset(parts, normalise_weights(given_weights), size, blend_rule)
     # Size each component from the exact counts the blend will draw (same weights, same
     # index), plus the margin, so no component index runs past its end.
     counts = blending_counts(weights, n)
     total = sum(weights)
-    parts = [GPTDataset(d, r, max(int(c), math.ceil(w / total * n * SIZE_MARGIN)), config, name)
+    parts = [make(d, r, max(int(c), math.ceil(w / total * n * SIZE_MARGIN)), name)
              for d, r, w, c in zip(indexed, ranges, weights, counts)]
     return BlendedDataset(parts, weights, n)
+
+
+def build_split_datasets(data_path: list[str], split: str, num_samples: Sequence[int], make,
+                         units: str = "sequences", cache_dir: str | None = None,
+                         vocab_size: int | None = None, blend_rule: str = "megalite"):
+    """Train, valid and test datasets of any kind over ``data_path``: the split, blending and
+    token check of :func:`build_train_valid_test_datasets`, each component built by
+    ``make(indexed, (lo, hi), num_samples or None, split_name)`` over the ``units``
+    ("sequences" or "documents") ``[lo, hi)`` of its file."""
+    check_blend_rule(blend_rule)
+    if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
+        raise MegaliteError(f"num_samples must be three non-negative counts, got {num_samples}")
+    fractions = parse_split(split)
+    prefixes, given_weights = parse_data_path(data_path)
+    if given_weights is not None:  # zero-weight prefixes take no part
+        kept = [(p, w) for p, w in zip(prefixes, given_weights) if w > 0]
+        prefixes, given_weights = [p for p, _ in kept], [w for _, w in kept]
+    indexed = [_open_indexed(p) for p in prefixes]
+    if vocab_size is not None:
+        check_token_ids(prefixes, vocab_size, cache_dir)
+    weights = given_weights
+    if weights is None and blend_rule == "megalite":
+        weights = [float(np.asarray(d.sequence_lengths).sum(dtype=np.int64)) for d in indexed]
+        if sum(weights) <= 0:
+            raise MegaliteError(f"--data-path: the datasets {prefixes} contain no tokens")
+    count = {"sequences": lambda d: len(d.sequence_lengths),
+             "documents": lambda d: len(d.document_indices) - 1}[units]
+    ranges = [split_sequence_ranges(count(d), fractions) for d in indexed]
+    direct = len(indexed) == 1 and (blend_rule == "megalite" or given_weights is None)
+
+    results = []
+    for k, name in enumerate(SPLIT_NAMES):
+        n = int(num_samples[k])
+        if fractions[k] == 0 or n == 0:
+            results.append(None)
+        elif direct:
+            results.append(make(indexed[0], ranges[0][k], n, name))
+        else:
+            results.append(_blend_split(indexed, [r[k] for r in ranges], weights, given_weights,
+                                        n, name, blend_rule, make))
+    return tuple(results)
 
 
 def build_train_valid_test_datasets(
@@ -199,37 +245,11 @@ def build_train_valid_test_datasets(
     the GPT dataset is returned directly. Every rank of a job must call this the same way (the
     index caches are built by one process; see ``index_cache``). With ``vocab_size``, a file
     holding a token id outside ``[0, vocab_size)`` is refused first (``token_range``)."""
-    check_blend_rule(blend_rule)
-    if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
-        raise MegaliteError(f"num_samples must be three non-negative counts, got {num_samples}")
-    fractions = parse_split(split)
-    prefixes, given_weights = parse_data_path(data_path)
-    if given_weights is not None:  # zero-weight prefixes take no part
-        kept = [(p, w) for p, w in zip(prefixes, given_weights) if w > 0]
-        prefixes, given_weights = [p for p, _ in kept], [w for _, w in kept]
-    indexed = [_open_indexed(p) for p in prefixes]
-    if vocab_size is not None:
-        check_token_ids(prefixes, vocab_size, cache_dir)
-    weights = given_weights
-    if weights is None and blend_rule == "megalite":
-        weights = [float(np.asarray(d.sequence_lengths).sum(dtype=np.int64)) for d in indexed]
-        if sum(weights) <= 0:
-            raise MegaliteError(f"--data-path: the datasets {prefixes} contain no tokens")
     config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=split, cache_dir=cache_dir,
                               add_extra_token_to_sequence=add_extra_token_to_sequence,
                               drop_last_partial_validation_sequence=drop_last_partial_validation_sequence,
                               pad_token_id=pad_token_id)
-    ranges = [split_sequence_ranges(len(d.sequence_lengths), fractions) for d in indexed]
-    direct = len(indexed) == 1 and (blend_rule == "megalite" or given_weights is None)
-
-    results = []
-    for k, name in enumerate(SPLIT_NAMES):
-        n = int(num_samples[k])
-        if fractions[k] == 0 or n == 0:
-            results.append(None)
-        elif direct:
-            results.append(GPTDataset(indexed[0], ranges[0][k], n, config, name))
-        else:
-            results.append(_blend_split(indexed, [r[k] for r in ranges], weights, given_weights,
-                                        n, config, name, blend_rule))
-    return tuple(results)
+    return build_split_datasets(
+        data_path, split, num_samples,
+        lambda indexed, seqs, n, name: GPTDataset(indexed, seqs, n, config, name),
+        units="sequences", cache_dir=cache_dir, vocab_size=vocab_size, blend_rule=blend_rule)

@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch.distributed as dist
 
 from megalite.data.blended import BlendedDataset, build_train_valid_test_datasets
 from megalite.data.gpt_dataset import GPTDataset
@@ -41,12 +40,7 @@ class _NoTokenizer:
     unique_identifiers = {"class": "none"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pg") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 
 def megatron_datasets(prefixes, weights, split, sizes, seed, cache, extra=True, drop_last=True):
