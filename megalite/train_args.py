@@ -22,6 +22,14 @@ from megalite.model.presets import get_preset
 from megalite.train_flags import OPTIONS
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help lines wrapped between words only: a flag name is never cut at its hyphens."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are MegaliteErrors (one line, exit 2 from the CLI)."""
 
@@ -42,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``megalite train`` (flag values only; defaults are SUPPRESSed
     so a flag overrides the YAML only when given)."""
     p = _Parser(prog="megalite train", argument_default=argparse.SUPPRESS,
+                formatter_class=_Formatter,
                 description="Pretrain a GPT (classic or LLaMA recipe) with tensor, pipeline and "
                 "data parallelism. Settings come from --config FILE.yaml (sections model, "
                 "parallel, optim, precision, data, training holding the field names of "

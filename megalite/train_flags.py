@@ -36,7 +36,8 @@ OPTIONS = [
         ("--vocab-size", None, dict(type=int), "vocabulary size (default: the tokenizer's; "
          "needed with --mock-data unless the preset has one; with --tokenizer-type "
          "NullTokenizer the ids below it, the model's vocabulary is one more: the eod id)"),
-        ("--position-embedding-type", None, dict(choices=POSITION_EMBEDDING_TYPES), "positions"),
+        ("--position-embedding-type", None, dict(choices=POSITION_EMBEDDING_TYPES),
+         "how positions enter the model"),
         ("--rotary-base", None, dict(type=float), "RoPE base theta"),
         ("--use-rope-scaling", "_rope_scaling", dict(action="store_true"),
          "Llama 3.1 RoPE frequency scaling (model.rope_scaling: llama3; 'linear' and the "

@@ -58,14 +58,34 @@ def _per_split_file(path: str) -> dict[str, list[str] | None]:
     return out
 
 
+# Settings that say the same thing two ways: (section, a, b, default of each). Both given as
+# flags (or both in the YAML file) is an error; a flag overrides the other one from the YAML.
+_ALTERNATIVES = [("training", "train_iters", "train_samples", 100, None),
+                 ("optim", "lr_warmup_fraction", "lr_warmup_iters", None, 0),
+                 ("optim", "lr_warmup_fraction", "lr_warmup_samples", None, 0),
+                 ("optim", "lr_warmup_iters", "lr_warmup_samples", 0, 0),
+                 ("optim", "lr_decay_iters", "lr_decay_samples", None, None)]
+
+
+def _alternatives(args, out: dict) -> None:
+    for section, a, b, default_a, default_b in _ALTERNATIVES:
+        flags, yaml = args.flags[section], args.yaml.get(section, {})
+        if (a in flags and b in flags) or (a in yaml and b in yaml and a not in flags
+                                           and b not in flags):
+            raise ConfigError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} are "
+                              "exclusive (Megatron-LM takes one of them)", section, b)
+        if a in flags and b in yaml:
+            out.setdefault(section, {})[b] = default_b
+        elif b in flags and a in yaml:
+            out.setdefault(section, {})[a] = default_a
+
+
 def section_overrides(args) -> dict[str, dict]:
     """{section: {field: value}} that the Megatron-LM flags of ``args`` (a
     :class:`~megalite.train_args.TrainArgs`) stand for; ConfigError for flags that Megatron-LM
     does not allow together."""
     sp, out = args.specials, {"data": {}, "parallel": {}}
-    if args.given("training", "train_iters") and args.given("training", "train_samples"):
-        raise ConfigError("--train-iters and --train-samples are exclusive (iteration-based or "
-                          "sample-based training)", "training", "train_samples")
+    _alternatives(args, out)
     if sp.get("_data_args_path"):
         if args.given("data", "data_path"):
             raise ConfigError("--data-args-path and --data-path are exclusive (the file holds "
@@ -134,7 +154,7 @@ def uneven_split(layers: int | None, pp: int, first: int | None, last: int | Non
     fixed = [n for n in (first, last) if n is not None]
     middle_stages = pp - len(fixed)
     rest = layers - sum(fixed)
-    if any(n < 0 for n in fixed) or rest < 0 or (middle_stages and rest % middle_stages) or (
+    if any(n < 1 for n in fixed) or rest < 0 or (middle_stages and rest % middle_stages) or (
             not middle_stages and rest):
         raise ConfigError(f"{flag}: {layers} layers do not split as first {first}, last "
                           f"{last} and the rest evenly over {middle_stages} other stage(s)",
