@@ -11,10 +11,10 @@ asked for, and the learning-rate schedule (iteration-based or sample-based).
   ``--eval-iters x G`` (Megatron-LM's ``get_train_valid_test_num_samples``).
 
 The learning rate of iteration ``t`` is :class:`~megalite.optim.lr_schedule.LRSchedule` at
-``t`` (iteration-based) or at ``t x G`` samples (sample-based, or with
-``--lr-warmup-fraction``, whose warmup Megatron-LM counts in samples), with Megatron-LM's
-formulas and lengths. Megatron-LM's scheduler is one step behind: its iteration ``t`` uses the
-value at ``(t - 1) x G`` samples; megalite's, the value at the end of the iteration.
+``t x G`` samples with every length in samples (``--lr-warmup-iters W`` is ``W x G``
+samples), as Megatron-LM's scheduler counts, so the values are Megatron-LM's to the bit.
+Megatron-LM's scheduler is one step behind: its iteration ``t`` uses the value at
+``(t - 1) x G`` samples; megalite's, the value at the end of the iteration.
 
 On resume the schedule saved with the optimizer state (:meth:`RunLRSchedule.state`, lengths
 in samples, as Megatron-LM's scheduler saves them) is compared with this run's:
@@ -63,28 +63,26 @@ def dataset_num_samples(training, global_batch_size: int) -> tuple[int, int, int
 
 
 class RunLRSchedule:
-    """``lr_at(iteration)`` of a run (see the module docstring); ``unit`` samples per step of
-    the underlying :class:`LRSchedule` (1: counted in iterations)."""
+    """``lr_at(iteration)`` of a run (see the module docstring); ``unit``: samples per
+    iteration (the global batch size), the :class:`LRSchedule` counting samples."""
 
     def __init__(self, schedule: LRSchedule, unit: int, global_batch_size: int):
         self.schedule, self.unit, self.global_batch_size = schedule, unit, global_batch_size
 
     @classmethod
     def from_config(cls, optim, training, global_batch_size: int) -> "RunLRSchedule":
+        """Megatron-LM's get_optimizer_param_scheduler: every length in samples."""
         g = global_batch_size
         if training.train_samples is not None:
             decay = optim.lr_decay_samples or training.train_samples
             warmup = optim.lr_warmup_samples
-            unit = g
         else:
-            decay = optim.lr_decay_iters or training.train_iters
-            warmup = optim.lr_warmup_iters
-            unit = 1
-        if optim.lr_warmup_fraction is not None:   # Megatron-LM: fraction x decay samples
-            decay, unit = decay * g // unit, g
+            decay = (optim.lr_decay_iters or training.train_iters) * g
+            warmup = optim.lr_warmup_iters * g
+        if optim.lr_warmup_fraction is not None:
             warmup = optim.lr_warmup_fraction * decay
         return cls(LRSchedule(optim.lr, optim.min_lr, warmup, decay, optim.lr_decay_style,
-                              init_lr=optim.lr_warmup_init), unit, g)
+                              init_lr=optim.lr_warmup_init), g, g)
 
     def lr_at(self, iteration: int) -> float:
         """Learning rate of the optimizer step of ``iteration`` (1-based)."""
