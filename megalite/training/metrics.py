@@ -63,8 +63,11 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device | str = "cpu",
     ``dtype`` over about ``seconds`` of repeats (at least two timed runs after a warm-up)."""
     device = torch.device(device)
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # its own generator: the measurement (at a run's first log) must not move the training's
+    # random streams, or a resumed run would draw other dropout masks than an unbroken one
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
 
     def sync():
         if device.type == "cuda":

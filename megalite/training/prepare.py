@@ -17,7 +17,7 @@ import os
 
 from megalite.config import SECTION_TYPES, TrainConfig, build_model_config
 from megalite.config_checks import option_name
-from megalite.errors import ConfigError
+from megalite.errors import ConfigError, MegaliteError
 from megalite.train_args import TrainArgs, merge_model_values, parse_args
 from megalite.training.megatron_args import (check_recompute, parallel_overrides,
                                              section_overrides)
@@ -37,8 +37,13 @@ def checkpoint_defaults(load: str | None, iteration: int | None = None,
     from megalite.checkpoint.reshard import read_train_config
 
     for directory, step in ((load, iteration), (pretrained, None)):
-        if directory and os.path.isdir(directory) and \
-                resolve_checkpoint(directory, step) is not None:
+        try:
+            found = directory and os.path.isdir(directory) and \
+                resolve_checkpoint(directory, step) is not None
+        except MegaliteError as e:
+            raise ConfigError(f"{option_name('training', 'ckpt_step')}: {e}", "training",
+                              "ckpt_step") from None
+        if found:
             break
     else:
         return {}, {}

@@ -51,6 +51,11 @@ class WandbWriter:
         self._run.log(dict(scalars), step=step)
 
     def close(self) -> None:
+        """Finish the run and stop W&B's service process, which writes the run's files
+        (``finish`` alone may leave them unwritten until the process exits)."""
         if self._run is not None:
+            import wandb
+
             self._run.finish()
+            wandb.teardown()
             self._run = None
