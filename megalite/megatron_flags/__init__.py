@@ -121,12 +121,17 @@ def add_megatron_flags(parser: argparse.ArgumentParser, known: set[str]) -> None
 
 
 def refuse_families(argv: list[str], known: set[str]) -> None:
-    """ConfigError for the first flag of ``argv`` that belongs to a refused family
-    (:data:`FAMILIES`) and is not one megalite knows."""
+    """ConfigError for the first flag of ``argv``, in order, that is refused outright: one of
+    :data:`GROUPS` of kind REFUSE, or one of a refused family (:data:`FAMILIES`) that megalite
+    does not know. (Run before argparse, so that the first refused flag is the one named.)"""
     for token in argv:
         if not token.startswith("--"):
             continue
         flag = token.split("=", 1)[0]
+        m = BY_FLAG.get(flag)
+        if m is not None and m.kind == REFUSE:
+            raise ConfigError(f"{_message(m, flag, [])} (a Megatron-LM flag megalite refuses; "
+                              "see megalite train --help)")
         if flag in known:
             continue
         for prefix, reason in FAMILIES:
