@@ -83,6 +83,12 @@ def test_gpt3_example_runs_unchanged_with_megatrons_learning_rate(
     assert run_main(train_main.main, argv) == 0
     assert "resumed from " + ckpt + " at iteration 20; 0 iterations to go" in \
         capsys.readouterr().out
+    # the checkpoint names its GPT-2 tokenizer (vocab + merges): generate finds it alone
+    from megalite import generate
+    assert run_main(generate.main, ["--load", ckpt, "--prompt", "The return statement",
+                                    "--max-new-tokens", "3", "--greedy"]) == 0
+    continuation = capsys.readouterr().out
+    assert continuation.strip() and continuation.count("\n") == 1   # 3 tokens' text, one line
 
 
 def test_gpt3_175b_example_stops_at_the_batch_size_ramp_up(capsys):
