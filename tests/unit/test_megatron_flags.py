@@ -94,6 +94,11 @@ def test_cli_prints_notices_once_and_a_refusal_on_one_line(capsys):
         "memory-efficient or plain kernel itself",
         "notice: --ckpt-format is ignored: megalite writes its own checkpoint format: every "
         "rank its shard, synchronously, loadable under any layout"]
+    # --train-samples: the plan counts train_samples // global batch (tiny-gpt: 16) iterations
+    assert run_main(train_main.main, TINY + ["--train-samples", "100", "--lr-warmup-samples",
+                                           "16", "--dry-run"]) == 0
+    assert "16 = micro 4 x DP 1 x 4 microbatch(es) per iteration; 6 iterations" in \
+        capsys.readouterr().out
     rc = run_main(train_main.main, TINY + ["--rampup-batch-size", "16", "16", "5859375"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and err.count("\n") == 1

@@ -35,7 +35,9 @@ def test_exit_interval_stops_with_status_0_and_the_resume_continues_bitwise(tmp_
     """A 20-iteration run stopped by --exit-interval 10 and started again with the same command
     gives every loss, lr and validation loss of the uninterrupted run, bit for bit."""
     whole = tmp_path / "whole.jsonl"
-    assert run_main(train_main.main, TINY + ["--train-iters", "20", "--log-json", str(whole)]) == 0
+    assert run_main(train_main.main, TINY + ["--train-iters", "20", "--log-json", str(whole),
+                                             "--log-throughput"]) == 0
+    assert "TFLOP/s/device: " in capsys.readouterr().out   # --log-throughput: always logged
     save, pieces = str(tmp_path / "ckpt"), tmp_path / "pieces.jsonl"
     command = TINY + ["--train-iters", "20", "--exit-interval", "10", "--save", save,
                       "--load", save, "--log-json", str(pieces)]
