@@ -45,10 +45,12 @@ setup(
         # --zero-stage; the ZeRO state map reads DeepSpeed's bookkeeping, tested with 0.19
         "zero": ["deepspeed>=0.19.8,<0.20"],
         "tensorboard": ["tensorboard"],
+        # --wandb-project (Weights & Biases logging); the tests run it offline
+        "wandb": ["wandb"],
         # megatron-core==0.16.1 is the tests' reference for the dataset indices and token files;
         # the Makefile installs it --no-deps (its datasets need only torch, numpy, packaging).
         "test": ["pytest", "pytest-timeout", "hypothesis", "transformers",
-                 "deepspeed>=0.19.8,<0.20", "tensorboard", "packaging"],
+                 "deepspeed>=0.19.8,<0.20", "tensorboard", "packaging", "wandb"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

@@ -15,7 +15,8 @@ section        class                       holds
 
 The same names are the YAML keys of ``megalite train --config FILE`` (``optim: {lr: 3.0e-4}``)
 and, with ``_`` spelled ``-``, mostly the command-line flags (``--lr``); see
-:mod:`megalite.train_args` for the flags and :mod:`megalite.training.prepare` for the run
+:mod:`megalite.train_args` for the flags, :mod:`megalite.config_sections` for the
+sections but the model's, and :mod:`megalite.training.prepare` for the run
 preparation that turns them into a TrainConfig.
 
 Every value is checked when a section is constructed (also from YAML or a checkpoint's
@@ -31,255 +32,17 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-import torch
-
-from megalite.config_checks import at_least, bad, check_types, coerce, option_name
+from megalite.config_checks import bad, coerce, option_name
+from megalite.config_sections import (LR_DECAY_STYLES, DataConfig, OptimConfig, ParallelConfig,
+                                      PrecisionConfig, TrainingConfig)
 from megalite.errors import ConfigError, MegaliteError
 from megalite.model.config import GPTConfig
 
 __all__ = ["SECTIONS", "SECTION_TYPES", "ParallelConfig", "OptimConfig", "PrecisionConfig",
            "DataConfig", "TrainingConfig", "TrainConfig", "check_batch_sizes",
-           "resolve_vocab_size", "build_model_config", "check_keys"]
+           "resolve_vocab_size", "build_model_config", "check_keys", "LR_DECAY_STYLES"]
 
 SECTIONS = ("model", "parallel", "optim", "precision", "data", "training")
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
-
-# ---- the sections -------------------------------------------------------------------------------
-@dataclass
-class ParallelConfig:
-    """How the model and the batch are split over the ranks (data-parallel size = world / (tp*pp))."""
-
-    tensor_model_parallel_size: int = 1
-    """Ranks each layer's weights are split over (heads, MLP width, vocabulary)."""
-    pipeline_model_parallel_size: int = 1
-    """Pipeline stages the layers are split over."""
-    sequence_parallel: bool = False
-    """Split norms/dropout activations along the sequence over the TP ranks (the model's
-    GPTConfig.sequence_parallel is derived from this field)."""
-    num_layers_per_virtual_pipeline_stage: int | None = None
-    """Layers per virtual stage for interleaved 1F1B; None: one chunk per stage. The number of
-    chunks per stage is num_layers / (pp * this)."""
-    pipeline_layer_split: list[int] | None = None
-    """Explicit layers per pipeline stage (length pp, sums to num_layers), e.g. fewer layers
-    on the stages holding the embedding and output layer; None: an even split."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage: 0 (megalite's own optimizer), 1, 2 or 3."""
-    deepspeed_config: str | None = None
-    """A user's DeepSpeed JSON config, merged with (and checked against) megalite's flags."""
-
-    def __post_init__(self) -> None:
-        check_types(self, "parallel")
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            at_least(self, "parallel", name, 1)
-        at_least(self, "parallel", "num_layers_per_virtual_pipeline_stage", 1, optional=True)
-        if self.zero_stage not in (0, 1, 2, 3):
-            bad("parallel", "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.num_layers_per_virtual_pipeline_stage is not None:
-            if self.pipeline_model_parallel_size < 2:
-                bad("parallel", "num_layers_per_virtual_pipeline_stage",
-                    "interleaving needs --pipeline-model-parallel-size >= 2")
-            if self.pipeline_layer_split is not None:
-                bad("parallel", "pipeline_layer_split", "cannot be combined with "
-                    "--num-layers-per-virtual-pipeline-stage (interleaving splits evenly)")
-        split = self.pipeline_layer_split
-        if split is not None:
-            if len(split) != self.pipeline_model_parallel_size:
-                bad("parallel", "pipeline_layer_split", f"{split} has {len(split)} entries, "
-                    f"expected one per pipeline stage ({self.pipeline_model_parallel_size})")
-            if any(n < 0 for n in split):
-                bad("parallel", "pipeline_layer_split", f"layer counts must be >= 0, got {split}")
-
-    def virtual_pipeline_size(self, num_layers: int) -> int:
-        """Model chunks per pipeline stage (1 unless interleaved)."""
-        per = self.num_layers_per_virtual_pipeline_stage
-        return 1 if per is None else num_layers // (self.pipeline_model_parallel_size * per)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW, gradient clipping and the learning-rate schedule (megalite.optim.lr_schedule)."""
-
-    lr: float = 3e-4
-    """Peak learning rate (reached at the end of the warmup)."""
-    min_lr: float = 0.0
-    """Learning rate at the end of the decay (and after it)."""
-    lr_warmup_iters: int = 0
-    """Iterations of linear warmup from 0 to lr."""
-    lr_decay_iters: int | None = None
-    """Iteration at which the decay reaches min_lr; None: training.train_iters."""
-    lr_decay_style: str = "cosine"
-    """"constant", "linear" or "cosine" decay from lr to min_lr after the warmup."""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
-    adam_beta1: float = 0.9
-    """AdamW first-moment decay."""
-    adam_beta2: float = 0.95
-    """AdamW second-moment decay."""
-    adam_eps: float = 1e-8
-    """AdamW denominator epsilon."""
-    clip_grad: float = 1.0
-    """Clip the global gradient norm (over all ranks) to this; 0 disables clipping."""
-
-    def __post_init__(self) -> None:
-        check_types(self, "optim")
-        for name in ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad"):
-            at_least(self, "optim", name, 0)
-        at_least(self, "optim", "lr_decay_iters", 1, optional=True)
-        at_least(self, "optim", "adam_eps", 0, strict=True)
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                bad("optim", name, f"must be in [0, 1), got {getattr(self, name)!r}")
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            bad("optim", "lr_decay_style", f"must be one of {', '.join(LR_DECAY_STYLES)}, "
-                f"got {self.lr_decay_style!r}")
-        if self.min_lr > self.lr:
-            bad("optim", "min_lr", f"{self.min_lr} exceeds --lr {self.lr}")
-
-
-@dataclass
-class PrecisionConfig:
-    """Parameter/compute dtype; fp16's dynamic loss scaler."""
-
-    bf16: bool = False
-    """bf16 parameters and compute; fp32 master weights and gradient accumulation."""
-    fp16: bool = False
-    """fp16 parameters and compute with loss scaling; fp32 master weights."""
-    initial_loss_scale: float = 2.0 ** 16
-    """fp16: the dynamic loss scale to start from."""
-    min_loss_scale: float = 1.0
-    """fp16: the dynamic loss scale never drops below this."""
-    loss_scale_window: int = 1000
-    """fp16: iterations without overflow before the scale is doubled."""
-    hysteresis: int = 2
-    """fp16: overflows tolerated before the scale is halved."""
-    loss_scale: float | None = None
-    """fp16: a static loss scale instead of the dynamic one; None: dynamic."""
-
-    def __post_init__(self) -> None:
-        check_types(self, "precision")
-        if self.bf16 and self.fp16:
-            raise ConfigError("--bf16 (precision.bf16) and --fp16 (precision.fp16) are mutually "
-                              "exclusive", "precision", "fp16")
-        for name in ("initial_loss_scale", "min_loss_scale"):
-            at_least(self, "precision", name, 0, strict=True)
-        at_least(self, "precision", "loss_scale", 0, strict=True, optional=True)
-        for name in ("loss_scale_window", "hysteresis"):
-            at_least(self, "precision", name, 1)
-        if self.min_loss_scale > self.initial_loss_scale:
-            bad("precision", "min_loss_scale", f"{self.min_loss_scale} exceeds "
-                f"--initial-loss-scale {self.initial_loss_scale}")
-        if self.loss_scale is not None and not self.fp16:
-            bad("precision", "loss_scale", "a loss scale is only used with --fp16")
-
-    @property
-    def params_dtype(self) -> torch.dtype:
-        """torch.bfloat16, torch.float16 or torch.float32."""
-        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
-
-
-@dataclass
-class DataConfig:
-    """Where the tokens come from."""
-
-    data_path: list[str] | None = None
-    """Token-file prefixes (PREFIX.bin/.idx), optionally weighted: ["0.3", "a", "0.7", "b"]."""
-    split: str = "969,30,1"
-    """train,valid,test weights over the documents of each token file."""
-    mock_data: bool = False
-    """Random tokens instead of files (benchmarks, tests); needs a vocabulary size."""
-    tokenizer_type: str | None = None
-    """One of megalite.data.tokenizers.TOKENIZER_TYPES; sets the model's vocabulary size."""
-    tokenizer_model: str | None = None
-    """SentencePiece .model or tokenizer.json (HuggingFaceTokenizer)."""
-    vocab_file: str | None = None
-    """vocab.txt of the BertWordPiece tokenizers."""
-    data_cache_path: str | None = None
-    """Directory for the dataset index caches; None: next to the token files."""
-    blend_rule: str = "megalite"
-    """How several --data-path datasets are interleaved: "megalite" (Tijdeman's rule: every
-    count within one sample of its share after every step) or "megatron" (megatron-core's
-    rule and sizes, reproducing a Megatron run's blended order exactly)."""
-
-    def __post_init__(self) -> None:
-        from megalite.data.blended import BLEND_RULES, parse_data_path
-        from megalite.data.gpt_dataset import parse_split
-        from megalite.data.tokenizers import TOKENIZER_TYPES
-
-        check_types(self, "data")
-        for name, check in (("split", lambda: parse_split(self.split)),
-                            ("data_path", lambda: self.data_path and parse_data_path(self.data_path))):
-            try:
-                check()
-            except MegaliteError as e:
-                raise ConfigError(f"{e} ({'data.' + name})", "data", name) from None
-        if self.mock_data and self.data_path:
-            bad("data", "mock_data", "cannot be combined with --data-path")
-        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
-            bad("data", "tokenizer_type", f"must be one of {', '.join(TOKENIZER_TYPES)}, "
-                f"got {self.tokenizer_type!r}")
-        if self.blend_rule not in BLEND_RULES:
-            bad("data", "blend_rule", f"must be one of {', '.join(BLEND_RULES)}, got "
-                f"{self.blend_rule!r}")
-        if self.tokenizer_type is None and (self.tokenizer_model or self.vocab_file):
-            bad("data", "tokenizer_type", "--tokenizer-model/--vocab-file need --tokenizer-type")
-
-
-@dataclass
-class TrainingConfig:
-    """Batches, iterations, evaluation, logging and checkpoints."""
-
-    micro_batch_size: int = 1
-    """Sequences per microbatch on one data-parallel rank."""
-    global_batch_size: int | None = None
-    """Sequences per iteration over all DP ranks (a multiple of micro x dp); None: micro x dp."""
-    train_iters: int = 100
-    """Optimizer steps to train for."""
-    seed: int = 1234
-    """Seed of the weights, dropout and data order."""
-    log_interval: int = 10
-    """Log the training metrics every this many iterations."""
-    eval_interval: int = 1000
-    """Compute the validation loss every this many iterations."""
-    eval_iters: int = 10
-    """Global batches per validation/test evaluation; 0 disables evaluation."""
-    save: str | None = None
-    """Checkpoint directory to write; None: no checkpoints."""
-    load: str | None = None
-    """Checkpoint directory to resume from (its `latest`); None: start fresh."""
-    no_load_optim: bool = False
-    """With --load: start a fresh optimizer instead of restoring the saved optimizer state."""
-    no_load_rng: bool = False
-    """With --load: keep this run's seeded random states instead of the saved ones."""
-    save_interval: int | None = None
-    """Save every this many iterations (and at the end); None: only at the end."""
-    keep_last: int | None = None
-    """Keep only the newest N complete checkpoints in --save; None: keep all."""
-    log_json: str | None = None
-    """Append one JSON object per logged iteration/evaluation to this file."""
-    tensorboard_dir: str | None = None
-    """Write TensorBoard scalars (train/*, valid/*, test/*) here."""
-    peak_tflops: float | None = None
-    """Peak TFLOP/s of one device for MFU; None: the table of GPUs, or measured on CPU."""
-    exit_duration_in_mins: float | None = None
-    """Save and stop after this many minutes of training."""
-
-    def __post_init__(self) -> None:
-        check_types(self, "training")
-        for name in ("micro_batch_size", "train_iters", "log_interval", "eval_interval"):
-            at_least(self, "training", name, 1)
-        if not 0 <= self.seed < 2**32:   # the data shuffles use numpy's RandomState(seed)
-            bad("training", "seed", f"must be in [0, 2^32 - 1], got {self.seed}")
-        at_least(self, "training", "eval_iters", 0)
-        for name in ("global_batch_size", "save_interval", "keep_last"):
-            at_least(self, "training", name, 1, optional=True)
-        for name in ("peak_tflops", "exit_duration_in_mins"):
-            at_least(self, "training", name, 0, strict=True, optional=True)
-        g, m = self.global_batch_size, self.micro_batch_size
-        if g is not None and g % m:
-            bad("training", "global_batch_size", f"{g} is not a multiple of "
-                f"--micro-batch-size {m}")
-        if self.save_interval is not None and not self.save:
-            bad("training", "save_interval", "needs --save DIR")
 
 
 def check_batch_sizes(training: TrainingConfig, dp_size: int) -> int:
@@ -355,11 +118,30 @@ class TrainConfig:
         elif per is None and L % pp:
             bad("parallel", "pipeline_model_parallel_size", f"--num-layers {L} is not "
                 f"divisible by {pp} (or give --pipeline-layer-split)")
-        o, iters = self.optim, self.training.train_iters
-        decay = o.lr_decay_iters or iters
-        if o.lr_decay_style != "constant" and o.lr_warmup_iters > decay:
-            bad("optim", "lr_warmup_iters", f"{o.lr_warmup_iters} exceeds the decay length "
-                f"{decay} (--lr-decay-iters, default --train-iters)")
+        self._validate_schedule()
+
+    def _validate_schedule(self) -> None:
+        """Iteration-based or sample-based, as Megatron-LM: the learning-rate lengths in the
+        unit of --train-iters / --train-samples, the warmup within the decay."""
+        o, tr = self.optim, self.training
+        if tr.train_samples is None:
+            for name in ("lr_decay_samples", "lr_warmup_samples"):
+                if getattr(o, name):
+                    bad("optim", name, "needs --train-samples (sample-based training; with "
+                        "--train-iters use --" + name.replace("samples", "iters")
+                        .replace("_", "-") + ")")
+            warmup, decay, unit = o.lr_warmup_iters, o.lr_decay_iters or tr.train_iters, "iters"
+        else:
+            for name in ("lr_decay_iters", "lr_warmup_iters"):
+                if getattr(o, name):
+                    bad("optim", name, "does not apply to sample-based training "
+                        "(--train-samples): use --" + name.replace("iters", "samples")
+                        .replace("_", "-"))
+            warmup, decay, unit = (o.lr_warmup_samples, o.lr_decay_samples or tr.train_samples,
+                                   "samples")
+        if o.lr_decay_style != "constant" and warmup > decay:
+            bad("optim", f"lr_warmup_{unit}", f"{warmup} exceeds the decay length {decay} "
+                f"(--lr-decay-{unit}, default --train-{unit})")
 
     # ---- serialization (checkpoints store this) ------------------------------------------
     def to_dict(self) -> dict:

@@ -79,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_argument_group("tokenizer (when the checkpoint names none, or to override it)")
     tok.add_argument("--tokenizer-type", default=None,
                      help="SentencePieceTokenizer, HuggingFaceTokenizer, BertWordPieceLowerCase, "
-                     "BertWordPieceCase")
+                     "BertWordPieceCase, GPT2BPETokenizer")
     tok.add_argument("--tokenizer-model", default=None, metavar="FILE",
                      help="SentencePiece .model / tokenizer.json")
     tok.add_argument("--vocab-file", default=None, metavar="FILE",
-                     help="vocab.txt for the WordPiece tokenizers")
+                     help="vocab.txt for the WordPiece tokenizers, vocab.json for GPT2BPETokenizer")
+    tok.add_argument("--merge-file", default=None, metavar="FILE",
+                     help="merges.txt for GPT2BPETokenizer")
     return p
 
 
@@ -103,23 +105,35 @@ def sampling_from_args(args):
 
 
 def _saved_tokenizer(train_config) -> dict:
-    """tokenizer_type/tokenizer_model/vocab_file of a checkpoint's config (TrainConfig or dict)."""
-    keys = ("tokenizer_type", "tokenizer_model", "vocab_file")
-    data = getattr(train_config, "data", None)
+    """tokenizer_type/tokenizer_model/vocab_file/merge_file of a checkpoint's config (TrainConfig
+    or dict), and for a NullTokenizer its vocab_size (the model's, less the eod id)."""
+    keys = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
+    data, model = getattr(train_config, "data", None), getattr(train_config, "model", None)
     if data is not None and not isinstance(data, dict):
-        return {k: getattr(data, k, None) for k in keys}
-    data = train_config.get("data") if isinstance(train_config, dict) else None
-    return {k: (data or {}).get(k) for k in keys}
+        out = {k: getattr(data, k, None) for k in keys}
+        vocab = getattr(model, "vocab_size", None)
+    else:
+        data = train_config.get("data") if isinstance(train_config, dict) else None
+        out = {k: (data or {}).get(k) for k in keys}
+        vocab = ((train_config.get("model") or {}) if isinstance(train_config, dict) else {}
+                 ).get("vocab_size")
+    out["vocab_size"] = vocab - 1 if out["tokenizer_type"] == "NullTokenizer" and vocab else None
+    return out
 
 
 def resolve_tokenizer(args, train_config):
     """The tokenizer: from the flags when given, else from the checkpoint's config."""
     from megalite.checkpoint.io import locate_beside_checkpoint
     from megalite.data.tokenizers import build_tokenizer
+    merge_file = getattr(args, "merge_file", None)
     if args.tokenizer_type:
-        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file)
-    if args.tokenizer_model or args.vocab_file:
-        raise MegaliteError("--tokenizer-model/--vocab-file need --tokenizer-type")
+        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                               merge_file)
+    if args.vocab_file or merge_file:   # Megatron-LM's default: GPT-2's BPE
+        return build_tokenizer("GPT2BPETokenizer", args.tokenizer_model, args.vocab_file,
+                               merge_file)
+    if args.tokenizer_model:
+        raise MegaliteError("--tokenizer-model needs --tokenizer-type")
     saved = _saved_tokenizer(train_config)
     if not saved["tokenizer_type"]:
         raise MegaliteError(f"the checkpoint in {args.load} names no tokenizer (trained on "
@@ -128,7 +142,9 @@ def resolve_tokenizer(args, train_config):
     try:
         return build_tokenizer(saved["tokenizer_type"],
                                locate_beside_checkpoint(saved["tokenizer_model"], args.load),
-                               locate_beside_checkpoint(saved["vocab_file"], args.load))
+                               locate_beside_checkpoint(saved["vocab_file"], args.load),
+                               locate_beside_checkpoint(saved["merge_file"], args.load),
+                               vocab_size=saved["vocab_size"])
     except MegaliteError as e:
         raise MegaliteError(f"the checkpoint's tokenizer cannot be loaded ({e}); pass the "
                             f"tokenizer flags to point at it") from None
@@ -160,8 +176,8 @@ def check_tokenizer_size(args, tokenizer, model_vocab: int, train_config) -> Non
     else:
         try:
             own = resolve_tokenizer(argparse.Namespace(load=args.load, tokenizer_type=None,
-                                                       tokenizer_model=None, vocab_file=None),
-                                    train_config)
+                                                       tokenizer_model=None, vocab_file=None,
+                                                       merge_file=None), train_config)
         except MegaliteError as e:
             why = f"{e}, so it cannot confirm the size"
         else:

@@ -108,7 +108,7 @@ def _layer_ranges(model_chunks: list) -> list[list[int]]:
 
 
 def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: ParallelState,
-                      rng_tracker) -> dict:
+                      rng_tracker, save_rng: bool = True) -> dict:
     files: dict[str, tuple[int, str]] = {}
     params = _named_params(model_chunks)
     # ZeRO-3 partitions parameters over the DP group: gather them (collective) one at a time,
@@ -130,7 +130,7 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
         "coordinates": {"tp": ps.tp_rank, "pp": ps.pp_rank, "dp": ps.dp_rank},
         "param_names": list(params), "layer_ranges": _layer_ranges(model_chunks),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": capture_rng_states(rng_tracker),
+        "rng": capture_rng_states(rng_tracker) if save_rng else None,
     }
     io.check_plain(state, f"checkpoint state of rank {ps.rank}")
     name = rank_file_name(ps.rank)
@@ -152,7 +152,7 @@ def _config_dict(config: Any) -> tuple[dict, str]:
 # -- save -----------------------------------------------------------------------------------------
 def save_checkpoint(directory: str, iteration: int, *, model_chunks: Iterable, optimizer: Any,
                     config: Any, ps: ParallelState, extra: dict | None = None,
-                    keep_last: int | None = None, rng_tracker=None) -> str:
+                    keep_last: int | None = None, rng_tracker=None, save_rng: bool = True) -> str:
     """Save the full training state as ``directory/iter_{iteration:07d}``; returns its path.
 
     Collective: every rank of the world calls it with its own chunks and optimizer (``None`` to
@@ -160,8 +160,9 @@ def save_checkpoint(directory: str, iteration: int, *, model_chunks: Iterable, o
     global, JSON-serializable state of the loop (consumed samples, ...), identical on all ranks
     (rank 0's copy is stored). ``keep_last``: afterwards delete all but the newest N complete
     checkpoints. ``rng_tracker``: the tensor-parallel RNG tracker (default: the first chunk's
-    ``rng_tracker``). Raises MegaliteError on every rank if any rank fails; the previous
-    checkpoint and ``latest`` are then untouched.
+    ``rng_tracker``). ``save_rng=False`` (``--no-save-rng``) leaves the random states out.
+    Raises MegaliteError on every rank if any rank fails; the previous checkpoint and
+    ``latest`` are then untouched.
     """
     chunks = list(model_chunks)
     if not chunks:
@@ -190,7 +191,7 @@ def save_checkpoint(directory: str, iteration: int, *, model_chunks: Iterable, o
     # 2. every rank writes its files.
     report, error = None, None
     try:
-        report = _write_rank_files(tmp, chunks, optimizer, ps, rng_tracker)
+        report = _write_rank_files(tmp, chunks, optimizer, ps, rng_tracker, save_rng)
     except Exception as e:   # reported to all ranks below, so that none waits forever
         error = f"rank {ps.rank}: {_describe(e)}"
     reports = _all_gather(report if error is None else error, ps)

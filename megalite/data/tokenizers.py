@@ -11,6 +11,9 @@ HuggingFaceTokenizer       ``--tokenizer-model tokenizer.json`` (or its director
                                                         next to it, else ``</s>``/``<|endoftext|>``/...
 GPT2BPETokenizer           ``--vocab-file vocab.json``  tokenizers byte-level BPE (GPT-2's rules);
                            ``--merge-file merges.txt``  ``<|endoftext|>``
+NullTokenizer              ``--vocab-size N``           none: text is ids written as decimal
+                                                        numbers ("5 17 3"); ``eod`` = N, so the
+                                                        vocabulary has N + 1 ids (Megatron-LM's)
 =========================  ===========================  ==========================================
 
 ``encode`` never adds special tokens (no BOS, no [CLS]/[SEP]): a pretraining document is its
@@ -43,7 +46,7 @@ from typing import Sequence
 from megalite.errors import MegaliteError
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
-                   "HuggingFaceTokenizer", "GPT2BPETokenizer")
+                   "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 
 # End-of-document candidates for a bare tokenizer.json, most common first.
 _HF_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -261,6 +264,35 @@ class GPT2BPETokenizer(_HFTokenizersTokenizer):
         self._seal_controls()
 
 
+class NullTokenizer(Tokenizer):
+    """Megatron-LM's NullTokenizer: for data that is already ids. ``encode("5 17 3")`` is
+    ``[5, 17, 3]`` (each id below ``vocab_size``); ``eod`` is ``vocab_size``, so the
+    vocabulary has ``vocab_size + 1`` ids."""
+
+    def __init__(self, vocab_size: int):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise MegaliteError(f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got "
+                                f"{vocab_size!r}")
+        self.eod = vocab_size
+        self.vocab_size = vocab_size + 1
+        self.source = f"NullTokenizer --vocab-size {vocab_size}"
+        self.control_ids = frozenset({self.eod})
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError:
+            raise MegaliteError(f"{self.source}: the text must be ids written as decimal "
+                                f"numbers, got {text[:40]!r}") from None
+        bad = [i for i in ids if not 0 <= i < self.eod]
+        if bad:
+            raise MegaliteError(f"{self.source}: id {bad[0]} is not in [0, {self.eod})")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
 def _model_unk_token(tok) -> str | None:
     """The unknown token's text of a tokenizers.Tokenizer's model (BPE, WordPiece, WordLevel
     name it; Unigram has only an id, in its serialized state)."""
@@ -310,16 +342,23 @@ def _require_file(flag: str, path: str | None, tokenizer_type: str, directory_ok
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
-                    vocab_file: str | None = None, merge_file: str | None = None) -> Tokenizer:
+                    vocab_file: str | None = None, merge_file: str | None = None,
+                    vocab_size: int | None = None) -> Tokenizer:
     """The tokenizer named by ``tokenizer_type`` (one of :data:`TOKENIZER_TYPES`).
 
     Raises :class:`MegaliteError` naming the flag for an unknown type, a missing file, or a file
     flag the type does not use (``--vocab-file`` for a model-file type and vice versa).
-    ``merge_file`` is GPT-2's ``merges.txt`` (``--merge-file``), for ``GPT2BPETokenizer`` only.
+    ``merge_file`` is GPT-2's ``merges.txt`` (``--merge-file``), for ``GPT2BPETokenizer`` only;
+    ``vocab_size`` (``--vocab-size``) is for ``NullTokenizer`` only.
     """
     if tokenizer_type not in TOKENIZER_TYPES:
         raise MegaliteError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
                             f"{', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type == "NullTokenizer":
+        if tokenizer_model or vocab_file or merge_file:
+            raise MegaliteError("--tokenizer-type NullTokenizer reads no files (it needs "
+                                "--vocab-size only)")
+        return NullTokenizer(vocab_size)
     if tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
         if vocab_file or merge_file:
             flag = "--vocab-file" if vocab_file else "--merge-file"

@@ -1,9 +1,11 @@
 """Learning rate as a function of the iteration: linear warmup, then constant/linear/cosine decay.
 
 Iterations count from 1: the optimizer step of iteration ``t`` uses ``lr_at(t)``. With ``W``
-warmup iterations, peak ``lr``, floor ``min_lr`` and decay end ``D`` (``decay_iters``):
+warmup iterations, peak ``lr``, floor ``min_lr``, warmup start ``init`` (``init_lr``, default
+0) and decay end ``D`` (``decay_iters``):
 
-* ``t <= W``: ``lr * t / W`` (linear from 0: the first step already moves, the W-th uses lr);
+* ``t <= W``: ``init + (lr - init) * t / W`` (linear from init: the first step already moves,
+  the W-th uses lr);
 * ``W < t <= D``: with ``r = (t - W) / (D - W)``,
   ``linear``: ``min_lr + (lr - min_lr) * (1 - r)``;
   ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2``;
@@ -11,7 +13,9 @@ warmup iterations, peak ``lr``, floor ``min_lr`` and decay end ``D`` (``decay_it
 * ``t > D``: ``min_lr`` (``lr`` for ``constant``).
 
 The schedule is stateless (a pure function of ``t``), so resuming from a checkpoint only needs
-the iteration.
+the iteration. The same formulas, in the same operation order, as Megatron-LM's
+OptimizerParamScheduler; a sample-based run (megalite.training.schedule) counts ``t``, ``W``
+and ``D`` in samples, and ``W`` may then be fractional (``--lr-warmup-fraction``).
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ DECAY_STYLES = ("constant", "linear", "cosine")
 class LRSchedule:
     """``lr_at(iteration)`` for warmup then decay (see the module docstring)."""
 
-    def __init__(self, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
-                 decay_style: str = "cosine"):
+    def __init__(self, lr: float, min_lr: float, warmup_iters: float, decay_iters: int,
+                 decay_style: str = "cosine", init_lr: float = 0.0):
         if decay_style not in DECAY_STYLES:
             raise MegaliteError(f"--lr-decay-style {decay_style!r}: choose one of "
                                 f"{', '.join(DECAY_STYLES)}")
@@ -38,8 +42,11 @@ class LRSchedule:
         if decay_style != "constant" and warmup_iters > decay_iters:
             raise MegaliteError(f"--lr-warmup-iters {warmup_iters} exceeds the decay length "
                                 f"{decay_iters} (--lr-decay-iters, default --train-iters)")
-        self.lr, self.min_lr = float(lr), float(min_lr)
-        self.warmup_iters, self.decay_iters = int(warmup_iters), int(decay_iters)
+        if not 0 <= init_lr <= lr:
+            raise MegaliteError(f"--lr-warmup-init {init_lr} and --lr {lr}: need "
+                                f"0 <= lr-warmup-init <= lr")
+        self.lr, self.min_lr, self.init_lr = float(lr), float(min_lr), float(init_lr)
+        self.warmup_iters, self.decay_iters = warmup_iters, int(decay_iters)
         self.decay_style = decay_style
 
     def lr_at(self, iteration: int) -> float:
@@ -48,7 +55,7 @@ class LRSchedule:
             raise MegaliteError(f"lr_at: iterations count from 1, got {iteration}")
         w, d = self.warmup_iters, self.decay_iters
         if iteration <= w:
-            return self.lr * iteration / w
+            return self.init_lr + (self.lr - self.init_lr) * iteration / w
         if self.decay_style == "constant":
             return self.lr
         if iteration >= d:
@@ -62,4 +69,5 @@ class LRSchedule:
 
     def __repr__(self) -> str:
         return (f"LRSchedule(lr={self.lr}, min_lr={self.min_lr}, warmup_iters={self.warmup_iters}, "
-                f"decay_iters={self.decay_iters}, decay_style={self.decay_style!r})")
+                f"decay_iters={self.decay_iters}, decay_style={self.decay_style!r}, "
+                f"init_lr={self.init_lr})")

@@ -106,14 +106,18 @@ def _data_lines(config: TrainConfig, check_ids: bool = True) -> list[str]:
     from megalite.data.indexed import IndexedDataset
     from megalite.data.token_range import check_token_ids
 
-    prefixes, weights = parse_data_path(list(data.data_path))
+    blends = [("", data.data_path)] if data.data_path else [
+        (f"{name}: ", paths) for name, paths in zip(("train", "valid", "test"),
+                                                    data.per_split_paths()) if paths]
     lines = []
-    for k, prefix in enumerate(prefixes):
-        ds = IndexedDataset(prefix)  # validates both files; DataFormatError names the file
-        if check_ids:   # (the range cache is collective under torch.distributed)
-            check_token_ids([prefix], config.model.vocab_size, data.data_cache_path)
-        w = f"weight {weights[k]:g}, " if weights else ""
-        lines.append(f"{prefix}: {w}{len(ds)} documents, {ds.num_tokens} tokens")
+    for label, paths in blends:
+        prefixes, weights = parse_data_path(list(paths))
+        for k, prefix in enumerate(prefixes):
+            ds = IndexedDataset(prefix)  # validates both files; DataFormatError names the file
+            if check_ids:   # (the range cache is collective under torch.distributed)
+                check_token_ids([prefix], config.model.vocab_size, data.data_cache_path)
+            w = f"weight {weights[k]:g}, " if weights else ""
+            lines.append(f"{label}{prefix}: {w}{len(ds)} documents, {ds.num_tokens} tokens")
     return lines
 
 
@@ -224,6 +228,9 @@ def format_plan(plan: RunPlan, config: TrainConfig) -> str:
 
 def dry_run(config: TrainConfig, world_size: int) -> str:
     """Validate and plan; returns the text to print. MegaliteError when the run cannot work."""
+    from megalite.training.schedule import with_train_iterations
+
     if not isinstance(world_size, int) or world_size < 1:
         raise MegaliteError(f"--world-size must be a positive integer, got {world_size!r}")
-    return format_plan(plan_run(config, world_size), config)
+    plan = plan_run(config, world_size)
+    return format_plan(plan, with_train_iterations(config, plan.global_batch_size))

@@ -5,8 +5,9 @@ Several processes: started by torchrun, SLURM ``srun`` or ``mpirun``; rank, worl
 come from the launcher's variables (megalite.distributed.launch_env).
 ``--dry-run`` checks everything and prints the plan without training (training/dry_run.py).
 
-Exit status: 0 after a finished run, 75 (signals.EXIT_STOPPED) after a stop on SIGUSR1/SIGTERM
-or --exit-duration-in-mins with a checkpoint saved (the SLURM scripts requeue on it).
+Exit status: 0 after a finished run and after a stop at --exit-interval (as Megatron-LM), 75
+(signals.EXIT_STOPPED) after a stop on SIGUSR1/SIGTERM or --exit-duration-in-mins with a
+checkpoint saved (the SLURM scripts requeue on it).
 torchrun turns a worker's 75 into its own status 1; so a launch script can still tell a clean
 stop from a crash, rank 0 then also writes the reason to the file named by the environment
 variable ``MEGALITE_STOP_FILE`` when it is set (launch/torchrun.sh, pretrain_torchrun.sbatch).
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     config = prepare_run(args)    # flag errors stay fast
     from megalite.distributed.launch_env import detect_launch_env, init_from_launch_env
 
+    if detect_launch_env().rank == 0:   # accepted Megatron-LM flags that megalite ignores
+        for line in args.notices:
+            print(line, flush=True)
     if args.dry_run:
         from megalite.training.dry_run import dry_run
 
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
     # its own pace) during the final save or shutdown is recorded instead of killing the rank.
     # --exit-duration-in-mins counts from here.
     with StopMonitor(config.training.exit_duration_in_mins) as monitor:
-        init_from_launch_env()
+        init_from_launch_env(timeout_s=config.parallel.distributed_timeout_minutes * 60)
         if torch.cuda.is_available():
             monitor.device = torch.device("cuda", torch.cuda.current_device())
         try:
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    if result.stopped:
+    if result.stopped and result.stopped != "exit-interval":
         _write_stop_file(f"stopped at iteration {result.iteration} ({result.stopped})")
         return EXIT_STOPPED
     return 0

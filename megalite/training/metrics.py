@@ -63,8 +63,11 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device | str = "cpu",
     ``dtype`` over about ``seconds`` of repeats (at least two timed runs after a warm-up)."""
     device = torch.device(device)
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # its own generator: the measurement (at a run's first log) must not move the training's
+    # random streams, or a resumed run would draw other dropout masks than an unbroken one
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
 
     def sync():
         if device.type == "cuda":
@@ -190,24 +193,28 @@ def format_train_line(iteration: int, metrics: dict, train_iters: int | None = N
 
 
 class MetricsLogger:
-    """Console + JSON lines (``log_json``) + TensorBoard (``tensorboard_dir``) for one rank.
+    """Console + JSON lines (``log_json``) + TensorBoard (``tensorboard_dir``) + Weights &
+    Biases (``wandb``: ``wandb.init`` keywords, megalite.training.wandb_log) for one rank.
 
     Create it on every rank with ``enabled`` true on the one rank that logs; elsewhere every
     method does nothing and no file is opened. The JSON-lines file is appended to (a resumed
     run continues it); each record is one ``write`` of one line, flushed at once, with
     ``"split"`` ("train", "valid", "test"), ``"iteration"`` and ``"time"`` (Unix seconds);
     nan/inf become null. TensorBoard scalars are ``train/<key>`` and ``<split>/loss``,
-    ``<split>/ppl`` at step = iteration.
+    ``<split>/ppl`` at step = iteration; W&B gets the same.
     """
 
     def __init__(self, *, enabled: bool, log_json: str | None = None,
                  tensorboard_dir: str | None = None, train_iters: int | None = None,
-                 stream=None):
+                 stream=None, wandb: dict | None = None):
         self.enabled, self.train_iters = enabled, train_iters
         self._stream = stream
-        self._json = self._tb = None
+        self._json = self._tb = self._wandb = None
         if not enabled:
             return
+        if wandb:
+            from megalite.training.wandb_log import WandbWriter
+            self._wandb = WandbWriter(wandb)
         if log_json:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(log_json)), exist_ok=True)
@@ -245,13 +252,22 @@ class MetricsLogger:
         self._print(format_train_line(iteration, metrics, self.train_iters))
         self._write_json({"split": "train", **metrics, "iteration": iteration,
                           "time": time.time()})
+        scalars = {}
+        for key, value in metrics.items():
+            v = value.item() if hasattr(value, "item") else value
+            if key not in ("iteration", "train_iters") and isinstance(v, (int, float)) \
+                    and not isinstance(v, bool):
+                scalars[f"train/{key}"] = float(v)
+        self._scalars(scalars, iteration)
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Write ``{tag: value}`` at ``step`` to TensorBoard and W&B (those that are open)."""
         if self._tb is not None:
-            for key, value in metrics.items():
-                v = value.item() if hasattr(value, "item") else value
-                if key not in ("iteration", "train_iters") and isinstance(v, (int, float)) \
-                        and not isinstance(v, bool):
-                    self._tb.add_scalar(f"train/{key}", float(v), iteration)
+            for tag, v in scalars.items():
+                self._tb.add_scalar(tag, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step)
 
     def log_eval(self, iteration: int, split: str, loss: float) -> None:
         """Log an evaluation: ``split`` ("valid" or "test") loss and perplexity exp(loss)."""
@@ -264,10 +280,7 @@ class MetricsLogger:
                     f"lm loss PPL: {ppl:.4f}")
         self._write_json({"split": split, "iteration": iteration, "loss": loss, "ppl": ppl,
                           "time": time.time()})
-        if self._tb is not None:
-            self._tb.add_scalar(f"{split}/loss", loss, iteration)
-            self._tb.add_scalar(f"{split}/ppl", ppl, iteration)
-            self._tb.flush()
+        self._scalars({f"{split}/loss": loss, f"{split}/ppl": ppl}, iteration)
 
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
@@ -277,6 +290,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -17,26 +17,37 @@ import os
 
 from megalite.config import SECTION_TYPES, TrainConfig, build_model_config
 from megalite.config_checks import option_name
-from megalite.errors import ConfigError
+from megalite.errors import ConfigError, MegaliteError
 from megalite.train_args import TrainArgs, merge_model_values, parse_args
+from megalite.training.megatron_args import (check_recompute, parallel_overrides,
+                                             section_overrides)
 
 # What a checkpoint's data section says about the tokenizer (its data files are not taken:
 # a resumed run names its data itself).
-_CHECKPOINT_DATA_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file")
+_CHECKPOINT_DATA_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
 
 
-def checkpoint_defaults(load: str | None) -> tuple[dict, dict]:
+def checkpoint_defaults(load: str | None, iteration: int | None = None,
+                        pretrained: str | None = None) -> tuple[dict, dict]:
     """(model section, tokenizer fields of the data section) of the checkpoint that ``--load``
-    would resume, or ({}, {}) when there is none: so ``--load DIR`` alone knows the model's
-    shape and tokenizer (a ``convert from-hf`` checkpoint, a run resumed without its YAML)."""
-    if not load or not os.path.isdir(load):
-        return {}, {}
+    (at ``--ckpt-step``) would resume, else of ``--pretrained-checkpoint``, or ({}, {}) when
+    there is none: so ``--load DIR`` alone knows the model's shape and tokenizer (a
+    ``convert from-hf`` checkpoint, a run resumed without its YAML)."""
     from megalite.checkpoint.io import resolve_checkpoint
     from megalite.checkpoint.reshard import read_train_config
 
-    if resolve_checkpoint(load) is None:
+    for directory, step in ((load, iteration), (pretrained, None)):
+        try:
+            found = directory and os.path.isdir(directory) and \
+                resolve_checkpoint(directory, step) is not None
+        except MegaliteError as e:
+            raise ConfigError(f"{option_name('training', 'ckpt_step')}: {e}", "training",
+                              "ckpt_step") from None
+        if found:
+            break
+    else:
         return {}, {}
-    saved = read_train_config(load)
+    saved = read_train_config(directory, step)
     saved = saved.to_dict() if isinstance(saved, TrainConfig) else saved
     model = dict(saved.get("model") or {})
     model.pop("sequence_parallel", None)       # a layout choice, not the model's shape
@@ -45,13 +56,22 @@ def checkpoint_defaults(load: str | None) -> tuple[dict, dict]:
     return model, data
 
 
-def _vocab_size(config_values: dict, explicit: bool, data) -> None:
-    """Set ``config_values["vocab_size"]`` from the tokenizer unless given explicitly."""
-    if data.tokenizer_type is not None:
+def _vocab_size(config_values: dict, explicit: bool, data, by_user: bool) -> None:
+    """Set ``config_values["vocab_size"]`` from the tokenizer unless given explicitly
+    (``by_user``: by a flag or the YAML file, not only by the --load checkpoint)."""
+    if data.tokenizer_type == "NullTokenizer":
+        # Megatron-LM's NullTokenizer: ids below --vocab-size, and the eod id after them (a
+        # checkpoint's model size already counts it)
+        if by_user:
+            config_values["vocab_size"] += 1
+        elif not explicit:
+            raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size N (its ids "
+                              "are 0..N-1, the end-of-document id N)", "model", "vocab_size")
+    elif data.tokenizer_type is not None:
         from megalite.data.tokenizers import build_tokenizer
 
         tok_vocab = build_tokenizer(data.tokenizer_type, data.tokenizer_model,
-                                    data.vocab_file).vocab_size
+                                    data.vocab_file, data.merge_file).vocab_size
         if not explicit:
             config_values["vocab_size"] = tok_vocab
         elif config_values["vocab_size"] < tok_vocab:
@@ -68,9 +88,10 @@ def _vocab_size(config_values: dict, explicit: bool, data) -> None:
 def _check_run(config: TrainConfig) -> None:
     """Checks of the whole run that need other files or several sections together."""
     data, par = config.data, config.parallel
-    if not data.mock_data and not data.data_path:
-        raise ConfigError("no training data: give --data-path PREFIX (data.data_path) or "
-                          "--mock-data (data.mock_data)", "data", "data_path")
+    if not data.mock_data and not data.data_path and not data.train_data_path:
+        raise ConfigError("no training data: give --data-path PREFIX (data.data_path), "
+                          "--train-data-path PREFIX or --mock-data (data.mock_data)", "data",
+                          "data_path")
     if par.zero_stage:
         # Before any process group exists (data-parallel size unknown: stage limits depend
         # on TP/PP and precision only); build_optimizer checks again with the real layout.
@@ -85,6 +106,10 @@ def _check_run(config: TrainConfig) -> None:
         what = "is not a directory" if os.path.exists(load) else "does not exist"
         raise ConfigError(f"{option_name('training', 'load')}: {load} {what} (to start from "
                           "scratch, create it or leave out --load)", "training", "load")
+    pretrained = config.training.pretrained_checkpoint
+    if pretrained is not None and not os.path.isdir(pretrained):
+        raise ConfigError(f"{option_name('training', 'pretrained_checkpoint')}: {pretrained} "
+                          "is not a directory", "training", "pretrained_checkpoint")
     ds = par.deepspeed_config
     if ds is not None and not os.path.isfile(ds):
         raise ConfigError(f"{option_name('parallel', 'deepspeed_config')}: {ds}: no such file",
@@ -94,15 +119,21 @@ def _check_run(config: TrainConfig) -> None:
 def prepare_run(args: TrainArgs) -> TrainConfig:
     """Parsed ``megalite train`` arguments -> the checked TrainConfig of the run (its model
     has its vocabulary size). ConfigError (a MegaliteError) naming flag, YAML key and file."""
-    saved_model, saved_data = checkpoint_defaults(args.value("training", "load"))
+    saved_model, saved_data = checkpoint_defaults(args.value("training", "load"),
+                                                  args.value("training", "ckpt_step"),
+                                                  args.value("training", "pretrained_checkpoint"))
     try:
-        sections = {s: cls(**{**(saved_data if s == "data" else {}),
-                              **args.yaml.get(s, {}), **args.flags[s]})
-                    for s, cls in SECTION_TYPES.items()}
+        extra = section_overrides(args)
+        values = {s: {**(saved_data if s == "data" else {}), **args.yaml.get(s, {}),
+                      **args.flags[s], **extra.get(s, {})} for s in SECTION_TYPES}
         model_values, explicit_vocab = merge_model_values(
             args.flags["model"], args.specials, dict(args.yaml.get("model", {})), saved_model)
-        _vocab_size(model_values, explicit_vocab, sections["data"])
+        values["parallel"].update(parallel_overrides(args, values["parallel"], model_values))
+        sections = {s: cls(**values[s]) for s, cls in SECTION_TYPES.items()}
+        _vocab_size(model_values, explicit_vocab, sections["data"],
+                    args.given("model", "vocab_size"))
         config = TrainConfig(model=build_model_config(model_values), **sections)
+        check_recompute(args, config)
         _check_run(config)
     except ConfigError as e:
         raise args.locate(e) from None

@@ -27,7 +27,6 @@ from megalite.config import TrainConfig, check_batch_sizes
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model.flops import flops_per_iteration
-from megalite.optim.lr_schedule import LRSchedule
 from megalite.optim.optimizer import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
@@ -36,6 +35,10 @@ from megalite.parallel.random import model_parallel_seed
 from megalite.training.data import BatchIterator, MockGPTDataset
 from megalite.training.metrics import MetricsLogger, device_peak_flops
 from megalite.training.signals import StopMonitor
+from megalite.training.resume import check_saved_parts, plan_start, saved_parts
+from megalite.training.schedule import (RunLRSchedule, dataset_num_samples,
+                                        reconcile_lr_schedule, with_train_iterations)
+from megalite.training.wandb_log import wandb_settings
 
 
 @dataclass
@@ -53,8 +56,9 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)
     """Gradient norm (before clipping) of every iteration run in this call."""
     stopped: str | None = None
-    """Why the loop ended early: "signal" (SIGUSR1/SIGTERM) or "time"
-    (--exit-duration-in-mins), after saving a checkpoint; None when train_iters were reached."""
+    """Why the loop ended early: "signal" (SIGUSR1/SIGTERM), "time" (--exit-duration-in-mins)
+    or "exit-interval" (--exit-interval), after saving a checkpoint; None when train_iters
+    were reached."""
 
 
 def _loss_fn(per_token_loss: torch.Tensor, microbatch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +90,9 @@ class Trainer:
         self.ps = ps
         self.num_microbatches = check_batch_sizes(tr, ps.dp_size)
         self.global_batch_size = tr.global_batch_size or tr.micro_batch_size * ps.dp_size
+        # --train-samples: the iterations follow from the global batch size
+        config = self.config = with_train_iterations(config, self.global_batch_size)
+        tr = config.training
         self.seq_length = config.model.training_seq_length
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
@@ -102,20 +109,22 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.init_weights(tr.seed)
             chunk.to(dtype=self.dtype)
-        # A weights-only checkpoint (e.g. `megalite convert from-hf`) fills the weights before
-        # the optimizer exists, so its fp32 master copies / ZeRO partitions start from them.
-        self.weights_only_start = bool(tr.load) and self._load_weights_only(tr.load)
+        # A weights-only checkpoint (e.g. `megalite convert from-hf`, or any under --finetune)
+        # fills the weights before the optimizer exists, so its fp32 master copies / ZeRO
+        # partitions start from them.
+        self.start = plan_start(tr)
+        check_saved_parts(self.start, tr)
+        self.weights_only_start = self._load_weights_only(self.start)
         self.optimizer = build_optimizer(self.model_chunks, config, ps)
-        o = config.optim
-        self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters,
-                                      o.lr_decay_iters or tr.train_iters, o.lr_decay_style)
+        self.lr_schedule = RunLRSchedule.from_config(config.optim, tr, self.global_batch_size)
         self.iteration = 0
         self._last_saved = -1  # iteration of the last checkpoint written by this process
         self.optimizer_resharded = False   # set by load(): the saved state came by name
         self.skipped_iters = 0
         self.train_data, self.valid_data, self.test_data = self._build_data()
         self.logger = MetricsLogger(enabled=ps.rank == 0, log_json=tr.log_json,
-                                    tensorboard_dir=tr.tensorboard_dir)
+                                    tensorboard_dir=tr.tensorboard_dir,
+                                    wandb=wandb_settings(config) if ps.rank == 0 else None)
         self.flops_per_iter = flops_per_iteration(config.model, self.global_batch_size,
                                                   self.seq_length)
         self.peak_flops = None  # measured lazily, at the first log
@@ -124,17 +133,14 @@ class Trainer:
     def _build_data(self):
         cfg, tr, ps = self.config, self.config.training, self.ps
         g = self.global_batch_size
-        eval_runs = tr.train_iters // tr.eval_interval + 1 if tr.eval_interval else 0
-        num_samples = (tr.train_iters * g, eval_runs * tr.eval_iters * g, tr.eval_iters * g)
+        num_samples = dataset_num_samples(tr, g)
         if cfg.data.mock_data:
             datasets = [MockGPTDataset(cfg.model.vocab_size, self.seq_length, n, tr.seed + k)
                         if n else None for k, n in enumerate(num_samples)]
         else:
-            from megalite.data.blended import build_train_valid_test_datasets
-            datasets = build_train_valid_test_datasets(
-                cfg.data.data_path, cfg.data.split, num_samples, self.seq_length, tr.seed,
-                cache_dir=cfg.data.data_cache_path, vocab_size=cfg.model.vocab_size,
-                blend_rule=cfg.data.blend_rule)
+            from megalite.data.per_split import build_run_datasets
+            datasets = build_run_datasets(cfg.data, num_samples, self.seq_length, tr.seed,
+                                          vocab_size=cfg.model.vocab_size)
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
@@ -249,6 +255,9 @@ class Trainer:
             # stops after the same iteration (training/signals.py).
             if self.iteration < tr.train_iters:
                 result.stopped = monitor.should_stop()
+                if not result.stopped and tr.exit_interval and \
+                        self.iteration % tr.exit_interval == 0:
+                    result.stopped = "exit-interval"
                 if result.stopped:
                     return
 
@@ -294,32 +303,38 @@ class Trainer:
         prints one line saying where it went."""
         from megalite.checkpoint import save_checkpoint
         self._last_saved = self.iteration
+        tr = self.config.training
         extra = {"consumed_samples": self.train_data.consumed_samples,
-                 "skipped_iters": self.skipped_iters}
+                 "skipped_iters": self.skipped_iters,
+                 **saved_parts(tr.no_save_optim, tr.no_save_rng)}
+        if not tr.no_save_optim:   # Megatron-LM saves its scheduler with the optimizer
+            extra["lr_schedule"] = self.lr_schedule.state()
         start = time.perf_counter()
-        path = save_checkpoint(self.config.training.save, self.iteration,
-                               model_chunks=self.model_chunks, optimizer=self.optimizer,
+        path = save_checkpoint(tr.save, self.iteration, model_chunks=self.model_chunks,
+                               optimizer=None if tr.no_save_optim else self.optimizer,
                                config=self.config, ps=self.ps, extra=extra,
-                               keep_last=self.config.training.keep_last,
-                               rng_tracker=self.rng_tracker)
+                               keep_last=tr.keep_last, rng_tracker=self.rng_tracker,
+                               save_rng=not tr.no_save_rng)
         if self.ps.rank == 0:
             print(f"saved checkpoint of iteration {self.iteration} to {path} "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
         return path
 
-    def _load_weights_only(self, directory: str) -> bool:
-        """Load the weights of a weights-only checkpoint in ``directory`` (any layout), or of
-        any checkpoint under --no-load-optim, before the optimizer is built; True only for a
-        weights-only checkpoint (a full one is resumed later by :meth:`load`)."""
-        from megalite.checkpoint import checkpoint_extra, load_model_weights
-        extra = checkpoint_extra(directory)
-        if not extra:
+    def _load_weights_only(self, start) -> bool:
+        """Load the weights of the start checkpoint (any layout) before the optimizer is built
+        when the run takes only them (a weights-only checkpoint, --finetune,
+        --pretrained-checkpoint) or starts a fresh optimizer (--no-load-optim); True when
+        nothing more is loaded (a full resume is done later by :meth:`load`)."""
+        from megalite.checkpoint import load_model_weights
+        if start.mode == "scratch":
             return False
-        if extra.get("weights_only") or self.config.training.no_load_optim:
+        weights_only = start.mode == "finetune" or bool(start.extra.get("weights_only"))
+        if weights_only or self.config.training.no_load_optim:
             # --no-load-optim: the fresh optimizer's fp32 masters / ZeRO partitions must start
             # from the loaded weights too (load() later restores iteration, data position, RNG)
-            load_model_weights(directory, self.model_chunks, self.ps)
-        return bool(extra.get("weights_only"))
+            load_model_weights(start.directory, self.model_chunks, self.ps,
+                               iteration=start.iteration)
+        return weights_only
 
     def load(self, directory: str) -> bool:
         """Resume from ``directory`` (its ``latest``); False when it holds no checkpoint."""
@@ -327,11 +342,16 @@ class Trainer:
         tr = self.config.training
         extra = load_checkpoint(directory, model_chunks=self.model_chunks,
                                 optimizer=self.optimizer, ps=self.ps,
-                                rng_tracker=self.rng_tracker,
+                                rng_tracker=self.rng_tracker, iteration=tr.ckpt_step,
                                 load_optimizer=not tr.no_load_optim,
                                 restore_rng=not tr.no_load_rng)
         if extra is None:
             return False
+        if not tr.no_load_optim:   # the schedule saved with the optimizer state
+            self.lr_schedule, line = reconcile_lr_schedule(
+                self.lr_schedule, extra.get("lr_schedule"), self.config.optim)
+            if line and self.ps.rank == 0:
+                print(line, flush=True)
         self.optimizer_resharded = bool(extra.get("optimizer_resharded"))
         self.iteration = int(extra["iteration"])
         self.skipped_iters = int(extra.get("skipped_iters", 0))
@@ -344,8 +364,14 @@ def pretrain(config: TrainConfig, ps: ParallelState | None = None,
     """Build a :class:`Trainer`, resume from ``--load`` if it holds a checkpoint, and train
     (``monitor``: see :meth:`Trainer.train`)."""
     trainer = Trainer(config, ps)
-    load = config.training.load
-    if load:
+    load, start = config.training.load, trainer.start
+    if start.mode == "finetune":
+        why = ("--finetune" if start.directory == load else
+               f"--pretrained-checkpoint; no checkpoint in --load {load}" if load else
+               "--pretrained-checkpoint")
+        message = (f"initialized the weights from {start.directory} (weights only: iteration "
+                   f"0, fresh optimizer; {why})")
+    elif load:
         if trainer.weights_only_start:
             message = f"initialized the weights from {load} (weights only: fresh optimizer)"
         elif trainer.load(load):

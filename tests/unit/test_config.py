@@ -406,8 +406,8 @@ def test_help_states_checkpoint_defaults_and_the_mfu_peak():
     text = " ".join(build_parser().format_help().split())
     assert "a missing DIR is an error [default: no resume]" in text
     assert "an existing directory with no checkpoint yet starts from scratch" in text
-    assert ("default: save only at the end of the run and when stopped by a signal or "
-            "--exit-duration-in-mins") in text
+    assert ("default: save only at the end of the run and when stopped by a signal, "
+            "--exit-interval or --exit-duration-in-mins") in text
     assert "the denominator of the logged MFU" in text
     assert "packaged one (gpt2-small, llama2-7b, llama3.1-8b, quickstart, tiny-gpt, tiny-llama)" \
         in text

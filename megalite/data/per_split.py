@@ -1,0 +1,36 @@
+"""A training run's (train, valid, test) GPT datasets from its data settings: ``--data-path``
+split by ``--split``, or each split from its own files (``--train-data-path``,
+``--valid-data-path``, ``--test-data-path``), used whole.
+
+A split with its own files is built as megatron-core's builder builds a ``blend_per_split``:
+the split takes the whole of each file (as ``--split`` 1,0,0 / 0,1,0 / 0,0,1 would give it),
+keeps its name (so the validation split keeps Megatron-LM's partial last sample), and blends
+its files by the same rule and weights as ``--data-path`` does. A split without files, or asked
+for no samples, is None (no evaluation on it).
+"""
+from __future__ import annotations
+
+from megalite.data.blended import build_train_valid_test_datasets
+
+__all__ = ["build_run_datasets"]
+
+
+def build_run_datasets(data, num_samples: tuple[int, int, int], seq_length: int, seed: int,
+                       vocab_size: int | None = None) -> tuple:
+    """(train, valid, test) datasets of ``data`` (a :class:`~megalite.config.DataConfig`),
+    split k serving ``num_samples[k]`` samples of ``seq_length + 1`` tokens."""
+    common = dict(cache_dir=data.data_cache_path, vocab_size=vocab_size,
+                  blend_rule=data.blend_rule)
+    if data.data_path:
+        return build_train_valid_test_datasets(data.data_path, data.split, num_samples,
+                                               seq_length, seed, **common)
+    out = []
+    for k, paths in enumerate(data.per_split_paths()):
+        if not paths or not num_samples[k]:
+            out.append(None)
+            continue
+        split = ",".join("1" if j == k else "0" for j in range(3))
+        sizes = tuple(num_samples[k] if j == k else 0 for j in range(3))
+        out.append(build_train_valid_test_datasets(paths, split, sizes, seq_length, seed,
+                                                   **common)[k])
+    return tuple(out)
