@@ -19,7 +19,8 @@ init, gradient checks, checkpoint resharding and HF conversion how it relates to
   up]``): each block is split separately, so rank ``r`` holds block0[r] ++ block1[r] ++ ...
 * ``sequence_parallel``: replicated parameter that sees only this rank's sequence shard when SP is
   on (norm weights, row-parallel bias): its gradient must be summed over TP
-  (:func:`allreduce_sequence_parallel_grads`) before the optimizer step.
+  (:func:`megalite.parallel.grad_sync.allreduce_sequence_parallel_grads`) before the optimizer
+  step.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from megalite.parallel import comm
 
 __all__ = [
     "set_sharding", "shard_tensor", "unshard_tensors", "full_shape", "gather_full_tensor",
-    "allreduce_sequence_parallel_grads", "init_parameter_", "seed_for", "default_weight_init",
+    "init_parameter_", "seed_for", "default_weight_init",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "parallel_lm_logits",
 ]
 
@@ -113,26 +114,6 @@ def gather_full_tensor(param_or_grad: Tensor, meta_from: Tensor, ps: ParallelSta
     shards = [torch.empty_like(t) for _ in range(ps.tp_size)]
     dist.all_gather(shards, t, group=ps.tp_group)
     return unshard_tensors(shards, dim, stride)
-
-
-def allreduce_sequence_parallel_grads(module: nn.Module, ps: ParallelState) -> None:
-    """Sum over TP the gradients of parameters marked ``sequence_parallel`` (one collective).
-
-    With SP each TP rank's norm weights / row-parallel biases only saw its own sequence shard, so
-    each ``.grad`` is a partial sum; after this every rank holds the full gradient.
-    """
-    if ps.tp_size == 1:
-        return
-    grads = [p.grad for p in module.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=ps.tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 # -- layout-independent initialization ----------------------------------------------------------

@@ -28,7 +28,7 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model.flops import flops_per_iteration
 from megalite.optim.lr_schedule import LRSchedule
-from megalite.optim.optimizer import build_optimizer
+from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed

@@ -31,9 +31,8 @@ from megalite.errors import MegaliteError  # noqa: E402
 from megalite.parallel import comm  # noqa: E402
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 from megalite.parallel.layers import (  # noqa: E402
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads, gather_full_tensor, init_parameter_, parallel_lm_logits,
-    set_sharding, shard_tensor)
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, gather_full_tensor,
+    init_parameter_, parallel_lm_logits, set_sharding, shard_tensor)
 from megalite.parallel.random import checkpoint, model_parallel_seed  # noqa: E402
 
 REL64 = 1e-12
@@ -192,7 +191,8 @@ def check_linear_stack(tp, sp, dtype_name):
     if sp and tp > 1:
         # Negative control: before the SP all-reduce the row bias grad is only a partial sum.
         errs["bias_partial_differs"] = 0.0 if rel(row.bias.grad, ref2.bias.grad) > 1e-3 else 1.0
-    allreduce_sequence_parallel_grads(nn.ModuleList([col, row]), ps)
+    from megalite.parallel.grad_sync import allreduce_sequence_parallel_grads
+    allreduce_sequence_parallel_grads(nn.ModuleList([col, row]).parameters(), ps)
     whole = (lambda t: comm.all_gather(t, 0, ps)) if sp else (lambda t: t)
     errs["out"] = rel(whole(y), yr)
     errs["dx"] = rel(whole(x.grad), xr.grad)

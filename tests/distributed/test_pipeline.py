@@ -79,9 +79,10 @@ def loss_fn(per_token_loss, microbatch):
 
 
 def worker_case(name):
-    from megalite.parallel.data_parallel import (allreduce_embedding_grads, allreduce_gradients,
-                                                 tied_embedding_params)
-    from megalite.parallel.layers import allreduce_sequence_parallel_grads, gather_full_tensor
+    from megalite.parallel.grad_sync import (allreduce_embedding_grads, allreduce_gradients,
+                                             allreduce_sequence_parallel_grads,
+                                             tied_embedding_params)
+    from megalite.parallel.layers import gather_full_tensor
     from megalite.parallel.pipeline import build_model_chunks, forward_backward
 
     case = CASES[name]
@@ -101,7 +102,7 @@ def worker_case(name):
         out["any_grad"] = any(p.grad is not None for c in chunks for p in c.parameters())
         return out
     for chunk in chunks:
-        allreduce_sequence_parallel_grads(chunk, ps)
+        allreduce_sequence_parallel_grads(chunk.parameters(), ps)
     tied = tied_embedding_params(chunks)
     if tied:   # this stage's own share of the tied gradient, before the sum
         out["tied_before"] = gather_full_tensor(tied[0].grad, tied[0], ps)
