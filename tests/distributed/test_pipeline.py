@@ -73,17 +73,13 @@ def microbatches(cfg, dp_rank, m):
     return out
 
 
-def loss_fn(per_token_loss, microbatch):
-    loss = per_token_loss.float().mean()
-    return loss, loss.detach()
-
-
 def worker_case(name):
     from megalite.parallel.grad_sync import (allreduce_embedding_grads, allreduce_gradients,
                                              allreduce_sequence_parallel_grads,
                                              tied_embedding_params)
     from megalite.parallel.layers import gather_full_tensor
     from megalite.parallel.pipeline import build_model_chunks, forward_backward
+    from megalite.training.loss import GPTLoss
 
     case = CASES[name]
     ps = ParallelState.build(case["tp"], case["pp"])
@@ -93,8 +89,8 @@ def worker_case(name):
         chunk.init_weights(SEED)
     forward_only = case.get("forward_only", False)
     mbs = microbatches(cfg, ps.dp_rank, case["m"])
-    losses = forward_backward(chunks, iter(mbs), case["m"], ps, loss_fn, seq_length=S,
-                              micro_batch_size=B, dtype=torch.float32,
+    losses = forward_backward(chunks, iter(mbs), case["m"], ps, GPTLoss(case["m"]),
+                              seq_length=S, micro_batch_size=B, dtype=torch.float32,
                               forward_only=forward_only)
     out = {"coords": (ps.tp_rank, ps.dp_rank, ps.pp_rank), "losses": losses,
            "embedding_ranks": ps.embedding_ranks, "grads": {}, "tied_before": None}
