@@ -36,7 +36,8 @@ from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.loss import GPTLoss
-from megalite.training.metrics import MetricsLogger, device_peak_flops
+from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
+                                       throughput_metrics)
 from megalite.training.signals import StopMonitor
 
 
@@ -249,12 +250,9 @@ class Trainer:
         tr = self.config.training
         if self.peak_flops is None:
             self.peak_flops, _ = device_peak_flops(self.dtype, tr.peak_tflops)
-        flops_per_device = self.flops_per_iter / seconds_per_iter / self.ps.world_size
-        if torch.cuda.is_available():
-            peak_mem = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            import resource
-            peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        throughput = throughput_metrics(
+            self.flops_per_iter, self.global_batch_size * self.seq_length, seconds_per_iter,
+            self.ps.world_size, self.peak_flops)
         self.logger.log_train(self.iteration, {
             "iteration": self.iteration,
             "train_iters": tr.train_iters,
@@ -265,10 +263,8 @@ class Trainer:
             "loss_scale": float(step.loss_scale),
             "skipped_iters": self.skipped_iters,
             "iteration_time_s": seconds_per_iter,
-            "tokens_per_s": self.global_batch_size * self.seq_length / seconds_per_iter,
-            "tflops_per_device": flops_per_device / 1e12,
-            "mfu": flops_per_device / self.peak_flops,
-            "peak_memory_gib": peak_mem,
+            **throughput,
+            "peak_memory_gib": peak_memory_gib(self.device),
         })
 
     def banner(self, resume: str) -> str:
