@@ -9,7 +9,7 @@ from a model built on the meta device, so nothing is trained) and times averagin
 the data-parallel group:
 
 * ``per_tensor``: ``all_reduce`` + divide on every gradient separately;
-* ``bucketed_<MiB>``: ``megalite.parallel.data_parallel.allreduce_gradients`` with that bucket
+* ``bucketed_<MiB>``: ``megalite.parallel.grad_sync.allreduce_gradients`` with that bucket
   size (25 MiB is the default; ``inf``: a single bucket), on separate gradient tensors (packed
   into a flat buffer and copied back), and ``..._flat_buffer``: on gradients that are views
   into one flat buffer, as the optimizer's fp32 ``main_grad`` are (reduced in place).
@@ -46,7 +46,7 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
     from megalite.model import get_preset
     from megalite.model.gpt import GPTModel
     from megalite.parallel.context import ModelContext
-    from megalite.parallel.data_parallel import allreduce_gradients
+    from megalite.parallel.grad_sync import allreduce_gradients
 
     init_distributed("gloo")
     ps = ParallelState.build()

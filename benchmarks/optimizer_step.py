@@ -72,7 +72,8 @@ def median_time(fn, iters):
 def single(args):
     from megalite.config import OptimConfig, PrecisionConfig
     from megalite.distributed.parallel_state import ParallelState
-    from megalite.optim.optimizer import Optimizer, param_groups
+    from megalite.optim.base import param_groups
+    from megalite.optim.optimizer import Optimizer
     ps = ParallelState.single()
     steps = {}
     model = build(args, ps)

@@ -35,6 +35,7 @@ from megalite.checkpoint.reshard import reshard_tensor
 from megalite.distributed.parallel_state import ParallelState, rank_layout
 from megalite.errors import MegaliteError
 from megalite.model.weights import OUTPUT_LAYER, VOCAB_TENSORS, WORD_EMBEDDINGS
+from megalite.optim.base import TrainingOptimizer
 
 __all__ = ["reshardable", "is_zero_state", "is_zero_optimizer", "accepts_resharded",
            "reshard_optimizer_state"]
@@ -55,14 +56,15 @@ def reshardable(state: Any) -> bool:
 
 
 def accepts_resharded(optimizer: Any) -> bool:
-    """True if ``optimizer`` can take state resharded by name (megalite's or ZeRO)."""
-    from megalite.optim.optimizer import Optimizer
-    return isinstance(optimizer, Optimizer) or is_zero_optimizer(optimizer)
+    """True if ``optimizer`` can take state resharded by name: a megalite
+    :class:`~megalite.optim.base.TrainingOptimizer` (megalite's AdamW or ZeRO), not e.g. a
+    plain torch optimizer."""
+    return isinstance(optimizer, TrainingOptimizer)
 
 
 def is_zero_optimizer(optimizer: Any) -> bool:
-    """A ZeroOptimizer (it has a ZeRO ``stage``; megalite's Optimizer has none)."""
-    return getattr(optimizer, "stage", None) is not None
+    """A ZeroOptimizer: a TrainingOptimizer whose declared ``zero_stage`` is 1, 2 or 3."""
+    return isinstance(optimizer, TrainingOptimizer) and optimizer.zero_stage > 0
 
 
 class _Source:
@@ -181,7 +183,7 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
                             "(only megalite's optimizer and ZeRO can)")
     zero_target = is_zero_optimizer(optimizer)
     template = None if zero_target else optimizer.state_dict()
-    names = optimizer.param_names if zero_target else template["param_names"]
+    names = optimizer.param_names
     half = (optimizer.dtype != torch.float32) if zero_target else template["masters"] is not None
     saved_states = _SavedStates(path, meta, files, rank_file, verify_checksums)
     saved_tp = int(meta["layout"]["tp_size"])

@@ -349,7 +349,7 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
     # Same layout, another kind of optimizer state (ZeRO stage changed, ZeRO on or off): the
     # RNG streams still fit, the optimizer state goes by name.
     other_kind = bool(state is not None and want_optimizer and movable and
-                      _zero_stage(state["optimizer"]) != getattr(optimizer, "stage", None))
+                      _zero_stage(state["optimizer"]) != optimizer.zero_stage)
     # Loading into ZeRO is collective over dp (weights all-gathered from the new masters): it
     # runs after every rank has read and checked its part (`_apply_optimizer`), so a bad file
     # on one rank fails all of them instead of leaving the others waiting in a collective.
@@ -396,11 +396,12 @@ def checkpoint_extra(directory: str, iteration: int | None = None) -> dict | Non
     return dict(io.read_json(os.path.join(path, io.META)).get("extra") or {})
 
 
-def _zero_stage(saved_optimizer: Any) -> int | None:
-    """The ZeRO stage a rank file's optimizer state was saved with (None: not ZeRO)."""
+def _zero_stage(saved_optimizer: Any) -> int:
+    """The ZeRO stage a rank file's optimizer state was saved with (0: not ZeRO), as an
+    optimizer declares it (``TrainingOptimizer.zero_stage``)."""
     if isinstance(saved_optimizer, dict) and "zero_stage" in saved_optimizer:
         return int(saved_optimizer["zero_stage"])
-    return None
+    return 0
 
 
 def _older_hint(directory: str) -> str:

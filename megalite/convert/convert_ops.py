@@ -263,7 +263,7 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
     from megalite.checkpoint.rng import capture_rng_states
     from megalite.checkpoint.sharded import FORMAT, rank_file_name
     from megalite.distributed.parallel_state import ParallelState
-    from megalite.optim.optimizer import build_optimizer
+    from megalite.optim.build import build_optimizer
     from megalite.parallel.context import ModelContext
     from megalite.parallel.pipeline.stages import build_model_chunks
     from megalite.parallel.random import model_parallel_seed

@@ -33,6 +33,8 @@ megatron-core), and so are every sample's tokens. With ``x = add_extra_token_to_
 
 Dataset item i is sample ``shuffle_index[i]``. Seeds must lie in ``[0, 2^32 - 1]``, as
 ``RandomState`` requires.
+
+:class:`MockGPTDataset` (``--mock-data``) has items of the same shape drawn at random, no files.
 """
 from __future__ import annotations
 
@@ -273,3 +275,19 @@ class GPTDataset(torch.utils.data.Dataset):
         if missing > 0:  # the partial last valid sample
             tokens = np.concatenate([tokens, np.full(missing, self.config.pad_token_id, np.int64)])
         return tokens
+
+
+class MockGPTDataset(torch.utils.data.Dataset):
+    """``--mock-data``: sample i is ``seq_length + 1`` tokens drawn uniformly from
+    ``[0, vocab_size)`` by a generator seeded with ``(seed, i)``; no files needed."""
+
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int):
+        self.vocab_size, self.seq_length, self.num_samples, self.seed = (
+            vocab_size, seq_length, num_samples, seed)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(i)])
+        return rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64)

@@ -4,7 +4,7 @@ Norm weights are replicated on every tensor-parallel rank (``tensor_parallel_dim
 With sequence parallelism each rank normalizes a different slice of the sequence, so each rank's
 gradient is only a partial sum: those parameters are marked ``sequence_parallel = True`` and the
 trainer all-reduces their gradients over the tensor-parallel group
-(``megalite.parallel.layers.allreduce_sequence_parallel_grads``).
+(``megalite.parallel.grad_sync.allreduce_sequence_parallel_grads``).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """megalite's optimizer: AdamW on fp32 master weights, gradient sync, clipping, loss scaling.
 
-One step, in the order the trainer calls it::
+One step, in the order the trainer calls it (the interface: :mod:`megalite.optim.base`)::
 
     schedule: optimizer.backward(output, grad) per microbatch   (grads accumulate, see below)
     optimizer.finish_grad_sync()    sequence-parallel sum over tp, tied-embedding sum over the
                                     first/last stage, average over data-parallel replicas
+                                    (:func:`megalite.parallel.grad_sync.sync_model_grads`)
     optimizer.step(lr)              unscale (fp16), global norm over all ranks, skip on inf/nan,
                                     clip, AdamW, copy the fp32 masters back into the model
     optimizer.zero_grad()
@@ -26,111 +27,24 @@ sharding over data-parallel ranks use :mod:`megalite.optim.zero`).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
+from megalite.optim.base import StepResult, TrainingOptimizer, attach_main_grads
 from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
 from megalite.optim.loss_scaler import build_loss_scaler
+from megalite.parallel.grad_sync import sync_model_grads
 
-__all__ = ["param_groups", "unique_parameters", "StepResult", "Optimizer", "sync_model_grads",
-           "build_optimizer"]
-
-
-def unique_parameters(model_chunks) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every trainable parameter of the chunks, each once, in order."""
-    seen, out = set(), []
-    for chunk in model_chunks:
-        for name, p in chunk.named_parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append((name, p))
-    return out
+__all__ = ["Optimizer"]
 
 
-def _no_decay(name: str, p: Tensor) -> bool:
-    # Biases and norm weights (all 1-D) are not decayed: shrinking them toward zero changes the
-    # function without regularizing any weight matrix.
-    return p.dim() < 2 or name.endswith(".bias")
-
-
-def param_groups(model_chunks, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: matrices with ``weight_decay``, biases and norms (1-D) without.
-
-    Empty groups are left out. Each group also carries ``"names"`` (for error messages and
-    checkpoint manifests; torch's optimizers keep extra keys untouched).
-    """
-    decay: list = []
-    plain: list = []
-    for name, p in unique_parameters(model_chunks):
-        (plain if _no_decay(name, p) else decay).append((name, p))
-    groups = []
-    for members, wd in ((decay, weight_decay), (plain, 0.0)):
-        if members:
-            groups.append({"params": [p for _, p in members], "weight_decay": wd,
-                           "names": [n for n, _ in members]})
-    if not groups:
-        raise MegaliteError("the model has no trainable parameters")
-    return groups
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step did (the same values on every rank)."""
-
-    grad_norm: float
-    """Global L2 norm of the unscaled gradient before clipping (inf/nan when it overflowed)."""
-    skipped: bool
-    """True when the step was skipped because a gradient was inf/nan somewhere."""
-    loss_scale: float
-    """Loss scale used for this step's backward (1.0 unless fp16)."""
-
-
-def _sum_over_group(grads: list[Tensor], group, group_size: int) -> None:
-    """All-reduce (sum) ``grads`` in place over ``group`` in one flat collective."""
-    if group is None or group_size == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def sync_model_grads(model_chunks, params: list[Tensor], grads: list[Tensor], ps: ParallelState,
-                     *, grad_attr: str, data_parallel: bool = True) -> None:
-    """Make ``grads`` (``grads[i]`` belongs to ``params[i]``) the full-batch gradient.
-
-    1. sequence parallelism: parameters marked ``sequence_parallel`` saw only this tp rank's
-       slice of the sequence; their gradients are summed over the tp group;
-    2. tied embeddings with pp > 1: the first stage's word embedding and the last stage's
-       ``shared_embedding`` copy get the sum of both gradients (so both copies stay equal);
-    3. ``data_parallel``: average over the data-parallel replicas (bucketed all-reduce).
-
-    All three are sums (or a mean), so their order does not matter mathematically.
-    ``grad_attr`` names where the gradients live (``"grad"`` or ``"main_grad"``), for the
-    embedding sum which looks them up on the parameters.
-    """
-    sp = [g for p, g in zip(params, grads) if getattr(p, "sequence_parallel", False)]
-    if ps.tp_size > 1:
-        _sum_over_group(sp, ps.tp_group, ps.tp_size)
-    if ps.pp_size > 1:
-        from megalite.parallel.data_parallel import allreduce_embedding_grads
-        allreduce_embedding_grads(model_chunks, ps, grad_attr=grad_attr)
-    if data_parallel and ps.dp_size > 1:
-        from megalite.parallel.data_parallel import allreduce_gradients
-        allreduce_gradients(grads, ps, average=True)
-
-
-class Optimizer:
-    """AdamW + fp32 master weights + gradient sync + global-norm clipping + loss scaling.
+class Optimizer(TrainingOptimizer):
+    """AdamW + fp32 master weights + gradient sync + global-norm clipping + loss scaling
+    (``zero_stage`` 0: the state is replicated over the data-parallel ranks).
 
     Args:
         model_chunks: this rank's model chunks (one per virtual pipeline stage).
@@ -143,13 +57,11 @@ class Optimizer:
     def __init__(self, model_chunks, optim, precision, ps: ParallelState):
         if precision.bf16 and precision.fp16:
             raise MegaliteError("--bf16 and --fp16 are mutually exclusive")
-        self.model_chunks, self.optim, self.precision, self.ps = model_chunks, optim, precision, ps
+        super().__init__(model_chunks, optim, precision, ps)
         self.half = precision.bf16 or precision.fp16
         self.dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 \
             else torch.float32
         self.scaler = build_loss_scaler(precision)
-        self._groups = param_groups(model_chunks, optim.weight_decay)
-        self.params: list[nn.Parameter] = [p for g in self._groups for p in g["params"]]
         self._hooks = []
         if self.half:
             # Masters from the values as they are now (fp32 init keeps its full precision),
@@ -161,12 +73,13 @@ class Optimizer:
                     p.data = p.data.to(self.dtype)
             self._grad_buffer = torch.zeros(sum(p.numel() for p in self.params),
                                             dtype=torch.float32, device=self.params[0].device)
-            offset = 0
-            for p, m in zip(self.params, self.masters):
-                p.main_grad = self._grad_buffer[offset:offset + p.numel()].view_as(p)
-                m.grad = p.main_grad           # the master's gradient IS the fp32 accumulator
+            views, offset = [], 0
+            for p in self.params:
+                views.append(self._grad_buffer[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-                self._hooks.append(p.register_post_accumulate_grad_hook(_accumulate_main_grad))
+            self._hooks = attach_main_grads(self.params, views)
+            for m, view in zip(self.masters, views):
+                m.grad = view                  # the master's gradient IS the fp32 accumulator
             opt_params = self.masters
         else:
             for p in self.params:
@@ -175,7 +88,7 @@ class Optimizer:
                                         f"pass --bf16/--fp16 for half precision")
             opt_params = self.params
         groups, i = [], 0
-        for g in self._groups:
+        for g in self.groups:
             n = len(g["params"])
             groups.append({"params": opt_params[i:i + n], "weight_decay": g["weight_decay"],
                            "names": g["names"]})
@@ -243,10 +156,6 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
-    def gathered_parameters(self):
-        """A no-op context (parameters are never partitioned here; see ZeroOptimizer)."""
-        return contextlib.nullcontext()
-
     def optimizer_state_bytes(self) -> int:
         """Bytes held by the optimizer beyond the model: AdamW moments (+ fp32 masters in
         bf16/fp16). The same on every data-parallel rank (no sharding; see ZeRO)."""
@@ -263,14 +172,13 @@ class Optimizer:
         return {"adamw": self.adamw.state_dict(),
                 "masters": [m.detach().clone() for m in self.masters] if self.half else None,
                 "scaler": self.scaler.state_dict(),
-                "param_names": [n for g in self._groups for n in g["names"]]}
+                "param_names": list(self.param_names)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output (same layout); the masters are copied into the
         model parameters too, so the model equals the saved run's model."""
-        names = [n for g in self._groups for n in g["names"]]
-        if state.get("param_names") != names:
+        if state.get("param_names") != self.param_names:
             raise MegaliteError("optimizer state does not match the model's parameters "
                                 "(different model or parallel layout)")
         if (state["masters"] is not None) != self.half:
@@ -283,23 +191,3 @@ class Optimizer:
                 p.copy_(m)
         self.scaler.load_state_dict(state["scaler"])
 
-
-def build_optimizer(model_chunks, config, ps: ParallelState):
-    """megalite's :class:`Optimizer`, or with ``--zero-stage`` / ``--deepspeed-config`` a
-    :class:`megalite.optim.zero.ZeroOptimizer` (same interface). ``config``: a TrainConfig."""
-    par = config.parallel
-    if par.zero_stage == 0 and not par.deepspeed_config:
-        return Optimizer(model_chunks, config.optim, config.precision, ps)
-    from megalite.optim.zero import ZeroOptimizer   # imports deepspeed: only when asked for
-    training = config.training
-    return ZeroOptimizer(model_chunks, config.optim, config.precision, ps, par.zero_stage,
-                         user_config=par.deepspeed_config,
-                         micro_batch_size=training.micro_batch_size,
-                         global_batch_size=training.global_batch_size)
-
-
-def _accumulate_main_grad(p: Tensor) -> None:
-    # Post-accumulate-grad hook (half modes): fold this microbatch's half-precision gradient
-    # into the fp32 accumulator and drop it, so half gradients never sum with each other.
-    p.main_grad.add_(p.grad)
-    p.grad = None

@@ -48,7 +48,6 @@ schedule already divides by the number of microbatches.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -58,12 +57,11 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.optim.deepspeed_setup import (allow_fp16_on_cpu, DeepSpeedMpu, deepspeed_config,
                                             validate_zero, without_shm_inference_op)
-from megalite.optim.optimizer import (StepResult, _accumulate_main_grad, build_optimizer,
-                                      param_groups, sync_model_grads)
+from megalite.optim.base import StepResult, TrainingOptimizer, attach_main_grads
 from megalite.optim.zero_state import ParamStateLoader, portable_index
+from megalite.parallel.grad_sync import sync_model_grads
 
-__all__ = ["DeepSpeedMpu", "validate_zero", "deepspeed_config", "ZeroOptimizer",
-           "build_optimizer"]
+__all__ = ["DeepSpeedMpu", "validate_zero", "deepspeed_config", "ZeroOptimizer"]
 
 
 def _plain_groups(groups: list[dict]) -> list[dict]:
@@ -71,8 +69,9 @@ def _plain_groups(groups: list[dict]) -> list[dict]:
     return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
 
 
-class ZeroOptimizer:
-    """Same interface as :class:`megalite.optim.optimizer.Optimizer`, backed by DeepSpeed ZeRO.
+class ZeroOptimizer(TrainingOptimizer):
+    """The :class:`~megalite.optim.base.TrainingOptimizer` interface backed by DeepSpeed ZeRO
+    (``zero_stage`` 1, 2 or 3: state partitioned over the data-parallel ranks).
 
     Args:
         model_chunks, optim, precision, ps: as for ``Optimizer``.
@@ -100,22 +99,19 @@ class ZeroOptimizer:
             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                     r"deprecated")
 
-        self.model_chunks, self.optim, self.precision, self.ps = model_chunks, optim, precision, ps
-        self.stage = stage
+        super().__init__(model_chunks, optim, precision, ps)
+        self.zero_stage = stage
         self.config = config
         # stages 1/2 keep megalite's fp32 main_grad accumulation (shadow design); stage 3
         # leaves gradients to DeepSpeed (fp32 accumulation configured above)
         self.half = bool(precision.bf16 or precision.fp16) and stage != 3
         self.fp16 = bool(precision.fp16)
         self.dtype = precision.params_dtype
-        self.skipped_iters = 0
-        groups = param_groups(model_chunks, optim.weight_decay)
-        self.params = [p for g in groups for p in g["params"]]
-        self.param_names = [n for g in groups for n in g["names"]]
+        groups = self.groups
         for p in self.params:
             if p.dtype != self.dtype:
                 p.data = p.data.to(self.dtype)
-        if self.stage == 3:
+        if self.zero_stage == 3:
             if len(model_chunks) != 1:
                 raise MegaliteError("--zero-stage 3 needs a single model chunk (no pipelining)")
             module = model_chunks[0]
@@ -138,9 +134,7 @@ class ZeroOptimizer:
             if self.half:
                 self._grad_buffers = [torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                                       for p in self.params]
-                for p, buf in zip(self.params, self._grad_buffers):
-                    p.main_grad = buf
-                    p.register_post_accumulate_grad_hook(_accumulate_main_grad)
+                attach_main_grads(self.params, self._grad_buffers)
         adamw = torch.optim.AdamW(opt_groups, lr=optim.lr, betas=(optim.adam_beta1,
                                   optim.adam_beta2), eps=optim.adam_eps,
                                   weight_decay=optim.weight_decay)
@@ -150,7 +144,7 @@ class ZeroOptimizer:
             self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
                 model=module, optimizer=adamw, config=config, mpu=DeepSpeedMpu(ps))
         self._realias()
-        if self.stage == 3:
+        if self.zero_stage == 3:
             _route_forward_through_engine(model_chunks[0], self.engine)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -167,14 +161,14 @@ class ZeroOptimizer:
     def loss_scale(self) -> float:
         """What the schedule multiplies the loss by: DeepSpeed's current fp16 scale with stages
         1/2, else 1.0 (bf16/fp32 need none; stage 3 scales inside ``engine.backward``)."""
-        return self._ds_scale() if self.fp16 and self.stage != 3 else 1.0
+        return self._ds_scale() if self.fp16 and self.zero_stage != 3 else 1.0
 
     def _ds_scale(self) -> float:
         return float(self.ds_optimizer.loss_scale) if self.fp16 else 1.0
 
     def backward(self, output: Tensor, grad: Tensor | None) -> None:
         """The schedule's ``backward_fn`` (see the module docstring for each stage)."""
-        if self.stage == 3:
+        if self.zero_stage == 3:
             if grad is not None:
                 raise MegaliteError("ZeRO-3 backward expects the scalar loss (no pipelining)")
             self.engine.backward(output, scale_wrt_gas=False)
@@ -185,7 +179,7 @@ class ZeroOptimizer:
         """Stages 1/2: tp / embedding sums, then one DeepSpeed backward that reduce-scatters
         the averaged gradient over the data-parallel group. Stage 3: nothing (reduced in
         every ``backward``)."""
-        if self.stage == 3:
+        if self.zero_stage == 3:
             return
         if self.half:
             grads = self._grad_buffers
@@ -223,7 +217,6 @@ class ZeroOptimizer:
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         skipped = not self.engine.was_step_applied()
-        self.skipped_iters += int(skipped)
         self._realias()
         return StepResult(grad_norm=norm, skipped=skipped, loss_scale=scale)
 
@@ -231,7 +224,7 @@ class ZeroOptimizer:
         """Clear gradients (DeepSpeed clears its own partitions in ``step``)."""
         for p in self.params:
             p.grad = None
-        if self.stage != 3:
+        if self.zero_stage != 3:
             for s in self.shadows:
                 s.grad = None
 
@@ -239,8 +232,8 @@ class ZeroOptimizer:
         """Context manager inside which every model parameter holds its full tensor (ZeRO-3
         partitions them between forwards: read or save weights only inside it; collective
         over the dp group). A no-op for stages 1 and 2."""
-        if self.stage != 3:
-            return contextlib.nullcontext()
+        if self.zero_stage != 3:
+            return super().gathered_parameters()
         import deepspeed
         return deepspeed.zero.GatheredParameters(self.params)
 
@@ -261,7 +254,7 @@ class ZeroOptimizer:
             ds["loss_scaler"] = _scaler_state(ds["loss_scaler"])
         if "zero_stage" in ds:
             ds["zero_stage"] = int(ds["zero_stage"])
-        return {"zero_stage": self.stage, "deepspeed": ds, "param_names": self.param_names,
+        return {"zero_stage": self.zero_stage, "deepspeed": ds, "param_names": self.param_names,
                 "portable": portable_index(self)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -281,7 +274,7 @@ class ZeroOptimizer:
         shards = [None] * self.ps.dp_size
         shards[self.ps.dp_rank] = ds
         self.ds_optimizer.load_state_dict(shards, load_from_fp32_weights=True)
-        if self.stage != 3:
+        if self.zero_stage != 3:
             self.ds_optimizer.update_lp_params()   # fp32 partitions -> (aliased) model weights
         if isinstance(scaler_state, dict):
             for key, value in scaler_state.items():
@@ -291,7 +284,8 @@ class ZeroOptimizer:
     def check_state_dict(self, state: dict) -> None:
         """MegaliteError unless ``state`` is this run's kind of state (same stage, parameters
         and layout); not collective, so a loader can check every rank before loading."""
-        if state.get("zero_stage") != self.stage or state.get("param_names") != self.param_names:
+        if (state.get("zero_stage") != self.zero_stage
+                or state.get("param_names") != self.param_names):
             raise MegaliteError("ZeRO optimizer state does not match this run (different "
                                 "--zero-stage, model or parallel layout)")
 

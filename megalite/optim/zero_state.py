@@ -37,7 +37,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def _slot_masters(zero) -> list[torch.Tensor]:
     """The live fp32 master partitions, one per slot (what the base AdamW updates)."""
     ds = zero.ds_optimizer
-    return list(ds.fp32_partitioned_groups_flat if zero.stage == 3
+    return list(ds.fp32_partitioned_groups_flat if zero.zero_stage == 3
                 else ds.single_partition_of_fp32_groups)
 
 
@@ -47,7 +47,7 @@ def fragment_map(zero) -> dict[str, tuple[int, int, int, int]]:
     nothing are absent. Not collective."""
     ds, out = zero.ds_optimizer, {}
     masters = _slot_masters(zero)
-    if zero.stage == 3:
+    if zero.zero_stage == 3:
         names = {id(p): n for n, p in zip(zero.param_names, zero.params)}
         dp_rank = zero.ps.dp_rank
         for slot, group in enumerate(ds.fp16_groups):
@@ -87,7 +87,7 @@ def _slot_state_keys(zero) -> list[int]:
     sub-group order, and torch numbers the parameters group by group."""
     ds = zero.ds_optimizer
     n = len(_slot_masters(zero))
-    if zero.stage != 3:
+    if zero.zero_stage != 3:
         return list(range(n))
     order = [s for g in range(len(ds.optimizer.param_groups)) for s in range(n)
              if ds.sub_group_to_group_id[s] == g]
@@ -204,7 +204,7 @@ class ParamStateLoader:
         master = state.get("master")
         if master is None:      # fp32 weights are the masters
             p = self.params[name]
-            piece = p.ds_tensor.view(-1)[:n] if self.zero.stage == 3 else p.view(-1)[lp:lp + n]
+            piece = p.ds_tensor.view(-1)[:n] if self.zero.zero_stage == 3 else p.view(-1)[lp:lp + n]
         else:
             piece = master.reshape(-1)[lp:lp + n]
         self.masters[slot][hp:hp + n].copy_(piece)
@@ -232,7 +232,7 @@ class ParamStateLoader:
         if self.zero.fp16 and self.loss_scale is not None:
             # the scale carries over; the overflow/growth counters start afresh
             ds.loss_scaler.cur_scale = float(self.loss_scale)
-        if self.zero.stage == 3:
+        if self.zero.zero_stage == 3:
             for lp_flat, master in zip(ds.fp16_partitioned_groups_flat, self.masters):
                 lp_flat.data.copy_(master.data)
         else:

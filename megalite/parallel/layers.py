@@ -33,29 +33,11 @@ from megalite.parallel.context import ModelContext
 from megalite.parallel.sharding import InitFn, init_shard_, set_sharding
 
 __all__ = [
-    "allreduce_sequence_parallel_grads", "default_weight_init",
+    "default_weight_init",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "parallel_lm_logits",
 ]
 
 
-def allreduce_sequence_parallel_grads(module: nn.Module, ps: ParallelState) -> None:
-    """Sum over TP the gradients of parameters marked ``sequence_parallel`` (one collective).
-
-    With SP each TP rank's norm weights / row-parallel biases only saw its own sequence shard, so
-    each ``.grad`` is a partial sum; after this every rank holds the full gradient.
-    """
-    if ps.tp_size == 1:
-        return
-    grads = [p.grad for p in module.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=ps.tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def default_weight_init(master: Tensor, generator: torch.Generator) -> None:

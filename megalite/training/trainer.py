@@ -2,11 +2,12 @@
 
 One iteration::
 
-    microbatches of this DP rank (training/data.py)
+    microbatches of this DP rank (data/batches.py)
       -> pipeline schedule: forward/backward of every microbatch through this rank's model chunks
-         (no pipelining, 1F1B or interleaved; backward through the optimizer's backward_fn)
+         (no pipelining, 1F1B or interleaved; the loss object of the step (training/loss.py) on
+         the last stage; backward through the optimizer's backward_fn)
       -> optimizer.finish_grad_sync(): DP gradient all-reduce (or ZeRO's reduce-scatter), tied
-         embedding and sequence-parallel gradient sums
+         embedding and sequence-parallel gradient sums (parallel/grad_sync.py)
       -> optimizer.step(lr): unscale, overflow check, global-norm clip, AdamW
       -> metrics: the loss is the mean over the whole global batch (all microbatches, all DP ranks)
 
@@ -24,16 +25,19 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import TrainConfig, check_batch_sizes
+from megalite.data.batches import BatchIterator
+from megalite.data.gpt_dataset import MockGPTDataset
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model.flops import flops_per_iteration
-from megalite.optim.optimizer import build_optimizer
+from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
-from megalite.training.data import BatchIterator, MockGPTDataset
-from megalite.training.metrics import MetricsLogger, device_peak_flops
+from megalite.training.loss import GPTLoss
+from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
+                                       throughput_metrics)
 from megalite.training.signals import StopMonitor
 from megalite.training.resume import check_saved_parts, plan_start, saved_parts
 from megalite.training.schedule import (RunLRSchedule, dataset_num_samples,
@@ -59,12 +63,6 @@ class TrainResult:
     """Why the loop ended early: "signal" (SIGUSR1/SIGTERM), "time" (--exit-duration-in-mins)
     or "exit-interval" (--exit-interval), after saving a checkpoint; None when train_iters
     were reached."""
-
-
-def _loss_fn(per_token_loss: torch.Tensor, microbatch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Microbatch loss: the mean over its tokens (every token counts; GPT pretraining has no mask)."""
-    loss = per_token_loss.float().mean()
-    return loss, loss.detach()
 
 
 class Trainer:
@@ -152,38 +150,32 @@ class Trainer:
         return tuple(iterator(ds) for ds in datasets)
 
     # ---- one step --------------------------------------------------------------------------
-    def _global_mean(self, losses: list[torch.Tensor]) -> float:
-        """Mean over all microbatches of all DP ranks, from the last pipeline stage's losses;
-        every rank gets it (one all-reduce over the world; only the last stage's tp_rank 0
-        ranks contribute)."""
-        ps = self.ps
-        total = torch.zeros(1, dtype=torch.float64, device=self.device)
-        if losses and ps.tp_rank == 0:
-            total += torch.stack([l.double() for l in losses]).sum()
-        if ps.world_size > 1:
-            dist.all_reduce(total)
-        return float(total.item()) / (self.num_microbatches * ps.dp_size)
-
-    def _forward_backward(self, microbatches, forward_only: bool) -> list[torch.Tensor]:
-        return forward_backward(
-            self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, _loss_fn,
+    def _forward_backward(self, microbatches, forward_only: bool
+                          ) -> tuple[GPTLoss, list[torch.Tensor]]:
+        """(this step's loss object, the losses it reported: one per microbatch on the last
+        pipeline stage, none elsewhere)."""
+        loss = GPTLoss(self.num_microbatches,
+                       1.0 if forward_only else self.optimizer.loss_scale)
+        return loss, forward_backward(
+            self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
             seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
             dtype=self.dtype, forward_only=forward_only,
-            backward_fn=None if forward_only else self.optimizer.backward,
-            loss_scale=1.0 if forward_only else self.optimizer.loss_scale)
+            backward_fn=None if forward_only else self.optimizer.backward)
 
     def train_step(self) -> tuple[float, "object"]:
         """Run one iteration; returns (global-batch mean loss, optimizer StepResult)."""
         for chunk in self.model_chunks:
             chunk.train()
         self.optimizer.zero_grad()
-        losses = self._forward_backward(self.train_data.next_global_batch(), forward_only=False)
+        loss, reported = self._forward_backward(self.train_data.next_global_batch(),
+                                                forward_only=False)
         self.optimizer.finish_grad_sync()
         self.iteration += 1
         result = self.optimizer.step(self.lr_schedule.lr_at(self.iteration))
         if result.skipped:
             self.skipped_iters += 1
-        return self._global_mean(losses), result
+        # after the step: the mean's host sync must not hold up queueing the update
+        return loss.global_mean(reported, self.ps, self.device), result
 
     @torch.no_grad()
     def evaluate(self, data: BatchIterator, iters: int) -> float:
@@ -192,7 +184,8 @@ class Trainer:
             chunk.eval()
         total = 0.0
         for _ in range(iters):
-            total += self._global_mean(self._forward_backward(data.next_global_batch(), True))
+            loss, reported = self._forward_backward(data.next_global_batch(), True)
+            total += loss.global_mean(reported, self.ps, self.device)
         return total / iters
 
     # ---- the loop ------------------------------------------------------------------------
@@ -265,12 +258,9 @@ class Trainer:
         tr = self.config.training
         if self.peak_flops is None:
             self.peak_flops, _ = device_peak_flops(self.dtype, tr.peak_tflops)
-        flops_per_device = self.flops_per_iter / seconds_per_iter / self.ps.world_size
-        if torch.cuda.is_available():
-            peak_mem = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            import resource
-            peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        throughput = throughput_metrics(
+            self.flops_per_iter, self.global_batch_size * self.seq_length, seconds_per_iter,
+            self.ps.world_size, self.peak_flops)
         self.logger.log_train(self.iteration, {
             "iteration": self.iteration,
             "train_iters": tr.train_iters,
@@ -281,10 +271,8 @@ class Trainer:
             "loss_scale": float(step.loss_scale),
             "skipped_iters": self.skipped_iters,
             "iteration_time_s": seconds_per_iter,
-            "tokens_per_s": self.global_batch_size * self.seq_length / seconds_per_iter,
-            "tflops_per_device": flops_per_device / 1e12,
-            "mfu": flops_per_device / self.peak_flops,
-            "peak_memory_gib": peak_mem,
+            **throughput,
+            "peak_memory_gib": peak_memory_gib(self.device),
         })
 
     def banner(self, resume: str) -> str:

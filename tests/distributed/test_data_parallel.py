@@ -13,7 +13,7 @@ import torch
 from harness import DistributedWorkers
 
 from megalite.distributed.parallel_state import ParallelState
-from megalite.parallel.data_parallel import _buckets
+from megalite.parallel.grad_sync import _buckets
 
 SHAPES = [((3, 5), torch.float32), ((100,), torch.float32), ((7,), torch.float32),
           ((40, 30), torch.float32), ((6, 4), torch.bfloat16), ((9,), torch.bfloat16),
@@ -28,7 +28,7 @@ def rank_tensors(rank):
 
 
 def worker_allreduce(average, bucket_bytes):
-    from megalite.parallel.data_parallel import allreduce_gradients
+    from megalite.parallel.grad_sync import allreduce_gradients
     ps = ParallelState.build()          # world 2: dp = 2
     assert ps.dp_size == 2
     ts = rank_tensors(ps.rank)
@@ -41,7 +41,7 @@ def worker_allreduce(average, bucket_bytes):
 def worker_allreduce_flat_buffer():
     # gradients that are views into one flat buffer (the optimizer's main_grad layout) are
     # reduced in place; a bucket boundary (96 bytes) falls between them
-    from megalite.parallel.data_parallel import allreduce_gradients
+    from megalite.parallel.grad_sync import allreduce_gradients
     ps = ParallelState.build()
     g = torch.Generator().manual_seed(100 + ps.rank)
     buf = torch.randn(60, generator=g)
@@ -85,7 +85,7 @@ def worker_embedding_group(grad_attr):
     import torch.distributed as dist
     from megalite.model import get_preset
     from megalite.parallel.context import ModelContext
-    from megalite.parallel.data_parallel import allreduce_embedding_grads
+    from megalite.parallel.grad_sync import allreduce_embedding_grads
     from megalite.parallel.pipeline import build_model_chunks
     ps = ParallelState.build(1, 2)      # world 2: pp = 2, the two stages form the group
     assert ps.embedding_ranks == (0, 1) and ps.embedding_group is not None

@@ -47,7 +47,7 @@ def batch(cfg):
 
 def run_case(cfg, ps, tracker=None):
     """Forward + backward on one rank; returns full (gathered) logits, loss and grads."""
-    from megalite.parallel.layers import allreduce_sequence_parallel_grads
+    from megalite.parallel.grad_sync import allreduce_sequence_parallel_grads
     model = GPTModel(cfg, ModelContext(ps, rng_tracker=tracker))
     model.init_weights(SEED)
     ids, labels = batch(cfg)
@@ -55,7 +55,7 @@ def run_case(cfg, ps, tracker=None):
     loss = model(ids, labels=labels)                           # [b, s]
     loss.mean().backward()
     if cfg.sequence_parallel:
-        allreduce_sequence_parallel_grads(model, ps)
+        allreduce_sequence_parallel_grads(model.parameters(), ps)
     full_logits = logits.detach()
     if ps.tp_size > 1:
         parts = [torch.empty_like(full_logits) for _ in range(ps.tp_size)]

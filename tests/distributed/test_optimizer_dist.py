@@ -34,6 +34,7 @@ from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.sharding import gather_full_tensor
+from megalite.training.loss import GPTLoss
 
 REL = 1e-5
 # Parameters after 4 AdamW steps: the layouts' ~1e-7 relative gradient differences (fp32
@@ -72,11 +73,6 @@ def global_batch():
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
     return ids[:, :-1], ids[:, 1:]
-
-
-def loss_fn(per_token, mb):
-    loss = per_token.float().mean()
-    return loss, loss.detach()
 
 
 def build(recipe: str, tp: int, pp: int, sp: bool = False, vp: int = 1):
@@ -125,9 +121,9 @@ def run_steps(chunks, opt, ps, steps: int, before_sync=None):
     for step in range(steps):
         mbs = iter([{"tokens": tokens[m * MICRO:(m + 1) * MICRO],
                      "labels": labels[m * MICRO:(m + 1) * MICRO]} for m in range(n_micro)])
-        reported = forward_backward(chunks, mbs, n_micro, ps, loss_fn, seq_length=SEQ,
-                                    micro_batch_size=MICRO, dtype=dtype,
-                                    backward_fn=opt.backward, loss_scale=opt.loss_scale)
+        reported = forward_backward(chunks, mbs, n_micro, ps, GPTLoss(n_micro, opt.loss_scale),
+                                    seq_length=SEQ, micro_batch_size=MICRO, dtype=dtype,
+                                    backward_fn=opt.backward)
         if before_sync is not None:
             before_sync(step)
         opt.finish_grad_sync()
@@ -227,7 +223,7 @@ def tp_clipped_grads(recipe: str, sp: bool):
     opt = make_optimizer(chunks, ps, 0, {})
     tokens, labels = global_batch()
     forward_backward(chunks, iter([{"tokens": tokens[:MICRO], "labels": labels[:MICRO]}]), 1,
-                     ps, loss_fn, seq_length=SEQ, micro_batch_size=MICRO, dtype=torch.float32,
+                     ps, GPTLoss(1), seq_length=SEQ, micro_batch_size=MICRO, dtype=torch.float32,
                      backward_fn=opt.backward)
     opt.finish_grad_sync()
     if not dist.is_initialized():   # the reference: torch's own function on the whole model

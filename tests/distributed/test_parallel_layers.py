@@ -30,7 +30,7 @@ from megalite.parallel.context import ModelContext
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads, parallel_lm_logits)
+    parallel_lm_logits)
 from megalite.parallel.random import checkpoint, model_parallel_seed
 from megalite.parallel.sharding import (
     gather_full_tensor, init_parameter_, set_sharding, shard_tensor)
@@ -191,7 +191,8 @@ def check_linear_stack(tp, sp, dtype_name):
     if sp and tp > 1:
         # Negative control: before the SP all-reduce the row bias grad is only a partial sum.
         errs["bias_partial_differs"] = 0.0 if rel(row.bias.grad, ref2.bias.grad) > 1e-3 else 1.0
-    allreduce_sequence_parallel_grads(nn.ModuleList([col, row]), ps)
+    from megalite.parallel.grad_sync import allreduce_sequence_parallel_grads
+    allreduce_sequence_parallel_grads(nn.ModuleList([col, row]).parameters(), ps)
     whole = (lambda t: comm.all_gather(t, 0, ps)) if sp else (lambda t: t)
     errs["out"] = rel(whole(y), yr)
     errs["dx"] = rel(whole(x.grad), xr.grad)

@@ -71,17 +71,13 @@ def microbatches(cfg, dp_rank, m):
     return out
 
 
-def loss_fn(per_token_loss, microbatch):
-    loss = per_token_loss.float().mean()
-    return loss, loss.detach()
-
-
 def worker_case(name):
-    from megalite.parallel.data_parallel import (allreduce_embedding_grads, allreduce_gradients,
-                                                 tied_embedding_params)
-    from megalite.parallel.layers import allreduce_sequence_parallel_grads
+    from megalite.parallel.grad_sync import (allreduce_embedding_grads, allreduce_gradients,
+                                             allreduce_sequence_parallel_grads,
+                                             tied_embedding_params)
     from megalite.parallel.sharding import gather_full_tensor
     from megalite.parallel.pipeline import build_model_chunks, forward_backward
+    from megalite.training.loss import GPTLoss
 
     case = CASES[name]
     ps = ParallelState.build(case["tp"], case["pp"])
@@ -91,8 +87,8 @@ def worker_case(name):
         chunk.init_weights(SEED)
     forward_only = case.get("forward_only", False)
     mbs = microbatches(cfg, ps.dp_rank, case["m"])
-    losses = forward_backward(chunks, iter(mbs), case["m"], ps, loss_fn, seq_length=S,
-                              micro_batch_size=B, dtype=torch.float32,
+    losses = forward_backward(chunks, iter(mbs), case["m"], ps, GPTLoss(case["m"]),
+                              seq_length=S, micro_batch_size=B, dtype=torch.float32,
                               forward_only=forward_only)
     out = {"coords": (ps.tp_rank, ps.dp_rank, ps.pp_rank), "losses": losses,
            "embedding_ranks": ps.embedding_ranks, "grads": {}, "tied_before": None}
@@ -100,7 +96,7 @@ def worker_case(name):
         out["any_grad"] = any(p.grad is not None for c in chunks for p in c.parameters())
         return out
     for chunk in chunks:
-        allreduce_sequence_parallel_grads(chunk, ps)
+        allreduce_sequence_parallel_grads(chunk.parameters(), ps)
     tied = tied_embedding_params(chunks)
     if tied:   # this stage's own share of the tied gradient, before the sum
         out["tied_before"] = gather_full_tensor(tied[0].grad, tied[0], ps)

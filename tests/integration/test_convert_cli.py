@@ -295,7 +295,7 @@ def test_from_hf_into_tp2pp2_loads_exactly_and_trains(workers, recipe, tmp_path,
         assert losses == results[0][2]
     # The first training loss is the HF model's cross-entropy on that same first global batch
     # (mock data: samples 0..G-1); 1e-5 relative: float32 summation order only (TP/PP split).
-    from megalite.training.data import MockGPTDataset
+    from megalite.data.gpt_dataset import MockGPTDataset
     losses, seq, seed, g = results[0][2:]
     batch = torch.stack([torch.from_numpy(MockGPTDataset(500, seq, g, seed)[i]) for i in range(g)])
     with torch.no_grad():

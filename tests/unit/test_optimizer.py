@@ -19,7 +19,8 @@ from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
 from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
 from megalite.optim.loss_scaler import LossScaler, build_loss_scaler
-from megalite.optim.optimizer import Optimizer, param_groups
+from megalite.optim.base import param_groups
+from megalite.optim.optimizer import Optimizer
 from megalite.parallel.context import ModelContext
 
 PS = ParallelState.single()

@@ -21,6 +21,7 @@ from megalite.model.gpt import GPTModel
 from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline import (build_model_chunks, forward_backward, layer_ranges,
                                        schedule_order, schedule_steps)
+from megalite.training.loss import GPTLoss
 
 
 # -- layer_ranges ------------------------------------------------------------------------------
@@ -305,11 +306,6 @@ def _tiny_llama():
     return cfg, mbs
 
 
-def _loss_fn(per_token, mb):
-    loss = per_token.float().mean()
-    return loss, loss.detach()
-
-
 def test_no_pipelining_accumulates_exactly_the_mean_gradient():
     # Gradient accumulation over 3 microbatches vs one backward of the mean over the same 3:
     # the same products summed in the same order up to autograd's accumulation, so 1e-6 of
@@ -326,9 +322,9 @@ def test_no_pipelining_accumulates_exactly_the_mean_gradient():
         calls.append((out.detach().clone(), grad))
         torch.autograd.backward(out, grad)
 
-    losses = forward_backward([chunk], iter(mbs), 3, ps, _loss_fn, seq_length=8,
-                              micro_batch_size=2, dtype=torch.float32, backward_fn=backward_fn,
-                              loss_scale=4.0)
+    losses = forward_backward([chunk], iter(mbs), 3, ps, GPTLoss(3, loss_scale=4.0),
+                              seq_length=8, micro_batch_size=2, dtype=torch.float32,
+                              backward_fn=backward_fn)
     ref_losses = [ref(mb["tokens"], labels=mb["labels"]).mean() for mb in mbs]
     (torch.stack(ref_losses).mean() * 4.0).backward()
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses).detach(),
@@ -347,13 +343,13 @@ def test_forward_only_keeps_no_graph_and_misuse_is_clear():
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ModelContext(ps))
     chunks[0].init_weights(5)
-    losses = forward_backward(chunks, iter(mbs), 3, ps, _loss_fn, seq_length=8,
+    losses = forward_backward(chunks, iter(mbs), 3, ps, GPTLoss(3), seq_length=8,
                               micro_batch_size=2, dtype=torch.float32, forward_only=True)
     assert len(losses) == 3 and not any(l.requires_grad for l in losses)
     assert all(p.grad is None for p in chunks[0].parameters())
     with pytest.raises(MegaliteError, match="iterator ended after 3 microbatches; 4 were"):
-        forward_backward(chunks, iter(mbs), 4, ps, _loss_fn, seq_length=8, micro_batch_size=2,
+        forward_backward(chunks, iter(mbs), 4, ps, GPTLoss(4), seq_length=8, micro_batch_size=2,
                          dtype=torch.float32, forward_only=True)
     with pytest.raises(MegaliteError, match="need --pipeline-model-parallel-size > 1"):
-        forward_backward(chunks * 2, iter(mbs), 3, ps, _loss_fn, seq_length=8,
+        forward_backward(chunks * 2, iter(mbs), 3, ps, GPTLoss(3), seq_length=8,
                          micro_batch_size=2, dtype=torch.float32)

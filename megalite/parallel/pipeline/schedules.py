@@ -33,6 +33,10 @@ then the same ``pp`` through chunk 1, ..., then the next group of ``pp`` microba
     stage 0:  F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0
     stage 1:  F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 F3.0 B1.0 F2.1 B2.1 F3.1 B3.1 B2.0 B3.0
 
+On the last stage the schedule hands each microbatch's output to the loss object
+(:class:`MicrobatchLoss`, e.g. :class:`megalite.training.loss.GPTLoss`), which returns what to
+backpropagate (divided by the number of microbatches, times the loss scale) and what to report.
+
 Exactness: each microbatch goes through exactly the layers and operations of the unsplit model
 (only where they run changes), its loss is scaled by ``1 / num_microbatches`` and the gradients
 of the microbatches accumulate in the same order (0, 1, ...) on every chunk. Results therefore
@@ -43,7 +47,7 @@ tensor's scale at pp 2-4 (tests/distributed/test_pipeline.py), losses bit-identi
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -52,11 +56,16 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.parallel.pipeline.p2p import P2P
 
-__all__ = ["LossFn", "forward_backward", "schedule_order", "schedule_steps"]
+__all__ = ["MicrobatchLoss", "forward_backward", "schedule_order", "schedule_steps"]
 
-LossFn = Callable[[Tensor, dict], tuple[Tensor, Tensor]]
-"""(per-token loss [b, s] from the last chunk, microbatch dict) -> (scalar to backprop,
-scalar to report)."""
+
+class MicrobatchLoss(Protocol):
+    """The loss of one step, called by the schedule once per microbatch on the last stage."""
+
+    def __call__(self, output: Tensor, microbatch: dict) -> tuple[Tensor, Tensor]:
+        """(the last chunk's output, e.g. the per-token loss [b, s]; the microbatch dict) ->
+        (the scalar to backpropagate, already divided by the number of microbatches and
+        multiplied by the loss scale; the detached, unscaled value to report)."""
 
 Step = tuple[str, int, int]   # ("F" | "B", chunk, microbatch)
 
@@ -125,10 +134,10 @@ def _default_backward(output: Tensor, grad: Tensor | None) -> None:
 
 
 def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_microbatches: int,
-                     ps: ParallelState, loss_fn: LossFn, *, seq_length: int,
+                     ps: ParallelState, loss: MicrobatchLoss, *, seq_length: int,
                      micro_batch_size: int, dtype: torch.dtype, forward_only: bool = False,
-                     backward_fn: Callable[[Tensor, Tensor | None], None] | None = None,
-                     loss_scale: float = 1.0) -> list[Tensor]:
+                     backward_fn: Callable[[Tensor, Tensor | None], None] | None = None
+                     ) -> list[Tensor]:
     """Forward (and backward) ``num_microbatches`` microbatches through this rank's chunks.
 
     Args:
@@ -138,16 +147,16 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
             function takes exactly ``num_microbatches`` of them on every rank (only the first
             chunk reads tokens and the last reads labels).
         ps: the layout; the schedule talks to the neighbours in ``ps.pp_group``.
-        loss_fn: see :data:`LossFn`.
+        loss: see :class:`MicrobatchLoss`; it owns the reduction, the division by the number
+            of microbatches and the loss scale.
         seq_length, micro_batch_size, dtype: shape ``[s/(tp if SP else 1), b, h]`` and dtype
             of the activations passed between stages.
         forward_only: evaluation: no backward, no graph kept.
         backward_fn: ``backward_fn(output, grad)`` runs a backward (the optimizer's, which may
             scale or redirect gradients); default ``torch.autograd.backward``. On the last
-            stage it gets ``(loss_fn(...)[0] * loss_scale / num_microbatches, None)``.
-        loss_scale: multiplies the backpropagated loss (fp16 dynamic loss scaling).
+            stage it gets ``(loss(...)[0], None)``.
 
-    Returns the reported losses (``loss_fn(...)[1]``, unscaled, detached), one per microbatch
+    Returns the reported losses (``loss(...)[1]``, unscaled, detached), one per microbatch
     in order, on the last pipeline stage; ``[]`` on the others. Gradients are accumulated into
     the parameters (or wherever ``backward_fn`` puts them); nothing is reduced across ranks.
     """
@@ -182,7 +191,6 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
 
     losses: list[Tensor] = []
     saved: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}   # (chunk, m) -> (in, out)
-    scale = loss_scale / num_microbatches
     # Before each exchange step: post the sends of the previous one with this one's receives
     # (alone right away when there are none: better overlap, and still deadlock-free).
     pending: list = []
@@ -205,9 +213,8 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
                     if last(c):
                         out = model_chunks[c](mb["tokens"] if x is None else x,
                                               labels=mb["labels"])
-                        loss, reported = loss_fn(out, mb)
+                        out, reported = loss(out, mb)
                         losses.append(reported.detach())
-                        out = loss * scale
                     else:
                         out = model_chunks[c](mb["tokens"] if x is None else x)
                         pending.append(("forward", out, c, m))

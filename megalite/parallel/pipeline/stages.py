@@ -85,7 +85,7 @@ def build_model_chunks(config: GPTConfig, ctx: ModelContext, vp_size: int = 1,
     ``pre_process`` (embedding) only on (pp_rank 0, chunk 0), ``post_process`` (final norm,
     output layer, loss) only on (last pp_rank, last chunk). With tied embeddings and pp > 1 the
     last stage holds its own copy of the word embedding as ``output_layer`` (marked
-    ``shared_embedding``, initialized equal); :func:`megalite.parallel.data_parallel.
+    ``shared_embedding``, initialized equal); :func:`megalite.parallel.grad_sync.
     allreduce_embedding_grads` keeps the two copies equal. Parameters are uninitialized: call
     ``init_weights(seed)`` on each chunk (layout-independent, so every split sees the same
     model). All chunks share ``ctx.rng_tracker``.

@@ -20,31 +20,15 @@ import torch
 from megalite.errors import MegaliteError
 
 
-class MockGPTDataset(torch.utils.data.Dataset):
-    """``--mock-data``: sample i is ``seq_length + 1`` tokens drawn uniformly from
-    ``[0, vocab_size)`` by a generator seeded with ``(seed, i)``; no files needed."""
-
-    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int):
-        self.vocab_size, self.seq_length, self.num_samples, self.seed = (
-            vocab_size, seq_length, num_samples, seed)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, int(i)])
-        return rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64)
-
-
-def microbatch_sample_ids(batch_index: int, global_batch_size: int, micro_batch_size: int,
-                          dp_size: int, dp_rank: int, start_sample: int = 0) -> list[list[int]]:
-    """Sample ids of this DP rank's microbatches of global batch ``batch_index`` (0-based),
-    counting from ``start_sample``: a list of ``G / (m * dp)`` lists of ``m`` ids."""
+def microbatch_sample_ids(global_batch_size: int, micro_batch_size: int, dp_size: int,
+                          dp_rank: int, start_sample: int = 0) -> list[list[int]]:
+    """Sample ids of this DP rank's microbatches of the global batch that starts at sample
+    ``start_sample``: a list of ``G / (m * dp)`` lists of ``m`` ids."""
     step = micro_batch_size * dp_size
     if global_batch_size % step:
         raise MegaliteError(f"--global-batch-size {global_batch_size} is not a multiple of "
                             f"--micro-batch-size {micro_batch_size} x data-parallel size {dp_size}")
-    base = start_sample + batch_index * global_batch_size
+    base = start_sample
     return [list(range(base + j * step + dp_rank * micro_batch_size,
                        base + j * step + (dp_rank + 1) * micro_batch_size))
             for j in range(global_batch_size // step)]
@@ -76,14 +60,14 @@ class BatchIterator:
         self.dp_size, self.dp_rank = dp_size, dp_rank
         self.consumed_samples = consumed_samples
         # validate the sizes once, up front
-        microbatch_sample_ids(0, global_batch_size, micro_batch_size, dp_size, dp_rank)
+        microbatch_sample_ids(global_batch_size, micro_batch_size, dp_size, dp_rank)
 
     @property
     def num_microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def next_global_batch(self) -> list[dict[str, torch.Tensor]]:
-        ids = microbatch_sample_ids(0, self.global_batch_size, self.micro_batch_size,
+        ids = microbatch_sample_ids(self.global_batch_size, self.micro_batch_size,
                                     self.dp_size, self.dp_rank, self.consumed_samples)
         self.consumed_samples += self.global_batch_size
         n = len(self.dataset)

@@ -1,0 +1,55 @@
+"""The training loss: from the model's per-token loss to what is backpropagated and reported.
+
+The last model chunk, given labels, returns the per-token cross-entropy ``[b, s]`` (computed
+vocab-parallel, :mod:`megalite.parallel.cross_entropy`). Everything after that is one object
+per step, which the pipeline schedule calls once per microbatch
+(:class:`~megalite.parallel.pipeline.schedules.MicrobatchLoss`):
+
+* the reduction over the microbatch's tokens (GPT pretraining: the mean, every token counts);
+* what is backpropagated: that mean divided by the number of microbatches (gradients
+  accumulate over them into the global-batch mean) and multiplied by the loss scale (fp16);
+* what is reported: the unscaled mean, detached; :meth:`GPTLoss.global_mean` turns the
+  reported values of all microbatches of all data-parallel ranks into the global-batch mean.
+
+Other objectives (masked-LM and sentence-order losses, mixture-of-experts auxiliary losses) are
+further classes of this shape, here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megalite.distributed.parallel_state import ParallelState
+
+__all__ = ["GPTLoss"]
+
+
+@dataclass(frozen=True)
+class GPTLoss:
+    """GPT pretraining loss of one step of ``num_microbatches`` microbatches per data-parallel
+    rank, backpropagated with ``loss_scale`` (1.0 unless fp16; any value for evaluation)."""
+
+    num_microbatches: int
+    loss_scale: float = 1.0
+
+    def __call__(self, per_token_loss: Tensor, microbatch: dict) -> tuple[Tensor, Tensor]:
+        """``per_token_loss`` ``[b, s]`` -> (mean * loss_scale / num_microbatches, the mean
+        detached); both fp32 scalars. ``microbatch`` is unused (no loss mask in GPT)."""
+        loss = per_token_loss.float().mean()
+        return loss * (self.loss_scale / self.num_microbatches), loss.detach()
+
+    def global_mean(self, reported: list[Tensor], ps: ParallelState,
+                    device: torch.device) -> float:
+        """Mean over all microbatches of all DP ranks of the values ``reported`` by this step's
+        schedule (non-empty on the last pipeline stage only); every rank gets it. One
+        all-reduce over the world (only the last stage's tp_rank 0 ranks contribute) and one
+        host sync; ``device``: where this rank's collectives run."""
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        if reported and ps.tp_rank == 0:
+            total += torch.stack([l.double() for l in reported]).sum()
+        if ps.world_size > 1:
+            dist.all_reduce(total)
+        return float(total.item()) / (self.num_microbatches * ps.dp_size)
