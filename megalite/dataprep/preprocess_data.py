@@ -364,14 +364,13 @@ def _check_args(args) -> None:
     if args.split_sentences:
         language_code(args.lang)
         load_segmenter()
-    if args.workers < 1:
-        raise MegaliteError(f"--workers {args.workers}: must be at least 1")
-    if args.log_interval < 1:
-        raise MegaliteError(f"--log-interval {args.log_interval}: must be at least 1")
-    if args.chunk_bytes < 1:
-        raise MegaliteError(f"--chunk-bytes {args.chunk_bytes}: must be at least 1")
-    if args.num_shards < 1:
-        raise MegaliteError(f"--num-shards {args.num_shards}: must be at least 1")
+    if args.tokenizer_type == "NullTokenizer":  # (training on ids only: nothing to tokenize)
+        raise MegaliteError("--tokenizer-type NullTokenizer is for training on ready token ids; "
+                            "preprocessing needs a tokenizer of text")
+    for flag, value in (("--workers", args.workers), ("--log-interval", args.log_interval),
+                        ("--chunk-bytes", args.chunk_bytes), ("--num-shards", args.num_shards)):
+        if value < 1:
+            raise MegaliteError(f"{flag} {value}: must be at least 1")
     if not 0 <= args.shard_index < args.num_shards:
         raise MegaliteError(f"--shard-index {args.shard_index}: must be in [0, {args.num_shards})")
     if len(set(args.json_keys)) != len(args.json_keys):
