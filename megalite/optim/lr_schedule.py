@@ -1,11 +1,13 @@
-"""Learning rate as a function of the iteration: linear warmup, then constant/linear/cosine decay.
+"""Learning rate as a function of the optimizer steps taken: linear warmup, then
+constant/linear/cosine decay (Megatron-LM's OptimizerParamScheduler, its formulas in its
+operation order).
 
-Iterations count from 1: the optimizer step of iteration ``t`` uses ``lr_at(t)``. With ``W``
-warmup iterations, peak ``lr``, floor ``min_lr``, warmup start ``init`` (``init_lr``, default
-0) and decay end ``D`` (``decay_iters``):
+``lr_at(t)`` is the rate after ``t`` optimizer steps (``t >= 0``): the rate of step ``t + 1``,
+which is what Megatron-LM's scheduler holds after ``t`` increments (and what it logs after step
+``t``). With ``W`` warmup steps, peak ``lr``, floor ``min_lr``, warmup start ``init``
+(``init_lr``, default 0) and decay end ``D`` (``decay_iters``):
 
-* ``t <= W``: ``init + (lr - init) * t / W`` (linear from init: the first step already moves,
-  the W-th uses lr);
+* ``W > 0`` and ``t <= W``: ``init + (lr - init) * t / W`` (so the first step uses ``init``);
 * ``W < t <= D``: with ``r = (t - W) / (D - W)``,
   ``linear``: ``min_lr + (lr - min_lr) * (1 - r)``;
   ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2``;
@@ -13,9 +15,8 @@ warmup iterations, peak ``lr``, floor ``min_lr``, warmup start ``init`` (``init_
 * ``t > D``: ``min_lr`` (``lr`` for ``constant``).
 
 The schedule is stateless (a pure function of ``t``), so resuming from a checkpoint only needs
-the iteration. The same formulas, in the same operation order, as Megatron-LM's
-OptimizerParamScheduler; a sample-based run (megalite.training.schedule) counts ``t``, ``W``
-and ``D`` in samples, and ``W`` may then be fractional (``--lr-warmup-fraction``).
+the step count. A sample-based run (megalite.training.schedule) counts ``t``, ``W`` and ``D`` in
+samples, and ``W`` may then be fractional (``--lr-warmup-fraction``).
 """
 from __future__ import annotations
 
@@ -50,11 +51,11 @@ class LRSchedule:
         self.decay_style = decay_style
 
     def lr_at(self, iteration: int) -> float:
-        """Learning rate of the optimizer step of ``iteration`` (1-based)."""
-        if iteration < 1:
-            raise MegaliteError(f"lr_at: iterations count from 1, got {iteration}")
+        """Learning rate after ``iteration`` optimizer steps (>= 0): that of the next step."""
+        if iteration < 0:
+            raise MegaliteError(f"lr_at: steps count from 0, got {iteration}")
         w, d = self.warmup_iters, self.decay_iters
-        if iteration <= w:
+        if w > 0 and iteration <= w:
             return self.init_lr + (self.lr - self.init_lr) * iteration / w
         if self.decay_style == "constant":
             return self.lr

@@ -10,11 +10,13 @@ asked for, and the learning-rate schedule (iteration-based or sample-based).
 * Validation: ``(iterations // --eval-interval + 1) x --eval-iters x G`` samples; test:
   ``--eval-iters x G`` (Megatron-LM's ``get_train_valid_test_num_samples``).
 
-The learning rate of iteration ``t`` is :class:`~megalite.optim.lr_schedule.LRSchedule` at
-``t x G`` samples with every length in samples (``--lr-warmup-iters W`` is ``W x G``
-samples), as Megatron-LM's scheduler counts, so the values are Megatron-LM's to the bit.
-Megatron-LM's scheduler is one step behind: its iteration ``t`` uses the value at
-``(t - 1) x G`` samples; megalite's, the value at the end of the iteration.
+The learning rate is :class:`~megalite.optim.lr_schedule.LRSchedule` counted in samples
+(``--lr-warmup-iters W`` is ``W x G`` samples), as Megatron-LM's scheduler counts, so the
+values are Megatron-LM's to the bit, and applied when Megatron-LM applies them: the scheduler
+advances by ``G`` after every optimizer step that is not skipped (an fp16 overflow), so the step
+of iteration ``t`` after ``k`` skipped steps uses the value at ``(t - 1 - k) x G`` samples, and
+the rate logged for iteration ``t`` is the one after its step (the next step's), as
+Megatron-LM logs it.
 
 On resume the schedule saved with the optimizer state (:meth:`RunLRSchedule.state`, lengths
 in samples, as Megatron-LM's scheduler saves them) is compared with this run's:
@@ -63,7 +65,7 @@ def dataset_num_samples(training, global_batch_size: int) -> tuple[int, int, int
 
 
 class RunLRSchedule:
-    """``lr_at(iteration)`` of a run (see the module docstring); ``unit``: samples per
+    """``lr_at(steps)`` of a run (see the module docstring); ``unit``: samples per
     iteration (the global batch size), the :class:`LRSchedule` counting samples."""
 
     def __init__(self, schedule: LRSchedule, unit: int, global_batch_size: int):
@@ -84,13 +86,14 @@ class RunLRSchedule:
         return cls(LRSchedule(optim.lr, optim.min_lr, warmup, decay, optim.lr_decay_style,
                               init_lr=optim.lr_warmup_init), g, g)
 
-    def lr_at(self, iteration: int) -> float:
-        """Learning rate of the optimizer step of ``iteration`` (1-based)."""
-        return self.schedule.lr_at(iteration * self.unit)
+    def lr_at(self, steps: int) -> float:
+        """Learning rate after ``steps`` optimizer steps (>= 0), i.e. that of the next step:
+        the step of iteration ``t`` after ``k`` skipped steps uses ``lr_at(t - 1 - k)``."""
+        return self.schedule.lr_at(steps * self.unit)
 
     @property
     def warmup_iterations(self) -> int:
-        """Iterations whose learning rate is still warming up (the last one reaches lr)."""
+        """Steps after which the learning rate is still warming up (after the last, it is lr)."""
         warmup = self.schedule.warmup_iters
         t = int(warmup // self.unit)
         while (t + 1) * self.unit <= warmup:   # the rule as lr_at applies it, not a division

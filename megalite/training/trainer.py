@@ -170,8 +170,9 @@ class Trainer:
         loss, reported = self._forward_backward(self.train_data.next_global_batch(),
                                                 forward_only=False)
         self.optimizer.finish_grad_sync()
+        # Megatron-LM's scheduler advances only after steps that were taken (not skipped)
+        result = self.optimizer.step(self.lr_schedule.lr_at(self.iteration - self.skipped_iters))
         self.iteration += 1
-        result = self.optimizer.step(self.lr_schedule.lr_at(self.iteration))
         if result.skipped:
             self.skipped_iters += 1
         # after the step: the mean's host sync must not hold up queueing the update
@@ -266,7 +267,7 @@ class Trainer:
             "train_iters": tr.train_iters,
             "consumed_samples": self.train_data.consumed_samples,
             "loss": loss,
-            "lr": self.lr_schedule.lr_at(self.iteration),
+            "lr": self.lr_schedule.lr_at(self.iteration - self.skipped_iters),  # the next step's
             "grad_norm": float(step.grad_norm),
             "loss_scale": float(step.loss_scale),
             "skipped_iters": self.skipped_iters,

@@ -64,9 +64,14 @@ def test_bad_arguments(args, match):
         LRSchedule(*args)
 
 
-def test_iterations_count_from_one():
-    with pytest.raises(MegaliteError, match="count from 1"):
-        LRSchedule(1.0, 0.0, 2, 10).lr_at(0)
+def test_steps_count_from_zero():
+    """lr_at(t) is the rate after t steps (Megatron-LM's scheduler after t increments): the
+    first step warms up from the warmup start, or starts at the peak without a warmup."""
+    assert LRSchedule(1.0, 0.0, 2, 10).lr_at(0) == 0.0
+    assert LRSchedule(1.0, 0.0, 2, 10, init_lr=0.25).lr_at(0) == 0.25
+    assert LRSchedule(1.0, 0.0, 0, 10).lr_at(0) == 1.0
+    with pytest.raises(MegaliteError, match="count from 0"):
+        LRSchedule(1.0, 0.0, 2, 10).lr_at(-1)
 
 
 def test_built_from_optim_config_defaults():

@@ -2,10 +2,11 @@
 
 The reference for the learning rate is megatron-core 0.16.1's own OptimizerParamScheduler
 (installed by ``make install``), stepped as Megatron-LM's training loop steps it (``increment``
-= the global batch size per iteration). megalite's iteration t uses the scheduler's value after
-t increments (Megatron-LM's own iteration t uses the value after t - 1: its scheduler is set
-before the step); the values are compared for equality, no tolerance: the formulas run in the
-same operation order. The dataset sizes follow Megatron-LM's get_train_valid_test_num_samples
+= the global batch size per iteration, after every step that is not skipped). ``lr_at(t)`` is the
+scheduler's value after t increments; the step of iteration t uses ``lr_at(t - 1 - skipped)``,
+as Megatron-LM's does (its scheduler is set before the step), and the logged rate is the one
+after the step, as Megatron-LM logs it. The values are compared for equality, no tolerance:
+the formulas run in the same operation order. The dataset sizes follow Megatron-LM's get_train_valid_test_num_samples
 and update_train_iters (megatron/training/training.py, which megatron-core does not ship),
 written out here.
 """
@@ -123,3 +124,33 @@ def test_resumed_schedule_flags():
     assert line.startswith("learning-rate schedule from the checkpoint")
     original = RunLRSchedule.from_config(old.optim, old.training, g)
     assert [taken.lr_at(t) for t in range(1, 25)] == [original.lr_at(t) for t in range(1, 25)]
+
+
+@pytest.mark.parametrize("precision", [[], ["--fp16", "--initial-loss-scale", str(2.0 ** 24),
+                                           "--hysteresis", "1"]])
+def test_trainer_steps_with_megatrons_rate(precision):
+    """The optimizer step of iteration t uses Megatron-LM's rate after the steps taken before
+    it (a skipped fp16 step does not advance the scheduler); with a warmup from 0 the first
+    step leaves the weights as they were."""
+    from megalite.training.trainer import Trainer
+
+    g = 6
+    config = parse_train_args(BASE + ["--train-iters", "8", "--lr-warmup-iters", "3",
+                                      "--eval-iters", "0", "--weight-decay", "0.1", *precision])
+    trainer = Trainer(config)
+    ref = _megatron(3e-4, 3e-5, 3 * g, 8 * g, "cosine")
+    used, original = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda lr: used.append(lr) or original(lr)
+    params = [p for chunk in trainer.model_chunks for p in chunk.parameters()]
+    before = [p.detach().clone() for p in params]
+    expected, skipped = [], []
+    for _ in range(8):
+        expected.append(ref.optimizer.param_groups[0]["lr"])
+        _, step = trainer.train_step()
+        skipped.append(step.skipped)
+        if not step.skipped:
+            ref.step(g)
+        if len(expected) == 1:
+            assert all(torch.equal(a, p) for a, p in zip(before, params))   # lr 0: no change
+    assert used == expected
+    assert any(skipped) == bool(precision) and not all(skipped)
