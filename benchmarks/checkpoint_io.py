@@ -76,12 +76,12 @@ def phase(args: argparse.Namespace) -> dict:
 
     from megalite.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from megalite.distributed.parallel_state import ParallelState
-    from megalite.model.config import GPTConfig
+    from megalite.model.config import TransformerConfig
     from megalite.model.gpt import GPTModel
     from megalite.parallel.context import ModelContext
 
     torch.set_num_threads(args.threads)
-    cfg = GPTConfig(num_layers=args.layers, hidden_size=args.hidden,
+    cfg = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden,
                     num_attention_heads=args.heads, vocab_size=args.vocab,
                     max_position_embeddings=1024, position_embedding_type="rope",
                     normalization="RMSNorm", activation="swiglu", add_bias_linear=False,

@@ -5,7 +5,7 @@ A run is described by six sections, each a dataclass with a docstring per field:
 =============  ==========================  ===================================================
 section        class                       holds
 =============  ==========================  ===================================================
-``model``      :class:`GPTConfig`          shapes and recipe (megalite.model.config)
+``model``      :class:`TransformerConfig`          shapes and recipe (megalite.model.config)
 ``parallel``   :class:`ParallelConfig`     TP / PP / virtual PP / sequence parallel / ZeRO
 ``optim``      :class:`OptimConfig`        AdamW, weight decay, clipping, learning-rate schedule
 ``precision``  :class:`PrecisionConfig`    fp32 / bf16 / fp16 and the fp16 loss scaler
@@ -23,7 +23,7 @@ Every value is checked when a section is constructed (also from YAML or a checkp
 ``to_dict``), and errors name the flag and the YAML key (``--lr (optim.lr): ...``).
 
 One source of truth: sequence parallelism is ``parallel.sequence_parallel``; the model's
-``GPTConfig.sequence_parallel`` is derived from it by :class:`TrainConfig` (and not stored in
+``TransformerConfig.sequence_parallel`` is derived from it by :class:`TrainConfig` (and not stored in
 ``to_dict``).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from megalite.config_checks import bad, coerce, option_name
 from megalite.config_sections import (LR_DECAY_STYLES, DataConfig, OptimConfig, ParallelConfig,
                                       PrecisionConfig, TrainingConfig)
 from megalite.errors import ConfigError, MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 
 __all__ = ["SECTIONS", "SECTION_TYPES", "ParallelConfig", "OptimConfig", "PrecisionConfig",
            "DataConfig", "TrainingConfig", "TrainConfig", "check_batch_sizes",
@@ -69,7 +69,7 @@ SECTION_TYPES = {"parallel": ParallelConfig, "optim": OptimConfig, "precision": 
 class TrainConfig:
     """Everything a pretraining run needs; stored in checkpoints as :meth:`to_dict`."""
 
-    model: GPTConfig
+    model: TransformerConfig
     """The model (vocabulary size already known: see resolve_vocab_size)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""
@@ -186,7 +186,7 @@ class TrainConfig:
 
 def section_fields(section: str) -> list[str]:
     """The keys a YAML/dict section may hold."""
-    cls = GPTConfig if section == "model" else SECTION_TYPES[section]
+    cls = TransformerConfig if section == "model" else SECTION_TYPES[section]
     return [f.name for f in dataclasses.fields(cls)]
 
 
@@ -202,9 +202,9 @@ def check_keys(values: dict, section: str, source: str, extra: tuple[str, ...] =
             raise ConfigError(f"{source}: unknown key {section}.{key}{hint}", section, str(key))
 
 
-def build_model_config(values: dict) -> GPTConfig:
-    """GPTConfig(**values) with types checked and errors naming flags and YAML keys."""
-    hints = typing.get_type_hints(GPTConfig)
+def build_model_config(values: dict) -> TransformerConfig:
+    """TransformerConfig(**values) with types checked and errors naming flags and YAML keys."""
+    hints = typing.get_type_hints(TransformerConfig)
     values = {k: coerce(v, hints[k], "model", k) for k, v in values.items()}
     missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
                if values.get(n) is None]
@@ -212,7 +212,7 @@ def build_model_config(values: dict) -> GPTConfig:
         raise ConfigError("the model shape is incomplete: give --model-preset NAME or "
                           + ", ".join(option_name("model", n) for n in missing), "model", missing[0])
     try:
-        return GPTConfig(**values)
+        return TransformerConfig(**values)
     except MegaliteError as e:
         message = str(e)
         named = [n for n in hints if n + "=" in message or n + " " in message]

@@ -29,7 +29,7 @@ class ParallelConfig:
     """Pipeline stages the layers are split over."""
     sequence_parallel: bool = False
     """Split norms/dropout activations along the sequence over the TP ranks (the model's
-    GPTConfig.sequence_parallel is derived from this field)."""
+    TransformerConfig.sequence_parallel is derived from this field)."""
     num_layers_per_virtual_pipeline_stage: int | None = None
     """Layers per virtual stage for interleaved 1F1B; None: one chunk per stage. The number of
     chunks per stage is num_layers / (pp * this)."""

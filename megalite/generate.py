@@ -190,7 +190,7 @@ def check_tokenizer_size(args, tokenizer, model_vocab: int, train_config) -> Non
 class Prepared(NamedTuple):
     """Everything :func:`prepare` derived from the flags and the checkpoint."""
 
-    config: Any            # GPTConfig for inference (no SP, no recompute, no dropout)
+    config: Any            # TransformerConfig for inference (no SP, no recompute, no dropout)
     tokenizer: Any         # megalite.data.tokenizers.Tokenizer
     prompt_ids: list       # the prompt's token ids (may be empty)
     context: list          # what the model is fed: prompt_ids, or [eod] when that is empty

@@ -139,7 +139,7 @@ def load_yaml(path: str) -> dict[str, dict]:
 
 def merge_model_values(flags: dict, specials: dict, ym: dict,
                        saved: dict) -> tuple[dict, bool]:
-    """Merged GPTConfig field values (the --load checkpoint's < preset < YAML < flags) and
+    """Merged TransformerConfig field values (the --load checkpoint's < preset < YAML < flags) and
     whether the vocabulary size was given explicitly (a checkpoint's counts as explicit)."""
     preset = specials.get("_preset") or ym.pop("preset", None)
     ym.pop("preset", None)

@@ -34,14 +34,14 @@ from safetensors import safe_open
 from megalite.checkpoint import io
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.model.weights import OUTPUT_LAYER, VOCAB_TENSORS, WORD_EMBEDDINGS, fit_vocab_rows
 from megalite.parallel.sharding import full_shape, shard_tensor, sharding_of, unshard_tensors
 
 __all__ = ["load_model_weights", "load_model_weights_from", "read_model_config",
            "model_config_from_meta", "read_train_config", "model_file_name"]
 
-# GPTConfig fields that change what the weights compute; the others (dropout, recompute,
+# TransformerConfig fields that change what the weights compute; the others (dropout, recompute,
 # sequence parallelism, padding multiple, sequence lengths, init) may differ at load time.
 _NUMERIC_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                    "num_query_groups", "ffn_hidden_size", "kv_channels", "position_embedding_type",
@@ -57,8 +57,8 @@ def model_file_name(tp_rank: int, pp_rank: int) -> str:
     return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
 
 
-def read_model_config(directory: str, iteration: int | None = None) -> GPTConfig:
-    """The GPTConfig a checkpoint was saved with (to build the model before loading weights)."""
+def read_model_config(directory: str, iteration: int | None = None) -> TransformerConfig:
+    """The TransformerConfig a checkpoint was saved with (to build the model before loading weights)."""
     path = _resolve(directory, iteration)
     meta = io.read_json(os.path.join(path, io.META))
     return model_config_from_meta(meta, path)
@@ -107,20 +107,20 @@ def _resolve(directory: str, iteration: int | None) -> str:
     return path
 
 
-def model_config_from_meta(meta: dict, path: str) -> GPTConfig:
-    """The GPTConfig in a checkpoint's metadata ``meta`` (read from ``path``), checked."""
+def model_config_from_meta(meta: dict, path: str) -> TransformerConfig:
+    """The TransformerConfig in a checkpoint's metadata ``meta`` (read from ``path``), checked."""
     raw = meta.get("model_config")
     if not isinstance(raw, dict):
         raise MegaliteError(f"{os.path.join(path, io.META)} has no model_config")
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MegaliteError(f"{os.path.join(path, io.META)}: model_config has fields this "
                             f"megalite does not know: {unknown}")
-    return GPTConfig(**raw)
+    return TransformerConfig(**raw)
 
 
-def check_model_config(saved: GPTConfig, ours: GPTConfig, path: str) -> None:
+def check_model_config(saved: TransformerConfig, ours: TransformerConfig, path: str) -> None:
     """MegaliteError listing the fields where the model differs from the checkpoint's."""
     fields = _NUMERIC_FIELDS + (_ROPE_SCALING_FIELDS if saved.rope_scaling or ours.rope_scaling
                                 else ())

@@ -3,10 +3,10 @@ converters and the commands."""
 from __future__ import annotations
 
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 
 
-def architecture_of(config: GPTConfig) -> str:
+def architecture_of(config: TransformerConfig) -> str:
     """"llama" for the LLaMA recipe (RMSNorm, rope, swiglu, no bias, untied), "gpt2" for the
     classic recipe with learned positions, LayerNorm, GELU, bias and tied embeddings.
 

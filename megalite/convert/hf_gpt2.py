@@ -29,7 +29,7 @@ from megalite.convert.mapping import (ParamMapping, from_hf_state_dict, grouped_
                                       identity_mapping, qkv_to_grouped, to_hf_state_dict,
                                       transposed_mapping, vocab_mapping)
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.model.weights import (FINAL_NORM, INPUT_NORM, LINEAR_FC1, LINEAR_FC2, LINEAR_PROJ,
                                     LINEAR_QKV, POSITION_EMBEDDINGS, POST_ATTENTION_NORM,
                                     WORD_EMBEDDINGS, layer_prefix)
@@ -38,7 +38,7 @@ _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "g
 _OUR_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 
-def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[ParamMapping]:
+def param_mappings(config: TransformerConfig, padded_vocab: int | None = None) -> list[ParamMapping]:
     """Every megalite parameter of the full model with its GPT-2 tensors (module table)."""
     c = config
     vp = padded_vocab or c.padded_vocab(1)
@@ -76,13 +76,13 @@ def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[P
     return maps
 
 
-def _check(config: GPTConfig) -> None:
+def _check(config: TransformerConfig) -> None:
     if architecture_of(config) != "gpt2":
         raise MegaliteError("GPT-2 conversion needs the classic recipe (LayerNorm, learned "
                             "positions, gelu, bias, tied embeddings, no GQA)")
 
 
-def to_hf(state: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+def to_hf(state: Mapping[str, Tensor], config: TransformerConfig) -> dict[str, Tensor]:
     """Full megalite state dict -> ``GPT2LMHeadModel`` state dict (lm_head tied to wte)."""
     _check(config)
     emb = state.get(WORD_EMBEDDINGS)
@@ -91,7 +91,7 @@ def to_hf(state: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
                             {"lm_head.weight": "transformer.wte.weight"})
 
 
-def from_hf(hf_state: Mapping[str, Tensor], config: GPTConfig,
+def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,
             padded_vocab: int | None = None) -> dict[str, Tensor]:
     """``GPT2LMHeadModel`` state dict -> full megalite state dict.
 
@@ -104,7 +104,7 @@ def from_hf(hf_state: Mapping[str, Tensor], config: GPTConfig,
     return from_hf_state_dict(hf_state, param_mappings(config, padded_vocab), ignore)
 
 
-def config_to_hf(config: GPTConfig):
+def config_to_hf(config: TransformerConfig):
     """``transformers.GPT2Config`` with the same shapes and dropout rates."""
     from transformers import GPT2Config
     _check(config)
@@ -119,8 +119,8 @@ def config_to_hf(config: GPTConfig):
         bos_token_id=None, eos_token_id=None)
 
 
-def config_from_hf(hf) -> GPTConfig:
-    """:class:`GPTConfig` from a ``transformers.GPT2Config`` (errors on unsupported options)."""
+def config_from_hf(hf) -> TransformerConfig:
+    """:class:`TransformerConfig` from a ``transformers.GPT2Config`` (errors on unsupported options)."""
     act = _HF_ACT.get(hf.activation_function)
     if act is None:
         raise MegaliteError(f"GPT-2 config: activation_function={hf.activation_function!r} is "
@@ -129,7 +129,7 @@ def config_from_hf(hf) -> GPTConfig:
             hf, "scale_attn_by_inverse_layer_idx", False):
         raise MegaliteError("GPT-2 config: only scale_attn_weights=True and "
                             "scale_attn_by_inverse_layer_idx=False are supported")
-    return GPTConfig(
+    return TransformerConfig(
         num_layers=hf.n_layer, hidden_size=hf.n_embd, num_attention_heads=hf.n_head,
         vocab_size=hf.vocab_size, ffn_hidden_size=hf.n_inner or 4 * hf.n_embd,
         max_position_embeddings=hf.n_positions, position_embedding_type="learned_absolute",

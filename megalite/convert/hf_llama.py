@@ -19,7 +19,7 @@ output_layer.weight [Vp, h] (untied)        lm_head.weight [V, h]
 
 RoPE uses the same rotate-half convention on both sides, so q/k need no permutation. HF's
 ``rope_parameters`` of type default, ``linear`` and ``llama3`` (Llama 3.1/3.2) map to
-``GPTConfig.rope_scaling`` and its factors; other types (yarn, dynamic, longrope) are refused.
+``TransformerConfig.rope_scaling`` and its factors; other types (yarn, dynamic, longrope) are refused.
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ from megalite.convert.mapping import (ParamMapping, from_hf_state_dict, grouped_
                                       identity_mapping, qkv_to_grouped, to_hf_state_dict,
                                       vocab_mapping)
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.model.weights import (FINAL_NORM, INPUT_NORM, LINEAR_FC1, LINEAR_FC2, LINEAR_PROJ,
                                     LINEAR_QKV, OUTPUT_LAYER, POST_ATTENTION_NORM, WORD_EMBEDDINGS,
                                     layer_prefix)
 
 
-def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[ParamMapping]:
+def param_mappings(config: TransformerConfig, padded_vocab: int | None = None) -> list[ParamMapping]:
     """Every megalite parameter of the full model with its LLaMA tensors (module table)."""
     c = config
     vp = padded_vocab or c.padded_vocab(1)
@@ -71,21 +71,21 @@ def param_mappings(config: GPTConfig, padded_vocab: int | None = None) -> list[P
     return maps
 
 
-def _check(config: GPTConfig) -> None:
+def _check(config: TransformerConfig) -> None:
     c = config
     if (c.normalization, c.position_embedding_type, c.activation) != ("RMSNorm", "rope", "swiglu"):
         raise MegaliteError("LLaMA conversion needs normalization=RMSNorm, "
                             "position_embedding_type=rope, activation=swiglu")
 
 
-def to_hf(state: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+def to_hf(state: Mapping[str, Tensor], config: TransformerConfig) -> dict[str, Tensor]:
     """Full megalite state dict -> ``LlamaForCausalLM`` state dict."""
     _check(config)
     extra = {"lm_head.weight": "model.embed_tokens.weight"} if config.tied_embeddings else None
     return to_hf_state_dict(state, param_mappings(config, _padded_rows(state, config)), extra)
 
 
-def from_hf(hf_state: Mapping[str, Tensor], config: GPTConfig,
+def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,
             padded_vocab: int | None = None) -> dict[str, Tensor]:
     """``LlamaForCausalLM`` state dict -> full megalite state dict."""
     _check(config)
@@ -93,7 +93,7 @@ def from_hf(hf_state: Mapping[str, Tensor], config: GPTConfig,
     return from_hf_state_dict(hf_state, param_mappings(config, padded_vocab), ignore)
 
 
-def _padded_rows(state: Mapping[str, Tensor], config: GPTConfig) -> int:
+def _padded_rows(state: Mapping[str, Tensor], config: TransformerConfig) -> int:
     emb = state.get(WORD_EMBEDDINGS)
     return emb.shape[0] if emb is not None else config.padded_vocab(1)
 
@@ -103,17 +103,17 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 with its QKV bias and full attention)."""
 
 
-def hf_architecture(config: GPTConfig) -> str:
+def hf_architecture(config: TransformerConfig) -> str:
     """The ``transformers`` class :func:`config_to_hf` describes: ``Qwen2ForCausalLM`` for a
     QKV bias without the other biases, else ``LlamaForCausalLM``."""
     return "Qwen2ForCausalLM" if _is_qwen2(config) else "LlamaForCausalLM"
 
 
-def _is_qwen2(c: GPTConfig) -> bool:
+def _is_qwen2(c: TransformerConfig) -> bool:
     return c.add_qkv_bias and not c.add_bias_linear
 
 
-def config_to_hf(config: GPTConfig):
+def config_to_hf(config: TransformerConfig):
     """``transformers.LlamaConfig`` (or ``Qwen2Config``, see :func:`hf_architecture`) with the
     same shapes (dropout off: attention only)."""
     _check(config)
@@ -133,8 +133,8 @@ def config_to_hf(config: GPTConfig):
     return LlamaConfig(attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear, **common)
 
 
-def config_from_hf(hf) -> GPTConfig:
-    """:class:`GPTConfig` from a ``transformers`` LlamaConfig, MistralConfig or Qwen2Config
+def config_from_hf(hf) -> TransformerConfig:
+    """:class:`TransformerConfig` from a ``transformers`` LlamaConfig, MistralConfig or Qwen2Config
     (errors on options megalite does not have)."""
     kind = getattr(hf, "model_type", "llama")
     name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2"}.get(kind, kind)
@@ -160,7 +160,7 @@ def config_from_hf(hf) -> GPTConfig:
             raise MegaliteError(f"{name} config: attention_bias and mlp_bias must agree "
                                 "(megalite has one add_bias_linear switch)")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    return GPTConfig(
+    return TransformerConfig(
         num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
         num_attention_heads=hf.num_attention_heads, vocab_size=hf.vocab_size,
         num_query_groups=(None if hf.num_key_value_heads in (None, hf.num_attention_heads)
@@ -175,7 +175,7 @@ def config_from_hf(hf) -> GPTConfig:
         init_method_std=hf.initializer_range, **_rope_from_hf(rope, hf, name))
 
 
-def _rope_to_hf(c: GPTConfig) -> dict:
+def _rope_to_hf(c: TransformerConfig) -> dict:
     out = {"rope_type": c.rope_scaling or "default", "rope_theta": float(c.rotary_base)}
     if c.rope_scaling is not None:
         out["factor"] = float(c.rope_scaling_factor)
@@ -187,7 +187,7 @@ def _rope_to_hf(c: GPTConfig) -> dict:
 
 
 def _rope_from_hf(rope: dict, hf, name: str) -> dict:
-    """GPTConfig rope-scaling fields from HF's ``rope_parameters`` (default, linear, llama3)."""
+    """TransformerConfig rope-scaling fields from HF's ``rope_parameters`` (default, linear, llama3)."""
     kind = rope.get("rope_type", "default")
     if kind == "default":
         return {}

@@ -13,7 +13,7 @@ from torch import Tensor
 from megalite.convert import hf_gpt2, hf_llama
 from megalite.convert.architectures import architecture_of
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 
 ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
 """Architecture name -> its converter module."""
@@ -24,25 +24,25 @@ def architecture_module(arch: str):
     return ARCHITECTURES[arch]
 
 
-def to_hf(state: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+def to_hf(state: Mapping[str, Tensor], config: TransformerConfig) -> dict[str, Tensor]:
     """Full megalite state dict -> HF state dict of the matching architecture."""
     return architecture_module(architecture_of(config)).to_hf(state, config)
 
 
-def from_hf(hf_state: Mapping[str, Tensor], config: GPTConfig,
+def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,
             padded_vocab: int | None = None) -> dict[str, Tensor]:
     """HF state dict -> full megalite state dict (vocab padded to ``padded_vocab``, default
     ``config.padded_vocab(1)``)."""
     return architecture_module(architecture_of(config)).from_hf(hf_state, config, padded_vocab)
 
 
-def config_to_hf(config: GPTConfig):
+def config_to_hf(config: TransformerConfig):
     """The ``transformers`` config (LlamaConfig or GPT2Config) describing the same model."""
     return architecture_module(architecture_of(config)).config_to_hf(config)
 
 
-def config_from_hf(hf_config) -> GPTConfig:
-    """A :class:`GPTConfig` from a ``transformers`` LlamaConfig or GPT2Config."""
+def config_from_hf(hf_config) -> TransformerConfig:
+    """A :class:`TransformerConfig` from a ``transformers`` LlamaConfig or GPT2Config."""
     MODEL_TYPES = hf_llama.MODEL_TYPES
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in (*MODEL_TYPES, "gpt2"):

@@ -9,7 +9,7 @@ Conventions shared by every architecture:
 
 * megalite state dicts here are *full* (unsharded; gather TP shards first) and use global
   layer ids.
-* The megalite vocabulary is padded (``GPTConfig.padded_vocab``); HF's is not. To HF the padding
+* The megalite vocabulary is padded (``TransformerConfig.padded_vocab``); HF's is not. To HF the padding
   rows are dropped; from HF they are added as zeros (their logits are masked, so their values
   never matter).
 * The fused QKV weight is stored grouped: for each key/value group g, the rows of its

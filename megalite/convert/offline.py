@@ -34,7 +34,7 @@ from megalite.checkpoint.sharded import FORMAT, rank_file_name
 from megalite.convert.hf_io import StreamingSafetensorsWriter, progress
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.model.weights import VOCAB_TENSORS, fit_vocab_rows
 from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.stages import build_model_chunks
@@ -47,7 +47,7 @@ class CheckpointReader:
     """A megalite checkpoint (``latest`` of ``directory``, or ``iteration``), any layout.
 
     Attributes: ``path`` (the resolved ``iter_*`` directory), ``meta``, ``files`` (manifest
-    entries, sizes verified), ``config`` (GPTConfig), ``index`` (meta.json's tensor index).
+    entries, sizes verified), ``config`` (TransformerConfig), ``index`` (meta.json's tensor index).
     """
 
     def __init__(self, directory: str, iteration: int | None = None,
@@ -64,7 +64,7 @@ class CheckpointReader:
         if self.meta.get("format") != FORMAT:
             raise MegaliteError(f"{os.path.join(path, io.META)}: unknown format "
                                 f"{self.meta.get('format')!r} (expected {FORMAT})")
-        self.config: GPTConfig = model_config_from_meta(self.meta, path)
+        self.config: TransformerConfig = model_config_from_meta(self.meta, path)
         self.index: dict[str, dict] = self.meta.get("tensors") or {}
         self.tp = int(self.meta["layout"]["tp_size"])
         self.verify = verify_checksums
@@ -117,7 +117,7 @@ class CheckpointReader:
         self._handles.clear()
 
 
-def stage_params(config: GPTConfig, tp: int, pp: int, pp_rank: int) -> dict[str, torch.Tensor]:
+def stage_params(config: TransformerConfig, tp: int, pp: int, pp_rank: int) -> dict[str, torch.Tensor]:
     """Parameters (meta device, with their sharding attributes) that tp rank 0 of pipeline stage
     ``pp_rank`` holds under layout (tp, pp, vp=1); every tp rank holds the same names."""
     ps = ParallelState.for_shapes(tp, 0, pp, pp_rank)
@@ -125,7 +125,7 @@ def stage_params(config: GPTConfig, tp: int, pp: int, pp_rank: int) -> dict[str,
     return {n: p for c in chunks for n, p in c.named_parameters()}
 
 
-def write_checkpoint(save: str, config: GPTConfig, tp: int, pp: int,
+def write_checkpoint(save: str, config: TransformerConfig, tp: int, pp: int,
                      full_of: Callable[[str], torch.Tensor],
                      dtype_of: Callable[[str], torch.dtype],
                      *, config_dict: dict, config_type: str, extra: dict, iteration: int = 0,

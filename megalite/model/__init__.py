@@ -3,11 +3,11 @@
 ``GPTModel`` is imported lazily so that configs, presets and FLOPs can be used without pulling
 in the parallel layers.
 """
-from megalite.model.config import GPTConfig, padded_vocab_size
+from megalite.model.config import TransformerConfig, padded_vocab_size
 from megalite.model.flops import flops_per_iteration
 from megalite.model.presets import PRESETS, get_preset
 
-__all__ = ["GPTConfig", "GPTModel", "PRESETS", "flops_per_iteration", "get_preset",
+__all__ = ["TransformerConfig", "GPTModel", "PRESETS", "flops_per_iteration", "get_preset",
            "padded_vocab_size"]
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.model.positions import apply_rotary
 from megalite.parallel.context import ModelContext
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -43,7 +43,7 @@ from megalite.parallel.random import checkpoint
 class Attention(nn.Module):
     """``forward(x, rope=None) -> [s, b, h]``; ``rope`` is (cos, sin) from RotaryEmbedding."""
 
-    def __init__(self, config: GPTConfig, ctx: ModelContext):
+    def __init__(self, config: TransformerConfig, ctx: ModelContext):
         super().__init__()
         c, tp = config, ctx.ps.tp_size
         config.validate_parallel(tp)

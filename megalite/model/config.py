@@ -1,4 +1,5 @@
-"""Typed configuration of the GPT model family (both recipes).
+"""Typed configuration of a Transformer model: :class:`TransformerConfig`, the one config
+class of every model family (GPT today, both recipes).
 
 The *classic* recipe (GPT-2 style): learned or sinusoidal absolute positions, LayerNorm, GELU,
 biases, output layer tied to the word embedding. The *LLaMA* recipe: rotary positions, RMSNorm,
@@ -39,7 +40,7 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
 
 
 @dataclass
-class GPTConfig:
+class TransformerConfig:
     """Shapes, recipe switches and regularisation of one GPT model.
 
     Derived quantities (``head_dim``, ``ffn_size``, ``query_groups``) are properties so the
@@ -147,7 +148,7 @@ class GPTConfig:
         """Padded vocabulary size for this tensor-parallel size."""
         return padded_vocab_size(self.vocab_size, tp_size, self.make_vocab_size_divisible_by)
 
-    def replace(self, **changes) -> "GPTConfig":
+    def replace(self, **changes) -> "TransformerConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

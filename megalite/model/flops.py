@@ -29,10 +29,10 @@ token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L
 from __future__ import annotations
 
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 
 
-def forward_flops_per_token(config: GPTConfig, seq_length: int) -> float:
+def forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
     """Forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module doc)."""
     h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
     d = config.head_dim
@@ -45,7 +45,7 @@ def forward_flops_per_token(config: GPTConfig, seq_length: int) -> float:
     return float(L * per_layer + 2 * h * V)
 
 
-def flops_per_iteration(config: GPTConfig, global_batch_size: int, seq_length: int) -> float:
+def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int) -> float:
     """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch."""
     if global_batch_size < 1 or seq_length < 1:
         raise MegaliteError(f"flops_per_iteration: global_batch_size={global_batch_size} and "

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from megalite.errors import MegaliteError
 from megalite.model import weights
 from megalite.model.attention import Attention
-from megalite.model.config import GPTConfig, padded_vocab_size
+from megalite.model.config import TransformerConfig, padded_vocab_size
 from megalite.model.mlp import MLP
 from megalite.model.norms import build_norm, mark_replicated
 from megalite.model.positions import RotaryEmbedding, SinusoidalPositions
@@ -65,7 +65,7 @@ class Embedding(nn.Module):
     it is marked ``sequence_parallel`` (summed over tp by the trainer, like the norms).
     """
 
-    def __init__(self, config: GPTConfig, ctx: ModelContext):
+    def __init__(self, config: TransformerConfig, ctx: ModelContext):
         super().__init__()
         ps = ctx.ps
         self.config, self.ps, self.rng_tracker = config, ps, ctx.rng_tracker
@@ -104,7 +104,7 @@ class Embedding(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm block: ``forward(x [s, b, h], cos=None, sin=None, kv_cache=None) -> [s, b, h]``."""
 
-    def __init__(self, config: GPTConfig, ctx: ModelContext):
+    def __init__(self, config: TransformerConfig, ctx: ModelContext):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.split = config.sequence_parallel and ctx.ps.tp_size > 1
@@ -144,7 +144,7 @@ class GPTModel(nn.Module):
     until :meth:`init_weights` (or a state dict) fills them, once (:mod:`megalite.model.weights`).
     """
 
-    def __init__(self, config: GPTConfig, ctx: ModelContext, *, pre_process: bool = True,
+    def __init__(self, config: TransformerConfig, ctx: ModelContext, *, pre_process: bool = True,
                  post_process: bool = True, layer_range: tuple[int, int] | None = None):
         super().__init__()
         ps = ctx.ps

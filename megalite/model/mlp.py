@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.parallel.context import ModelContext
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -22,7 +22,7 @@ from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
 class MLP(nn.Module):
     """``forward(x [s, b, h]) -> [s, b, h]`` (with SP: [s/tp, b, h] in and out)."""
 
-    def __init__(self, config: GPTConfig, ctx: ModelContext):
+    def __init__(self, config: TransformerConfig, ctx: ModelContext):
         super().__init__()
         self.activation = config.activation
         gated = config.activation == "swiglu"

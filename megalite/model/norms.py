@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.parallel.context import ModelContext
 from megalite.parallel.sharding import set_sharding
 
@@ -21,7 +21,7 @@ def mark_replicated(module: nn.Module, sequence_parallel: bool) -> None:
         set_sharding(p, None, 1, sequence_parallel)
 
 
-def build_norm(config: GPTConfig, ctx: ModelContext) -> nn.Module:
+def build_norm(config: TransformerConfig, ctx: ModelContext) -> nn.Module:
     """``config.normalization`` over ``config.hidden_size`` with parameters on ``ctx.device`` in
     ``ctx.dtype``: input [..., h] -> [..., h].
 

@@ -58,7 +58,7 @@ def rope_inv_freq(head_dim: int, base: float, scaling: str | None = None, *,
                   high_freq_factor: float = 4.0, original_max_positions: int = 8192,
                   device=None) -> Tensor:
     """[head_dim / 2] float32 rotary frequencies inv_freq_i = base^(-2i/head_dim), optionally
-    scaled for a longer context (see ``GPTConfig.rope_scaling``):
+    scaled for a longer context (see ``TransformerConfig.rope_scaling``):
 
     * ``"linear"``: every frequency / factor (position interpolation);
     * ``"llama3"``: with wavelength w_i = 2 pi / inv_freq_i and L = original_max_positions,
@@ -104,7 +104,7 @@ class RotaryEmbedding(nn.Module):
 
     @classmethod
     def from_config(cls, config) -> "RotaryEmbedding":
-        """The rotary embedding of a :class:`~megalite.model.config.GPTConfig`."""
+        """The rotary embedding of a :class:`~megalite.model.config.TransformerConfig`."""
         c = config
         return cls(c.head_dim, c.rotary_base, c.rope_scaling, factor=c.rope_scaling_factor,
                    low_freq_factor=c.rope_low_freq_factor,

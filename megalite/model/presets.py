@@ -1,4 +1,4 @@
-"""Named model shapes: ``get_preset(name) -> GPTConfig``.
+"""Named model shapes: ``get_preset(name) -> TransformerConfig``.
 
 =============  ======================================================================  ==========
 name           shape                                                                   parameters
@@ -21,23 +21,23 @@ zero for vocab 32000 at tensor-parallel sizes 1, 2 (32000 = 250 * 128) and nonze
 from __future__ import annotations
 
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 
 
-def _classic(**kw) -> GPTConfig:
+def _classic(**kw) -> TransformerConfig:
     base = dict(position_embedding_type="learned_absolute", normalization="LayerNorm",
                 activation="gelu", add_bias_linear=True, untie_embeddings_and_output_weights=False,
                 layernorm_epsilon=1e-5)
     base.update(kw)
-    return GPTConfig(**base)
+    return TransformerConfig(**base)
 
 
-def _llama(**kw) -> GPTConfig:
+def _llama(**kw) -> TransformerConfig:
     base = dict(position_embedding_type="rope", normalization="RMSNorm", activation="swiglu",
                 add_bias_linear=False, untie_embeddings_and_output_weights=True,
                 layernorm_epsilon=1e-5, rotary_base=10000.0)
     base.update(kw)
-    return GPTConfig(**base)
+    return TransformerConfig(**base)
 
 
 _BUILDERS = {
@@ -68,8 +68,8 @@ PRESETS: list[str] = list(_BUILDERS)
 """Names accepted by :func:`get_preset`."""
 
 
-def get_preset(name: str) -> GPTConfig:
-    """A fresh :class:`GPTConfig` for preset ``name`` (one of :data:`PRESETS`)."""
+def get_preset(name: str) -> TransformerConfig:
+    """A fresh :class:`TransformerConfig` for preset ``name`` (one of :data:`PRESETS`)."""
     try:
         return _BUILDERS[name]()
     except KeyError:

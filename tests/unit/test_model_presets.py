@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.model import PRESETS, GPTConfig, flops_per_iteration, get_preset, padded_vocab_size
+from megalite.model import PRESETS, TransformerConfig, flops_per_iteration, get_preset, padded_vocab_size
 from megalite.model.gpt import GPTModel
 from megalite.parallel.context import ModelContext
 
@@ -69,7 +69,7 @@ def test_config_rejects_layouts_that_do_not_split():
 def test_presets_are_distinct_valid_configs():
     assert PRESETS == ["tiny", "tiny-llama", "gpt2-small", "1b", "llama2-7b", "llama3.1-8b"]
     for name in PRESETS:
-        assert isinstance(get_preset(name), GPTConfig)
+        assert isinstance(get_preset(name), TransformerConfig)
     assert get_preset("tiny") is not get_preset("tiny")   # fresh objects, safe to mutate
     with pytest.raises(MegaliteError, match="unknown model preset 'gpt5'"):
         get_preset("gpt5")
@@ -152,7 +152,7 @@ def test_gqa_shapes_under_tp():
 # ---- FLOPs ---------------------------------------------------------------------------------
 def test_flops_hand_computed_small_case():
     # L=2, h=8, a=2, g=1, d=4, f=16, V=10, SwiGLU; B=3 sequences of s=4 tokens.
-    cfg = GPTConfig(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=1,
+    cfg = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=1,
                     kv_channels=4, ffn_hidden_size=16, vocab_size=10, max_position_embeddings=4,
                     position_embedding_type="rope", normalization="RMSNorm", activation="swiglu")
     qkv = 2 * 8 * (2 + 2 * 1) * 4         # 256: q (2 heads) + k, v (1 group) of width 4

@@ -16,7 +16,7 @@ The embedding sits in (rank 0, chunk 0), the output layer in (last rank, last ch
 from __future__ import annotations
 
 from megalite.errors import MegaliteError
-from megalite.model.config import GPTConfig
+from megalite.model.config import TransformerConfig
 from megalite.model.gpt import GPTModel
 from megalite.parallel.context import ModelContext
 
@@ -77,7 +77,7 @@ def layer_ranges(num_layers: int, pp_size: int, vp_size: int = 1,
             for r in range(pp_size)]
 
 
-def build_model_chunks(config: GPTConfig, ctx: ModelContext, vp_size: int = 1,
+def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: int = 1,
                        split: list[int] | None = None) -> list[GPTModel]:
     """This rank's model chunks, one :class:`GPTModel` per virtual stage (``vp_size`` of them),
     built with ``ctx`` (this rank's layout, dropout streams, device, dtype).
