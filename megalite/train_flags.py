@@ -11,7 +11,8 @@ and :mod:`megalite.training.prepare`).
 from __future__ import annotations
 
 from megalite.config import LR_DECAY_STYLES
-from megalite.model.config import ACTIVATIONS, NORMALIZATIONS, POSITION_EMBEDDING_TYPES
+from megalite.model.config import (ACTIVATIONS, MODEL_TYPES, NORMALIZATIONS,
+                                   POSITION_EMBEDDING_TYPES)
 from megalite.model.presets import PRESETS
 
 _TOKENIZERS = ("SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer, "
@@ -21,6 +22,9 @@ OPTIONS = [
     ("model (start from --model-preset, then override single fields)", "model", [
         ("--model-preset", "_preset", dict(choices=PRESETS, metavar="NAME"),
          f"named model shape to start from: {', '.join(PRESETS)}"),
+        ("--model-type", None, dict(choices=MODEL_TYPES),
+         "the model family: gpt (decoder-only; default), bert (bidirectional encoder, "
+         "masked-LM and sentence-order heads), t5 (encoder-decoder)"),
         ("--num-layers", None, dict(type=int), "transformer layers"),
         ("--hidden-size", None, dict(type=int), "hidden size h"),
         ("--num-attention-heads", None, dict(type=int), "query heads"),

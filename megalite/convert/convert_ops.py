@@ -1,8 +1,8 @@
 """The three conversions behind ``megalite convert`` (see :mod:`megalite.convert.cli`), each
 writing into a temporary directory ``tmp`` that the CLI renames into place on success.
 
-Every tensor goes through the one name map of its architecture (``param_mappings`` in
-:mod:`~megalite.convert.hf_llama` / :mod:`~megalite.convert.hf_gpt2`), one parameter at a time.
+Every tensor goes through the one name map of its model (``param_mappings`` of the model
+family's ``hf_converter``, :mod:`megalite.families`), one parameter at a time.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import torch
 
-from megalite.convert import architecture_module, architecture_of, config_from_hf
+from megalite.convert import config_from_hf
+from megalite.families import family_of
 from megalite.model.weights import WORD_EMBEDDINGS
 from megalite.convert.hf_io import HFReader, HFShardedWriter, progress
 from megalite.convert.hf_tokenizer import import_tokenizer, write_tokenizer_files
@@ -56,8 +57,7 @@ def to_hf(args, tmp: str) -> str:
     reader = CheckpointReader(args.load, verify_checksums=not args.no_verify_checksums)
     try:
         cfg = reader.config
-        arch = architecture_of(cfg)
-        mod = architecture_module(arch)
+        mod = family_of(cfg).hf_converter
         rows = reader.meta_tensor(WORD_EMBEDDINGS).shape[0]
         maps = mod.param_mappings(cfg, rows)
         out_dtype = _DTYPES.get(args.dtype)
@@ -107,8 +107,7 @@ def from_hf(args, tmp: str) -> str:
     hf = HFReader(args.load)
     try:
         cfg = config_from_hf(hf.config)
-        arch = architecture_of(cfg)
-        maps = {m.megalite: m for m in architecture_module(arch).param_mappings(cfg)}
+        maps = {m.megalite: m for m in family_of(cfg).hf_converter.param_mappings(cfg)}
         _check_hf_names(hf, maps, cfg, args.load)
         out_dtype = _DTYPES.get(args.dtype)
 
@@ -314,11 +313,11 @@ def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
 
     from megalite.checkpoint import load_model_weights, read_model_config
     from megalite.distributed.parallel_state import ParallelState
-    from megalite.model.gpt import GPTModel
     from megalite.parallel.context import ModelContext
     cfg = read_model_config(ckpt_dir).replace(hidden_dropout=0.0, attention_dropout=0.0)
     ps = ParallelState.single()
-    ours = GPTModel(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
+    model_class = family_of(cfg).model_class
+    ours = model_class(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
     load_model_weights(ckpt_dir, [ours], ps, verify_checksums=False)
     ours.eval()
     try:

@@ -1,5 +1,7 @@
-"""The whole-model Hugging Face converters, dispatching on :func:`architecture_of` to the
-converter module of the architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2; :mod:`.hf_gpt2`).
+"""The whole-model Hugging Face converters of the GPT family (its ``hf_converter`` in
+:mod:`megalite.families`), dispatching on :func:`architecture_of` to the converter module of the
+architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2; :mod:`.hf_gpt2`); and
+:func:`config_from_hf`, which reads a Hugging Face config of any supported model.
 
 Each converter module exposes ``param_mappings(config)`` (the name map), ``to_hf``/``from_hf``
 (whole state dicts) and ``config_to_hf``/``config_from_hf``.
@@ -22,6 +24,11 @@ ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
 def architecture_module(arch: str):
     """The converter module of architecture ``arch`` ("llama" or "gpt2")."""
     return ARCHITECTURES[arch]
+
+
+def param_mappings(config: TransformerConfig, padded_vocab: int | None = None) -> list:
+    """The name map (``ParamMapping`` list) of the matching architecture."""
+    return architecture_module(architecture_of(config)).param_mappings(config, padded_vocab)
 
 
 def to_hf(state: Mapping[str, Tensor], config: TransformerConfig) -> dict[str, Tensor]:

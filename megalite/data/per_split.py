@@ -11,19 +11,24 @@ for no samples, is None (no evaluation on it).
 from __future__ import annotations
 
 from megalite.data.blended import build_train_valid_test_datasets
+from megalite.data.gpt_dataset import MockGPTDataset
 
-__all__ = ["build_run_datasets"]
+__all__ = ["build_run_datasets", "gpt_datasets"]
 
 
 def build_run_datasets(data, num_samples: tuple[int, int, int], seq_length: int, seed: int,
-                       vocab_size: int | None = None) -> tuple:
+                       vocab_size: int | None = None,
+                       builder=build_train_valid_test_datasets) -> tuple:
     """(train, valid, test) datasets of ``data`` (a :class:`~megalite.config.DataConfig`),
-    split k serving ``num_samples[k]`` samples of ``seq_length + 1`` tokens."""
+    split k serving ``num_samples[k]`` samples of ``seq_length`` (+ 1 for GPT) tokens.
+
+    ``builder(paths, split, num_samples, seq_length, seed, cache_dir=, vocab_size=,
+    blend_rule=)`` builds one blend's three splits: the GPT builder by default, a family's
+    own (BERT, T5) otherwise."""
     common = dict(cache_dir=data.data_cache_path, vocab_size=vocab_size,
                   blend_rule=data.blend_rule)
     if data.data_path:
-        return build_train_valid_test_datasets(data.data_path, data.split, num_samples,
-                                               seq_length, seed, **common)
+        return builder(data.data_path, data.split, num_samples, seq_length, seed, **common)
     out = []
     for k, paths in enumerate(data.per_split_paths()):
         if not paths or not num_samples[k]:
@@ -31,6 +36,16 @@ def build_run_datasets(data, num_samples: tuple[int, int, int], seq_length: int,
             continue
         split = ",".join("1" if j == k else "0" for j in range(3))
         sizes = tuple(num_samples[k] if j == k else 0 for j in range(3))
-        out.append(build_train_valid_test_datasets(paths, split, sizes, seq_length, seed,
-                                                   **common)[k])
+        out.append(builder(paths, split, sizes, seq_length, seed, **common)[k])
     return tuple(out)
+
+
+def gpt_datasets(config, num_samples: tuple[int, int, int], seq_length: int,
+                 seed: int) -> tuple:
+    """GPT's (train, valid, test) datasets of a run (``config``: its TrainConfig): random
+    tokens with ``--mock-data`` (split k seeded ``seed + k``), else the token files."""
+    vocab_size = config.model.vocab_size
+    if config.data.mock_data:
+        return tuple(MockGPTDataset(vocab_size, seq_length, n, seed + k) if n else None
+                     for k, n in enumerate(num_samples))
+    return build_run_datasets(config.data, num_samples, seq_length, seed, vocab_size=vocab_size)

@@ -1,5 +1,6 @@
 """Typed configuration of a Transformer model: :class:`TransformerConfig`, the one config
-class of every model family (GPT today, both recipes).
+class of every model family (``model_type``: GPT with both recipes, BERT, T5; what else
+differs by family is :mod:`megalite.families`).
 
 The *classic* recipe (GPT-2 style): learned or sinusoidal absolute positions, LayerNorm, GELU,
 biases, output layer tied to the word embedding. The *LLaMA* recipe: rotary positions, RMSNorm,
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from megalite.errors import MegaliteError
 
+MODEL_TYPES = ("gpt", "bert", "t5")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal")
 ROPE_SCALINGS = ("llama3", "linear")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -41,7 +43,7 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
 
 @dataclass
 class TransformerConfig:
-    """Shapes, recipe switches and regularisation of one GPT model.
+    """Shapes, recipe switches and regularisation of one model (of any family).
 
     Derived quantities (``head_dim``, ``ffn_size``, ``query_groups``) are properties so the
     stored config stays exactly what the user asked for.
@@ -114,6 +116,11 @@ class TransformerConfig:
     recompute_granularity: str | None = None
     """Activation checkpointing: None, "full" (recompute each layer in backward) or
     "selective" (recompute only the attention core, whose activations grow with s^2)."""
+    model_type: str = "gpt"
+    """The model family (``--model-type``): "gpt" (decoder-only), "bert" (bidirectional
+    encoder with masked-LM and binary heads) or "t5" (encoder-decoder); see
+    :mod:`megalite.families` for what each family brings (model, loss, data, FLOPs, HF
+    converter). Checkpoints saved before the field existed are GPT."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -168,6 +175,8 @@ class TransformerConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
                 bad(f"{name} must be a positive integer or None, got {value!r}")
+        if self.model_type not in MODEL_TYPES:
+            bad(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             bad(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
                 f"got {self.position_embedding_type!r}")

@@ -1,4 +1,5 @@
-"""Model FLOPs per training iteration (used for TFLOP/s and MFU).
+"""Model FLOPs per training iteration (used for TFLOP/s and MFU), the formula of each model
+family (:mod:`megalite.families` names them; GPT's is derived here).
 
 Derivation. Notation: B sequences per iteration (global batch), s tokens per sequence, L layers,
 h hidden size, a query heads, g key/value groups, d head width, f MLP inner width, V vocabulary
@@ -28,12 +29,17 @@ token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
 
+__all__ = ["gpt_forward_flops_per_token", "flops_per_iteration"]
 
-def forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
-    """Forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module doc)."""
+
+def gpt_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+    """GPT's forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module
+    doc)."""
     h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
     d = config.head_dim
     f, L, V, s = config.ffn_size, config.num_layers, config.vocab_size, seq_length
@@ -45,8 +51,18 @@ def forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float
     return float(L * per_layer + 2 * h * V)
 
 
-def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int) -> float:
-    """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch."""
+def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int,
+                        forward_flops_per_token: Callable[[TransformerConfig, int], float]
+                        | None = None) -> float:
+    """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch:
+    ``3 * B * s * forward_flops_per_token(config, s)``, by default GPT's formula (the family
+    registry passes each family's: ``family_of(config).flops_per_iteration``)."""
+    if forward_flops_per_token is None:
+        if config.model_type != "gpt":
+            raise MegaliteError(f"flops_per_iteration: GPT's formula does not fit a "
+                                f"{config.model_type} model (use megalite.families."
+                                f"family_of(config).flops_per_iteration)")
+        forward_flops_per_token = gpt_forward_flops_per_token
     if global_batch_size < 1 or seq_length < 1:
         raise MegaliteError(f"flops_per_iteration: global_batch_size={global_batch_size} and "
                             f"seq_length={seq_length} must be >= 1")

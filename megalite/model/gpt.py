@@ -240,6 +240,13 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.ps)  # [s, b]
         return loss.transpose(0, 1).contiguous()
 
+    def forward_microbatch(self, hidden: Tensor | None, microbatch: dict) -> Tensor:
+        """The pipeline schedule's call (:mod:`megalite.families`): ``microbatch["tokens"]``
+        on the first stage (``hidden`` None), else the previous stage's ``hidden``; with
+        ``microbatch["labels"]`` on the last stage (per-token loss [b, s])."""
+        inputs = microbatch["tokens"] if hidden is None else hidden
+        return self(inputs, labels=microbatch["labels"] if self.post_process else None)
+
     def _check_seq(self, s: int) -> None:
         if s > self.config.max_position_embeddings:
             raise MegaliteError(f"sequence length {s} exceeds max_position_embeddings="

@@ -15,9 +15,11 @@ The embedding sits in (rank 0, chunk 0), the output layer in (last rank, last ch
 """
 from __future__ import annotations
 
+from torch import nn
+
 from megalite.errors import MegaliteError
+from megalite.families import family_of
 from megalite.model.config import TransformerConfig
-from megalite.model.gpt import GPTModel
 from megalite.parallel.context import ModelContext
 
 __all__ = ["layer_ranges", "build_model_chunks"]
@@ -78,9 +80,10 @@ def layer_ranges(num_layers: int, pp_size: int, vp_size: int = 1,
 
 
 def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: int = 1,
-                       split: list[int] | None = None) -> list[GPTModel]:
-    """This rank's model chunks, one :class:`GPTModel` per virtual stage (``vp_size`` of them),
-    built with ``ctx`` (this rank's layout, dropout streams, device, dtype).
+                       split: list[int] | None = None) -> list[nn.Module]:
+    """This rank's model chunks, one per virtual stage (``vp_size`` of them): the model class
+    of ``config``'s family (:mod:`megalite.families`; GPT: :class:`~megalite.model.gpt.
+    GPTModel`), built with ``ctx`` (this rank's layout, dropout streams, device, dtype).
 
     ``pre_process`` (embedding) only on (pp_rank 0, chunk 0), ``post_process`` (final norm,
     output layer, loss) only on (last pp_rank, last chunk). With tied embeddings and pp > 1 the
@@ -91,9 +94,10 @@ def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: in
     model). All chunks share ``ctx.rng_tracker``.
     """
     ps = ctx.ps
+    model_class = family_of(config).model_class
     ranges = layer_ranges(config.num_layers, ps.pp_size, vp_size, split)[ps.pp_rank]
     last_chunk = len(ranges) - 1
-    return [GPTModel(config, ctx,
+    return [model_class(config, ctx,
                      pre_process=ps.is_first_pp_stage and c == 0,
                      post_process=ps.is_last_pp_stage and c == last_chunk,
                      layer_range=rng)
