@@ -35,15 +35,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from megalite.convert import hf_models
-from megalite.data.batches import gpt_microbatch
-from megalite.data.per_split import gpt_datasets
+from megalite.convert import hf_bert, hf_models
+from megalite.data.batches import gpt_microbatch, stacked_microbatch
+from megalite.data.masked_dataset import masked_lm_vocab
+from megalite.data.per_split import bert_datasets, gpt_datasets
 from megalite.errors import MegaliteError
+from megalite.model.bert import BertModel
 from megalite.model.config import MODEL_TYPES, TransformerConfig
-from megalite.model.flops import flops_per_iteration, gpt_forward_flops_per_token
+from megalite.model.flops import (bert_forward_flops_per_token, flops_per_iteration,
+                                  gpt_forward_flops_per_token)
 from megalite.model.gpt import GPTModel
 from megalite.model.memory import activation_bytes_per_layer
-from megalite.training.loss import GPTLoss
+from megalite.training.loss import BERTLoss, GPTLoss
 
 __all__ = ["ModelFamily", "FAMILIES", "family_of"]
 
@@ -76,6 +79,8 @@ class ModelFamily:
     hf_converter: Any = None
     """The Hugging Face converter: a module with ``param_mappings``, ``to_hf``, ``from_hf``,
     ``config_to_hf``, ``config_from_hf`` (:mod:`megalite.convert.hf_models` for GPT)."""
+    vocab_note: str = ""
+    """What the tokenizer's vocabulary size means for this family (for messages)."""
     unavailable: str | None = None
     """Why the family cannot be used yet (None: it can)."""
 
@@ -91,6 +96,12 @@ def _tokenizer_size(tokenizer, data) -> int:
     return tokenizer.vocab_size
 
 
+def _masked_lm_size(tokenizer, data) -> int:
+    # Megatron-LM's BERT tokenizer appends [BOS] and [EOS]; the data's random replacements
+    # draw from all of its ids
+    return masked_lm_vocab(tokenizer).size
+
+
 FAMILIES: dict[str, ModelFamily] = {
     "gpt": ModelFamily(
         "gpt", "GPT (decoder-only, classic or LLaMA recipe)", model_class=GPTModel,
@@ -98,8 +109,14 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer_vocab_size=_tokenizer_size,
         forward_flops_per_token=gpt_forward_flops_per_token,
         activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_models),
-    "bert": ModelFamily("bert", "BERT (bidirectional encoder)",
-                        unavailable="BERT is not implemented yet"),
+    "bert": ModelFamily(
+        "bert", "BERT (bidirectional encoder, masked-LM and binary heads)",
+        model_class=BertModel, loss_class=BERTLoss, collate=stacked_microbatch,
+        build_datasets=bert_datasets, tokenizer_vocab_size=_masked_lm_size,
+        forward_flops_per_token=bert_forward_flops_per_token,
+        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_bert,
+        vocab_note="the BERT data's: the WordPiece vocab with [BOS] and [EOS] appended, as "
+                   "Megatron-LM's BERT tokenizer"),
     "t5": ModelFamily("t5", "T5 (encoder-decoder)", unavailable="T5 is not implemented yet"),
 }
 assert tuple(FAMILIES) == MODEL_TYPES

@@ -25,7 +25,6 @@ from megalite.errors import MegaliteError
 __all__ = ["to_hf", "from_hf", "reshard", "verify_logits"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias")
 
 
 def _train_config(path: str):
@@ -65,6 +64,8 @@ def to_hf(args, tmp: str) -> str:
         for m in maps:   # shapes from the meta device: nothing read yet
             outs = m.to_hf(reader.meta_tensor(m.megalite))
             specs += [(n, out_dtype or t.dtype, tuple(t.shape)) for n, t in zip(m.hf, outs)]
+        extra = mod.extra_tensors(cfg, out_dtype or specs[0][1])   # no megalite tensor behind
+        specs += [(n, t.dtype, tuple(t.shape)) for n, t in extra.items()]
         writer = HFShardedWriter(tmp, specs, int(args.max_shard_size * 1e9))
         bar = progress(len(maps), "to-hf")
         for m in maps:
@@ -73,6 +74,8 @@ def to_hf(args, tmp: str) -> str:
                 writer.write(n, t.to(out_dtype) if out_dtype else t)
             del outs
             bar.update(1)
+        for n, t in extra.items():
+            writer.write(n, t)
         bar.close()
         writer.close()
         tok_model, tok_type = _tokenizer_of(_train_config(reader.path), reader.path)
@@ -106,7 +109,7 @@ def to_hf(args, tmp: str) -> str:
 def from_hf(args, tmp: str) -> str:
     hf = HFReader(args.load)
     try:
-        cfg = config_from_hf(hf.config)
+        cfg = config_from_hf(hf.config, set(hf.names()))
         maps = {m.megalite: m for m in family_of(cfg).hf_converter.param_mappings(cfg)}
         _check_hf_names(hf, maps, cfg, args.load)
         out_dtype = _DTYPES.get(args.dtype)
@@ -146,10 +149,7 @@ def from_hf(args, tmp: str) -> str:
 def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
     expected = {n for m in maps.values() for n in m.hf}
     names = set(hf.names())
-    ignorable = {n for n in names if n.endswith(_IGNORED_HF_SUFFIXES)
-                 or (n.endswith(".attn.bias") and n.startswith("transformer.h."))}
-    if cfg.tied_embeddings:
-        ignorable.add("lm_head.weight")
+    ignorable = set(family_of(cfg).hf_converter.ignored_names(cfg, names))
     missing = sorted(expected - names)
     unexpected = sorted(names - expected - ignorable)
     if missing or unexpected:
@@ -309,28 +309,26 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
 def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
     """Max |megalite - HF| over the real-vocabulary logits of ``args.verify_sequences`` random
     sequences, both models in float32 in this process; MegaliteError above the tolerance."""
-    from transformers import AutoModelForCausalLM
-
     from megalite.checkpoint import load_model_weights, read_model_config
     from megalite.distributed.parallel_state import ParallelState
     from megalite.parallel.context import ModelContext
     cfg = read_model_config(ckpt_dir).replace(hidden_dropout=0.0, attention_dropout=0.0)
     ps = ParallelState.single()
-    model_class = family_of(cfg).model_class
-    ours = model_class(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
+    family = family_of(cfg)
+    converter = family.hf_converter
+    ours = family.model_class(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
     load_model_weights(ckpt_dir, [ours], ps, verify_checksums=False)
     ours.eval()
     try:
-        theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                      attn_implementation="eager").eval()
+        theirs = converter.hf_model_class(cfg).from_pretrained(
+            hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as e:
         raise MegaliteError(f"--verify: transformers cannot load {hf_dir}: "
                             f"{type(e).__name__}: {e}") from None
     length = min(args.verify_seq_length, cfg.max_position_embeddings)
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (args.verify_sequences, length), generator=g)
-    a = ours(tokens)[..., :cfg.vocab_size].float()
-    b = theirs(input_ids=tokens).logits.float()
+    a, b = converter.verify_logits(ours, theirs, tokens, cfg)
     if a.shape != b.shape:
         raise MegaliteError(f"--verify: logits shapes differ: megalite {tuple(a.shape)}, "
                             f"Hugging Face {tuple(b.shape)}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
-from megalite.convert import hf_gpt2, hf_llama
+from megalite.convert import hf_bert, hf_gpt2, hf_llama
 from megalite.convert.architectures import architecture_of
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
@@ -48,11 +49,45 @@ def config_to_hf(config: TransformerConfig):
     return architecture_module(architecture_of(config)).config_to_hf(config)
 
 
-def config_from_hf(hf_config) -> TransformerConfig:
-    """A :class:`TransformerConfig` from a ``transformers`` LlamaConfig or GPT2Config."""
-    MODEL_TYPES = hf_llama.MODEL_TYPES
+def extra_tensors(config: TransformerConfig, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Hugging Face tensors with no megalite parameter behind them: none for GPT models."""
+    return {}
+
+
+def hf_model_class(config: TransformerConfig):
+    """The ``transformers`` auto class that loads the converted model (``--verify``)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM
+
+
+def verify_logits(ours, theirs, tokens: Tensor, config: TransformerConfig
+                  ) -> tuple[Tensor, Tensor]:
+    """(megalite's, Hugging Face's) real-vocabulary logits [n, s, V] of ``tokens`` [n, s]."""
+    return (ours(tokens)[..., :config.vocab_size].float(),
+            theirs(input_ids=tokens).logits.float())
+
+
+def ignored_names(config: TransformerConfig, names) -> tuple[str, ...]:
+    """Tensors of a Hugging Face checkpoint (``names``) the megalite model does not hold: the
+    tied ``lm_head.weight``, rotary and causal-mask buffers of older checkpoints."""
+    drop = [n for n in names if n.endswith((".rotary_emb.inv_freq", ".attn.masked_bias"))
+            or (n.endswith(".attn.bias") and n.startswith("transformer.h."))]
+    if config.tied_embeddings:
+        drop.append("lm_head.weight")
+    return tuple(drop)
+
+
+def config_from_hf(hf_config, names=None) -> TransformerConfig:
+    """A :class:`TransformerConfig` from a ``transformers`` config of a supported model:
+    LLaMA, Mistral, Qwen2, GPT-2 (the GPT family), BERT or Megatron-BERT (the BERT family,
+    :mod:`.hf_bert`; ``names``, the checkpoint's tensor names, tell whether it has the binary
+    head)."""
+    llama = hf_llama.MODEL_TYPES
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in (*MODEL_TYPES, "gpt2"):
+    if model_type in hf_bert.MODEL_TYPES:
+        return hf_bert.config_from_hf(hf_config, names)
+    if model_type not in (*llama, "gpt2"):
         raise MegaliteError(f"unsupported Hugging Face model_type {model_type!r} "
-                            f"(supported: {', '.join(MODEL_TYPES)}, gpt2)")
-    return architecture_module("llama" if model_type in MODEL_TYPES else model_type).config_from_hf(hf_config)
+                            f"(supported: {', '.join(llama + ('gpt2',) + hf_bert.MODEL_TYPES)})")
+    return architecture_module("llama" if model_type in llama else model_type
+                               ).config_from_hf(hf_config)

@@ -1,4 +1,5 @@
-"""Causal self-attention with grouped-query heads, split over tensor-parallel ranks by heads.
+"""Self-attention (causal, or bidirectional with a padding mask) with grouped-query heads, split
+over tensor-parallel ranks by heads.
 
 Shapes (sequence-first, as everywhere inside the transformer; a = query heads, g = key/value
 groups, d = head width, tp = tensor-parallel size):
@@ -9,7 +10,7 @@ groups, d = head width, tp = tensor-parallel size):
   rank r the groups g*r/tp .. and exactly the query heads that read them: attention needs no
   communication.
 * rotary embedding on q and k (LLaMA recipe), then
-  ``torch.nn.functional.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` on
+  ``torch.nn.functional.scaled_dot_product_attention(is_causal=..., enable_gqa=...)`` on
   [b, a/tp, s, d] queries against [b, g/tp, s, d] keys/values (query head j reads group
   j // (a/g), the same pairing as Hugging Face's ``repeat_kv``), scale 1/sqrt(d).
 * ``linear_proj`` (row-parallel) -> [s, b, h] (all-reduce) or [s/tp, b, h] (SP reduce-scatter).
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
 from megalite.model.positions import apply_rotary
 from megalite.parallel.context import ModelContext
@@ -41,10 +43,13 @@ from megalite.parallel.random import checkpoint
 
 
 class Attention(nn.Module):
-    """``forward(x, rope=None) -> [s, b, h]``; ``rope`` is (cos, sin) from RotaryEmbedding."""
+    """``forward(x, rope=None, kv_cache=None, attention_mask=None) -> [s, b, h]``; ``rope`` is
+    (cos, sin) from RotaryEmbedding. ``causal`` (decoders) adds the causal mask; an encoder's
+    (``causal=False``) queries see every key, or those ``attention_mask`` allows."""
 
-    def __init__(self, config: TransformerConfig, ctx: ModelContext):
+    def __init__(self, config: TransformerConfig, ctx: ModelContext, causal: bool = True):
         super().__init__()
+        self.causal = causal
         c, tp = config, ctx.ps.tp_size
         config.validate_parallel(tp)
         self.rng_tracker = ctx.rng_tracker
@@ -62,8 +67,10 @@ class Attention(nn.Module):
             c.num_attention_heads * c.head_dim, c.hidden_size, ctx, bias=c.add_bias_linear,
             input_is_parallel=True, sequence_parallel=c.sequence_parallel)
 
-    def core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the probabilities.
+    def core(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v, with dropout on the probabilities; the mask is
+        the causal one (decoders) or ``mask`` (bool [b, 1, 1 or s, s], True = attend; None:
+        every key).
 
         q [b, a/tp, s, d], k and v [b, g/tp, s, d] -> [b, a/tp, s, d].
         """
@@ -71,7 +78,7 @@ class Attention(nn.Module):
         ctx = self.rng_tracker.fork() if p > 0 else contextlib.nullcontext()
         with ctx:
             return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=True,
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=self.causal,
                 enable_gqa=self.local_heads != self.local_groups)
 
     def cached_core(self, q: Tensor, k: Tensor, v: Tensor, kv_cache) -> Tensor:
@@ -89,9 +96,14 @@ class Attention(nn.Module):
                                               enable_gqa=self.local_heads != self.local_groups)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                kv_cache=None) -> Tensor:
+                kv_cache=None, attention_mask: Tensor | None = None) -> Tensor:
         """x [s, b, h] -> [s, b, h]; ``kv_cache``: this layer's inference cache
-        (:class:`megalite.inference.kv_cache.LayerKVCache`) or None (training, no cache)."""
+        (:class:`megalite.inference.kv_cache.LayerKVCache`) or None (training, no cache);
+        ``attention_mask``: bool [b, 1, 1, s] (True = attend) for a non-causal attention, or
+        None."""
+        if attention_mask is not None and (self.causal or kv_cache is not None):
+            raise MegaliteError("an attention mask is for encoder (non-causal) self-attention "
+                                "without a KV cache")
         qkv = self.linear_qkv(x)                                # [s, b, gl * (a/g + 2) * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
@@ -104,8 +116,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             ctx = self.cached_core(q, k, v, kv_cache)
         elif self.selective_recompute and torch.is_grad_enabled():
-            ctx = checkpoint(self.core, self.rng_tracker, q, k, v)
+            ctx = checkpoint(self.core, self.rng_tracker, q, k, v, attention_mask)
         else:
-            ctx = self.core(q, k, v)
+            ctx = self.core(q, k, v, attention_mask)
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
         return self.linear_proj(ctx)

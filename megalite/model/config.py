@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from megalite.errors import MegaliteError
 
 MODEL_TYPES = ("gpt", "bert", "t5")
+NORM_PLACEMENTS = ("pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal")
 ROPE_SCALINGS = ("llama3", "linear")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -121,6 +122,16 @@ class TransformerConfig:
     encoder with masked-LM and binary heads) or "t5" (encoder-decoder); see
     :mod:`megalite.families` for what each family brings (model, loss, data, FLOPs, HF
     converter). Checkpoints saved before the field existed are GPT."""
+    norm_placement: str = "pre"
+    """Where each layer's two norms sit: "pre" (before attention and MLP, residual around them:
+    GPT, Megatron's BERT) or "post" (after each residual add: the original BERT, with a norm
+    on the embedding and none at the end)."""
+    bert_binary_head: bool = True
+    """BERT: the binary (sentence-order) head on the pooled first token; False is Megatron-LM's
+    ``--bert-no-binary-head``."""
+    num_tokentypes: int | None = None
+    """BERT: rows of the token-type embedding; None is Megatron-LM's rule: 2 with the binary
+    head, else none (0)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -145,6 +156,15 @@ class TransformerConfig:
     def training_seq_length(self) -> int:
         """seq_length or, if unset, max_position_embeddings."""
         return self.seq_length or self.max_position_embeddings
+
+    @property
+    def tokentypes(self) -> int:
+        """Rows of the token-type embedding (num_tokentypes, or Megatron's rule; 0: none)."""
+        if self.model_type != "bert":
+            return 0
+        if self.num_tokentypes is not None:
+            return self.num_tokentypes
+        return 2 if self.bert_binary_head else 0
 
     @property
     def tied_embeddings(self) -> bool:
@@ -177,6 +197,20 @@ class TransformerConfig:
                 bad(f"{name} must be a positive integer or None, got {value!r}")
         if self.model_type not in MODEL_TYPES:
             bad(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            bad(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if self.model_type == "gpt" and self.norm_placement != "pre":
+            bad("norm_placement 'post' is for BERT (model_type bert); GPT models are pre-norm")
+        t = self.num_tokentypes
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+            bad(f"num_tokentypes must be an integer >= 0 or None, got {t!r}")
+        if t and self.model_type != "bert":
+            bad(f"num_tokentypes={t}: token types are for BERT (model_type bert)")
+        if self.model_type == "bert" and (self.activation == "swiglu" or
+                                          self.position_embedding_type != "learned_absolute"):
+            bad("a BERT model has learned absolute positions and a gelu MLP (got "
+                f"position_embedding_type={self.position_embedding_type!r}, "
+                f"activation={self.activation!r})")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             bad(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
                 f"got {self.position_embedding_type!r}")

@@ -26,6 +26,13 @@ batched matmuls the second "weight" is the other activation) -- hence the factor
 Not counted: activation recompute (these are *model* FLOPs, the MFU convention, not hardware
 FLOPs), norms, softmax, activations, RoPE, the embedding lookup and the loss (all O(h) per
 token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L*s*h per token.
+
+BERT: the attention is bidirectional, so the scores and probs x V GEMMs do the whole s x s
+matrix (4*a*d*s per token, not 2*a*d*s); the masked-LM head adds its transform (2*h*h) to
+the output layer's 2*h*V on every token (the logits of all positions are computed, as in
+Megatron-LM and Hugging Face), and the pooler and binary head 2*h*h + 2*h*2 per sequence:
+
+    flops = 3 * B * s * ( L * [2h(a+2g)d + 4ads + 2adh + 2mhf] + 2hh + 2hV ) + 3 * B * (2hh + 4h)
 """
 from __future__ import annotations
 
@@ -34,21 +41,36 @@ from typing import Callable
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
 
-__all__ = ["gpt_forward_flops_per_token", "flops_per_iteration"]
+__all__ = ["gpt_forward_flops_per_token", "bert_forward_flops_per_token", "flops_per_iteration"]
+
+
+def _layers_flops_per_token(config: TransformerConfig, seq_length: int, causal: bool) -> float:
+    """Forward GEMM FLOPs of the L transformer layers for one token (see module doc)."""
+    h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
+    d, f, s = config.head_dim, config.ffn_size, seq_length
+    mlp_mats = 3 if config.activation == "swiglu" else 2
+    per_layer = (2 * h * (a + 2 * g) * d      # QKV projection
+                 + (2 if causal else 4) * a * d * s   # Q K^T and P V (causal: half of 4*a*d*s)
+                 + 2 * a * d * h               # attention output projection
+                 + 2 * mlp_mats * h * f)       # MLP
+    return float(config.num_layers * per_layer)
 
 
 def gpt_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
     """GPT's forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module
     doc)."""
-    h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
-    d = config.head_dim
-    f, L, V, s = config.ffn_size, config.num_layers, config.vocab_size, seq_length
-    mlp_mats = 3 if config.activation == "swiglu" else 2
-    per_layer = (2 * h * (a + 2 * g) * d      # QKV projection
-                 + 2 * a * d * s               # causal Q K^T and P V, half of 4*a*d*s
-                 + 2 * a * d * h               # attention output projection
-                 + 2 * mlp_mats * h * f)       # MLP
-    return float(L * per_layer + 2 * h * V)
+    return _layers_flops_per_token(config, seq_length, causal=True) \
+        + 2.0 * config.hidden_size * config.vocab_size
+
+
+def bert_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+    """BERT's forward GEMM FLOPs per token of a length-``seq_length`` sequence, the per-sequence
+    pooler and binary head spread over its tokens (see module doc)."""
+    h = config.hidden_size
+    heads = 2.0 * h * h + 2.0 * h * config.vocab_size
+    if config.bert_binary_head:
+        heads += (2.0 * h * h + 4.0 * h) / seq_length
+    return _layers_flops_per_token(config, seq_length, causal=False) + heads
 
 
 def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int,

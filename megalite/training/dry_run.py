@@ -86,7 +86,8 @@ class RunPlan:
 def _data_lines(config: TrainConfig, check_ids: bool = True) -> list[str]:
     data = config.data
     if data.mock_data:
-        return [f"mock data: random tokens below {config.model.vocab_size}"]
+        return [f"mock data: random tokens below {config.model.vocab_size}"
+                + (" (BERT samples)" if config.model.model_type == "bert" else "")]
     from megalite.data.blended import parse_data_path
     from megalite.data.indexed import IndexedDataset
     from megalite.data.token_range import check_token_ids
@@ -182,7 +183,9 @@ def summary_lines(plan: RunPlan, config: TrainConfig, title: str) -> list[str]:
     return [
         f"{title}: {plan.world_size} process(es) = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         + (f", {plan.vp} virtual chunks per stage" if plan.vp > 1 else ""),
-        f"model: {config.model.num_layers} layers, hidden {config.model.hidden_size}, "
+        "model: " + ("" if config.model.model_type == "gpt" else
+                     f"{config.model.model_type.upper()} {config.model.norm_placement}-norm, ")
+        + f"{config.model.num_layers} layers, hidden {config.model.hidden_size}, "
         f"{config.model.num_attention_heads} heads, vocab {config.model.vocab_size} (padded "
         f"{config.model.padded_vocab(plan.tp)}), seq {config.model.training_seq_length}; "
         f"{plan.total_params:,} parameters",

@@ -83,14 +83,21 @@ def _vocab_size(config_values: dict, explicit: bool, data, by_user: bool) -> Non
     elif data.tokenizer_type is not None:
         from megalite.data.tokenizers import build_tokenizer
 
-        tok_vocab = family.tokenizer_vocab_size(build_tokenizer(
-            data.tokenizer_type, data.tokenizer_model, data.vocab_file, data.merge_file), data)
+        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model,
+                                    data.vocab_file, data.merge_file)
+        try:
+            tok_vocab = family.tokenizer_vocab_size(tokenizer, data)
+        except MegaliteError as e:   # e.g. BERT data from a tokenizer that is not WordPiece
+            raise ConfigError(f"--model-type {family.name}: {e}", "data",
+                              "tokenizer_type") from None
         if not explicit:
             config_values["vocab_size"] = tok_vocab
         elif config_values["vocab_size"] < tok_vocab:
             raise ConfigError(f"{option_name('model', 'vocab_size')}: "
                               f"{config_values['vocab_size']} is smaller than the vocabulary "
-                              f"of the tokenizer ({tok_vocab})", "model", "vocab_size")
+                              f"of the tokenizer ({tok_vocab}"
+                              + (f"; {family.vocab_note}" if family.vocab_note else "") + ")",
+                              "model", "vocab_size")
     elif config_values.get("vocab_size") is None:
         raise ConfigError("the vocabulary size is unknown: give --vocab-size N (e.g. with "
                           "--mock-data), a --model-preset, or a tokenizer "

@@ -11,7 +11,7 @@ def scale_up_(model: torch.nn.Module) -> torch.nn.Module:
     for name, p in model.named_parameters():
         if p.dim() == 2:
             p.normal_(0.0, 0.2)
-        elif "norm" in name or "ln_" in name:
+        elif "norm" in name.lower() or "ln_" in name or ".ln." in name:  # + BERT's LayerNorm, ln
             p.uniform_(0.5, 1.5)
         else:
             p.normal_(0.0, 0.1)
