@@ -184,6 +184,9 @@ def merge_model_values(flags: dict, specials: dict, ym: dict,
         raise ConfigError("--num-query-groups needs --group-query-attention", "model",
                           "num_query_groups")
     values = {**base, **ym, **fm}
+    if "vocab_size" in saved and "vocab_size" not in ym and "vocab_size" not in fm:
+        # the checkpoint's vocabulary (its tokenizer's) is the model's, whatever a preset says
+        values["vocab_size"] = saved["vocab_size"]
     if specials.get("_gqa") and values.get("num_query_groups") is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N", "model",
                           "num_query_groups")

@@ -426,3 +426,14 @@ def test_cli_turns_errors_into_one_line_and_exit_2(capsys):
     assert err.startswith("error: --lr (optim.lr)") and "Traceback" not in err
     assert run_main(parse_train_args, ["--bogus"]) == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+def test_a_preset_does_not_replace_the_checkpoint_vocabulary():
+    # A run from a YAML file with a preset, its vocabulary taken from the tokenizer (2002),
+    # resumed with the same file: the checkpoint's size stands (the preset says 1000).
+    from megalite.train_args import merge_model_values
+    values, explicit = merge_model_values({}, {"_preset": "tiny"}, {}, {"vocab_size": 2002})
+    assert values["vocab_size"] == 2002 and explicit
+    values, _ = merge_model_values({"vocab_size": 3000}, {"_preset": "tiny"}, {},
+                                   {"vocab_size": 2002})
+    assert values["vocab_size"] == 3000                 # a flag still overrides it
