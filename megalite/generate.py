@@ -207,6 +207,10 @@ def prepare(args) -> Prepared:
     if not os.path.isdir(args.load):
         raise MegaliteError(f"--load {args.load}: no such directory")
     saved = read_model_config(args.load, args.iteration)  # "no checkpoint found in ..." if none
+    if saved.model_type == "bert":
+        raise MegaliteError(f"--load {args.load} holds a BERT model (an encoder: it fills in "
+                            "masked tokens, it does not continue text); megalite generate runs "
+                            "GPT models")
     # srun/mpirun set their own variables; WORLD_SIZE exists only later (init_from_launch_env)
     from megalite.distributed.launch_env import detect_launch_env
     world = detect_launch_env().world_size

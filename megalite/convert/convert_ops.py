@@ -36,19 +36,21 @@ def _train_config(path: str):
         return None
 
 
-def _tokenizer_of(train_config, ckpt_path: str) -> tuple[str | None, str | None]:
-    """(tokenizer_model, tokenizer_type) of a checkpoint's config; a relative path is found
-    as ``megalite generate`` finds it (the working directory, else beside the checkpoint)."""
+def _tokenizer_of(train_config, ckpt_path: str) -> tuple[str | None, str | None, str | None]:
+    """(tokenizer_model, tokenizer_type, vocab_file) of a checkpoint's config; a relative path
+    is found as ``megalite generate`` finds it (the working directory, else beside the
+    checkpoint)."""
     from megalite.checkpoint.io import locate_beside_checkpoint
     data = getattr(train_config, "data", None)
     if data is not None:
-        model, kind = data.tokenizer_model, data.tokenizer_type
+        data = dataclasses.asdict(data)
     elif isinstance(train_config, dict) and isinstance(train_config.get("data"), dict):
-        model, kind = train_config["data"].get("tokenizer_model"), train_config["data"].get(
-            "tokenizer_type")
+        data = train_config["data"]
     else:
-        return None, None
-    return locate_beside_checkpoint(model, os.path.dirname(ckpt_path)), kind
+        return None, None, None
+    where = os.path.dirname(ckpt_path)
+    return (locate_beside_checkpoint(data.get("tokenizer_model"), where),
+            data.get("tokenizer_type"), locate_beside_checkpoint(data.get("vocab_file"), where))
 
 
 # -- megalite -> Hugging Face -----------------------------------------------------------------
@@ -78,9 +80,9 @@ def to_hf(args, tmp: str) -> str:
             writer.write(n, t)
         bar.close()
         writer.close()
-        tok_model, tok_type = _tokenizer_of(_train_config(reader.path), reader.path)
+        tok_model, tok_type, vocab_file = _tokenizer_of(_train_config(reader.path), reader.path)
         tok_files, ids = write_tokenizer_files(tok_model, tok_type, tmp,
-                                               cfg.max_position_embeddings)
+                                               cfg.max_position_embeddings, vocab_file)
         hf_cfg = mod.config_to_hf(cfg)
         hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
         if ids is not None:
@@ -109,9 +111,23 @@ def to_hf(args, tmp: str) -> str:
 def from_hf(args, tmp: str) -> str:
     hf = HFReader(args.load)
     try:
-        cfg = config_from_hf(hf.config, set(hf.names()))
-        maps = {m.megalite: m for m in family_of(cfg).hf_converter.param_mappings(cfg)}
-        _check_hf_names(hf, maps, cfg, args.load)
+        hf_cfg = config_from_hf(hf.config, set(hf.names()))
+        family = family_of(hf_cfg)
+        # The tokenizer goes beside iter_* (SAVE/tokenizer/), named in config.json by its final
+        # absolute path, so `megalite train/generate --load SAVE` find it from any directory.
+        tokenizer, tok_fields = import_tokenizer(
+            args.load, os.path.join(tmp, "tokenizer"),
+            os.path.join(os.path.abspath(args.save), "tokenizer"), hf_cfg.vocab_size,
+            family.hf_converter.TOKENIZER_FILES)
+        cfg = hf_cfg
+        if tokenizer is not None:
+            # The model holds every id its data uses (BERT's appends [BOS] and [EOS] to
+            # vocab.txt): rows the HF model lacks start at zero.
+            cfg = hf_cfg.replace(vocab_size=max(hf_cfg.vocab_size, family.tokenizer_vocab_size(
+                tokenizer, None)))
+        maps = {m.megalite: m for m in family.hf_converter.param_mappings(
+            hf_cfg, cfg.padded_vocab(1))}
+        _check_hf_names(hf, maps, hf_cfg, args.load)
         out_dtype = _DTYPES.get(args.dtype)
 
         def dtype_of(name: str) -> torch.dtype:
@@ -125,21 +141,20 @@ def from_hf(args, tmp: str) -> str:
             return m.from_hf(*(hf.get(n) for n in m.hf))
 
         tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
-        # The tokenizer goes beside iter_* (SAVE/tokenizer/), named in config.json by its final
-        # absolute path, so `megalite train/generate --load SAVE` find it from any directory.
-        tok_type, tok_model = import_tokenizer(
-            args.load, os.path.join(tmp, "tokenizer"),
-            os.path.join(os.path.abspath(args.save), "tokenizer"), cfg.vocab_size)
-        config_dict, config_type = _new_train_config(None, cfg, tp, pp, tok_type, tok_model)
+        config_dict, config_type = _new_train_config(None, cfg, tp, pp, tok_fields)
         extra = {"consumed_samples": 0, "skipped_iters": 0, "weights_only": True,
                  "converted_from": f"hf:{os.path.abspath(args.load)}"}
         ckpt = write_checkpoint(tmp, cfg, tp, pp, full_of, dtype_of, config_dict=config_dict,
                                 config_type=config_type, extra=extra, desc="from-hf")
     finally:
         hf.close()
+    tok_file = tok_fields.get("tokenizer_model") or tok_fields.get("vocab_file")
     msg = (f"converted {hf.config.model_type} model {args.load} to a megalite checkpoint "
            f"(TP={tp} PP={pp}, weights only, tokenizer "
-           f"{f'{tok_type} {os.path.basename(tok_model)}' if tok_type else 'none found'})")
+           + (f"{tok_fields['tokenizer_type']} {os.path.basename(tok_file)}" if tok_fields
+              else "none found")
+           + (f"; vocabulary {hf_cfg.vocab_size} -> {cfg.vocab_size} for its data"
+              if cfg.vocab_size != hf_cfg.vocab_size else "") + ")")
     if args.verify:
         err = verify_logits(ckpt, args.load, args)
         msg += f"; verified: max |logit difference| {err:.3g}"
@@ -157,12 +172,12 @@ def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
                             f"config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _new_train_config(train_config, model_cfg, tp: int, pp: int, tokenizer_type=None,
-                      tokenizer_model=None) -> tuple[dict, str]:
+def _new_train_config(train_config, model_cfg, tp: int, pp: int,
+                      tokenizer: dict | None = None) -> tuple[dict, str]:
     """config.json for the written layout: the source TrainConfig (or a default one around the
     model and the tokenizer, as a training save writes it) with the parallel section set to
     (tp, pp) and no ZeRO (the rank files hold megalite optimizer state; a ZeRO run reshards it
-    into its partitions when it loads)."""
+    into its partitions when it loads). ``tokenizer``: the data section's tokenizer fields."""
     from megalite.config import DataConfig, ParallelConfig, TrainConfig
     try:
         if train_config is not None and hasattr(train_config, "parallel"):
@@ -171,8 +186,7 @@ def _new_train_config(train_config, model_cfg, tp: int, pp: int, tokenizer_type=
                 pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=None,
                 pipeline_layer_split=None, zero_stage=0, deepspeed_config=None)
             return dataclasses.replace(train_config, parallel=par).to_dict(), "TrainConfig"
-        return TrainConfig(model=model_cfg, data=DataConfig(
-            tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model),
+        return TrainConfig(model=model_cfg, data=DataConfig(**(tokenizer or {})),
             parallel=ParallelConfig(tensor_model_parallel_size=tp,
                                     pipeline_model_parallel_size=pp)).to_dict(), "TrainConfig"
     except MegaliteError as e:
@@ -236,20 +250,22 @@ def _carry_tokenizer(config_dict: dict, src_ckpt: str, tmp: str, save: str) -> N
     copied along and config.json renamed to the copy; one kept elsewhere stays where it is."""
     import shutil
     data = config_dict.get("data") or {}
-    path = data.get("tokenizer_model")
     root = os.path.dirname(os.path.abspath(src_ckpt))
-    if not path or not os.path.isabs(path) or not os.path.exists(path):
-        return
-    rel = os.path.relpath(path, root)
-    top = rel.split(os.sep)[0]
-    if rel.startswith("..") or top.startswith("iter_"):
-        return
-    src = os.path.join(root, top)
-    if os.path.isdir(src):
-        shutil.copytree(src, os.path.join(tmp, top))
-    else:
-        shutil.copyfile(src, os.path.join(tmp, top))
-    data["tokenizer_model"] = os.path.join(os.path.abspath(save), rel)
+    for field in ("tokenizer_model", "vocab_file", "merge_file"):
+        path = data.get(field)
+        if not path or not os.path.isabs(path) or not os.path.exists(path):
+            continue
+        rel = os.path.relpath(path, root)
+        top = rel.split(os.sep)[0]
+        if rel.startswith("..") or top.startswith("iter_"):
+            continue
+        src, dst = os.path.join(root, top), os.path.join(tmp, top)
+        if not os.path.exists(dst):
+            if os.path.isdir(src):
+                shutil.copytree(src, dst)
+            else:
+                shutil.copyfile(src, dst)
+        data[field] = os.path.join(os.path.abspath(save), rel)
 
 
 def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, pp: int):
@@ -327,7 +343,9 @@ def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
                             f"{type(e).__name__}: {e}") from None
     length = min(args.verify_seq_length, cfg.max_position_embeddings)
     g = torch.Generator().manual_seed(1234)
-    tokens = torch.randint(0, cfg.vocab_size, (args.verify_sequences, length), generator=g)
+    # ids both models know (a from-hf BERT may hold [BOS] and [EOS] rows the HF model lacks)
+    vocab = min(cfg.vocab_size, theirs.config.vocab_size)
+    tokens = torch.randint(0, vocab, (args.verify_sequences, length), generator=g)
     a, b = converter.verify_logits(ours, theirs, tokens, cfg)
     if a.shape != b.shape:
         raise MegaliteError(f"--verify: logits shapes differ: megalite {tuple(a.shape)}, "

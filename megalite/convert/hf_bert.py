@@ -50,6 +50,8 @@ from megalite.model.weights import (BINARY_HEAD, EMBEDDING_NORM, FINAL_NORM, INP
 
 MODEL_TYPES = ("bert", "megatron-bert")
 """Hugging Face model types of this converter: post-norm and pre-norm BERT."""
+TOKENIZER_FILES = ("vocab.txt",)
+"""The tokenizer ``from-hf`` takes: the WordPiece vocab (what BERT data is made with)."""
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _OUR_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 # Tensors a Hugging Face BERT directory may hold that megalite does not: buffers and the tied
@@ -147,18 +149,19 @@ def hf_model_class(config: TransformerConfig):
 def verify_logits(ours, theirs, tokens: Tensor, config: TransformerConfig
                   ) -> tuple[Tensor, Tensor]:
     """(megalite's, Hugging Face's) outputs on ``tokens`` [n, s] (segment A the first half,
-    B the rest, when the model has token types), flattened: the real-vocabulary masked-LM
-    logits, then the binary-head logits."""
+    B the rest, when the model has token types), flattened: the masked-LM logits over the
+    Hugging Face model's vocabulary, then the binary-head logits."""
+    vocab = theirs.config.vocab_size
     types = torch.zeros_like(tokens)
     if config.tokentypes >= 2:
         types[:, tokens.shape[1] // 2:] = 1
     lm, binary = ours(tokens, None, types)
     out = theirs(input_ids=tokens, token_type_ids=types)
     if config.bert_binary_head:
-        return (torch.cat([lm[..., :config.vocab_size].flatten(), binary.flatten()]).float(),
+        return (torch.cat([lm[..., :vocab].flatten(), binary.flatten()]).float(),
                 torch.cat([out.prediction_logits.flatten(),
                            out.seq_relationship_logits.flatten()]).float())
-    return lm[..., :config.vocab_size].float(), out.logits.float()
+    return lm[..., :vocab].float(), out.logits.float()
 
 
 def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,

@@ -18,6 +18,9 @@ from megalite.convert.architectures import architecture_of
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+"""The tokenizer files ``from-hf`` looks for, in order (hf_tokenizer.import_tokenizer)."""
+
 ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
 """Architecture name -> its converter module."""
 
@@ -62,8 +65,9 @@ def hf_model_class(config: TransformerConfig):
 
 def verify_logits(ours, theirs, tokens: Tensor, config: TransformerConfig
                   ) -> tuple[Tensor, Tensor]:
-    """(megalite's, Hugging Face's) real-vocabulary logits [n, s, V] of ``tokens`` [n, s]."""
-    return (ours(tokens)[..., :config.vocab_size].float(),
+    """(megalite's, Hugging Face's) logits [n, s, V] of ``tokens`` [n, s] over the Hugging
+    Face model's vocabulary."""
+    return (ours(tokens)[..., :theirs.config.vocab_size].float(),
             theirs(input_ids=tokens).logits.float())
 
 

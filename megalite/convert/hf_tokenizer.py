@@ -216,18 +216,23 @@ def _spm_specials(model_file: str) -> SpecialIds:
 
 # -- megalite -> Hugging Face -----------------------------------------------------------------
 def write_tokenizer_files(tokenizer_model: str | None, tokenizer_type: str | None,
-                          directory: str, max_length: int | None = None
+                          directory: str, max_length: int | None = None,
+                          vocab_file: str | None = None
                           ) -> tuple[list[str], SpecialIds | None]:
     """The run's tokenizer files into ``directory``; returns (files written, special ids).
 
     SentencePiece: ``tokenizer.model`` (as is), ``tokenizer.json`` (:func:`spm_to_tokenizers`)
     and ``tokenizer_config.json``. ``HuggingFaceTokenizer``: its ``tokenizer.json`` and the
     ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it, the config completed with
-    the eos megalite used and ``split_special_tokens``. ([], None) for other tokenizers or when
-    the file is gone (a warning; the weights are still converted).
+    the eos megalite used and ``split_special_tokens``. BERT's WordPiece (``vocab_file``):
+    ``vocab.txt`` and a ``tokenizer_config.json`` for ``BertTokenizer`` (lower-casing as the
+    type says). ([], None) for other tokenizers or when the file is gone (a warning; the
+    weights are still converted).
     """
     if tokenizer_type == "HuggingFaceTokenizer" and tokenizer_model:
         return _copy_hf_tokenizer(tokenizer_model, directory, max_length)
+    if tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase"):
+        return _write_wordpiece(vocab_file, tokenizer_type, directory, max_length)
     if not tokenizer_model or not tokenizer_model.endswith(".model") \
             or tokenizer_type not in SPM_TYPES:
         return [], None
@@ -252,6 +257,27 @@ def write_tokenizer_files(tokenizer_model: str | None, tokenizer_type: str | Non
     _write_json(os.path.join(directory, "tokenizer_config.json"),
                 {k: v for k, v in config.items() if v is not None})
     return ["tokenizer.model", "tokenizer.json", "tokenizer_config.json"], ids
+
+
+def _write_wordpiece(vocab_file: str | None, tokenizer_type: str, directory: str,
+                     max_length: int | None) -> tuple[list[str], SpecialIds | None]:
+    if not vocab_file or not os.path.isfile(vocab_file):
+        print(f"warning: vocab file {vocab_file} not found; no tokenizer files written",
+              file=sys.stderr)
+        return [], None
+    from tokenizers import models
+    vocab = models.WordPiece.read_file(vocab_file)
+    shutil.copyfile(vocab_file, os.path.join(directory, "vocab.txt"))
+    config = {"tokenizer_class": "BertTokenizer",
+              "do_lower_case": tokenizer_type == "BertWordPieceLowerCase",
+              "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+              "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    if max_length:
+        config["model_max_length"] = max_length
+    _write_json(os.path.join(directory, "tokenizer_config.json"), config)
+    pad = vocab.get("[PAD]")      # BERT configs name only the pad id
+    return ["vocab.txt", "tokenizer_config.json"], SpecialIds(
+        pad=pad, pad_token="[PAD]" if pad is not None else None)
 
 
 def _copy_hf_tokenizer(tokenizer_model: str, directory: str, max_length: int | None
@@ -310,26 +336,56 @@ def _write_json(path: str, obj) -> None:
 
 
 # -- Hugging Face -> megalite -----------------------------------------------------------------
-def import_tokenizer(hf_dir: str, dest: str, final_dest: str, vocab_size: int
-                     ) -> tuple[str | None, str | None]:
-    """Copy an HF directory's tokenizer into ``dest`` (a temporary path that becomes
-    ``final_dest``) for a from-hf checkpoint; returns ``(tokenizer_type, tokenizer_model)``
-    for its config, the path under ``final_dest``, or (None, None) when there is none usable.
+_IMPORTS = {   # HF file -> (megalite tokenizer type, the files copied with it, config field)
+    "tokenizer.model": ("SentencePieceTokenizer", ("tokenizer.model",), "tokenizer_model"),
+    "tokenizer.json": ("HuggingFaceTokenizer", ("tokenizer.json", "tokenizer_config.json",
+                                               "special_tokens_map.json"), "tokenizer_model"),
+    "vocab.txt": ("BertWordPiece", ("vocab.txt", "tokenizer_config.json",
+                                    "special_tokens_map.json"), "vocab_file"),
+}
 
-    ``tokenizer.model`` (SentencePiece) is preferred: it is the model HF's ``tokenizer.json`` of
-    such directories was converted from. Else ``tokenizer.json`` (with the
-    ``tokenizer_config.json`` beside it, which names the eos).
+
+def _wordpiece_type(hf_dir: str) -> str:
+    """BertWordPieceLowerCase unless the directory's tokenizer_config.json says
+    ``do_lower_case: false`` (Hugging Face's BertTokenizer lower-cases by default)."""
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    lower = True
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                lower = bool(json.load(f).get("do_lower_case", True))
+        except (OSError, ValueError, AttributeError) as e:
+            raise MegaliteError(f"{path}: cannot read ({e})") from None
+    return "BertWordPieceLowerCase" if lower else "BertWordPieceCase"
+
+
+def import_tokenizer(hf_dir: str, dest: str, final_dest: str, vocab_size: int,
+                     files: tuple[str, ...] = ("tokenizer.model", "tokenizer.json")):
+    """Copy an HF directory's tokenizer into ``dest`` (a temporary path that becomes
+    ``final_dest``) for a from-hf checkpoint; returns ``(tokenizer, fields)``: the megalite
+    tokenizer and the data-section fields naming it for config.json (``tokenizer_type`` and
+    ``tokenizer_model`` or ``vocab_file``, the path under ``final_dest``), or ``(None, {})``
+    when there is none usable.
+
+    ``files``: the candidates in order of preference, the model family's (its converter's
+    ``TOKENIZER_FILES``). GPT: ``tokenizer.model`` (SentencePiece; the model HF's
+    ``tokenizer.json`` of such directories was converted from), then ``tokenizer.json`` (with
+    the ``tokenizer_config.json`` beside it, which names the eos). BERT: ``vocab.txt``
+    (WordPiece, lower-cased unless ``tokenizer_config.json`` says ``do_lower_case: false``),
+    what its data needs.
     """
     from megalite.data.tokenizers import build_tokenizer
-    candidates = [("SentencePieceTokenizer", ["tokenizer.model"]),
-                  ("HuggingFaceTokenizer", ["tokenizer.json", "tokenizer_config.json",
-                                            "special_tokens_map.json"])]
-    for kind, names in candidates:
-        src = os.path.join(hf_dir, names[0])
+    for first in files:
+        kind, names, field = _IMPORTS[first]
+        src = os.path.join(hf_dir, first)
         if not os.path.isfile(src):
             continue
         try:
-            tok = build_tokenizer(kind, src)
+            if kind == "BertWordPiece":
+                kind = _wordpiece_type(hf_dir)
+                tok = build_tokenizer(kind, vocab_file=src)
+            else:
+                tok = build_tokenizer(kind, src)
         except MegaliteError as e:
             print(f"warning: {src} is not usable as the megalite tokenizer ({e})",
                   file=sys.stderr)
@@ -343,5 +399,5 @@ def import_tokenizer(hf_dir: str, dest: str, final_dest: str, vocab_size: int
         for name in names:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(dest, name))
-        return kind, os.path.join(final_dest, names[0])
-    return None, None
+        return tok, {"tokenizer_type": kind, field: os.path.join(final_dest, first)}
+    return None, {}

@@ -354,11 +354,16 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
         assert "no such directory" in error_of(cmd, "--load", missing, "--save", tmp_path / "o")
     assert "no megalite checkpoint there" in error_of("to-hf", "--load", tmp_path, "--save",
                                                       tmp_path / "o")
-    bert = tmp_path / "bert"
+    xlnet = tmp_path / "xlnet"
+    transformers.XLNetConfig(d_model=32, n_layer=1, n_head=2, d_inner=37).save_pretrained(xlnet)
+    save_file({"x": torch.zeros(2)}, str(xlnet / "model.safetensors"))
+    assert "unsupported Hugging Face model_type 'xlnet'" in error_of(
+        "from-hf", "--load", xlnet, "--save", tmp_path / "o")
+    bert = tmp_path / "bert"     # a supported type whose weights are not the config's
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=37).save_pretrained(bert)
     save_file({"x": torch.zeros(2)}, str(bert / "model.safetensors"))
-    assert "unsupported Hugging Face model_type 'bert'" in error_of(
+    assert "the weights do not match the bert config" in error_of(
         "from-hf", "--load", bert, "--save", tmp_path / "o")
     hf_random_model("llama", tmp_path / "llama")
     assert "not divisible" in error_of("from-hf", "--load", tmp_path / "llama", "--save",
