@@ -2,8 +2,8 @@
 
 For fixed data (the built-in corpus split into sentences, WordPiece tokens, megatron-core's
 BERT samples) and seed, 10 iterations of ``megalite train --model-type bert`` (tiny-bert:
-4 layers, masked-LM + sentence-order loss) under TP=2, TP=2 with sequence parallelism, PP=2,
-DP=2, TP=2 x DP=2, TP=2 x PP=2 and ZeRO-1/2/3 give the single-process run's global-batch loss
+4 layers, masked-LM + sentence-order loss) under TP=2, TP=2 with sequence parallelism, PP=2
+(also interleaved, 2 virtual stages), DP=2, TP=2 x DP=2, TP=2 x PP=2 and ZeRO-1/2/3 give the single-process run's global-batch loss
 at every iteration:
 
 * iteration 1 within 1e-5 relative: identical weights (layout-independent init), only the
@@ -36,6 +36,7 @@ LAYOUTS = {
     2: [("pre", 2, 1, []), ("pre", 2, 1, ["--sequence-parallel"]), ("pre", 1, 2, []),
         ("pre", 1, 1, []), ("pre", 1, 1, ["--zero-stage", "1"]),
         ("pre", 1, 1, ["--zero-stage", "2"]), ("pre", 1, 1, ["--zero-stage", "3"]),
+        ("pre", 1, 2, ["--num-layers-per-virtual-pipeline-stage", "1"]),   # interleaved
         ("post", 2, 1, ["--sequence-parallel"]), ("post", 1, 2, []),
         ("no-binary", 2, 1, [])],
     4: [("pre", 2, 1, []), ("pre", 2, 2, []), ("post", 2, 1, [])],
