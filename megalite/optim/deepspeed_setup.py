@@ -15,8 +15,26 @@ from megalite.errors import MegaliteError
 __all__ = ["DeepSpeedMpu", "validate_zero", "deepspeed_config", "without_shm_inference_op"]
 
 
+# DeepSpeed's mpu accessor -> the ParallelState attribute it reads (Megatron's names).
+_MPU_ACCESSORS = {
+    "get_model_parallel_rank": "tp_rank",
+    "get_model_parallel_world_size": "tp_size",
+    "get_model_parallel_group": "mp_group",
+    "get_tensor_model_parallel_rank": "tp_rank",
+    "get_tensor_model_parallel_world_size": "tp_size",
+    "get_tensor_model_parallel_group": "tp_group",
+    "get_pipeline_model_parallel_rank": "pp_rank",
+    "get_pipeline_model_parallel_world_size": "pp_size",
+    "get_pipeline_model_parallel_group": "pp_group",
+    "get_data_parallel_rank": "dp_rank",
+    "get_data_parallel_world_size": "dp_size",
+    "get_data_parallel_group": "dp_group",
+}
+
+
 class DeepSpeedMpu:
-    """megalite's layout in the shape DeepSpeed's ``mpu`` argument expects (Megatron's names).
+    """megalite's layout in the shape DeepSpeed's ``mpu`` argument expects (Megatron's names):
+    each method of :data:`_MPU_ACCESSORS` returns that attribute of the ParallelState.
 
     As in Megatron-DeepSpeed, the "model-parallel rank" is the tensor-parallel rank (DeepSpeed
     counts replicated parameters in the gradient norm on model-parallel rank 0 only) while the
@@ -25,45 +43,11 @@ class DeepSpeedMpu:
 
     def __init__(self, ps: ParallelState):
         self.ps = ps
-
-    def get_model_parallel_rank(self) -> int:
-        return self.ps.tp_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.ps.tp_size
-
-    def get_model_parallel_group(self):
-        return self.ps.mp_group
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.ps.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.ps.tp_size
-
-    def get_tensor_model_parallel_group(self):
-        return self.ps.tp_group
+        for method, attribute in _MPU_ACCESSORS.items():
+            setattr(self, method, lambda attribute=attribute: getattr(ps, attribute))
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self.ps.tp_group_ranks[0]
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.ps.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.ps.pp_size
-
-    def get_pipeline_model_parallel_group(self):
-        return self.ps.pp_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.ps.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ps.dp_size
-
-    def get_data_parallel_group(self):
-        return self.ps.dp_group
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return list(self.ps.dp_group_ranks)
