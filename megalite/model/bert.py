@@ -83,6 +83,7 @@ class BertModel(TransformerModelBase):
         if pre_process:
             self.embedding = Embedding(config, meta, num_tokentypes=config.tokentypes,
                                        norm=post_norm)
+        self._add_layers(ctx)
         if post_process:
             if not post_norm:
                 self.final_norm = build_norm(config, meta)

@@ -55,6 +55,7 @@ class GPTModel(TransformerModelBase):
         meta = ctx.on_meta()
         if pre_process:
             self.embedding = Embedding(config, meta)
+        self._add_layers(ctx)
         if post_process:
             self.final_norm = build_norm(config, meta)
             if not config.tied_embeddings or not pre_process:

@@ -150,8 +150,8 @@ class TransformerLayer(nn.Module):
 
 class TransformerModelBase(nn.Module):
     """A model chunk: the transformer layers ``layer_range`` of one pipeline stage, and what
-    every family does around them (a subclass adds its embedding and heads, then calls
-    :meth:`_materialize`).
+    every family does around them (a subclass adds its embedding, calls :meth:`_add_layers`,
+    adds its heads, then calls :meth:`_materialize`).
 
     Args:
         config: model shapes and recipe.
@@ -187,9 +187,15 @@ class TransformerModelBase(nn.Module):
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
         self.rotary = (RotaryEmbedding.from_config(config)
                        if config.position_embedding_type == "rope" else None)
+        self.causal = causal
+
+    def _add_layers(self, ctx: ModelContext) -> None:
+        """Build this chunk's transformer layers on the meta device. A subclass calls it after
+        its embedding and before its heads, so parameters register in the model's order."""
         # A ModuleDict keyed by the global layer id keeps state-dict names stage-independent.
+        lo, hi = self.layer_range
         meta = ctx.on_meta()
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, meta, causal)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(self.config, meta, self.causal)
                                      for i in range(lo, hi)})
 
     def _materialize(self, ctx: ModelContext) -> None:
