@@ -1,5 +1,7 @@
 """Typed configuration of a Transformer model: :class:`TransformerConfig`, the one config
-class of every model family (GPT today, both recipes).
+class of every model family: GPT (both recipes below) and the encoder-decoder family
+(``model_type="t5"``: T5 v1.0/v1.1 and, with its switches, the original Transformer of
+``torch.nn.Transformer``).
 
 The *classic* recipe (GPT-2 style): learned or sinusoidal absolute positions, LayerNorm, GELU,
 biases, output layer tied to the word embedding. The *LLaMA* recipe: rotary positions, RMSNorm,
@@ -16,12 +18,16 @@ from dataclasses import dataclass
 
 from megalite.errors import MegaliteError
 
-POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal")
+MODEL_TYPES = ("gpt", "bert", "t5")
+POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal", "relative")
 ROPE_SCALINGS = ("llama3", "linear")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 # "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation (what GPT-2 checkpoints
-# were trained with, HF's "gelu_new"); "swiglu" is silu(x W_gate) * (x W_up).
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+# were trained with, HF's "gelu_new"); "swiglu" is silu(x W_gate) * (x W_up); "geglu" is
+# gelu_tanh(x W_gate) * (x W_up) (T5 v1.1's "gated-gelu"); "relu" (T5 v1.0, nn.Transformer).
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+NORM_PLACEMENTS = ("pre", "post")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
@@ -41,14 +47,14 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
 
 @dataclass
 class TransformerConfig:
-    """Shapes, recipe switches and regularisation of one GPT model.
+    """Shapes, recipe switches and regularisation of one model (any family, ``model_type``).
 
     Derived quantities (``head_dim``, ``ffn_size``, ``query_groups``) are properties so the
     stored config stays exactly what the user asked for.
     """
 
     num_layers: int
-    """Number of transformer layers (blocks)."""
+    """Number of transformer layers (blocks); the encoder's for model_type "t5"."""
     hidden_size: int
     """Width of the residual stream, h."""
     num_attention_heads: int
@@ -65,12 +71,13 @@ class TransformerConfig:
     """Per-head width; None means hidden_size // num_attention_heads."""
     max_position_embeddings: int = 1024
     """Longest sequence the position embedding supports (rows of the learned table; the RoPE and
-    sinusoidal tables are computed up to this length)."""
+    sinusoidal tables are computed up to this length). No limit with "relative" positions."""
     seq_length: int | None = None
     """Training sequence length; None means max_position_embeddings. Used by FLOPs accounting and
     the trainer; the model itself accepts any length <= max_position_embeddings."""
     position_embedding_type: str = "learned_absolute"
-    """One of "rope", "learned_absolute", "sinusoidal"."""
+    """One of "rope", "learned_absolute", "sinusoidal", "relative" (T5's bucketed bias added to
+    the attention scores, one table per stack; model_type "t5" only)."""
     rotary_base: float = 10000.0
     """Base (theta) of the rotary frequencies: inv_freq_i = base^(-2i/head_dim)."""
     rope_scaling: str | None = None
@@ -114,6 +121,35 @@ class TransformerConfig:
     recompute_granularity: str | None = None
     """Activation checkpointing: None, "full" (recompute each layer in backward) or
     "selective" (recompute only the attention core, whose activations grow with s^2)."""
+    # ---- model families (fields after this line default to GPT's behaviour) ----------------
+    model_type: str = "gpt"
+    """The family: "gpt" (decoder-only, causal), "bert" (encoder) or "t5" (encoder-decoder:
+    :class:`megalite.model.encoder_decoder.EncoderDecoderModel`)."""
+    norm_placement: str = "pre"
+    """"pre": x + f(Norm(x)) (GPT, LLaMA, T5); "post": Norm(x + f(x)) (the original Transformer,
+    ``torch.nn.Transformer``'s default ``norm_first=False``)."""
+    softmax_scale: float | None = None
+    """Multiplier of the attention scores q.k before the softmax; None means 1/sqrt(head_dim).
+    T5: 1.0 (its initialization folds the scale into the query weights)."""
+    relative_attention_num_buckets: int = 32
+    """position_embedding_type "relative" (T5): buckets of the relative position bias (half per
+    direction in the encoder; half of each direction's exact, half logarithmic)."""
+    relative_attention_max_distance: int = 128
+    """position_embedding_type "relative": distances from this on share the last bucket."""
+    scale_embedding: bool = False
+    """Multiply the word embeddings by sqrt(hidden_size) before positions are added (the
+    original Transformer, Vaswani et al. 3.4)."""
+    scale_decoder_outputs: bool = False
+    """Multiply the final hidden states by hidden_size**-0.5 before the output layer (T5 v1.0,
+    tied embeddings; Hugging Face's T5 ``scale_decoder_outputs``)."""
+    decoder_num_layers: int | None = None
+    """model_type "t5": decoder layers; None means num_layers."""
+    decoder_seq_length: int | None = None
+    """model_type "t5": decoder (target) tokens per training sample (Megatron-LM's
+    ``--decoder-seq-length``); seq_length is the encoder's. Used by the trainer and FLOPs."""
+    decoder_start_token_id: int | None = None
+    """model_type "t5": the first decoder input when generating; None means the tokenizer's
+    [BOS] (what megalite's T5 data starts the decoder with). Hugging Face T5: 0 (its pad)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -140,6 +176,16 @@ class TransformerConfig:
         return self.seq_length or self.max_position_embeddings
 
     @property
+    def decoder_layers(self) -> int:
+        """Decoder layers of an encoder-decoder model (decoder_num_layers or num_layers)."""
+        return self.decoder_num_layers or self.num_layers
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """True for the encoder-decoder family (model_type "t5")."""
+        return self.model_type == "t5"
+
+    @property
     def tied_embeddings(self) -> bool:
         """True when the output layer reuses the word-embedding matrix."""
         return not self.untie_embeddings_and_output_weights
@@ -163,7 +209,8 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "seq_length"):
+        for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "seq_length",
+                     "decoder_num_layers", "decoder_seq_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
@@ -175,6 +222,11 @@ class TransformerConfig:
             bad(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.activation not in ACTIVATIONS:
             bad(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.model_type not in MODEL_TYPES:
+            bad(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            bad(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        self._validate_encoder_decoder(bad)
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
             bad(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "
                 f"got {self.recompute_granularity!r}")
@@ -188,7 +240,8 @@ class TransformerConfig:
             bad(f"rope needs an even head dimension, got {self.head_dim}")
         if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
             bad(f"sinusoidal positions need an even hidden_size, got {self.hidden_size}")
-        if self.seq_length is not None and self.seq_length > self.max_position_embeddings:
+        if (self.seq_length is not None and self.position_embedding_type != "relative"
+                and self.seq_length > self.max_position_embeddings):
             bad(f"seq_length={self.seq_length} exceeds max_position_embeddings="
                 f"{self.max_position_embeddings}")
         for name in ("hidden_dropout", "attention_dropout"):
@@ -219,6 +272,30 @@ class TransformerConfig:
             if not isinstance(o, int) or isinstance(o, bool) or o < 1:
                 bad(f"rope_original_max_position_embeddings must be a positive integer, "
                     f"got {o!r}")
+
+    def _validate_encoder_decoder(self, bad) -> None:
+        """The fields of the encoder-decoder family and of relative positions."""
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            bad(f"softmax_scale must be > 0 or None, got {self.softmax_scale!r}")
+        for name in ("relative_attention_num_buckets", "relative_attention_max_distance"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 4:
+                bad(f"{name} must be an integer >= 4, got {value!r}")
+        if self.position_embedding_type == "relative" and not self.is_encoder_decoder:
+            bad("position_embedding_type 'relative' (T5's bias) needs model_type 't5'")
+        if not self.is_encoder_decoder:
+            for name in ("decoder_num_layers", "decoder_seq_length", "decoder_start_token_id"):
+                if getattr(self, name) is not None:
+                    bad(f"{name} is for model_type 't5', got model_type {self.model_type!r}")
+        start = self.decoder_start_token_id
+        if start is not None and (not isinstance(start, int) or isinstance(start, bool)
+                                  or not 0 <= start < self.vocab_size):
+            bad(f"decoder_start_token_id must be an id in [0, vocab_size={self.vocab_size}), "
+                f"got {start!r}")
+        if (self.decoder_seq_length is not None and self.position_embedding_type != "relative"
+                and self.decoder_seq_length > self.max_position_embeddings):
+            bad(f"decoder_seq_length={self.decoder_seq_length} exceeds "
+                f"max_position_embeddings={self.max_position_embeddings}")
 
     def validate_parallel(self, tp_size: int, seq_length: int | None = None) -> None:
         """Raise MegaliteError when this model cannot be split over ``tp_size`` ranks.

@@ -22,6 +22,17 @@ batched matmuls the second "weight" is the other activation) -- hence the factor
 
     flops = 3 * B * s * ( L * [2h(a+2g)d + 2ads + 2adh + 2mhf] + 2hV )
 
+Encoder-decoder models (model_type "t5", t source and s target tokens per sample; L_e
+encoder and L_d decoder layers): encoder layers as above with t for s and the full t x t
+score matrix (4adt: bidirectional, nothing halved); decoder layers as above (causal over s)
+plus the cross-attention, per target token 2had (queries) + 4adt (scores and probs x V over
+the t source keys) + 2adh (output), and per *source* token and decoder layer 2h(2g)d for its
+keys and values; the output layer on the s target tokens:
+
+    flops = 3 * B * ( t * L_e * [2h(a+2g)d + 4adt + 2adh + 2mhf] + t * L_d * 4hgd
+                    + s * ( L_d * [2h(a+2g)d + 2ads + 2adh + 2had + 4adt + 2adh + 2mhf]
+                            + 2hV ) )
+
 Not counted: activation recompute (these are *model* FLOPs, the MFU convention, not hardware
 FLOPs), norms, softmax, activations, RoPE, the embedding lookup and the loss (all O(h) per
 token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L*s*h per token.
@@ -29,25 +40,53 @@ token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L
 from __future__ import annotations
 
 from megalite.errors import MegaliteError
-from megalite.model.config import TransformerConfig
+from megalite.model.config import GATED_ACTIVATIONS, TransformerConfig
+
+
+def _layer_flops(config: TransformerConfig, score_flops: int) -> int:
+    """Forward GEMM FLOPs of one self-attention layer for one token, ``score_flops`` being its
+    Q K^T and P V part."""
+    h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
+    d, f = config.head_dim, config.ffn_size
+    mlp_mats = 3 if config.activation in GATED_ACTIVATIONS else 2
+    return (2 * h * (a + 2 * g) * d           # QKV projection
+            + score_flops
+            + 2 * a * d * h                   # attention output projection
+            + 2 * mlp_mats * h * f)           # MLP
 
 
 def forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
     """Forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module doc)."""
-    h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
-    d = config.head_dim
-    f, L, V, s = config.ffn_size, config.num_layers, config.vocab_size, seq_length
-    mlp_mats = 3 if config.activation == "swiglu" else 2
-    per_layer = (2 * h * (a + 2 * g) * d      # QKV projection
-                 + 2 * a * d * s               # causal Q K^T and P V, half of 4*a*d*s
-                 + 2 * a * d * h               # attention output projection
-                 + 2 * mlp_mats * h * f)       # MLP
-    return float(L * per_layer + 2 * h * V)
+    a, d = config.num_attention_heads, config.head_dim
+    # causal Q K^T and P V: half of 4*a*d*s
+    per_layer = _layer_flops(config, 2 * a * d * seq_length)
+    return float(config.num_layers * per_layer + 2 * config.hidden_size * config.vocab_size)
 
 
-def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int) -> float:
-    """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch."""
-    if global_batch_size < 1 or seq_length < 1:
-        raise MegaliteError(f"flops_per_iteration: global_batch_size={global_batch_size} and "
-                            f"seq_length={seq_length} must be >= 1")
+def encoder_decoder_forward_flops(config: TransformerConfig, source: int, target: int) -> float:
+    """Forward GEMM FLOPs of one encoder-decoder sample of ``source`` encoder and ``target``
+    decoder tokens (module doc)."""
+    h, a, g, d = config.hidden_size, config.num_attention_heads, config.query_groups, config.head_dim
+    encoder = source * config.num_layers * _layer_flops(config, 4 * a * d * source)
+    cross_kv = source * config.decoder_layers * 4 * h * g * d
+    cross = 2 * h * a * d + 4 * a * d * source + 2 * a * d * h
+    decoder = target * (config.decoder_layers * (_layer_flops(config, 2 * a * d * target) + cross)
+                        + 2 * h * config.vocab_size)
+    return float(encoder + cross_kv + decoder)
+
+
+def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int,
+                        decoder_seq_length: int | None = None) -> float:
+    """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch.
+
+    Encoder-decoder models: ``seq_length`` is the encoder's, ``decoder_seq_length`` the
+    decoder's (default ``config.decoder_seq_length``)."""
+    target = decoder_seq_length or config.decoder_seq_length
+    if global_batch_size < 1 or seq_length < 1 or (config.is_encoder_decoder and not target):
+        raise MegaliteError(f"flops_per_iteration: global_batch_size={global_batch_size}, "
+                            f"seq_length={seq_length} (and for an encoder-decoder the "
+                            f"decoder_seq_length={target}) must be >= 1")
+    if config.is_encoder_decoder:
+        return 3.0 * global_batch_size * encoder_decoder_forward_flops(config, seq_length,
+                                                                       target)
     return 3.0 * global_batch_size * seq_length * forward_flops_per_token(config, seq_length)

@@ -11,120 +11,31 @@ act on the shard; the attention/MLP linears all-gather before and reduce-scatter
 vocabulary is padded to ``config.padded_vocab(tp)`` and split in row blocks of
 ``padded/tp`` over the tensor-parallel ranks (embedding and output layer alike).
 
-Padding rows are never predicted: their logits are set to the most negative finite value of
-the dtype (``torch.finfo(dtype).min``), in the returned logits and in the loss. Softmax gives
-them probability exactly 0 (exp underflows) and their gradient is exactly 0; a finite value
-rather than -inf keeps ``0 * logit`` free of NaN in any downstream masking. They are initialized
-to zero and stay zero.
-
-Dropout RNG: dropout on tensors split across tensor-parallel ranks (attention probabilities;
-with SP also the embedding and residual-branch dropout) draws from the tracker's
-"model-parallel" stream, so masks differ per rank; dropout on replicated tensors uses the default
-generator, identical on all tensor-parallel ranks, so the replicas stay equal.
+Padding rows are never predicted (their logits are masked, :mod:`megalite.model.embedding`);
+they are initialized to zero and stay zero. The embedding and the layers are shared with the
+other families (:mod:`megalite.model.embedding`, :mod:`megalite.model.transformer_layer`,
+which also says how dropout draws its random numbers).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalite.errors import MegaliteError
 from megalite.model import weights
-from megalite.model.attention import Attention
 from megalite.model.config import TransformerConfig, padded_vocab_size
-from megalite.model.mlp import MLP
-from megalite.model.norms import build_norm, mark_replicated
-from megalite.model.positions import RotaryEmbedding, SinusoidalPositions
-from megalite.parallel.comm import reduce_scatter_to_sequence_parallel_region
+from megalite.model.embedding import Embedding, logits_or_loss, vocab_logits
+from megalite.model.norms import build_norm
+from megalite.model.positions import RotaryEmbedding
+from megalite.model.transformer_layer import TransformerLayer
 from megalite.parallel.context import ModelContext
-from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megalite.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding,
-                                      parallel_lm_logits)
-from megalite.parallel.random import RNGStatesTracker, checkpoint
+from megalite.parallel.layers import ColumnParallelLinear
+from megalite.parallel.random import checkpoint
 
 __all__ = ["GPTModel", "padded_vocab_size"]
 
 
-def _dropout(x: Tensor, p: float, training: bool, tracker: RNGStatesTracker, split: bool) -> Tensor:
-    """Dropout drawing from the "model-parallel" stream when ``x`` is split across tp ranks."""
-    if not training or p == 0.0:
-        return x
-    with tracker.fork() if split else contextlib.nullcontext():
-        return F.dropout(x, p, training=True)
-
-
-class Embedding(nn.Module):
-    """Token (+ absolute position) embedding: ``forward(ids [b, s]) -> [s, b, h]``
-    ([s/tp, b, h] with sequence parallelism).
-
-    With sequence parallelism the vocabulary-parallel partial sums are reduce-scattered along the
-    sequence (instead of all-reduced), and each rank adds the positions of its own sequence
-    slice; the learned position table then sees only those rows, so its gradient is partial and
-    it is marked ``sequence_parallel`` (summed over tp by the trainer, like the norms).
-    """
-
-    def __init__(self, config: TransformerConfig, ctx: ModelContext):
-        super().__init__()
-        ps = ctx.ps
-        self.config, self.ps, self.rng_tracker = config, ps, ctx.rng_tracker
-        self.sp = config.sequence_parallel and ps.tp_size > 1
-        h = config.hidden_size
-        self.word_embeddings = VocabParallelEmbedding(config.padded_vocab(ps.tp_size), h, ctx,
-                                                      reduce_output=not self.sp)
-        kind = config.position_embedding_type
-        if kind == "learned_absolute":
-            self.position_embeddings = nn.Embedding(config.max_position_embeddings, h,
-                                                    device=ctx.device, dtype=ctx.dtype)
-            mark_replicated(self.position_embeddings, sequence_parallel=self.sp)
-        elif kind == "sinusoidal":
-            self.sinusoidal = SinusoidalPositions(config.max_position_embeddings, h,
-                                                  device=ctx.device)
-
-    def forward(self, input_ids: Tensor, position_offset: int = 0) -> Tensor:
-        """``position_offset``: absolute position of ``input_ids[:, 0]`` (tokens already in an
-        inference KV cache; 0 in training)."""
-        s = input_ids.shape[1]
-        x = self.word_embeddings(input_ids).transpose(0, 1).contiguous()   # [s, b, h]
-        positions = torch.arange(position_offset, position_offset + s, device=input_ids.device)
-        if self.sp:
-            x = reduce_scatter_to_sequence_parallel_region(x, self.ps)     # [s/tp, b, h]
-            local = s // self.ps.tp_size
-            positions = positions[self.ps.tp_rank * local:(self.ps.tp_rank + 1) * local]
-        kind = self.config.position_embedding_type
-        if kind == "learned_absolute":
-            x = x + self.position_embeddings(positions)[:, None, :]
-        elif kind == "sinusoidal":
-            x = x + self.sinusoidal.table[positions][:, None, :].to(x.dtype)
-        return _dropout(x, self.config.hidden_dropout, self.training, self.rng_tracker,
-                        split=self.sp)
-
-
-class TransformerLayer(nn.Module):
-    """Pre-norm block: ``forward(x [s, b, h], cos=None, sin=None, kv_cache=None) -> [s, b, h]``."""
-
-    def __init__(self, config: TransformerConfig, ctx: ModelContext):
-        super().__init__()
-        self.hidden_dropout = config.hidden_dropout
-        self.split = config.sequence_parallel and ctx.ps.tp_size > 1
-        self.rng_tracker = ctx.rng_tracker
-        self.input_norm = build_norm(config, ctx)
-        self.attention = Attention(config, ctx)
-        self.post_attention_norm = build_norm(config, ctx)
-        self.mlp = MLP(config, ctx)
-
-    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
-                kv_cache=None) -> Tensor:
-        rope = None if cos is None else (cos, sin)
-        x = x + self._drop(self.attention(self.input_norm(x), rope, kv_cache))
-        return x + self._drop(self.mlp(self.post_attention_norm(x)))
-
-    def _drop(self, t: Tensor) -> Tensor:
-        return _dropout(t, self.hidden_dropout, self.training, self.rng_tracker, self.split)
-
-
-class GPTModel(nn.Module):
+class GPTModel(weights.WeightsMixin, nn.Module):
     """GPT model (or the slice of it one pipeline stage holds), tensor/sequence parallel.
 
     Args:
@@ -231,14 +142,7 @@ class GPTModel(nn.Module):
             kv_cache.advance(s)
         if not self.post_process:
             return x
-        logits = self._logits(self.final_norm(x))               # [s, b, Vp/tp]
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        if labels.shape != logits.shape[1::-1]:
-            raise MegaliteError(f"labels shape {tuple(labels.shape)} does not match the tokens "
-                                f"[batch, seq] = {list(logits.shape[1::-1])}")
-        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.ps)  # [s, b]
-        return loss.transpose(0, 1).contiguous()
+        return logits_or_loss(self._logits(self.final_norm(x)), labels, self.ps)
 
     def _check_seq(self, s: int) -> None:
         if s > self.config.max_position_embeddings:
@@ -256,34 +160,5 @@ class GPTModel(nn.Module):
 
     def _logits(self, x: Tensor) -> Tensor:
         """[s, b, h] (SP: [s/tp, b, h]) -> [s, b, Vp/tp] logits of this rank's vocab slice."""
-        # all-gathers the sequence under SP (backward: reduce-scatter), else identity forward
-        # and all-reduce backward.
-        logits = parallel_lm_logits(x, self.output_weight(), self.ps,
-                                    sequence_parallel=self.sequence_parallel)
-        local = self.padded_vocab // self.ps.tp_size
-        valid = self.config.vocab_size - self.ps.tp_rank * local   # real rows in this slice
-        if valid < local:
-            mask = torch.arange(local, device=logits.device) >= valid
-            logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
-        return logits
-
-    # ---- weights (megalite.model.weights) --------------------------------------------------
-    def to_empty(self, *, device, recurse: bool = True) -> "GPTModel":
-        """``nn.Module.to_empty`` keeping the parameters' sharding attributes
-        (:func:`~megalite.model.weights.to_empty_keeping_attributes`). Follow with
-        :meth:`init_weights` or :meth:`load_full_state_dict`."""
-        return weights.to_empty_keeping_attributes(self, device, recurse=recurse)
-
-    def init_weights(self, seed: int) -> None:
-        """Layout-independent init from ``seed`` (:func:`megalite.model.weights.init_weights`)."""
-        weights.init_weights(self, seed)
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """Every parameter gathered to its full shape, on every tp rank (collective over the tp
-        group; :func:`megalite.model.weights.full_state_dict`)."""
-        return weights.full_state_dict(self)
-
-    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Copy this rank's shard of each full tensor in ``state`` into the parameters
-        (:func:`megalite.model.weights.load_full_state_dict`)."""
-        weights.load_full_state_dict(self, state)
+        return vocab_logits(x, self.output_weight(), self.config, self.ps,
+                            self.sequence_parallel)

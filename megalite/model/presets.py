@@ -11,7 +11,20 @@ gpt2-small     GPT-2 124M: 12 layers, h=768, 12 heads, vocab 50257, 1024 positio
 llama2-7b      exactly LLaMA-2-7B: 32 layers, h=4096, 32 heads, ffn 11008, vocab 32000 6,738,415,616
 llama3.1-8b    exactly Llama-3.1-8B: 32 layers, h=4096, 32 heads / 8 kv groups, ffn   8,030,261,248
                14336, vocab 128256, theta 500000, llama3 rope scaling x8, 131072 positions
+tiny-t5        T5 v1.1 recipe (gated GELU, untied), 2 + 2 layers, h=64, 4 heads,       ~0.3M
+               ffn 128, vocab 1000
+t5-small       exactly T5 (v1.0) small: 6 + 6 layers, h=512, 8 heads, ffn 2048, vocab   60,506,624
+               32128, ReLU, relative position buckets 32 / 128, tied and scaled output
+t5-base        exactly T5 (v1.0) base: 12 + 12 layers, h=768, 12 heads, ffn 3072,       222,903,552
+               vocab 32128
+transformer-   the original Transformer's base model (Vaswani et al. 2017) as torch's   63,084,544
+base           nn.Transformer builds it: 6 + 6 post-norm layers, h=512, 8 heads, ffn
+               2048, ReLU, sinusoidal positions, embeddings x sqrt(h) tied with the
+               output layer, shared vocabulary of 37000
 =============  ======================================================================  ==========
+
+The T5 counts are ``T5ForConditionalGeneration``'s (its encoder and decoder embeddings and
+output layer are one matrix); the Transformer's is ``nn.Transformer`` plus one embedding.
 
 Parameter counts use the unpadded vocabulary (what the Hugging Face model holds); the megalite
 model adds ``padded_vocab - vocab`` rows to the embedding (and untied output layer), which is
@@ -40,6 +53,17 @@ def _llama(**kw) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
+def _t5(**kw) -> TransformerConfig:
+    """T5 v1.0: RMSNorm without mean (eps 1e-6), ReLU, no biases, relative position buckets,
+    unscaled attention scores, tied output layer fed h^-0.5 times the decoder output."""
+    base = dict(model_type="t5", position_embedding_type="relative", normalization="RMSNorm",
+                layernorm_epsilon=1e-6, activation="relu", add_bias_linear=False,
+                softmax_scale=1.0, untie_embeddings_and_output_weights=False,
+                scale_decoder_outputs=True, max_position_embeddings=512)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
 _BUILDERS = {
     "tiny": lambda: _classic(num_layers=2, hidden_size=64, num_attention_heads=4,
                              vocab_size=1000, max_position_embeddings=128, seq_length=64),
@@ -62,6 +86,20 @@ _BUILDERS = {
                                   rope_scaling="llama3", rope_scaling_factor=8.0,
                                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                                   rope_original_max_position_embeddings=8192),
+    # T5 v1.1 differs from v1.0 by the gated GELU and an untied, unscaled output layer.
+    "tiny-t5": lambda: _t5(num_layers=2, hidden_size=64, num_attention_heads=4,
+                           ffn_hidden_size=128, vocab_size=1000, activation="geglu",
+                           untie_embeddings_and_output_weights=True,
+                           scale_decoder_outputs=False, seq_length=64, decoder_seq_length=32),
+    "t5-small": lambda: _t5(num_layers=6, hidden_size=512, num_attention_heads=8,
+                            ffn_hidden_size=2048, vocab_size=32128),
+    "t5-base": lambda: _t5(num_layers=12, hidden_size=768, num_attention_heads=12,
+                           ffn_hidden_size=3072, vocab_size=32128),
+    "transformer-base": lambda: TransformerConfig(
+        model_type="t5", num_layers=6, hidden_size=512, num_attention_heads=8,
+        ffn_hidden_size=2048, vocab_size=37000, position_embedding_type="sinusoidal",
+        normalization="LayerNorm", norm_placement="post", activation="relu",
+        scale_embedding=True, max_position_embeddings=1024),
 }
 
 PRESETS: list[str] = list(_BUILDERS)

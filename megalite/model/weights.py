@@ -2,7 +2,8 @@
 (unsharded) state dicts in and out.
 
 Parameter names are full-model names with global layer ids (``layers.7.mlp.linear_fc1.weight``
-on whichever pipeline stage holds layer 7), the same in checkpoints, resharding and the Hugging
+on whichever pipeline stage holds layer 7; ``encoder.layers.7.`` / ``decoder.layers.7.`` in
+encoder-decoder models), the same in checkpoints, resharding and the Hugging
 Face name maps; the constants below are their one spelling (the attribute names of the modules
 in :mod:`megalite.model.gpt`, :mod:`~megalite.model.attention` and :mod:`~megalite.model.mlp`).
 
@@ -31,9 +32,11 @@ from megalite.parallel.sharding import (full_shape, gather_full_tensor, init_par
 
 __all__ = ["WORD_EMBEDDINGS", "POSITION_EMBEDDINGS", "OUTPUT_LAYER", "VOCAB_TENSORS",
            "FINAL_NORM", "INPUT_NORM", "POST_ATTENTION_NORM", "LINEAR_QKV", "LINEAR_PROJ",
-           "LINEAR_FC1", "LINEAR_FC2", "layer_prefix", "fit_vocab_rows",
+           "LINEAR_FC1", "LINEAR_FC2", "ENCODER", "DECODER", "RELATIVE_POSITION_BIAS",
+           "CROSS_ATTENTION_NORM", "CROSS_LINEAR_Q", "CROSS_LINEAR_KV", "CROSS_LINEAR_PROJ",
+           "layer_prefix", "fit_vocab_rows",
            "to_empty_keeping_attributes", "materialize", "init_weights", "full_state_dict",
-           "load_full_state_dict"]
+           "load_full_state_dict", "WeightsMixin"]
 
 # -- parameter names ------------------------------------------------------------------------------
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -52,7 +55,16 @@ LINEAR_PROJ = "attention.linear_proj"
 POST_ATTENTION_NORM = "post_attention_norm"
 LINEAR_FC1 = "mlp.linear_fc1"
 LINEAR_FC2 = "mlp.linear_fc2"
-# The two linears writing into the residual stream: drawn with std / sqrt(2 L).
+# Encoder-decoder models: the stacks' prefixes (layer i of the encoder is ``encoder.layers.i.``),
+# each stack's relative position bias, and the decoder layers' cross-attention modules.
+ENCODER, DECODER = "encoder.", "decoder."
+RELATIVE_POSITION_BIAS = "relative_position_bias.weight"
+CROSS_ATTENTION_NORM = "cross_attention_norm"
+CROSS_LINEAR_Q = "cross_attention.linear_q"
+CROSS_LINEAR_KV = "cross_attention.linear_kv"
+CROSS_LINEAR_PROJ = "cross_attention.linear_proj"
+# The linears writing into the residual stream: drawn with std / sqrt(2 L) (the suffix also
+# matches the cross-attention's output projection).
 _RESIDUAL_OUTPUTS = (LINEAR_PROJ + ".weight", LINEAR_FC2 + ".weight")
 
 
@@ -107,7 +119,7 @@ def materialize(model: nn.Module, device) -> nn.Module:
 
 
 def init_weights(model: nn.Module, seed: int) -> None:
-    """Megatron-style init of a GPT model (chunk), identical full weights for every TP layout.
+    """Megatron-style init of a model (chunk), identical full weights for every TP layout.
 
     Weight matrices ~ N(0, init_method_std); the attention output projection and the second
     MLP linear (the ones writing into the residual stream) ~ N(0, std / sqrt(2 L)); biases
@@ -178,3 +190,28 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
             raise MegaliteError(f"{name}: full shape {tuple(full.shape)}, model expects "
                                 f"{tuple(shape)}")
         p.copy_(shard_tensor(full, dim, stride, model.ps.tp_rank, tp))
+
+
+class WeightsMixin:
+    """The weight lifecycle methods of a model class (``GPTModel``, ``EncoderDecoderModel``),
+    each the function of this module of the same name; the model has ``config`` and ``ps``."""
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """``nn.Module.to_empty`` keeping the parameters' sharding attributes
+        (:func:`to_empty_keeping_attributes`). Follow with :meth:`init_weights` or
+        :meth:`load_full_state_dict`."""
+        return to_empty_keeping_attributes(self, device, recurse=recurse)
+
+    def init_weights(self, seed: int) -> None:
+        """Layout-independent init from ``seed`` (:func:`init_weights`)."""
+        init_weights(self, seed)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """Every parameter gathered to its full shape, on every tp rank (collective over the tp
+        group; :func:`full_state_dict`)."""
+        return full_state_dict(self)
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy this rank's shard of each full tensor in ``state`` into the parameters
+        (:func:`load_full_state_dict`)."""
+        load_full_state_dict(self, state)
