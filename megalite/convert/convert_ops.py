@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from megalite.convert import architecture_module, architecture_of, config_from_hf
+from megalite.convert import architecture_module, architecture_of, config_from_hf, hf_t5
 from megalite.model.weights import WORD_EMBEDDINGS
 from megalite.convert.hf_io import HFReader, HFShardedWriter, progress
 from megalite.convert.hf_tokenizer import import_tokenizer, write_tokenizer_files
@@ -80,12 +80,19 @@ def to_hf(args, tmp: str) -> str:
                                                cfg.max_position_embeddings)
         hf_cfg = mod.config_to_hf(cfg)
         hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
-        if ids is not None:
+        fields = {} if ids is None else ids.config_fields()
+        if cfg.is_encoder_decoder:
+            # HF generate starts the decoder with decoder_start_token_id: megalite's T5 data
+            # starts it with the tokenizer's bos ([BOS]) unless the model names another id.
+            start = cfg.decoder_start_token_id
+            fields["decoder_start_token_id"] = (start if start is not None
+                                                else fields.get("bos_token_id"))
+        if ids is not None or fields:
             # HF generate stops at eos_token_id: without it, it runs past </s>.
-            for key, value in ids.config_fields().items():
+            for key, value in fields.items():
                 setattr(hf_cfg, key, value)
             from transformers import GenerationConfig
-            GenerationConfig(**ids.config_fields()).save_pretrained(tmp)
+            GenerationConfig(**fields).save_pretrained(tmp)
         else:
             print("warning: no tokenizer files written, so config.json names no eos/bos "
                   "token ids", file=sys.stderr)
@@ -106,7 +113,10 @@ def to_hf(args, tmp: str) -> str:
 def from_hf(args, tmp: str) -> str:
     hf = HFReader(args.load)
     try:
-        cfg = config_from_hf(hf.config)
+        options = {}
+        if getattr(hf.config, "model_type", None) == "t5":   # tied unless lm_head differs
+            options["tied"] = hf_t5.tied_in_checkpoint(set(hf.names()), hf.get)
+        cfg = config_from_hf(hf.config, **options)
         arch = architecture_of(cfg)
         maps = {m.megalite: m for m in architecture_module(arch).param_mappings(cfg)}
         _check_hf_names(hf, maps, cfg, args.load)
@@ -149,6 +159,8 @@ def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
     names = set(hf.names())
     ignorable = {n for n in names if n.endswith(_IGNORED_HF_SUFFIXES)
                  or (n.endswith(".attn.bias") and n.startswith("transformer.h."))}
+    if cfg.is_encoder_decoder:     # T5's copies of shared.weight and its unused tensor
+        ignorable |= set(hf_t5.TIED_COPIES) | set(hf_t5.IGNORED)
     if cfg.tied_embeddings:
         ignorable.add("lm_head.weight")
     missing = sorted(expected - names)
@@ -309,29 +321,37 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
 @torch.no_grad()
 def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
     """Max |megalite - HF| over the real-vocabulary logits of ``args.verify_sequences`` random
-    sequences, both models in float32 in this process; MegaliteError above the tolerance."""
-    from transformers import AutoModelForCausalLM
+    sequences (encoder-decoders: random source and decoder sequences of that length), both
+    models in float32 in this process; MegaliteError above the tolerance."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from megalite.checkpoint import load_model_weights, read_model_config
     from megalite.distributed.parallel_state import ParallelState
-    from megalite.model.gpt import GPTModel
     from megalite.parallel.context import ModelContext
+    from megalite.parallel.pipeline.stages import build_model_chunks
     cfg = read_model_config(ckpt_dir).replace(hidden_dropout=0.0, attention_dropout=0.0)
     ps = ParallelState.single()
-    ours = GPTModel(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
+    (ours,) = build_model_chunks(cfg, ModelContext(ps, device="meta"))
+    ours.to_empty(device="cpu")
     load_model_weights(ckpt_dir, [ours], ps, verify_checksums=False)
     ours.eval()
+    auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     try:
-        theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                      attn_implementation="eager").eval()
+        theirs = auto.from_pretrained(hf_dir, dtype=torch.float32,
+                                      attn_implementation="eager").eval()
     except Exception as e:
         raise MegaliteError(f"--verify: transformers cannot load {hf_dir}: "
                             f"{type(e).__name__}: {e}") from None
     length = min(args.verify_seq_length, cfg.max_position_embeddings)
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (args.verify_sequences, length), generator=g)
-    a = ours(tokens)[..., :cfg.vocab_size].float()
-    b = theirs(input_ids=tokens).logits.float()
+    if cfg.is_encoder_decoder:
+        target = torch.randint(0, cfg.vocab_size, tokens.shape, generator=g)
+        a = ours(tokens, target)[..., :cfg.vocab_size].float()
+        b = theirs(input_ids=tokens, decoder_input_ids=target).logits.float()
+    else:
+        a = ours(tokens)[..., :cfg.vocab_size].float()
+        b = theirs(input_ids=tokens).logits.float()
     if a.shape != b.shape:
         raise MegaliteError(f"--verify: logits shapes differ: megalite {tuple(a.shape)}, "
                             f"Hugging Face {tuple(b.shape)}")

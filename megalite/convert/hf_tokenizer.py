@@ -316,12 +316,14 @@ def import_tokenizer(hf_dir: str, dest: str, final_dest: str, vocab_size: int
     ``final_dest``) for a from-hf checkpoint; returns ``(tokenizer_type, tokenizer_model)``
     for its config, the path under ``final_dest``, or (None, None) when there is none usable.
 
-    ``tokenizer.model`` (SentencePiece) is preferred: it is the model HF's ``tokenizer.json`` of
-    such directories was converted from. Else ``tokenizer.json`` (with the
-    ``tokenizer_config.json`` beside it, which names the eos).
+    ``tokenizer.model`` (SentencePiece; T5 directories name it ``spiece.model``) is preferred:
+    it is the model HF's ``tokenizer.json`` of such directories was converted from (T5's
+    ``tokenizer.json`` would also turn the text ``<pad>`` into its control id). Else
+    ``tokenizer.json`` (with the ``tokenizer_config.json`` beside it, which names the eos).
     """
     from megalite.data.tokenizers import build_tokenizer
     candidates = [("SentencePieceTokenizer", ["tokenizer.model"]),
+                  ("SentencePieceTokenizer", ["spiece.model"]),
                   ("HuggingFaceTokenizer", ["tokenizer.json", "tokenizer_config.json",
                                             "special_tokens_map.json"])]
     for kind, names in candidates:

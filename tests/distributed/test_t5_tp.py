@@ -10,7 +10,7 @@ Tolerance: 1e-5 relative, max|TP - ref| <= 1e-5 * max|ref| per tensor (float32),
 (tests/distributed/test_model_tp.py): tensor parallelism only changes summation order. Every
 gradient must be nonzero, so the comparison cannot pass vacuously. The HF round trip is
 bitwise (sharding and unsharding copy values); the logits against HF within 1e-4 as in
-tests/integration/test_hf_t5.py.
+tests/integration/test_hf_t5.py (the same models, hf_common.hf_t5_model).
 """
 from __future__ import annotations
 
@@ -80,10 +80,7 @@ def worker_all_cases(tp):
 
 def worker_hf_round_trip(tp):
     """HF T5 (v1.0 and v1.1) -> megalite TP model -> gathered -> HF: bitwise; logits vs HF."""
-    import sys
-    import os
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
-    from test_hf_t5 import batch as hf_batch, hf_t5_model, megalite_config_of
+    from hf_common import hf_t5_model, megalite_config_of, t5_batch
 
     from megalite.convert import from_hf, to_hf
     ps = ParallelState.build(tensor_model_parallel_size=tp)
@@ -96,7 +93,7 @@ def worker_hf_round_trip(tp):
         back = to_hf(model.full_state_dict(), cfg)
         exact = set(back) == set(hf.state_dict()) and all(
             torch.equal(back[k], v) for k, v in hf.state_dict().items())
-        enc, dec, enc_mask, dec_mask = hf_batch()
+        enc, dec, enc_mask, dec_mask = t5_batch()
         with torch.no_grad():
             local = model(enc, dec, enc_mask=enc_mask, dec_mask=dec_mask)
             ref = hf(input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec,

@@ -9,71 +9,26 @@ that cast, measured while writing the map). The embedding is N(0, 1) as T5 initi
 v1.0 output layer reads it after scaling by h^-0.5). T5 does not scale its attention scores by
 1/sqrt(d), so the N(0, 0.2) of the GPT parity tests would make scores, and the rounding, d times
 larger; 0.1 keeps the logits O(1-10), far above any mapping error (a swapped head moves them by
-O(1)). Padding masks on both sides; logits compared where the decoder has a token.
+O(1)). Padding masks on both sides; logits compared where the decoder has a token. The models:
+``hf_common.hf_t5_model``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from hf_common import hf_t5_model, megalite_config_of, t5_batch as batch
 
-transformers = pytest.importorskip("transformers")
-
-from hf_common import scale_up_  # noqa: E402
-
-from megalite.convert import config_from_hf, config_to_hf, from_hf, hf_t5, to_hf  # noqa: E402
-from megalite.distributed.parallel_state import ParallelState  # noqa: E402
-from megalite.errors import MegaliteError  # noqa: E402
-from megalite.model import get_preset  # noqa: E402
-from megalite.model.encoder_decoder import EncoderDecoderModel  # noqa: E402
-from megalite.parallel.context import ModelContext  # noqa: E402
+from megalite.convert import config_from_hf, config_to_hf, from_hf, hf_t5, to_hf
+from megalite.distributed.parallel_state import ParallelState
+from megalite.errors import MegaliteError
+from megalite.model import get_preset
+from megalite.model.encoder_decoder import EncoderDecoderModel
+from megalite.parallel.context import ModelContext
 
 TOL = 1e-4
 V = 300
-VERSIONS = {
-    # v1.0: ReLU, output layer = the embedding, decoder output scaled by h^-0.5; 2 + 3 layers,
-    # d_kv x heads (64) = d_model, few buckets so that distances past max_distance occur.
-    "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_decoder_layers=3,
-                 relative_attention_num_buckets=8, relative_attention_max_distance=20),
-    # v1.1: gated GELU, untied and unscaled; d_kv x heads (48) != d_model, as in T5 v1.1 small.
-    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=12),
-}
-
-
-def hf_t5_model(version: str, seed: int = 0):
-    """A random T5ForConditionalGeneration, eager attention, weights made sensitive (doc)."""
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=V, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-              dropout_rate=0.0, decoder_start_token_id=0)
-    kw.update(VERSIONS[version])
-    hf_cfg = transformers.T5Config(**kw)
-    hf_cfg._attn_implementation = "eager"
-    model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
-    if version == "v1.1":   # transformers 5 builds lm_head tied; v1.1 checkpoints are not
-        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.shared.weight))
-    scale_up_(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.startswith(("shared", "lm_head")) \
-                    and "relative_attention_bias" not in name:
-                p.mul_(0.5)
-        model.shared.weight.normal_(0.0, 1.0)     # T5's own embedding scale
-    return model
-
-
-def megalite_config_of(hf) -> object:
-    state = hf.state_dict()
-    return config_from_hf(hf.config, tied=hf_t5.tied_in_checkpoint(set(state), state.__getitem__))
-
-
-def batch(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    enc = torch.randint(0, V, (2, 30), generator=g)
-    dec = torch.randint(0, V, (2, 25), generator=g)
-    enc_mask = torch.ones(2, 30, dtype=torch.long)
-    enc_mask[1, 20:] = 0
-    dec_mask = torch.ones(2, 25, dtype=torch.long)
-    dec_mask[0, 18:] = 0
-    return enc, dec, enc_mask, dec_mask
+VERSIONS = ("v1.0", "v1.1")
 
 
 def assert_logits_match(ours, hf, cfg, dec_mask):
@@ -90,7 +45,7 @@ def assert_logits_match(ours, hf, cfg, dec_mask):
     assert err <= TOL, f"max |megalite - HF| = {err}"
 
 
-@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize("version", VERSIONS)
 def test_hf_to_megalite_logits_match(version):
     hf = hf_t5_model(version)
     cfg = megalite_config_of(hf)
@@ -101,7 +56,7 @@ def test_hf_to_megalite_logits_match(version):
     assert_logits_match(ours, hf, cfg, torch.ones(2, 25, dtype=torch.long))
 
 
-@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize("version", VERSIONS)
 def test_megalite_to_hf_logits_match(version):
     cfg = megalite_config_of(hf_t5_model(version))
     ours = EncoderDecoderModel(cfg, ModelContext(ParallelState.single())).eval()
@@ -122,7 +77,7 @@ def test_megalite_to_hf_logits_match(version):
     assert_logits_match(ours, hf, cfg, batch()[3])
 
 
-@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize("version", VERSIONS)
 def test_state_dict_round_trip_is_exact(version):
     hf = hf_t5_model(version, seed=3)
     hf_state = hf.state_dict()
@@ -133,7 +88,7 @@ def test_state_dict_round_trip_is_exact(version):
         assert torch.equal(back[k], v), k
 
 
-@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize("version", VERSIONS)
 def test_config_round_trip(version):
     cfg = megalite_config_of(hf_t5_model(version))
     assert config_from_hf(config_to_hf(cfg), tied=cfg.tied_embeddings) == cfg

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
+from megalite.model.encoder_decoder import EncoderDecoderModel
 from megalite.model.gpt import GPTModel
 from megalite.parallel.context import ModelContext
 
@@ -78,7 +79,7 @@ def layer_ranges(num_layers: int, pp_size: int, vp_size: int = 1,
 
 
 def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: int = 1,
-                       split: list[int] | None = None) -> list[GPTModel]:
+                       split: list[int] | None = None) -> list:
     """This rank's model chunks, one :class:`GPTModel` per virtual stage (``vp_size`` of them),
     built with ``ctx`` (this rank's layout, dropout streams, device, dtype).
 
@@ -89,8 +90,19 @@ def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: in
     allreduce_embedding_grads` keeps the two copies equal. Parameters are uninitialized: call
     ``init_weights(seed)`` on each chunk (layout-independent, so every split sees the same
     model). All chunks share ``ctx.rng_tracker``.
+
+    An encoder-decoder (``model_type="t5"``) is one :class:`EncoderDecoderModel`; it has no
+    pipeline-parallel implementation, so pp > 1 (or virtual stages) is refused.
     """
     ps = ctx.ps
+    if config.is_encoder_decoder:
+        if ps.pp_size > 1 or vp_size > 1 or split is not None:
+            raise MegaliteError(
+                f"--pipeline-model-parallel-size {ps.pp_size}: the encoder-decoder (T5) model "
+                f"is not implemented with pipeline parallelism (Megatron splits its encoder "
+                f"and decoder into stages; megalite does not); use size 1 and tensor/data "
+                f"parallelism")
+        return [EncoderDecoderModel(config, ctx)]
     ranges = layer_ranges(config.num_layers, ps.pp_size, vp_size, split)[ps.pp_rank]
     last_chunk = len(ranges) - 1
     return [GPTModel(config, ctx,
