@@ -108,9 +108,18 @@ class _Decoding:
             self.kept.append(logits.cpu())
         return ids
 
-    @property
-    def done(self) -> bool:
-        return self.eod is not None and bool(self.finished.all())
+    def loop(self, seq: Tensor, max_new_tokens: int, last_logits) -> GenerationOutput:
+        """From ``seq`` [b, s], up to ``max_new_tokens`` steps of ``last_logits(new ids [b, n],
+        whole sequence [b, s + i])`` -> this rank's logits [b, Vp/tp] of the last position
+        (with a cache the model reads only the new ids), each followed by :meth:`choose`."""
+        new = seq
+        for _ in range(max_new_tokens):
+            ids = self.choose(last_logits(new, seq))
+            seq = torch.cat([seq, ids[:, None]], dim=1)
+            new = ids[:, None]
+            if self.eod is not None and bool(self.finished.all()):
+                break
+        return self.output()
 
     def output(self) -> GenerationOutput:
         tokens = (torch.stack(self.new, dim=1).cpu() if self.new
@@ -150,18 +159,10 @@ def generate_tokens(model, prompt: Tensor, max_new_tokens: int, sampling: Sampli
     seq = prompt.to(device=device, dtype=torch.long)
     cache = KVCache.for_model(model, b, total) if use_cache and max_new_tokens else None
     step = _Decoding(model, b, vocab, sampling, eod, generator, keep_logits, device)
-    step_input = seq
-    for _ in range(max_new_tokens):
-        if cache is not None:
-            local = model(step_input, kv_cache=cache)[:, -1]     # [b, Vp/tp]
-        else:
-            local = model(seq)[:, -1]
-        ids = step.choose(local)
-        seq = torch.cat([seq, ids[:, None]], dim=1)
-        step_input = ids[:, None]
-        if step.done:
-            break
-    return step.output()
+
+    def last_logits(new: Tensor, whole: Tensor) -> Tensor:              # -> [b, Vp/tp]
+        return (model(new, kv_cache=cache) if cache is not None else model(whole))[:, -1]
+    return step.loop(seq, max_new_tokens, last_logits)
 
 
 @torch.no_grad()
@@ -199,16 +200,10 @@ def generate_seq2seq_tokens(model, source: Tensor, max_new_tokens: int,
     memory = model.encode(source, mask)                                  # [t, b, h]
     cache = KVCache.for_model(model, b, max_new_tokens) if use_cache and max_new_tokens else None
     step = _Decoding(model, b, vocab, sampling, eod, generator, keep_logits, device)
-    seq = torch.full((b, 1), start, dtype=torch.long, device=device)
-    step_input = seq
-    for _ in range(max_new_tokens):
+
+    def last_logits(new: Tensor, whole: Tensor) -> Tensor:              # -> [b, Vp/tp]
         if cache is not None:
-            local = model.decode(step_input, memory, mask, kv_cache=cache)[:, -1]
-        else:
-            local = model.decode(seq, memory, mask)[:, -1]
-        ids = step.choose(local)
-        seq = torch.cat([seq, ids[:, None]], dim=1)
-        step_input = ids[:, None]
-        if step.done:
-            break
-    return step.output()
+            return model.decode(new, memory, mask, kv_cache=cache)[:, -1]
+        return model.decode(whole, memory, mask)[:, -1]
+    return step.loop(torch.full((b, 1), start, dtype=torch.long, device=device),
+                     max_new_tokens, last_logits)

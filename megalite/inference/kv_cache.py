@@ -24,7 +24,18 @@ from torch import Tensor
 
 from megalite.errors import MegaliteError
 
-__all__ = ["KVCache", "LayerKVCache"]
+__all__ = ["KVCache", "LayerKVCache", "cache_offset"]
+
+
+def cache_offset(kv_cache, sequence_parallel: bool) -> int:
+    """Positions already in ``kv_cache`` (0 without a cache); a model built with sequence
+    parallelism cannot use one."""
+    if kv_cache is None:
+        return 0
+    if sequence_parallel:
+        raise MegaliteError("a KV cache (inference) cannot be used with sequence "
+                            "parallelism; build the model with sequence_parallel=False")
+    return kv_cache.offset
 
 
 @dataclass

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from megalite.errors import MegaliteError
+from megalite.inference.kv_cache import cache_offset
 from megalite.model import weights
 from megalite.model.config import TransformerConfig
 from megalite.model.embedding import Embedding, logits_or_loss, vocab_logits
@@ -181,12 +182,7 @@ class EncoderDecoderModel(weights.WeightsMixin, nn.Module):
         or loss as :meth:`forward`. ``kv_cache`` (inference,
         :class:`~megalite.inference.kv_cache.KVCache` of the decoder): the s tokens sit at
         positions ``kv_cache.offset ..``; ``dec_mask`` then covers all offset + s positions."""
-        offset = 0
-        if kv_cache is not None:
-            if self.sequence_parallel:
-                raise MegaliteError("a KV cache (inference) cannot be used with sequence "
-                                    "parallelism; build the model with sequence_parallel=False")
-            offset = kv_cache.offset
+        offset = cache_offset(kv_cache, self.sequence_parallel)
         self._check_ids(dec_ids, "decoder", offset)
         y = self.decoder(self.embedding(dec_ids, offset), dec_mask, memory=memory,
                          memory_keep=enc_mask, kv_cache=kv_cache, offset=offset)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from megalite.errors import MegaliteError
+from megalite.inference.kv_cache import cache_offset
 from megalite.model import weights
 from megalite.model.config import TransformerConfig, padded_vocab_size
 from megalite.model.embedding import Embedding, logits_or_loss, vocab_logits
@@ -110,12 +111,7 @@ class GPTModel(weights.WeightsMixin, nn.Module):
             Not with sequence parallelism.
         """
         tp = self.ps.tp_size
-        offset = 0
-        if kv_cache is not None:
-            if self.sequence_parallel:
-                raise MegaliteError("a KV cache (inference) cannot be used with sequence "
-                                    "parallelism; build the model with sequence_parallel=False")
-            offset = kv_cache.offset
+        offset = cache_offset(kv_cache, self.sequence_parallel)
         if self.pre_process:
             if inputs.dim() != 2:
                 raise MegaliteError(f"GPTModel expects token ids [batch, seq], got shape "

@@ -17,13 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tp_common
 from harness import DistributedWorkers
+from tp_common import gathered_results
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.model import get_preset
 from megalite.model.encoder_decoder import EncoderDecoderModel
 from megalite.parallel.context import ModelContext
-from megalite.parallel.sharding import gather_full_tensor
 
 REL = 1e-5
 B, T, S, SEED = 2, 16, 8, 11
@@ -52,23 +53,13 @@ def batch(cfg):
 
 def run_case(cfg, ps):
     """Forward + backward on one rank; returns full (gathered) logits, loss and grads."""
-    from megalite.parallel.grad_sync import allreduce_sequence_parallel_grads
     model = EncoderDecoderModel(cfg, ModelContext(ps))
     model.init_weights(SEED)
     enc, dec, labels, enc_mask, dec_mask = batch(cfg)
     logits = model(enc, dec, enc_mask=enc_mask, dec_mask=dec_mask)       # [b, s, Vp/tp]
     loss = model(enc, dec, labels, enc_mask=enc_mask, dec_mask=dec_mask)
     (loss * dec_mask).sum().backward()
-    if cfg.sequence_parallel:
-        allreduce_sequence_parallel_grads(model.parameters(), ps)
-    full_logits = logits.detach()
-    if ps.tp_size > 1:
-        parts = [torch.empty_like(full_logits) for _ in range(ps.tp_size)]
-        torch.distributed.all_gather(parts, full_logits.contiguous(), group=ps.tp_group)
-        full_logits = torch.cat(parts, dim=-1)
-    grads = {n: gather_full_tensor(p.grad, p, ps) for n, p in model.named_parameters()}
-    return {"logits": full_logits, "loss": loss.detach(), "grads": grads,
-            "weights": model.full_state_dict()}
+    return gathered_results(model, logits, loss, ps)
 
 
 def worker_all_cases(tp):
@@ -106,12 +97,6 @@ def worker_hf_round_trip(tp):
     return out
 
 
-def assert_rel_close(got, ref, what):
-    scale = ref.abs().max().item()
-    err = (got - ref).abs().max().item()
-    assert err <= REL * scale, f"{what}: max abs err {err:.3e} > {REL} * {scale:.3e}"
-
-
 @pytest.fixture(scope="module")
 def references():
     torch.set_num_threads(1)
@@ -125,27 +110,13 @@ def test_tp_matches_single_process(tp, references):
         results = workers.run(worker_all_cases, tp)
         rank0 = results[0]
         for key, ref in references.items():
-            got, v = rank0[key], RECIPES[key[0]].vocab_size
-            real = batch(RECIPES[key[0]])[4].bool()
-            assert_rel_close(got["logits"][..., :v][real], ref["logits"][..., :v][real],
-                             f"{key} logits")
-            assert torch.all(got["logits"][..., v:] == torch.finfo(torch.float32).min)
-            assert_rel_close(got["loss"][real], ref["loss"][real], f"{key} loss")
+            cfg = RECIPES[key[0]]
+            got = rank0[key]
+            assert got["logits"].shape[-1] == cfg.padded_vocab(tp)
+            tp_common.assert_matches_reference(got, ref, cfg.vocab_size, key, REL,
+                                               real=batch(cfg)[4].bool())
             for r in range(1, tp):
                 assert torch.equal(results[r][key], got["loss"]), f"{key} loss on rank {r}"
-            for name, w_ref in ref["weights"].items():   # layout-independent init, bitwise
-                w = got["weights"][name]
-                if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-                    w, w_ref = w[:v], w_ref[:v]
-                assert torch.equal(w, w_ref), f"{key} init differs for {name}"
-            assert set(got["grads"]) == set(ref["grads"])
-            for name, g_ref in ref["grads"].items():
-                g = got["grads"][name]
-                if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-                    assert torch.all(g[v:] == 0), f"{key} {name}: padding rows got gradient"
-                    g, g_ref = g[:v], g_ref[:v]
-                assert g_ref.abs().max() > 0, f"{key} {name}: zero reference gradient"
-                assert_rel_close(g, g_ref, f"{key} grad {name}")
         if tp == 2:
             for per_rank in workers.run(worker_hf_round_trip, tp):
                 for version, (exact, err, scale) in per_rank.items():
