@@ -223,6 +223,11 @@ class DataConfig:
     """How several --data-path datasets are interleaved: "megalite" (Tijdeman's rule: every
     count within one sample of its share after every step) or "megatron" (megatron-core's
     rule and sizes, reproducing a Megatron run's blended order exactly)."""
+    mask_prob: float = 0.15
+    """BERT/T5 data: the share of the tokens masked (Megatron-LM's --mask-prob)."""
+    short_seq_prob: float = 0.1
+    """BERT/T5 data: the share of samples given a random shorter target length (Megatron-LM's
+    --short-seq-prob)."""
 
     def __post_init__(self) -> None:
         from megalite.data.blended import BLEND_RULES, parse_data_path
@@ -253,6 +258,10 @@ class DataConfig:
         if self.blend_rule not in BLEND_RULES:
             bad("data", "blend_rule", f"must be one of {', '.join(BLEND_RULES)}, got "
                 f"{self.blend_rule!r}")
+        if not 0 < self.mask_prob < 1:
+            bad("data", "mask_prob", f"must lie in (0, 1), got {self.mask_prob}")
+        if not 0 <= self.short_seq_prob <= 1:
+            bad("data", "short_seq_prob", f"must lie in [0, 1], got {self.short_seq_prob}")
         if self.tokenizer_type is None and self.tokenizer_model:
             bad("data", "tokenizer_type", "--tokenizer-model needs --tokenizer-type")
 

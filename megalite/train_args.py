@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     so a flag overrides the YAML only when given)."""
     p = _Parser(prog="megalite train", argument_default=argparse.SUPPRESS,
                 formatter_class=_Formatter,
-                description="Pretrain a GPT (classic or LLaMA recipe) with tensor, pipeline and "
-                "data parallelism. Settings come from --config FILE.yaml (sections model, "
-                "parallel, optim, precision, data, training holding the field names of "
-                "megalite.config, plus model.preset), overridden by the flags below.",
+                description="Pretrain a GPT (classic or LLaMA recipe) or another model family "
+                "(--model-type) with tensor, pipeline and data parallelism. Settings come from "
+                "--config FILE.yaml (sections model, parallel, optim, precision, data, training "
+                "holding the field names of megalite.config, plus model.preset), overridden by "
+                "the flags below.",
                 epilog="Example: megalite train --config tiny-gpt --mock-data "
                 "--train-iters 20; several processes: torchrun --nproc-per-node 4 -m megalite "
                 "train --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 ... "
@@ -183,6 +184,9 @@ def merge_model_values(flags: dict, specials: dict, ym: dict,
         raise ConfigError("--num-query-groups needs --group-query-attention", "model",
                           "num_query_groups")
     values = {**base, **ym, **fm}
+    if "vocab_size" in saved and "vocab_size" not in ym and "vocab_size" not in fm:
+        # the checkpoint's vocabulary (its tokenizer's) is the model's, whatever a preset says
+        values["vocab_size"] = saved["vocab_size"]
     if specials.get("_gqa") and values.get("num_query_groups") is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N", "model",
                           "num_query_groups")

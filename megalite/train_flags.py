@@ -11,7 +11,8 @@ and :mod:`megalite.training.prepare`).
 from __future__ import annotations
 
 from megalite.config import LR_DECAY_STYLES
-from megalite.model.config import ACTIVATIONS, NORMALIZATIONS, POSITION_EMBEDDING_TYPES
+from megalite.model.config import (ACTIVATIONS, MODEL_TYPES, NORMALIZATIONS,
+                                   POSITION_EMBEDDING_TYPES)
 from megalite.model.presets import PRESETS
 
 _TOKENIZERS = ("SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer, "
@@ -21,6 +22,15 @@ OPTIONS = [
     ("model (start from --model-preset, then override single fields)", "model", [
         ("--model-preset", "_preset", dict(choices=PRESETS, metavar="NAME"),
          f"named model shape to start from: {', '.join(PRESETS)}"),
+        ("--model-type", None, dict(choices=MODEL_TYPES),
+         "the model family: gpt (decoder-only; default), bert (bidirectional encoder, "
+         "masked-LM and sentence-order heads), t5 (encoder-decoder)"),
+        ("--bert-no-binary-head", "bert_binary_head", dict(action="store_false"),
+         "BERT: no binary (sentence-order) head and no token types; the samples are not cut "
+         "into two segments"),
+        ("--norm-placement", None, dict(choices=("pre", "post")),
+         "BERT: the norms before each sublayer (pre, Megatron-LM's) or after each residual add "
+         "(post, the original BERT's)"),
         ("--num-layers", None, dict(type=int), "transformer layers"),
         ("--hidden-size", None, dict(type=int), "hidden size h"),
         ("--num-attention-heads", None, dict(type=int), "query heads"),
@@ -173,6 +183,10 @@ OPTIONS = [
          "vocab.txt of the WordPiece tokenizers, vocab.json of GPT2BPETokenizer"),
         ("--merge-file", None, dict(metavar="FILE"), "merges.txt of GPT2BPETokenizer"),
         ("--data-cache-path", None, dict(metavar="DIR"), "where dataset index caches go"),
+        ("--mask-prob", None, dict(type=float), "BERT: the share of the tokens masked (whole "
+         "words, in n-grams of up to 3)"),
+        ("--short-seq-prob", None, dict(type=float), "BERT: the share of samples cut to a random "
+         "shorter length"),
     ]),
     ("training and logging", "training", [
         ("--micro-batch-size", None, dict(type=int), "sequences per microbatch per DP rank"),

@@ -8,6 +8,8 @@
 - ``hf_tokenizer_json``: a byte-level BPE ``tokenizer.json`` (vocab 2000) with ``<|endoftext|>``.
 - ``corpus_token_dataset``: prefix of the corpus tokenised with ``sp_model`` (``--append-eod``),
   i.e. ``PREFIX.bin``/``PREFIX.idx``, uint16.
+- ``wordpiece_sentence_dataset``: the corpus split into sentences and tokenised with
+  ``wordpiece_vocab`` (BERT training data).
 - ``wide_dataset``: the corpus tokenised with ``hf_tokenizer_json`` (ids up to 1,999: more than
   ``sp_model``'s 1,000, for the vocabulary-mismatch tests).
 - ``t5_spiece_model``: a SentencePiece unigram ``.model`` (vocab 800) with T5's ids (pad 0,
@@ -118,17 +120,32 @@ def corpus_token_dataset(corpus_jsonl, sp_model, tmp_path_factory) -> str:
     return prefix + "_text_document"
 
 
+def _preprocess(corpus_jsonl: str, directory, *flags: str) -> str:
+    """``megalite preprocess`` of the corpus into ``directory`` with the tokenizer ``flags``;
+    returns the output prefix (``.../corpus``)."""
+    from megalite.dataprep import preprocess_data
+
+    prefix = str(directory / "corpus")
+    assert preprocess_data.main(["--input", corpus_jsonl, "--output-prefix", prefix, *flags,
+                                 "--workers", "1", "--log-interval", "1000000"]) == 0
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def wordpiece_sentence_dataset(corpus_jsonl, wordpiece_vocab, tmp_path_factory) -> str:
+    """The corpus split into sentences (``--split-sentences``) and tokenized with
+    ``wordpiece_vocab`` (BertWordPieceLowerCase): BERT/T5 training data."""
+    return _preprocess(corpus_jsonl, tmp_path_factory.mktemp("wordpiece_sentences"),
+                       "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file",
+                       wordpiece_vocab, "--split-sentences") + "_text_sentence"
+
+
 @pytest.fixture(scope="session")
 def wide_dataset(corpus_jsonl, hf_tokenizer_json, tmp_path_factory) -> str:
     """The corpus tokenized with the 2,000-entry byte-level BPE (ids up to 1,999)."""
-    from megalite.dataprep import preprocess_data
-
-    prefix = str(tmp_path_factory.mktemp("wide") / "corpus")
-    assert preprocess_data.main(["--input", corpus_jsonl, "--output-prefix", prefix,
-                                 "--tokenizer-type", "HuggingFaceTokenizer",
-                                 "--tokenizer-model", hf_tokenizer_json, "--append-eod",
-                                 "--workers", "1", "--log-interval", "1000000"]) == 0
-    return prefix + "_text_document"
+    return _preprocess(corpus_jsonl, tmp_path_factory.mktemp("wide"), "--tokenizer-type",
+                       "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer_json,
+                       "--append-eod") + "_text_document"
 
 
 @pytest.fixture(scope="module")

@@ -43,11 +43,12 @@ __all__ = ["load_model_weights", "load_model_weights_from", "read_model_config",
 
 # TransformerConfig fields that change what the weights compute; the others (dropout, recompute,
 # sequence parallelism, padding multiple, sequence lengths, init) may differ at load time.
-_NUMERIC_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                   "num_query_groups", "ffn_hidden_size", "kv_channels", "position_embedding_type",
-                   "rotary_base", "normalization", "layernorm_epsilon", "activation",
-                   "add_bias_linear", "untie_embeddings_and_output_weights", "rope_scaling",
-                   "add_qkv_bias")
+_NUMERIC_FIELDS = ("model_type", "num_layers", "hidden_size", "num_attention_heads",
+                   "vocab_size", "num_query_groups", "ffn_hidden_size", "kv_channels",
+                   "position_embedding_type", "rotary_base", "normalization",
+                   "layernorm_epsilon", "activation", "add_bias_linear",
+                   "untie_embeddings_and_output_weights", "rope_scaling", "add_qkv_bias",
+                   "norm_placement", "bert_binary_head", "tokentypes")
 _ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                         "rope_original_max_position_embeddings")   # matter with rope_scaling only
 

@@ -8,18 +8,11 @@ from megalite.model.config import TransformerConfig
 
 def architecture_of(config: TransformerConfig) -> str:
     """"llama" for the LLaMA recipe (RMSNorm, rope, swiglu, no bias, untied), "gpt2" for the
-    classic recipe with learned positions, LayerNorm, GELU, bias and tied embeddings, "t5" for
-    an encoder-decoder with T5's relative positions (the converter checks the other switches).
+    classic recipe with learned positions, LayerNorm, GELU, bias and tied embeddings.
 
     Raises MegaliteError for mixes no Hugging Face architecture represents exactly.
     """
     c = config
-    if c.model_type == "t5":
-        if c.position_embedding_type == "relative":
-            return "t5"
-        raise MegaliteError("this encoder-decoder config has no exact Hugging Face counterpart "
-                            "(T5 needs position_embedding_type 'relative'; the original "
-                            "Transformer's sinusoidal recipe has none)")
     if (c.normalization == "RMSNorm" and c.position_embedding_type == "rope"
             and c.activation == "swiglu"):
         return "llama"

@@ -1,8 +1,8 @@
 """The three conversions behind ``megalite convert`` (see :mod:`megalite.convert.cli`), each
 writing into a temporary directory ``tmp`` that the CLI renames into place on success.
 
-Every tensor goes through the one name map of its architecture (``param_mappings`` in
-:mod:`~megalite.convert.hf_llama` / :mod:`~megalite.convert.hf_gpt2`), one parameter at a time.
+Every tensor goes through the one name map of its model (``param_mappings`` of the model
+family's ``hf_converter``, :mod:`megalite.families`), one parameter at a time.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import torch
 
-from megalite.convert import architecture_module, architecture_of, config_from_hf, hf_t5
+from megalite.convert import config_from_hf
+from megalite.families import family_of
 from megalite.model.weights import WORD_EMBEDDINGS
 from megalite.convert.hf_io import HFReader, HFShardedWriter, progress
 from megalite.convert.hf_tokenizer import import_tokenizer, write_tokenizer_files
@@ -24,7 +25,6 @@ from megalite.errors import MegaliteError
 __all__ = ["to_hf", "from_hf", "reshard", "verify_logits"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias")
 
 
 def _train_config(path: str):
@@ -56,8 +56,7 @@ def to_hf(args, tmp: str) -> str:
     reader = CheckpointReader(args.load, verify_checksums=not args.no_verify_checksums)
     try:
         cfg = reader.config
-        arch = architecture_of(cfg)
-        mod = architecture_module(arch)
+        mod = family_of(cfg).hf_converter
         rows = reader.meta_tensor(WORD_EMBEDDINGS).shape[0]
         maps = mod.param_mappings(cfg, rows)
         out_dtype = _DTYPES.get(args.dtype)
@@ -65,6 +64,8 @@ def to_hf(args, tmp: str) -> str:
         for m in maps:   # shapes from the meta device: nothing read yet
             outs = m.to_hf(reader.meta_tensor(m.megalite))
             specs += [(n, out_dtype or t.dtype, tuple(t.shape)) for n, t in zip(m.hf, outs)]
+        extra = mod.extra_tensors(cfg, out_dtype or specs[0][1])   # no megalite tensor behind
+        specs += [(n, t.dtype, tuple(t.shape)) for n, t in extra.items()]
         writer = HFShardedWriter(tmp, specs, int(args.max_shard_size * 1e9))
         bar = progress(len(maps), "to-hf")
         for m in maps:
@@ -73,6 +74,8 @@ def to_hf(args, tmp: str) -> str:
                 writer.write(n, t.to(out_dtype) if out_dtype else t)
             del outs
             bar.update(1)
+        for n, t in extra.items():
+            writer.write(n, t)
         bar.close()
         writer.close()
         tok_model, tok_type = _tokenizer_of(_train_config(reader.path), reader.path)
@@ -113,12 +116,8 @@ def to_hf(args, tmp: str) -> str:
 def from_hf(args, tmp: str) -> str:
     hf = HFReader(args.load)
     try:
-        options = {}
-        if getattr(hf.config, "model_type", None) == "t5":   # tied unless lm_head differs
-            options["tied"] = hf_t5.tied_in_checkpoint(set(hf.names()), hf.get)
-        cfg = config_from_hf(hf.config, **options)
-        arch = architecture_of(cfg)
-        maps = {m.megalite: m for m in architecture_module(arch).param_mappings(cfg)}
+        cfg = config_from_hf(hf.config, set(hf.names()), hf.get)
+        maps = {m.megalite: m for m in family_of(cfg).hf_converter.param_mappings(cfg)}
         _check_hf_names(hf, maps, cfg, args.load)
         out_dtype = _DTYPES.get(args.dtype)
 
@@ -157,12 +156,7 @@ def from_hf(args, tmp: str) -> str:
 def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
     expected = {n for m in maps.values() for n in m.hf}
     names = set(hf.names())
-    ignorable = {n for n in names if n.endswith(_IGNORED_HF_SUFFIXES)
-                 or (n.endswith(".attn.bias") and n.startswith("transformer.h."))}
-    if cfg.is_encoder_decoder:     # T5's copies of shared.weight and its unused tensor
-        ignorable |= set(hf_t5.TIED_COPIES) | set(hf_t5.IGNORED)
-    if cfg.tied_embeddings:
-        ignorable.add("lm_head.weight")
+    ignorable = set(family_of(cfg).hf_converter.ignored_names(cfg, names))
     missing = sorted(expected - names)
     unexpected = sorted(names - expected - ignorable)
     if missing or unexpected:
@@ -321,37 +315,29 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
 @torch.no_grad()
 def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
     """Max |megalite - HF| over the real-vocabulary logits of ``args.verify_sequences`` random
-    sequences (encoder-decoders: random source and decoder sequences of that length), both
-    models in float32 in this process; MegaliteError above the tolerance."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
+    sequences (encoder-decoders: random source and decoder sequences of that length; the
+    converter's ``verify_logits``), both models in float32 in this process; MegaliteError above
+    the tolerance."""
     from megalite.checkpoint import load_model_weights, read_model_config
     from megalite.distributed.parallel_state import ParallelState
     from megalite.parallel.context import ModelContext
-    from megalite.parallel.pipeline.stages import build_model_chunks
     cfg = read_model_config(ckpt_dir).replace(hidden_dropout=0.0, attention_dropout=0.0)
     ps = ParallelState.single()
-    (ours,) = build_model_chunks(cfg, ModelContext(ps, device="meta"))
-    ours.to_empty(device="cpu")
+    family = family_of(cfg)
+    converter = family.hf_converter
+    ours = family.model_class(cfg, ModelContext(ps, device="meta")).to_empty(device="cpu")
     load_model_weights(ckpt_dir, [ours], ps, verify_checksums=False)
     ours.eval()
-    auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     try:
-        theirs = auto.from_pretrained(hf_dir, dtype=torch.float32,
-                                      attn_implementation="eager").eval()
+        theirs = converter.hf_model_class(cfg).from_pretrained(
+            hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     except Exception as e:
         raise MegaliteError(f"--verify: transformers cannot load {hf_dir}: "
                             f"{type(e).__name__}: {e}") from None
     length = min(args.verify_seq_length, cfg.max_position_embeddings)
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (args.verify_sequences, length), generator=g)
-    if cfg.is_encoder_decoder:
-        target = torch.randint(0, cfg.vocab_size, tokens.shape, generator=g)
-        a = ours(tokens, target)[..., :cfg.vocab_size].float()
-        b = theirs(input_ids=tokens, decoder_input_ids=target).logits.float()
-    else:
-        a = ours(tokens)[..., :cfg.vocab_size].float()
-        b = theirs(input_ids=tokens).logits.float()
+    a, b = converter.verify_logits(ours, theirs, tokens, cfg)
     if a.shape != b.shape:
         raise MegaliteError(f"--verify: logits shapes differ: megalite {tuple(a.shape)}, "
                             f"Hugging Face {tuple(b.shape)}")

@@ -1,6 +1,7 @@
-"""The whole-model Hugging Face converters, dispatching on :func:`architecture_of` to the
-converter module of the architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2; :mod:`.hf_gpt2`;
-:mod:`.hf_t5`: T5, an encoder-decoder).
+"""The whole-model Hugging Face converters of the GPT family (its ``hf_converter`` in
+:mod:`megalite.families`), dispatching on :func:`architecture_of` to the converter module of the
+architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2; :mod:`.hf_gpt2`); and
+:func:`config_from_hf`, which reads a Hugging Face config of any supported model.
 
 Each converter module exposes ``param_mappings(config)`` (the name map), ``to_hf``/``from_hf``
 (whole state dicts) and ``config_to_hf``/``config_from_hf``.
@@ -9,20 +10,26 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
-from megalite.convert import hf_gpt2, hf_llama, hf_t5
+from megalite.convert import hf_bert, hf_gpt2, hf_llama, hf_t5
 from megalite.convert.architectures import architecture_of
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
 
-ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2, "t5": hf_t5}
+ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
 """Architecture name -> its converter module."""
 
 
 def architecture_module(arch: str):
-    """The converter module of architecture ``arch`` ("llama", "gpt2" or "t5")."""
+    """The converter module of architecture ``arch`` ("llama" or "gpt2")."""
     return ARCHITECTURES[arch]
+
+
+def param_mappings(config: TransformerConfig, padded_vocab: int | None = None) -> list:
+    """The name map (``ParamMapping`` list) of the matching architecture."""
+    return architecture_module(architecture_of(config)).param_mappings(config, padded_vocab)
 
 
 def to_hf(state: Mapping[str, Tensor], config: TransformerConfig) -> dict[str, Tensor]:
@@ -38,18 +45,53 @@ def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,
 
 
 def config_to_hf(config: TransformerConfig):
-    """The ``transformers`` config (LlamaConfig, GPT2Config or T5Config) describing the same
-    model."""
+    """The ``transformers`` config (LlamaConfig or GPT2Config) describing the same model."""
     return architecture_module(architecture_of(config)).config_to_hf(config)
 
 
-def config_from_hf(hf_config, **options) -> TransformerConfig:
-    """A :class:`TransformerConfig` from a ``transformers`` LlamaConfig, GPT2Config or T5Config
-    (``options``: T5's ``tied``, see :func:`megalite.convert.hf_t5.config_from_hf`)."""
-    MODEL_TYPES = hf_llama.MODEL_TYPES
+def extra_tensors(config: TransformerConfig, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Hugging Face tensors with no megalite parameter behind them: none for GPT models."""
+    return {}
+
+
+def hf_model_class(config: TransformerConfig):
+    """The ``transformers`` auto class that loads the converted model (``--verify``)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM
+
+
+def verify_logits(ours, theirs, tokens: Tensor, config: TransformerConfig
+                  ) -> tuple[Tensor, Tensor]:
+    """(megalite's, Hugging Face's) real-vocabulary logits [n, s, V] of ``tokens`` [n, s]."""
+    return (ours(tokens)[..., :config.vocab_size].float(),
+            theirs(input_ids=tokens).logits.float())
+
+
+def ignored_names(config: TransformerConfig, names) -> tuple[str, ...]:
+    """Tensors of a Hugging Face checkpoint (``names``) the megalite model does not hold: the
+    tied ``lm_head.weight``, rotary and causal-mask buffers of older checkpoints."""
+    drop = [n for n in names if n.endswith((".rotary_emb.inv_freq", ".attn.masked_bias"))
+            or (n.endswith(".attn.bias") and n.startswith("transformer.h."))]
+    if config.tied_embeddings:
+        drop.append("lm_head.weight")
+    return tuple(drop)
+
+
+def config_from_hf(hf_config, names=None, get=None) -> TransformerConfig:
+    """A :class:`TransformerConfig` from a ``transformers`` config of a supported model:
+    LLaMA, Mistral, Qwen2, GPT-2 (the GPT family), BERT or Megatron-BERT (the BERT family,
+    :mod:`.hf_bert`; ``names``, the checkpoint's tensor names, tell whether it has the binary
+    head), T5 (:mod:`.hf_t5`; ``names`` and ``get``, name -> tensor, tell whether its output
+    layer is tied)."""
+    llama = hf_llama.MODEL_TYPES
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in (*MODEL_TYPES, "gpt2", "t5"):
+    if model_type in hf_bert.MODEL_TYPES:
+        return hf_bert.config_from_hf(hf_config, names)
+    if model_type in hf_t5.MODEL_TYPES:
+        return hf_t5.config_from_hf(hf_config, names, get)
+    if model_type not in (*llama, "gpt2"):
+        supported = llama + ("gpt2",) + hf_bert.MODEL_TYPES + hf_t5.MODEL_TYPES
         raise MegaliteError(f"unsupported Hugging Face model_type {model_type!r} "
-                            f"(supported: {', '.join(MODEL_TYPES)}, gpt2, t5)")
-    arch = "llama" if model_type in MODEL_TYPES else model_type
-    return architecture_module(arch).config_from_hf(hf_config, **options)
+                            f"(supported: {', '.join(supported)})")
+    return architecture_module("llama" if model_type in llama else model_type
+                               ).config_from_hf(hf_config)

@@ -130,6 +130,10 @@ def _join_kv(k: Tensor, v: Tensor, heads: int) -> Tensor:
 
 def _check(config: TransformerConfig) -> None:
     c = config
+    if c.model_type == "t5" and c.position_embedding_type != "relative":
+        raise MegaliteError("this encoder-decoder config has no exact Hugging Face counterpart "
+                            "(T5 needs position_embedding_type 'relative'; the original "
+                            "Transformer's sinusoidal recipe has none)")
     problems = [what for what, ok in (
         ("model_type 't5'", c.model_type == "t5"),
         ("position_embedding_type 'relative'", c.position_embedding_type == "relative"),
@@ -174,7 +178,37 @@ def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,
 
 
 def hf_architecture(config: TransformerConfig) -> str:
+    """The ``transformers`` class the converted model is."""
     return "T5ForConditionalGeneration"
+
+
+def extra_tensors(config: TransformerConfig, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Hugging Face tensors with no megalite parameter behind them: none for T5."""
+    return {}
+
+
+def hf_model_class(config: TransformerConfig):
+    """The ``transformers`` auto class that loads the converted model (``--verify``)."""
+    from transformers import AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM
+
+
+def verify_logits(ours, theirs, tokens: Tensor, config: TransformerConfig
+                  ) -> tuple[Tensor, Tensor]:
+    """(megalite's, Hugging Face's) real-vocabulary logits [n, s, V]: ``tokens`` [n, s] as the
+    source and, reversed, as the decoder input."""
+    target = tokens.flip(-1)
+    return (ours(tokens, target)[..., :config.vocab_size].float(),
+            theirs(input_ids=tokens, decoder_input_ids=target).logits.float())
+
+
+def ignored_names(config: TransformerConfig, names) -> tuple[str, ...]:
+    """HF tensors of ``names`` the megalite model does not hold: the copies of
+    ``shared.weight`` (tied ``lm_head`` included) and the unused cross-attention bias table."""
+    drop = [*TIED_COPIES, *IGNORED]
+    if config.tied_embeddings:
+        drop.append("lm_head.weight")
+    return tuple(n for n in drop if n in names)
 
 
 def config_to_hf(config: TransformerConfig):
@@ -195,16 +229,22 @@ def config_to_hf(config: TransformerConfig):
         architectures=["T5ForConditionalGeneration"])
 
 
-def config_from_hf(hf, tied: bool | None = None) -> TransformerConfig:
-    """:class:`TransformerConfig` from a ``transformers.T5Config``. ``tied``: whether the
-    checkpoint shares the output layer with the embedding (:func:`tied_in_checkpoint`; None:
-    T5's convention, tied exactly when the outputs are scaled)."""
+def config_from_hf(hf, names=None, get: Callable[[str], Tensor] | None = None
+                   ) -> TransformerConfig:
+    """:class:`TransformerConfig` from a ``transformers.T5Config``; the checkpoint's tensor
+    ``names`` and ``get`` (name -> tensor) tell whether it shares the output layer with the
+    embedding (:func:`tied_in_checkpoint`); without them T5's convention holds, tied exactly
+    when the outputs are scaled."""
     act = getattr(hf, "feed_forward_proj", "relu")
     ours = {"relu": "relu", "gated-gelu": "geglu"}.get(act)
     if ours is None:
         raise MegaliteError(f"T5 config: feed_forward_proj={act!r} is not supported (relu "
                             f"and gated-gelu are)")
     scaled = bool(getattr(hf, "scale_decoder_outputs", True))
+    tied = scaled
+    if names is not None:
+        tied = "lm_head.weight" not in names or (get is not None and
+                                                 tied_in_checkpoint(set(names), get))
     heads, d = hf.num_heads, hf.d_kv
     dropout = float(getattr(hf, "dropout_rate", 0.0) or 0.0)
     return TransformerConfig(
@@ -218,6 +258,6 @@ def config_from_hf(hf, tied: bool | None = None) -> TransformerConfig:
         relative_attention_max_distance=hf.relative_attention_max_distance,
         normalization="RMSNorm", layernorm_epsilon=hf.layer_norm_epsilon, activation=ours,
         add_bias_linear=False, softmax_scale=1.0, scale_decoder_outputs=scaled,
-        untie_embeddings_and_output_weights=not (scaled if tied is None else tied),
+        untie_embeddings_and_output_weights=not tied,
         hidden_dropout=dropout, attention_dropout=dropout,
         decoder_start_token_id=getattr(hf, "decoder_start_token_id", None))

@@ -6,13 +6,16 @@ Sample order (Megatron's pretraining sampler): the training run consumes the dat
 data-parallel rank ``r`` takes the ``r``-th ``micro_batch_size`` of each step. Every layout
 therefore sees the same global batch, so the global-batch mean loss is layout-independent.
 
-A microbatch is ``{"tokens": int64 [b, s], "labels": int64 [b, s]}``: the ``s + 1`` tokens of a
-sample shifted by one. Every pipeline stage builds the same microbatches (it is cheap); only the
-first model chunk reads ``tokens`` and only the last reads ``labels``.
+A microbatch is a dict of int64 tensors ``[b, ...]`` made from its samples by the model
+family's ``collate`` (:mod:`megalite.families`): GPT's (:func:`gpt_microbatch`) is ``{"tokens":
+[b, s], "labels": [b, s]}``, the ``s + 1`` tokens of a sample shifted by one; datasets whose
+items are dicts of arrays (BERT, T5) stack each field (:func:`stacked_microbatch`). Every
+pipeline stage builds the same microbatches (it is cheap); each model chunk reads the fields it
+needs (GPT: the first ``tokens``, the last ``labels``).
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,13 +37,27 @@ def microbatch_sample_ids(global_batch_size: int, micro_batch_size: int, dp_size
             for j in range(global_batch_size // step)]
 
 
-def make_microbatch(dataset: Sequence, ids: list[int], device=None) -> dict[str, torch.Tensor]:
-    """Stack samples ``ids`` into ``{"tokens": [b, s], "labels": [b, s]}`` (int64)."""
-    samples = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in ids])
-    batch = torch.from_numpy(samples)
-    if device is not None:
-        batch = batch.to(device)
+def gpt_microbatch(samples: list) -> dict[str, torch.Tensor]:
+    """GPT samples (``s + 1`` token ids each) -> ``{"tokens": [b, s], "labels": [b, s]}``
+    (int64): the tokens and the same tokens shifted by one."""
+    batch = torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in samples]))
     return {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+
+
+def stacked_microbatch(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Samples that are dicts of arrays (BERT, T5 items) -> ``{key: int64 [b, ...]}``, each
+    key's arrays stacked along a new first dimension."""
+    return {k: torch.from_numpy(np.stack([np.asarray(x[k], dtype=np.int64) for x in samples]))
+            for k in samples[0]}
+
+
+def make_microbatch(dataset: Sequence, ids: list[int], device=None,
+                    collate: Callable[[list], dict] = gpt_microbatch
+                    ) -> dict[str, torch.Tensor]:
+    """Samples ``ids`` of ``dataset`` made into one microbatch by ``collate`` (default GPT's
+    :func:`gpt_microbatch`), on ``device``."""
+    batch = collate([dataset[i] for i in ids])
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 class BatchIterator:
@@ -49,13 +66,15 @@ class BatchIterator:
     ``next_global_batch()`` returns this rank's list of microbatch dicts for the next global
     batch and advances ``consumed_samples`` by the global batch size (all DP ranks together).
     Sample ids wrap around the dataset length, so evaluation can cycle over a small split.
+    ``collate``: the model family's (see :func:`make_microbatch`).
     """
 
     def __init__(self, dataset: Sequence, global_batch_size: int, micro_batch_size: int,
-                 dp_size: int, dp_rank: int, consumed_samples: int = 0, device=None):
+                 dp_size: int, dp_rank: int, consumed_samples: int = 0, device=None,
+                 collate: Callable[[list], dict] = gpt_microbatch):
         if len(dataset) == 0:
             raise MegaliteError("the dataset has no samples")
-        self.dataset, self.device = dataset, device
+        self.dataset, self.device, self.collate = dataset, device, collate
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_size, self.dp_rank = dp_size, dp_rank
         self.consumed_samples = consumed_samples
@@ -71,7 +90,8 @@ class BatchIterator:
                                     self.dp_size, self.dp_rank, self.consumed_samples)
         self.consumed_samples += self.global_batch_size
         n = len(self.dataset)
-        return [make_microbatch(self.dataset, [i % n for i in mb], self.device) for mb in ids]
+        return [make_microbatch(self.dataset, [i % n for i in mb], self.device, self.collate)
+                for mb in ids]
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         while True:

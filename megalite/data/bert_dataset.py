@@ -140,3 +140,47 @@ def build_bert_datasets(data_path: list[str], split: str, num_samples: tuple[int
     config.check()
     return build_masked_datasets(BERTDataset, config, data_path, split, num_samples, vocab_size,
                                  blend_rule)
+
+
+class MockBERTDataset:
+    """``--mock-data`` for BERT: item i is drawn by a generator seeded with ``(seed, i)``, no
+    files needed: ``[CLS] A [SEP] B [SEP]`` filling ``seq_length`` (no padding), A and B random
+    ids in ``[4, vocab_size)`` split at a random point, ``mask_prob`` of them replaced by
+    [MASK] and predicted, a random sentence-order label. Ids 0-3 stand for [PAD], [CLS],
+    [SEP], [MASK]. The fields are :class:`BERTDataset`'s."""
+
+    PAD, CLS, SEP, MASK = 0, 1, 2, 3
+
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int,
+                 mask_prob: float = 0.15):
+        if vocab_size <= self.MASK + 1 or seq_length < BERTDatasetConfig.min_seq_length:
+            raise MegaliteError(f"mock BERT data needs --vocab-size > 4 and --seq-length >= "
+                                f"{BERTDatasetConfig.min_seq_length}, got {vocab_size} and "
+                                f"{seq_length}")
+        self.vocab_size, self.seq_length, self.num_samples = vocab_size, seq_length, num_samples
+        self.seed, self.mask_prob = seed, mask_prob
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, int(i)])
+        n = self.seq_length
+        body = rng.integers(self.MASK + 1, self.vocab_size, n - 3, dtype=np.int64)
+        cut = int(rng.integers(1, n - 3))                      # A = body[:cut], B = the rest
+        tokens = np.concatenate([[self.CLS], body[:cut], [self.SEP], body[cut:], [self.SEP]])
+        candidates = np.concatenate([np.arange(1, cut + 1), np.arange(cut + 2, n - 1)])
+        k = max(1, int(round(len(candidates) * self.mask_prob)))
+        positions = np.sort(rng.choice(candidates, k, replace=False))
+        labels = np.full(n, -1, dtype=np.int64)
+        labels[positions] = tokens[positions]
+        text = tokens.copy()
+        text[positions] = self.MASK
+        loss_mask = np.zeros(n, dtype=np.int64)
+        loss_mask[positions] = 1
+        types = np.zeros(n, dtype=np.int64)
+        types[cut + 2:] = 1
+        return {"text": text, "types": types, "labels": labels,
+                "is_random": np.array(int(rng.integers(0, 2)), dtype=np.int64),
+                "padding_mask": np.ones(n, dtype=np.int64), "loss_mask": loss_mask,
+                "truncated": np.array(0, dtype=np.int64)}

@@ -38,7 +38,6 @@ OFFLOAD = "offloading to CPU memory is not implemented"
 NO_DATALOADER = ("megalite has no DataLoader: the batches are cut in the training process "
                  "from memory-mapped token files")
 NUMERICS = "megalite does not implement it, and training without it gives other numbers"
-NOT_GPT = "is for other model families (BERT, T5, vision, retrieval), not GPT pretraining"
 
 
 def flag(flags: str, kind: str, nargs, text: str, ok=()) -> "MegatronFlag":

@@ -2,7 +2,7 @@
 does not implement as such."""
 from __future__ import annotations
 
-from megalite.megatron_flags.entry import (MegatronFlag, flag, ATTENTION, COND, NOTICE, NOT_GPT,
+from megalite.megatron_flags.entry import (MegatronFlag, flag, ATTENTION, COND, NOTICE,
                                            OFFLOAD, OVERLAP, REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
@@ -35,7 +35,6 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--activation-func-clamp-value", REFUSE, None, "clamping the MLP activation is "
              "not implemented"),
         flag("--onnx-safe", NOTICE, None, "megalite does not export to ONNX"),
-        flag("--bert-no-binary-head", REFUSE, 0, NOT_GPT),
         flag("--apply-layernorm-1p", REFUSE, 0, "zero-centred norm weights (1 + gamma) are not "
              "implemented"),
         flag("--apply-residual-connection-post-layernorm", REFUSE, 0, "megalite's layers are "

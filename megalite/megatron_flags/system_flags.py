@@ -3,7 +3,7 @@ does not implement as such."""
 from __future__ import annotations
 
 from megalite.megatron_flags.entry import (MegatronFlag, flag, COND, FSDP, KERNELS, LOG_ONLY,
-                                           NOTICE, NOT_GPT, NO_DATALOADER, NUMERICS, OVERLAP,
+                                           NOTICE, NO_DATALOADER, NUMERICS, OVERLAP,
                                            REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
@@ -115,8 +115,6 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--encoder-seq-length", REFUSE, None, "use --seq-length"),
         flag("--decoder-seq-length", REFUSE, None, "encoder-decoder models are not implemented"),
         flag("--sample-rate", REFUSE, None, "is not used by GPT pretraining"),
-        flag("--mask-prob", REFUSE, None, NOT_GPT),
-        flag("--short-seq-prob", REFUSE, None, NOT_GPT),
         flag("--num-workers", NOTICE, None, NO_DATALOADER + " (no worker processes)"),
         flag("--reset-position-ids", REFUSE, 0, NUMERICS),
         flag("--reset-attention-mask", REFUSE, 0, NUMERICS),

@@ -21,10 +21,11 @@ queries attend to every cached position: with the causal mask when the cache was
 with no mask for one new token (decode), and with an offset causal mask otherwise. Queries and
 keys arrive already rotated at their absolute positions, so cached keys never change.
 
-Masks. Without ``mask`` the self-attention is causal (``is_causal``, SDPA's fast path) or
-unmasked; a ``mask`` is an additive float tensor broadcastable to [b, a/tp, q, k] (0 where a key
-is seen, the dtype's most negative value where it is not, plus T5's position bias), built by the
-model and already holding the causal part. Scores are scaled by ``config.softmax_scale`` (None:
+Masks. Without a mask the self-attention is causal (``is_causal``, SDPA's fast path) or
+unmasked; a mask, broadcastable to [b, a/tp, q, k], is either bool (True = attend: BERT's key
+padding) or an additive float tensor (0 where a key is seen, the dtype's most negative value
+where it is not, plus T5's position bias), built by the model and already holding the causal
+part when there is one. Scores are scaled by ``config.softmax_scale`` (None:
 1/sqrt(d); T5: 1).
 
 Cross-attention (:class:`CrossAttention`, encoder-decoder decoders): queries from the decoder
@@ -82,8 +83,9 @@ class _HeadsMixin:
         return self.core(q, k, v, mask)
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        """softmax(scale q k^T + mask (or the causal mask)) v, with dropout on the
-        probabilities. q [b, a/tp, s, d], k and v [b, g/tp, t, d] -> [b, a/tp, s, d]."""
+        """softmax(scale q k^T + mask) v, with dropout on the probabilities; the mask is
+        ``mask`` (module doc) or, without one, the causal one (decoders) or none (encoders).
+        q [b, a/tp, s, d], k and v [b, g/tp, t, d] -> [b, a/tp, s, d]."""
         p = self.dropout if self.training else 0.0
         ctx = self.rng_tracker.fork() if p > 0 else contextlib.nullcontext()
         with ctx:
@@ -97,8 +99,9 @@ class _HeadsMixin:
 
 
 class Attention(_HeadsMixin, nn.Module):
-    """Self-attention: ``forward(x, rope=None, kv_cache=None, mask=None) -> [s, b, h]``;
-    ``rope`` is (cos, sin) from RotaryEmbedding; ``causal``: the mask when ``mask`` is None."""
+    """Self-attention: ``forward(x, rope=None, kv_cache=None, attention_mask=None) -> [s, b,
+    h]``; ``rope`` is (cos, sin) from RotaryEmbedding; ``causal`` (decoders): the mask when no
+    ``attention_mask`` is given (encoders: every key)."""
 
     def __init__(self, config: TransformerConfig, ctx: ModelContext, *, causal: bool = True):
         super().__init__()
@@ -131,10 +134,11 @@ class Attention(_HeadsMixin, nn.Module):
         return self._sdpa(q, keys, values, mask, causal)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                kv_cache=None, mask: Tensor | None = None) -> Tensor:
+                kv_cache=None, attention_mask: Tensor | None = None) -> Tensor:
         """x [s, b, h] -> [s, b, h]; ``kv_cache``: this layer's inference cache
         (:class:`megalite.inference.kv_cache.LayerKVCache`) or None (training, no cache);
-        ``mask``: additive [b or 1, a/tp or 1, s, keys] (module doc) or None."""
+        ``attention_mask``: [b or 1, a/tp or 1, s, keys] (module doc) or None."""
+        mask = attention_mask
         qkv = self.linear_qkv(x)                                # [s, b, gl * (a/g + 2) * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)

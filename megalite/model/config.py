@@ -1,7 +1,7 @@
 """Typed configuration of a Transformer model: :class:`TransformerConfig`, the one config
-class of every model family: GPT (both recipes below) and the encoder-decoder family
-(``model_type="t5"``: T5 v1.0/v1.1 and, with its switches, the original Transformer of
-``torch.nn.Transformer``).
+class of every model family (``model_type``: GPT with both recipes, BERT, T5 and the original
+Transformer of ``torch.nn.Transformer`` as switches of the encoder-decoder; what else differs by
+family is :mod:`megalite.families`).
 
 The *classic* recipe (GPT-2 style): learned or sinusoidal absolute positions, LayerNorm, GELU,
 biases, output layer tied to the word embedding. The *LLaMA* recipe: rotary positions, RMSNorm,
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from megalite.errors import MegaliteError
 
 MODEL_TYPES = ("gpt", "bert", "t5")
+NORM_PLACEMENTS = ("pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal", "relative")
 ROPE_SCALINGS = ("llama3", "linear")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -27,7 +28,6 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 # gelu_tanh(x W_gate) * (x W_up) (T5 v1.1's "gated-gelu"); "relu" (T5 v1.0, nn.Transformer).
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
-NORM_PLACEMENTS = ("pre", "post")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
@@ -47,7 +47,7 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
 
 @dataclass
 class TransformerConfig:
-    """Shapes, recipe switches and regularisation of one model (any family, ``model_type``).
+    """Shapes, recipe switches and regularisation of one model (of any family).
 
     Derived quantities (``head_dim``, ``ffn_size``, ``query_groups``) are properties so the
     stored config stays exactly what the user asked for.
@@ -121,13 +121,23 @@ class TransformerConfig:
     recompute_granularity: str | None = None
     """Activation checkpointing: None, "full" (recompute each layer in backward) or
     "selective" (recompute only the attention core, whose activations grow with s^2)."""
-    # ---- model families (fields after this line default to GPT's behaviour) ----------------
     model_type: str = "gpt"
-    """The family: "gpt" (decoder-only, causal), "bert" (encoder) or "t5" (encoder-decoder:
-    :class:`megalite.model.encoder_decoder.EncoderDecoderModel`)."""
+    """The model family (``--model-type``): "gpt" (decoder-only), "bert" (bidirectional
+    encoder with masked-LM and binary heads) or "t5" (encoder-decoder:
+    :class:`megalite.model.encoder_decoder.EncoderDecoderModel`); see
+    :mod:`megalite.families` for what each family brings (model, loss, data, FLOPs, HF
+    converter). Checkpoints saved before the field existed are GPT."""
     norm_placement: str = "pre"
-    """"pre": x + f(Norm(x)) (GPT, LLaMA, T5); "post": Norm(x + f(x)) (the original Transformer,
-    ``torch.nn.Transformer``'s default ``norm_first=False``)."""
+    """Where each layer's norms sit: "pre" (before attention and MLP, residual around them:
+    GPT, Megatron's BERT, T5) or "post" (after each residual add: the original BERT, with a norm
+    on the embedding and none at the end; the original Transformer, ``torch.nn.Transformer``'s
+    default ``norm_first=False``, with a final norm per stack)."""
+    bert_binary_head: bool = True
+    """BERT: the binary (sentence-order) head on the pooled first token; False is Megatron-LM's
+    ``--bert-no-binary-head``."""
+    num_tokentypes: int | None = None
+    """BERT: rows of the token-type embedding; None is Megatron-LM's rule: 2 with the binary
+    head, else none (0)."""
     softmax_scale: float | None = None
     """Multiplier of the attention scores q.k before the softmax; None means 1/sqrt(head_dim).
     T5: 1.0 (its initialization folds the scale into the query weights)."""
@@ -186,6 +196,15 @@ class TransformerConfig:
         return self.model_type == "t5"
 
     @property
+    def tokentypes(self) -> int:
+        """Rows of the token-type embedding (num_tokentypes, or Megatron's rule; 0: none)."""
+        if self.model_type != "bert":
+            return 0
+        if self.num_tokentypes is not None:
+            return self.num_tokentypes
+        return 2 if self.bert_binary_head else 0
+
+    @property
     def tied_embeddings(self) -> bool:
         """True when the output layer reuses the word-embedding matrix."""
         return not self.untie_embeddings_and_output_weights
@@ -215,6 +234,23 @@ class TransformerConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
                 bad(f"{name} must be a positive integer or None, got {value!r}")
+        if self.model_type not in MODEL_TYPES:
+            bad(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            bad(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if self.model_type == "gpt" and self.norm_placement != "pre":
+            bad("norm_placement 'post' is for BERT and the encoder-decoder (model_type bert, "
+                "t5); GPT models are pre-norm")
+        t = self.num_tokentypes
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+            bad(f"num_tokentypes must be an integer >= 0 or None, got {t!r}")
+        if t and self.model_type != "bert":
+            bad(f"num_tokentypes={t}: token types are for BERT (model_type bert)")
+        if self.model_type == "bert" and (self.activation not in ("gelu", "gelu_tanh") or
+                                          self.position_embedding_type != "learned_absolute"):
+            bad("a BERT model has learned absolute positions and a gelu MLP (got "
+                f"position_embedding_type={self.position_embedding_type!r}, "
+                f"activation={self.activation!r})")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             bad(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
                 f"got {self.position_embedding_type!r}")
@@ -222,10 +258,6 @@ class TransformerConfig:
             bad(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.activation not in ACTIVATIONS:
             bad(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.model_type not in MODEL_TYPES:
-            bad(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
-        if self.norm_placement not in NORM_PLACEMENTS:
-            bad(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
         self._validate_encoder_decoder(bad)
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
             bad(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "

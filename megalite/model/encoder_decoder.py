@@ -43,12 +43,10 @@ from torch import Tensor, nn
 
 from megalite.errors import MegaliteError
 from megalite.inference.kv_cache import cache_offset
-from megalite.model import weights
 from megalite.model.config import TransformerConfig
-from megalite.model.embedding import Embedding, logits_or_loss, vocab_logits
 from megalite.model.norms import build_norm
 from megalite.model.positions import RelativePositionBias
-from megalite.model.transformer_layer import TransformerLayer
+from megalite.model.transformer import Embedding, ModelChunk, TransformerLayer
 from megalite.parallel.context import ModelContext
 from megalite.parallel.layers import ColumnParallelLinear
 from megalite.parallel.random import checkpoint
@@ -124,33 +122,29 @@ class TransformerStack(nn.Module):
         return self.final_norm(x)
 
 
-class EncoderDecoderModel(weights.WeightsMixin, nn.Module):
-    """Encoder-decoder model on one pipeline stage, tensor/sequence parallel.
+class EncoderDecoderModel(ModelChunk):
+    """Encoder-decoder model, tensor/sequence parallel, whole on each rank (no pipeline).
 
     Args: ``config`` (``model_type="t5"``) and ``ctx`` as for
-    :class:`~megalite.model.gpt.GPTModel`. Parameter names: ``embedding.*``,
+    :class:`~megalite.model.transformer.ModelChunk`; ``pre_process``, ``post_process`` and
+    ``layer_range`` are there for :func:`~megalite.parallel.pipeline.stages.build_model_chunks`
+    and must describe the whole model. Parameter names: ``embedding.*``,
     ``encoder.relative_position_bias.weight``, ``encoder.layers.{i}.*``,
     ``encoder.final_norm.weight``, the same under ``decoder.`` (whose layers add
     ``cross_attention_norm`` and ``cross_attention.linear_{q,kv,proj}``), and
     ``output_layer.weight`` when untied. Built on meta and initialized once, as GPTModel.
     """
 
-    def __init__(self, config: TransformerConfig, ctx: ModelContext):
-        super().__init__()
-        ps = ctx.ps
-        config.validate()
+    def __init__(self, config: TransformerConfig, ctx: ModelContext, *, pre_process: bool = True,
+                 post_process: bool = True, layer_range: tuple[int, int] | None = None):
         if not config.is_encoder_decoder:
             raise MegaliteError(f"EncoderDecoderModel needs model_type 't5', got "
                                 f"{config.model_type!r}")
-        config.validate_parallel(ps.tp_size)
-        if ps.pp_size > 1:
+        whole = layer_range in (None, (0, config.num_layers))
+        if ctx.ps.pp_size > 1 or not (pre_process and post_process and whole):
             raise MegaliteError("the encoder-decoder (T5) model has no pipeline-parallel "
                                 "implementation: use --pipeline-model-parallel-size 1")
-        self.config, self.ps, self.rng_tracker = config, ps, ctx.rng_tracker
-        self.pre_process = self.post_process = True
-        self.layer_range = (0, config.num_layers)
-        self.padded_vocab = config.padded_vocab(ps.tp_size)
-        self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+        super().__init__(config, ctx, pre_process=True, post_process=True, layer_range=None)
         meta = ctx.on_meta()
         self.embedding = Embedding(config, meta)
         self.encoder = TransformerStack(config, meta, decoder=False)
@@ -159,8 +153,15 @@ class EncoderDecoderModel(weights.WeightsMixin, nn.Module):
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, self.padded_vocab, meta, bias=False, gather_output=False,
                 sequence_parallel=self.sequence_parallel)
-        if not ctx.is_meta:
-            weights.materialize(self, ctx.resolved_device())
+        self._materialize(ctx)
+
+    def forward_microbatch(self, hidden, microbatch: dict) -> Tensor:
+        """The pipeline schedule's call (:mod:`megalite.families`; one stage, so ``hidden`` is
+        None): the T5 data's ``text_enc``, ``text_dec``, ``labels``, ``enc_mask`` and
+        ``dec_mask`` -> the per-token loss [b, s] (the loss object applies ``loss_mask``)."""
+        mb = microbatch
+        return self(mb["text_enc"], mb["text_dec"], mb["labels"], enc_mask=mb["enc_mask"],
+                    dec_mask=mb["dec_mask"])
 
     def forward(self, enc_ids: Tensor, dec_ids: Tensor, labels: Tensor | None = None, *,
                 enc_mask: Tensor | None = None, dec_mask: Tensor | None = None) -> Tensor:
@@ -190,9 +191,7 @@ class EncoderDecoderModel(weights.WeightsMixin, nn.Module):
             kv_cache.advance(dec_ids.shape[1])
         if self.config.scale_decoder_outputs:
             y = y * self.config.hidden_size ** -0.5
-        logits = vocab_logits(y, self.output_weight(), self.config, self.ps,
-                              self.sequence_parallel)
-        return logits_or_loss(logits, labels, self.ps)
+        return self._lm_output(self._logits(y), labels)
 
     def _check_ids(self, ids: Tensor, what: str, offset: int) -> None:
         if ids.dim() != 2:
@@ -206,9 +205,3 @@ class EncoderDecoderModel(weights.WeightsMixin, nn.Module):
             raise MegaliteError(f"--sequence-parallel needs the {what} sequence length "
                                 f"({ids.shape[1]}) divisible by the tensor-parallel size "
                                 f"({self.ps.tp_size})")
-
-    def output_weight(self) -> Tensor:
-        """This rank's [padded_vocab/tp, h] slice of the output matrix (tied or not)."""
-        if hasattr(self, "output_layer"):
-            return self.output_layer.weight
-        return self.embedding.word_embeddings.weight

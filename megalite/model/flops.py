@@ -1,4 +1,5 @@
-"""Model FLOPs per training iteration (used for TFLOP/s and MFU).
+"""Model FLOPs per training iteration (used for TFLOP/s and MFU), the formula of each model
+family (:mod:`megalite.families` names them; GPT's is derived here).
 
 Derivation. Notation: B sequences per iteration (global batch), s tokens per sequence, L layers,
 h hidden size, a query heads, g key/value groups, d head width, f MLP inner width, V vocabulary
@@ -36,11 +37,24 @@ keys and values; the output layer on the s target tokens:
 Not counted: activation recompute (these are *model* FLOPs, the MFU convention, not hardware
 FLOPs), norms, softmax, activations, RoPE, the embedding lookup and the loss (all O(h) per
 token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L*s*h per token.
+
+BERT: the attention is bidirectional, so the scores and probs x V GEMMs do the whole s x s
+matrix (4*a*d*s per token, not 2*a*d*s); the masked-LM head adds its transform (2*h*h) to
+the output layer's 2*h*V on every token (the logits of all positions are computed, as in
+Megatron-LM and Hugging Face), and the pooler and binary head 2*h*h + 2*h*2 per sequence:
+
+    flops = 3 * B * s * ( L * [2h(a+2g)d + 4ads + 2adh + 2mhf] + 2hh + 2hV ) + 3 * B * (2hh + 4h)
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from megalite.errors import MegaliteError
 from megalite.model.config import GATED_ACTIVATIONS, TransformerConfig
+
+
+__all__ = ["gpt_forward_flops_per_token", "bert_forward_flops_per_token",
+           "t5_forward_flops_per_token", "encoder_decoder_forward_flops", "flops_per_iteration"]
 
 
 def _layer_flops(config: TransformerConfig, score_flops: int) -> int:
@@ -55,15 +69,32 @@ def _layer_flops(config: TransformerConfig, score_flops: int) -> int:
             + 2 * mlp_mats * h * f)           # MLP
 
 
-def forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
-    """Forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module doc)."""
+def _layers_flops_per_token(config: TransformerConfig, seq_length: int, causal: bool) -> float:
+    """Forward GEMM FLOPs of the L transformer layers for one token (see module doc)."""
     a, d = config.num_attention_heads, config.head_dim
-    # causal Q K^T and P V: half of 4*a*d*s
-    per_layer = _layer_flops(config, 2 * a * d * seq_length)
-    return float(config.num_layers * per_layer + 2 * config.hidden_size * config.vocab_size)
+    # Q K^T and P V: 4*a*d*s for the whole s x s matrix, half of it causal
+    return float(config.num_layers * _layer_flops(config, (2 if causal else 4) * a * d *
+                                                  seq_length))
 
 
-def encoder_decoder_forward_flops(config: TransformerConfig, source: int, target: int) -> float:
+def gpt_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+    """GPT's forward GEMM FLOPs for one token of a length-``seq_length`` sequence (see module
+    doc)."""
+    return _layers_flops_per_token(config, seq_length, causal=True) \
+        + 2.0 * config.hidden_size * config.vocab_size
+
+
+def bert_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+    """BERT's forward GEMM FLOPs per token of a length-``seq_length`` sequence, the per-sequence
+    pooler and binary head spread over its tokens (see module doc)."""
+    h = config.hidden_size
+    heads = 2.0 * h * h + 2.0 * h * config.vocab_size
+    if config.bert_binary_head:
+        heads += (2.0 * h * h + 4.0 * h) / seq_length
+    return _layers_flops_per_token(config, seq_length, causal=False) + heads
+
+
+def encoder_decoder_forward_flops(config: TransformerConfig, source: int, target: int) -> int:
     """Forward GEMM FLOPs of one encoder-decoder sample of ``source`` encoder and ``target``
     decoder tokens (module doc)."""
     h, a, g, d = config.hidden_size, config.num_attention_heads, config.query_groups, config.head_dim
@@ -72,21 +103,32 @@ def encoder_decoder_forward_flops(config: TransformerConfig, source: int, target
     cross = 2 * h * a * d + 4 * a * d * source + 2 * a * d * h
     decoder = target * (config.decoder_layers * (_layer_flops(config, 2 * a * d * target) + cross)
                         + 2 * h * config.vocab_size)
-    return float(encoder + cross_kv + decoder)
+    return encoder + cross_kv + decoder
+
+
+def t5_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+    """An encoder-decoder's forward GEMM FLOPs per encoder token: one sample of ``seq_length``
+    encoder and ``config.decoder_seq_length`` decoder tokens, spread over its encoder tokens."""
+    if not config.decoder_seq_length:
+        raise MegaliteError("the encoder-decoder's FLOPs need its decoder_seq_length "
+                            "(--decoder-seq-length)")
+    return encoder_decoder_forward_flops(config, seq_length, config.decoder_seq_length) \
+        / seq_length
 
 
 def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int,
-                        decoder_seq_length: int | None = None) -> float:
-    """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch.
-
-    Encoder-decoder models: ``seq_length`` is the encoder's, ``decoder_seq_length`` the
-    decoder's (default ``config.decoder_seq_length``)."""
-    target = decoder_seq_length or config.decoder_seq_length
-    if global_batch_size < 1 or seq_length < 1 or (config.is_encoder_decoder and not target):
-        raise MegaliteError(f"flops_per_iteration: global_batch_size={global_batch_size}, "
-                            f"seq_length={seq_length} (and for an encoder-decoder the "
-                            f"decoder_seq_length={target}) must be >= 1")
-    if config.is_encoder_decoder:
-        return 3.0 * global_batch_size * encoder_decoder_forward_flops(config, seq_length,
-                                                                       target)
+                        forward_flops_per_token: Callable[[TransformerConfig, int], float]
+                        | None = None) -> float:
+    """Model FLOPs of one training iteration (forward + dgrad + wgrad) over the global batch:
+    ``3 * B * s * forward_flops_per_token(config, s)``, by default GPT's formula (the family
+    registry passes each family's: ``family_of(config).flops_per_iteration``)."""
+    if forward_flops_per_token is None:
+        if config.model_type != "gpt":
+            raise MegaliteError(f"flops_per_iteration: GPT's formula does not fit a "
+                                f"{config.model_type} model (use megalite.families."
+                                f"family_of(config).flops_per_iteration)")
+        forward_flops_per_token = gpt_forward_flops_per_token
+    if global_batch_size < 1 or seq_length < 1:
+        raise MegaliteError(f"flops_per_iteration: global_batch_size={global_batch_size} and "
+                            f"seq_length={seq_length} must be >= 1")
     return 3.0 * global_batch_size * seq_length * forward_flops_per_token(config, seq_length)

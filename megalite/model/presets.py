@@ -11,6 +11,11 @@ gpt2-small     GPT-2 124M: 12 layers, h=768, 12 heads, vocab 50257, 1024 positio
 llama2-7b      exactly LLaMA-2-7B: 32 layers, h=4096, 32 heads, ffn 11008, vocab 32000 6,738,415,616
 llama3.1-8b    exactly Llama-3.1-8B: 32 layers, h=4096, 32 heads / 8 kv groups, ffn   8,030,261,248
                14336, vocab 128256, theta 500000, llama3 rope scaling x8, 131072 positions
+tiny-bert      BERT, pre-norm (Megatron's), 2 layers, h=64, 4 heads, vocab 1000, 128     ~0.2M
+               positions, binary head
+bert-base      exactly BERT-Base (post-norm, as ``BertForPreTraining`` of bert-base-       110,106,428
+               uncased): 12 layers, h=768, 12 heads, ffn 3072, vocab 30522, 512 positions
+bert-large     exactly BERT-Large: 24 layers, h=1024, 16 heads, ffn 4096, vocab 30522     336,226,108
 tiny-t5        T5 v1.1 recipe (gated GELU, untied), 2 + 2 layers, h=64, 4 heads,       ~0.3M
                ffn 128, vocab 1000
 t5-small       exactly T5 (v1.0) small: 6 + 6 layers, h=512, 8 heads, ffn 2048, vocab   60,506,624
@@ -53,6 +58,15 @@ def _llama(**kw) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
+def _bert(**kw) -> TransformerConfig:
+    base = dict(model_type="bert", position_embedding_type="learned_absolute",
+                normalization="LayerNorm", activation="gelu", add_bias_linear=True,
+                untie_embeddings_and_output_weights=False, layernorm_epsilon=1e-12,
+                bert_binary_head=True)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
 def _t5(**kw) -> TransformerConfig:
     """T5 v1.0: RMSNorm without mean (eps 1e-6), ReLU, no biases, relative position buckets,
     unscaled attention scores, tied output layer fed h^-0.5 times the decoder output."""
@@ -86,6 +100,15 @@ _BUILDERS = {
                                   rope_scaling="llama3", rope_scaling_factor=8.0,
                                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                                   rope_original_max_position_embeddings=8192),
+    "tiny-bert": lambda: _bert(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               vocab_size=1000, max_position_embeddings=128, seq_length=64,
+                               norm_placement="pre", layernorm_epsilon=1e-5),
+    "bert-base": lambda: _bert(num_layers=12, hidden_size=768, num_attention_heads=12,
+                               vocab_size=30522, max_position_embeddings=512,
+                               norm_placement="post"),
+    "bert-large": lambda: _bert(num_layers=24, hidden_size=1024, num_attention_heads=16,
+                                vocab_size=30522, max_position_embeddings=512,
+                                norm_placement="post"),
     # T5 v1.1 differs from v1.0 by the gated GELU and an untied, unscaled output layer.
     "tiny-t5": lambda: _t5(num_layers=2, hidden_size=64, num_attention_heads=4,
                            ffn_hidden_size=128, vocab_size=1000, activation="geglu",

@@ -1,11 +1,12 @@
-"""The GPT model's weights: parameter names, materialization, layout-independent init, and full
+"""The models' weights (every family): parameter names, materialization, layout-independent init, and full
 (unsharded) state dicts in and out.
 
 Parameter names are full-model names with global layer ids (``layers.7.mlp.linear_fc1.weight``
 on whichever pipeline stage holds layer 7; ``encoder.layers.7.`` / ``decoder.layers.7.`` in
 encoder-decoder models), the same in checkpoints, resharding and the Hugging
 Face name maps; the constants below are their one spelling (the attribute names of the modules
-in :mod:`megalite.model.gpt`, :mod:`~megalite.model.attention` and :mod:`~megalite.model.mlp`).
+in :mod:`megalite.model.gpt`, :mod:`~megalite.model.bert`, :mod:`~megalite.model.transformer`,
+:mod:`~megalite.model.attention` and :mod:`~megalite.model.mlp`).
 
 Lifecycle: :class:`~megalite.model.gpt.GPTModel` builds every module on the meta device (no
 memory, nothing drawn) and :func:`materialize` allocates this rank's shards uninitialized; then
@@ -14,7 +15,8 @@ name)`` and keeps this rank's shard, or :func:`load_full_state_dict` / a checkpo
 Peak extra host memory while initializing is one full tensor in fp32 (the largest is the
 vocabulary matrix, ``[padded_vocab, h]``), never the model.
 
-Vocabulary matrices ([padded_vocab, h], :data:`VOCAB_TENSORS`) are padded to a multiple that
+Vocabulary matrices ([padded_vocab, h], and BERT's output bias [padded_vocab]:
+:data:`VOCAB_TENSORS`) are padded to a multiple that
 depends on the TP size; their ``vocab_size`` real rows carry the weights and the padding rows
 are zero (:func:`fit_vocab_rows`), so full tensors agree across layouts.
 """
@@ -30,13 +32,15 @@ from megalite.model.positions import SinusoidalPositions
 from megalite.parallel.sharding import (full_shape, gather_full_tensor, init_parameter_,
                                         shard_tensor, sharding_of)
 
-__all__ = ["WORD_EMBEDDINGS", "POSITION_EMBEDDINGS", "OUTPUT_LAYER", "VOCAB_TENSORS",
-           "FINAL_NORM", "INPUT_NORM", "POST_ATTENTION_NORM", "LINEAR_QKV", "LINEAR_PROJ",
-           "LINEAR_FC1", "LINEAR_FC2", "ENCODER", "DECODER", "RELATIVE_POSITION_BIAS",
-           "CROSS_ATTENTION_NORM", "CROSS_LINEAR_Q", "CROSS_LINEAR_KV", "CROSS_LINEAR_PROJ",
-           "layer_prefix", "fit_vocab_rows",
+__all__ = ["WORD_EMBEDDINGS", "POSITION_EMBEDDINGS", "OUTPUT_LAYER", "OUTPUT_BIAS",
+           "VOCAB_TENSORS", "FINAL_NORM", "TOKENTYPE_EMBEDDINGS", "EMBEDDING_NORM",
+           "LM_HEAD_DENSE", "LM_HEAD_NORM", "POOLER", "BINARY_HEAD", "INPUT_NORM",
+           "POST_ATTENTION_NORM", "LINEAR_QKV", "LINEAR_PROJ", "LINEAR_FC1", "LINEAR_FC2",
+           "ENCODER", "DECODER", "RELATIVE_POSITION_BIAS", "CROSS_ATTENTION_NORM",
+           "CROSS_LINEAR_Q", "CROSS_LINEAR_KV", "CROSS_LINEAR_PROJ", "layer_prefix",
+           "fit_vocab_rows",
            "to_empty_keeping_attributes", "materialize", "init_weights", "full_state_dict",
-           "load_full_state_dict", "WeightsMixin"]
+           "load_full_state_dict"]
 
 # -- parameter names ------------------------------------------------------------------------------
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -46,8 +50,18 @@ POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
 """[max_position_embeddings, h], learned absolute positions only."""
 OUTPUT_LAYER = "output_layer.weight"
 """[padded_vocab, h]: untied output layer, or the last stage's copy of a tied embedding."""
-VOCAB_TENSORS = (WORD_EMBEDDINGS, OUTPUT_LAYER)
+OUTPUT_BIAS = "lm_head.output_bias"
+"""[padded_vocab]: BERT's masked-LM output bias."""
+VOCAB_TENSORS = (WORD_EMBEDDINGS, OUTPUT_LAYER, OUTPUT_BIAS)
 FINAL_NORM = "final_norm"
+# BERT's own modules (each with .weight and .bias): the token-type table and the post-norm
+# embedding norm, the masked-LM head's transform, the pooler and the binary head.
+TOKENTYPE_EMBEDDINGS = "embedding.tokentype_embeddings.weight"
+EMBEDDING_NORM = "embedding.norm"
+LM_HEAD_DENSE = "lm_head.dense"
+LM_HEAD_NORM = "lm_head.norm"
+POOLER = "pooler"
+BINARY_HEAD = "binary_head"
 # Modules of transformer layer i, under layer_prefix(i); each has ``.weight`` and maybe ``.bias``.
 INPUT_NORM = "input_norm"
 LINEAR_QKV = "attention.linear_qkv"
@@ -123,7 +137,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
 
     Weight matrices ~ N(0, init_method_std); the attention output projection and the second
     MLP linear (the ones writing into the residual stream) ~ N(0, std / sqrt(2 L)); biases
-    0; norm weights 1. Each full tensor is drawn from a generator seeded by (seed, name),
+    0; norm weights 1 (every other matrix, e.g. BERT's token types and heads, N(0, std)). Each full tensor is drawn from a generator seeded by (seed, name),
     then sharded, so TP=1, 2, 4, 8 see the same full model. Vocabulary matrices draw only
     their ``vocab_size`` real rows (padding rows are zero), so they agree across layouts
     whose padding differs. ``model`` has ``config`` and ``ps``; on the meta device nothing
@@ -190,28 +204,3 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
             raise MegaliteError(f"{name}: full shape {tuple(full.shape)}, model expects "
                                 f"{tuple(shape)}")
         p.copy_(shard_tensor(full, dim, stride, model.ps.tp_rank, tp))
-
-
-class WeightsMixin:
-    """The weight lifecycle methods of a model class (``GPTModel``, ``EncoderDecoderModel``),
-    each the function of this module of the same name; the model has ``config`` and ``ps``."""
-
-    def to_empty(self, *, device, recurse: bool = True):
-        """``nn.Module.to_empty`` keeping the parameters' sharding attributes
-        (:func:`to_empty_keeping_attributes`). Follow with :meth:`init_weights` or
-        :meth:`load_full_state_dict`."""
-        return to_empty_keeping_attributes(self, device, recurse=recurse)
-
-    def init_weights(self, seed: int) -> None:
-        """Layout-independent init from ``seed`` (:func:`init_weights`)."""
-        init_weights(self, seed)
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """Every parameter gathered to its full shape, on every tp rank (collective over the tp
-        group; :func:`full_state_dict`)."""
-        return full_state_dict(self)
-
-    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Copy this rank's shard of each full tensor in ``state`` into the parameters
-        (:func:`load_full_state_dict`)."""
-        load_full_state_dict(self, state)

@@ -17,12 +17,9 @@ Memory estimate per rank (bytes; P = parameters of the rank, d = DP size, ZeRO s
 - grads    ``P * 4``     fp32 gradient (main grads with bf16/fp16); / d when z >= 2
 - optimizer ``P * (8 + m)``  Adam moments (2 x fp32) + fp32 master copy (m = 4 with bf16/fp16,
   else 0);                                                         / d when z >= 1
-- activations, per layer and microbatch (Korthikanti et al. 2022, "Reducing Activation
-  Recomputation in Large Transformer Models", 16-bit activations; x2 for fp32), with s
-  sequence, b micro batch, h hidden, a heads, t TP size:
-  no recompute ``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` (``s*b*h*(34 + 5*a*s/h)/t`` with sequence
-  parallelism); selective recompute drops the ``5*a*s/h`` term; full recompute keeps only the
-  layer input ``2*s*b*h`` (divided by t with sequence parallelism).
+- activations, per layer and microbatch: the model family's estimate
+  (:mod:`megalite.families`; for GPT and BERT :func:`megalite.model.memory.
+  activation_bytes_per_layer`, Korthikanti et al. 2022).
   Times the layers this rank holds, times the microbatches in flight on the first stage (the
   worst): 1F1B ``min(pp, microbatches)``; interleaved ``min((pp-1)*2 + (vp-1)*pp + 1,
   microbatches*vp)`` chunks of ``layers/(pp*vp)`` layers.
@@ -37,6 +34,8 @@ from dataclasses import dataclass
 
 from megalite.config import TrainConfig, check_batch_sizes
 from megalite.errors import MegaliteError
+from megalite.families import family_of
+from megalite.model.memory import activation_bytes_per_layer
 
 __all__ = ["StagePlan", "RunPlan", "plan_run", "activation_bytes_per_layer", "dry_run",
            "summary_lines"]
@@ -84,24 +83,11 @@ class RunPlan:
     """One line per data prefix (documents, tokens), or the mock-data note."""
 
 
-def activation_bytes_per_layer(config: TrainConfig, tp: int) -> float:
-    """Activation bytes of one transformer layer for one microbatch (formula above)."""
-    m = config.model
-    s, b, h, a = m.training_seq_length, config.training.micro_batch_size, m.hidden_size, \
-        m.num_attention_heads
-    sp = config.parallel.sequence_parallel
-    scale = 1.0 if (config.precision.bf16 or config.precision.fp16) else 2.0
-    if m.recompute_granularity == "full":
-        return 2 * s * b * h / (tp if sp else 1) * scale
-    attn = 0.0 if m.recompute_granularity == "selective" else 5 * a * s / h
-    per = 34 / tp + attn / tp if sp else 10 + 24 / tp + attn / tp
-    return s * b * h * per * scale
-
-
 def _data_lines(config: TrainConfig, check_ids: bool = True) -> list[str]:
     data = config.data
     if data.mock_data:
-        return [f"mock data: random tokens below {config.model.vocab_size}"]
+        return [f"mock data: random tokens below {config.model.vocab_size}"
+                + (" (BERT samples)" if config.model.model_type == "bert" else "")]
     from megalite.data.blended import parse_data_path
     from megalite.data.indexed import IndexedDataset
     from megalite.data.token_range import check_token_ids
@@ -147,7 +133,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
 
     z = par.zero_stage
     half = config.precision.bf16 or config.precision.fp16
-    act_layer = activation_bytes_per_layer(config, tp)
+    act_layer = family_of(m).activation_bytes_per_layer(config, tp)
     if vp == 1:
         in_flight_layers = min(pp, num_micro) * max(n for r in ranges for a, b in r
                                                     for n in [b - a])
@@ -197,7 +183,9 @@ def summary_lines(plan: RunPlan, config: TrainConfig, title: str) -> list[str]:
     return [
         f"{title}: {plan.world_size} process(es) = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         + (f", {plan.vp} virtual chunks per stage" if plan.vp > 1 else ""),
-        f"model: {config.model.num_layers} layers, hidden {config.model.hidden_size}, "
+        "model: " + ("" if config.model.model_type == "gpt" else
+                     f"{config.model.model_type.upper()} {config.model.norm_placement}-norm, ")
+        + f"{config.model.num_layers} layers, hidden {config.model.hidden_size}, "
         f"{config.model.num_attention_heads} heads, vocab {config.model.vocab_size} (padded "
         f"{config.model.padded_vocab(plan.tp)}), seq {config.model.training_seq_length}; "
         f"{plan.total_params:,} parameters",

@@ -11,8 +11,11 @@ per step, which the pipeline schedule calls once per microbatch
 * what is reported: the unscaled mean, detached; :meth:`GPTLoss.global_mean` turns the
   reported values of all microbatches of all data-parallel ranks into the global-batch mean.
 
-Other objectives (masked-LM and sentence-order losses, mixture-of-experts auxiliary losses) are
-further classes of this shape, here.
+BERT (:class:`BERTLoss`): the masked-LM loss is the mean over the microbatch's masked tokens
+(``loss_mask``), plus the sentence-order cross-entropy of the binary head (mean over the
+microbatch) when the model has one: Megatron-LM's ``pretrain_bert.py`` loss, per microbatch.
+Other objectives (T5's, mixture-of-experts auxiliary losses) are further classes of this shape,
+here; the model family names its class (:mod:`megalite.families`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 
-__all__ = ["GPTLoss"]
+__all__ = ["GPTLoss", "BERTLoss"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,24 @@ class GPTLoss:
         if ps.world_size > 1:
             dist.all_reduce(total)
         return float(total.item()) / (self.num_microbatches * ps.dp_size)
+
+
+@dataclass(frozen=True)
+class BERTLoss(GPTLoss):
+    """BERT pretraining loss (masked LM + sentence order) of one step; reported and averaged
+    over microbatches and data-parallel ranks as :class:`GPTLoss`."""
+
+    def __call__(self, output: tuple[Tensor, Tensor | None],
+                 microbatch: dict) -> tuple[Tensor, Tensor]:
+        """``output``: (per-token masked-LM loss [b, s], binary-head logits [b, 2] or None);
+        ``microbatch``: its ``loss_mask`` [b, s] (1 at masked tokens) and ``is_random`` [b]
+        (the sentence-order label). -> (loss * loss_scale / num_microbatches, the loss
+        detached); the loss is the masked-token mean (+ the sentence-order cross-entropy)."""
+        per_token, binary = output
+        mask = microbatch["loss_mask"].float()
+        # a BERT sample always has a masked token; the clamp only keeps an empty mask finite
+        loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        if binary is not None:
+            loss = loss + F.cross_entropy(binary.float(), microbatch["is_random"].view(-1),
+                                          ignore_index=-1)
+        return loss * (self.loss_scale / self.num_microbatches), loss.detach()

@@ -18,6 +18,7 @@ import os
 from megalite.config import SECTION_TYPES, TrainConfig, build_model_config
 from megalite.config_checks import option_name
 from megalite.errors import ConfigError, MegaliteError
+from megalite.families import family_of
 from megalite.train_args import TrainArgs, merge_model_values, parse_args
 from megalite.training.megatron_args import (check_recompute, parallel_overrides,
                                              section_overrides)
@@ -56,9 +57,21 @@ def checkpoint_defaults(load: str | None, iteration: int | None = None,
     return model, data
 
 
+def _family(config_values: dict):
+    """The model family of the run (:mod:`megalite.families`); a ConfigError naming
+    ``--model-type`` when it is unknown or not available."""
+    try:
+        return family_of(config_values.get("model_type") or "gpt")
+    except MegaliteError as e:
+        raise ConfigError(f"{e} (model.model_type)", "model", "model_type") from None
+
+
 def _vocab_size(config_values: dict, explicit: bool, data, by_user: bool) -> None:
     """Set ``config_values["vocab_size"]`` from the tokenizer unless given explicitly
-    (``by_user``: by a flag or the YAML file, not only by the --load checkpoint)."""
+    (``by_user``: by a flag or the YAML file, not only by the --load checkpoint). The
+    tokenizer's size is the one the model family needs (BERT: with the tokens its data
+    appends)."""
+    family = _family(config_values)
     if data.tokenizer_type == "NullTokenizer":
         # Megatron-LM's NullTokenizer: ids below --vocab-size, and the eod id after them (a
         # checkpoint's model size already counts it)
@@ -70,14 +83,21 @@ def _vocab_size(config_values: dict, explicit: bool, data, by_user: bool) -> Non
     elif data.tokenizer_type is not None:
         from megalite.data.tokenizers import build_tokenizer
 
-        tok_vocab = build_tokenizer(data.tokenizer_type, data.tokenizer_model,
-                                    data.vocab_file, data.merge_file).vocab_size
+        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model,
+                                    data.vocab_file, data.merge_file)
+        try:
+            tok_vocab = family.tokenizer_vocab_size(tokenizer, data)
+        except MegaliteError as e:   # e.g. BERT data from a tokenizer that is not WordPiece
+            raise ConfigError(f"--model-type {family.name}: {e}", "data",
+                              "tokenizer_type") from None
         if not explicit:
             config_values["vocab_size"] = tok_vocab
         elif config_values["vocab_size"] < tok_vocab:
             raise ConfigError(f"{option_name('model', 'vocab_size')}: "
                               f"{config_values['vocab_size']} is smaller than the vocabulary "
-                              f"of the tokenizer ({tok_vocab})", "model", "vocab_size")
+                              f"of the tokenizer ({tok_vocab}"
+                              + (f"; {family.vocab_note}" if family.vocab_note else "") + ")",
+                              "model", "vocab_size")
     elif config_values.get("vocab_size") is None:
         raise ConfigError("the vocabulary size is unknown: give --vocab-size N (e.g. with "
                           "--mock-data), a --model-preset, or a tokenizer "

@@ -26,16 +26,14 @@ import torch.distributed as dist
 
 from megalite.config import TrainConfig, check_batch_sizes
 from megalite.data.batches import BatchIterator
-from megalite.data.gpt_dataset import MockGPTDataset
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.model.flops import flops_per_iteration
+from megalite.families import family_of
 from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
-from megalite.training.loss import GPTLoss
 from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
                                        throughput_metrics)
 from megalite.training.signals import StopMonitor
@@ -86,6 +84,7 @@ class Trainer:
                         "several processes: start with torchrun, srun or mpirun")
                 ps = ParallelState.single()
         self.ps = ps
+        self.family = family_of(config.model)   # model, loss, batches, data, FLOPs
         self.num_microbatches = check_batch_sizes(tr, ps.dp_size)
         self.global_batch_size = tr.global_batch_size or tr.micro_batch_size * ps.dp_size
         # --train-samples: the iterations follow from the global batch size
@@ -123,8 +122,8 @@ class Trainer:
         self.logger = MetricsLogger(enabled=ps.rank == 0, log_json=tr.log_json,
                                     tensorboard_dir=tr.tensorboard_dir,
                                     wandb=wandb_settings(config) if ps.rank == 0 else None)
-        self.flops_per_iter = flops_per_iteration(config.model, self.global_batch_size,
-                                                  self.seq_length)
+        self.flops_per_iter = self.family.flops_per_iteration(
+            config.model, self.global_batch_size, self.seq_length)
         self.peak_flops = None  # measured lazily, at the first log
 
     # ---- data ----------------------------------------------------------------------------
@@ -132,13 +131,7 @@ class Trainer:
         cfg, tr, ps = self.config, self.config.training, self.ps
         g = self.global_batch_size
         num_samples = dataset_num_samples(tr, g)
-        if cfg.data.mock_data:
-            datasets = [MockGPTDataset(cfg.model.vocab_size, self.seq_length, n, tr.seed + k)
-                        if n else None for k, n in enumerate(num_samples)]
-        else:
-            from megalite.data.per_split import build_run_datasets
-            datasets = build_run_datasets(cfg.data, num_samples, self.seq_length, tr.seed,
-                                          vocab_size=cfg.model.vocab_size)
+        datasets = self.family.build_datasets(cfg, num_samples, self.seq_length, tr.seed)
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
@@ -146,16 +139,16 @@ class Trainer:
             if ds is None:
                 return None
             return BatchIterator(ds, g, tr.micro_batch_size, ps.dp_size, ps.dp_rank,
-                                 device=self.device)
+                                 device=self.device, collate=self.family.collate)
         return tuple(iterator(ds) for ds in datasets)
 
     # ---- one step --------------------------------------------------------------------------
     def _forward_backward(self, microbatches, forward_only: bool
-                          ) -> tuple[GPTLoss, list[torch.Tensor]]:
-        """(this step's loss object, the losses it reported: one per microbatch on the last
-        pipeline stage, none elsewhere)."""
-        loss = GPTLoss(self.num_microbatches,
-                       1.0 if forward_only else self.optimizer.loss_scale)
+                          ) -> tuple[object, list[torch.Tensor]]:
+        """(this step's loss object (the family's), the losses it reported: one per
+        microbatch on the last pipeline stage, none elsewhere)."""
+        loss = self.family.loss_class(self.num_microbatches,
+                                      1.0 if forward_only else self.optimizer.loss_scale)
         return loss, forward_backward(
             self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
             seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,

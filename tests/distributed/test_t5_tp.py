@@ -73,7 +73,7 @@ def worker_hf_round_trip(tp):
     """HF T5 (v1.0 and v1.1) -> megalite TP model -> gathered -> HF: bitwise; logits vs HF."""
     from hf_common import hf_t5_model, megalite_config_of, t5_batch
 
-    from megalite.convert import from_hf, to_hf
+    from megalite.convert.hf_t5 import from_hf, to_hf
     ps = ParallelState.build(tensor_model_parallel_size=tp)
     out = {}
     for version in ("v1.0", "v1.1"):

@@ -20,7 +20,7 @@ def scale_up_(model: torch.nn.Module) -> torch.nn.Module:
     for name, p in model.named_parameters():
         if p.dim() == 2:
             p.normal_(0.0, 0.2)
-        elif "norm" in name or "ln_" in name:
+        elif "norm" in name.lower() or "ln_" in name or ".ln." in name:  # + BERT's LayerNorm, ln
             p.uniform_(0.5, 1.5)
         else:
             p.normal_(0.0, 0.1)
@@ -55,9 +55,9 @@ def hf_t5_model(version: str, seed: int = 0, vocab_size: int = 300, **changes):
 
 def megalite_config_of(hf):
     """The megalite config of an HF T5 model (tied as its tensors are)."""
-    from megalite.convert import config_from_hf, hf_t5
+    from megalite.convert import config_from_hf
     state = hf.state_dict()
-    return config_from_hf(hf.config, tied=hf_t5.tied_in_checkpoint(set(state), state.__getitem__))
+    return config_from_hf(hf.config, set(state), state.__getitem__)
 
 
 def t5_batch(seed: int = 1, vocab_size: int = 300):

@@ -409,8 +409,8 @@ def test_help_states_checkpoint_defaults_and_the_mfu_peak():
     assert ("default: save only at the end of the run and when stopped by a signal, "
             "--exit-interval or --exit-duration-in-mins") in text
     assert "the denominator of the logged MFU" in text
-    assert "packaged one (gpt2-small, llama2-7b, llama3.1-8b, quickstart, tiny-gpt, tiny-llama)" \
-        in text
+    assert ("packaged one (gpt2-small, llama2-7b, llama3.1-8b, quickstart, tiny-bert, tiny-gpt, "
+            "tiny-llama)") in text
 
 
 def test_flag_fixes_a_bad_yaml_value(tmp_path):
@@ -426,3 +426,14 @@ def test_cli_turns_errors_into_one_line_and_exit_2(capsys):
     assert err.startswith("error: --lr (optim.lr)") and "Traceback" not in err
     assert run_main(parse_train_args, ["--bogus"]) == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+def test_a_preset_does_not_replace_the_checkpoint_vocabulary():
+    # A run from a YAML file with a preset, its vocabulary taken from the tokenizer (2002),
+    # resumed with the same file: the checkpoint's size stands (the preset says 1000).
+    from megalite.train_args import merge_model_values
+    values, explicit = merge_model_values({}, {"_preset": "tiny"}, {}, {"vocab_size": 2002})
+    assert values["vocab_size"] == 2002 and explicit
+    values, _ = merge_model_values({"vocab_size": 3000}, {"_preset": "tiny"}, {},
+                                   {"vocab_size": 2002})
+    assert values["vocab_size"] == 3000                 # a flag still overrides it

@@ -12,6 +12,7 @@ from megalite.training.dry_run import GIB, activation_bytes_per_layer, plan_run
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs", "tiny-gpt.yaml")
 LLAMA = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs", "tiny-llama.yaml")
+BERT = os.path.join(os.path.dirname(__file__), "..", "..", "megalite", "configs", "tiny-bert.yaml")
 
 
 def _config(*extra, config=CONFIG):
@@ -32,6 +33,7 @@ def _full_model_params(cfg) -> int:
     (CONFIG, 8, 2, 2, None),      # tied embedding: the last stage's copy is not counted twice
     (LLAMA, 4, 1, 4, None),
     (LLAMA, 4, 2, 2, 1),          # interleaved: 2 chunks per stage
+    (BERT, 8, 2, 2, None),        # BERT: heads on the last stage, tied embedding
 ])
 def test_parameters_add_up_to_the_whole_model(config, world, tp, pp, vp):
     extra = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
@@ -111,3 +113,26 @@ def test_data_paths_are_checked(tmp_path, corpus_token_dataset, sp_model, capsys
     assert main(base[:-1] + [str(tmp_path / "no.model"), "--data-path",
                              corpus_token_dataset]) == 2
     assert "no.model" in capsys.readouterr().err
+
+
+def test_bert_dry_run(wordpiece_sentence_dataset, wordpiece_vocab, sp_model, capsys):
+    base = ["train", "--config", BERT, "--dry-run", "--data-path", wordpiece_sentence_dataset,
+            "--world-size", "4", "--tensor-model-parallel-size", "2"]
+    wordpiece = ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", wordpiece_vocab]
+    assert main(base + wordpiece) == 0
+    out = capsys.readouterr().out
+    # the model vocabulary is the BERT data's: vocab.txt (2000) + [BOS] + [EOS]
+    assert "model: BERT pre-norm, 4 layers" in out and "vocab 2002 (padded 2048)" in out
+    assert f"{wordpiece_sentence_dataset}: " in out and "stage 0: layers [0, 4)" in out
+    cfg = parse_train_args(base[1:] + wordpiece)
+    plan = plan_run(cfg, 4)
+    assert plan.total_params == _full_model_params(parse_train_args(
+        base[1:] + wordpiece + ["--make-vocab-size-divisible-by", "256"]))
+    s, b, h, a = 64, 4, 64, 4      # tiny-bert: the transformer layers' estimate, as GPT's
+    assert plan.stages[0].memory_bytes["activations"] == \
+        4 * s * b * h * (10 + 24 / 2 + 5 * a * s / (h * 2)) * 2
+    # BERT data needs a WordPiece vocabulary: refused before anything runs
+    assert main(base + ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                        sp_model]) == 2
+    err = capsys.readouterr().err
+    assert "--model-type bert: BERT and T5 data need a WordPiece vocabulary" in err

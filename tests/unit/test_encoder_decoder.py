@@ -22,8 +22,10 @@ from megalite.convert.hf_t5 import _join_kv
 from megalite.convert.mapping import qkv_to_grouped
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.model import flops_per_iteration, get_preset
+from megalite.families import family_of
+from megalite.model import get_preset
 from megalite.model.config import TransformerConfig
+from megalite.model.flops import encoder_decoder_forward_flops
 from megalite.model.encoder_decoder import EncoderDecoderModel
 from megalite.parallel.context import ModelContext
 
@@ -150,9 +152,10 @@ def test_transformer_base_preset_counts_nn_transformer_and_one_embedding():
 @pytest.mark.parametrize("changes, match", [
     (dict(model_type="gpt2"), "model_type must be one of"),
     (dict(norm_placement="middle"), "norm_placement must be one of"),
-    (dict(model_type="gpt", position_embedding_type="relative"), "needs model_type 't5'"),
-    (dict(model_type="gpt", decoder_num_layers=None, decoder_seq_length=8),
-     "decoder_seq_length is for model_type 't5'"),
+    (dict(model_type="gpt", norm_placement="pre", position_embedding_type="relative"),
+     "needs model_type 't5'"),
+    (dict(model_type="gpt", norm_placement="pre", decoder_num_layers=None,
+          decoder_seq_length=8), "decoder_seq_length is for model_type 't5'"),
     (dict(decoder_start_token_id=V), "decoder_start_token_id must be an id in"),
     (dict(softmax_scale=0.0), "softmax_scale must be > 0"),
     (dict(relative_attention_num_buckets=2), "relative_attention_num_buckets must be"),
@@ -182,14 +185,13 @@ def test_flops_of_an_encoder_decoder_by_hand_and_by_torch_counter():
     encoder = t * 2 * layer(4 * a * d * t)
     cross = 2 * h * a * d + 4 * a * d * t + 2 * a * d * h
     decoder = s * (2 * (layer(2 * a * d * s) + cross) + 2 * h * V_)
-    expected = 3 * b * (encoder + t * 2 * 4 * h * a * d + decoder)
-    assert flops_per_iteration(cfg, b, t, s) == expected
-    assert flops_per_iteration(cfg, b, t) == 3 * b * (
-        t * 2 * layer(4 * a * d * t) + t * 2 * 4 * h * a * d
-        + 32 * (2 * (layer(2 * a * d * 32) + 2 * h * a * d + 4 * a * d * t + 2 * a * d * h)
-                + 2 * h * V_))                                 # the preset's decoder length 32
+    sample = encoder + t * 2 * 4 * h * a * d + decoder
+    assert encoder_decoder_forward_flops(cfg, t, s) == sample
+    # the family's formula: samples of t encoder and decoder_seq_length decoder tokens
+    per_iteration = family_of(cfg).flops_per_iteration(cfg.replace(decoder_seq_length=s), b, t)
+    assert per_iteration == pytest.approx(3 * b * sample, rel=1e-12)
     with pytest.raises(MegaliteError, match="decoder_seq_length"):
-        flops_per_iteration(cfg.replace(decoder_seq_length=None), b, t)
+        family_of(cfg).flops_per_iteration(cfg.replace(decoder_seq_length=None), b, t)
     # torch's counter sees every GEMM of a real step except CPU SDPA's fused kernels, which
     # run without a mask: the original Transformer's switches (no position bias), no padding.
     cfg = classic_config()
@@ -200,7 +202,7 @@ def test_flops_of_an_encoder_decoder_by_hand_and_by_torch_counter():
     expected = 3 * b * (t * L * layer2(4 * a * d * t) + t * LD * 4 * h * a * d + s * (
         LD * (layer2(2 * a * d * s) + 2 * h * a * d + 4 * a * d * t + 2 * a * d * h)
         + 2 * h * V_))
-    assert flops_per_iteration(cfg, b, t, s) == expected
+    assert 3 * b * encoder_decoder_forward_flops(cfg, t, s) == expected
     model = EncoderDecoderModel(cfg, ModelContext(ParallelState.single()))
     model.init_weights(seed=1)
     g = torch.Generator().manual_seed(0)

@@ -142,10 +142,13 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
 
     Args:
         model_chunks: this rank's chunks (:func:`~megalite.parallel.pipeline.stages.
-            build_model_chunks`); one per virtual stage.
-        microbatches: yields ``{"tokens": [b, s], "labels": [b, s]}`` int64 dicts; this
-            function takes exactly ``num_microbatches`` of them on every rank (only the first
-            chunk reads tokens and the last reads labels).
+            build_model_chunks`); one per virtual stage. Each runs a microbatch with
+            ``chunk.forward_microbatch(hidden, microbatch)`` (``hidden``: the activations
+            received from the previous stage, None on the first one), which returns the
+            activations to send on, or on the last stage what ``loss`` takes.
+        microbatches: yields the microbatch dicts of the model family (GPT: ``{"tokens": [b,
+            s], "labels": [b, s]}`` int64); this function takes exactly ``num_microbatches``
+            of them on every rank (each chunk reads the fields it needs).
         ps: the layout; the schedule talks to the neighbours in ``ps.pp_group``.
         loss: see :class:`MicrobatchLoss`; it owns the reduction, the division by the number
             of microbatches and the loss scale.
@@ -210,13 +213,11 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
                     x = received[("forward", c, m)].get() if not first(c) else None
                     if x is not None and not forward_only:
                         x.requires_grad_()
+                    out = model_chunks[c].forward_microbatch(x, mb)
                     if last(c):
-                        out = model_chunks[c](mb["tokens"] if x is None else x,
-                                              labels=mb["labels"])
                         out, reported = loss(out, mb)
                         losses.append(reported.detach())
                     else:
-                        out = model_chunks[c](mb["tokens"] if x is None else x)
                         pending.append(("forward", out, c, m))
                     if not forward_only:
                         saved[(c, m)] = (x, out)

@@ -15,10 +15,11 @@ The embedding sits in (rank 0, chunk 0), the output layer in (last rank, last ch
 """
 from __future__ import annotations
 
+from torch import nn
+
 from megalite.errors import MegaliteError
+from megalite.families import family_of
 from megalite.model.config import TransformerConfig
-from megalite.model.encoder_decoder import EncoderDecoderModel
-from megalite.model.gpt import GPTModel
 from megalite.parallel.context import ModelContext
 
 __all__ = ["layer_ranges", "build_model_chunks"]
@@ -79,9 +80,10 @@ def layer_ranges(num_layers: int, pp_size: int, vp_size: int = 1,
 
 
 def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: int = 1,
-                       split: list[int] | None = None) -> list:
-    """This rank's model chunks, one :class:`GPTModel` per virtual stage (``vp_size`` of them),
-    built with ``ctx`` (this rank's layout, dropout streams, device, dtype).
+                       split: list[int] | None = None) -> list[nn.Module]:
+    """This rank's model chunks, one per virtual stage (``vp_size`` of them): the model class
+    of ``config``'s family (:mod:`megalite.families`; GPT: :class:`~megalite.model.gpt.
+    GPTModel`), built with ``ctx`` (this rank's layout, dropout streams, device, dtype).
 
     ``pre_process`` (embedding) only on (pp_rank 0, chunk 0), ``post_process`` (final norm,
     output layer, loss) only on (last pp_rank, last chunk). With tied embeddings and pp > 1 the
@@ -89,23 +91,19 @@ def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: in
     ``shared_embedding``, initialized equal); :func:`megalite.parallel.grad_sync.
     allreduce_embedding_grads` keeps the two copies equal. Parameters are uninitialized: call
     ``init_weights(seed)`` on each chunk (layout-independent, so every split sees the same
-    model). All chunks share ``ctx.rng_tracker``.
-
-    An encoder-decoder (``model_type="t5"``) is one :class:`EncoderDecoderModel`; it has no
-    pipeline-parallel implementation, so pp > 1 (or virtual stages) is refused.
+    model). All chunks share ``ctx.rng_tracker``. An encoder-decoder (T5) is one chunk: it
+    has no pipeline-parallel implementation, so pp > 1 (or virtual stages) is refused.
     """
     ps = ctx.ps
-    if config.is_encoder_decoder:
-        if ps.pp_size > 1 or vp_size > 1 or split is not None:
-            raise MegaliteError(
-                f"--pipeline-model-parallel-size {ps.pp_size}: the encoder-decoder (T5) model "
-                f"is not implemented with pipeline parallelism (Megatron splits its encoder "
-                f"and decoder into stages; megalite does not); use size 1 and tensor/data "
-                f"parallelism")
-        return [EncoderDecoderModel(config, ctx)]
+    model_class = family_of(config).model_class
+    if config.is_encoder_decoder and (ps.pp_size > 1 or vp_size > 1 or split is not None):
+        raise MegaliteError(
+            f"--pipeline-model-parallel-size {ps.pp_size}: the encoder-decoder (T5) model is "
+            f"not implemented with pipeline parallelism (Megatron splits its encoder and "
+            f"decoder into stages; megalite does not); use size 1 and tensor/data parallelism")
     ranges = layer_ranges(config.num_layers, ps.pp_size, vp_size, split)[ps.pp_rank]
     last_chunk = len(ranges) - 1
-    return [GPTModel(config, ctx,
+    return [model_class(config, ctx,
                      pre_process=ps.is_first_pp_stage and c == 0,
                      post_process=ps.is_last_pp_stage and c == last_chunk,
                      layer_range=rng)

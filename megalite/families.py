@@ -1,0 +1,140 @@
+"""Model families: what differs between GPT, BERT and T5 pretraining, one entry per family.
+
+``TransformerConfig.model_type`` (``megalite train --model-type``, YAML ``model.model_type``)
+names the family; everything else in megalite (the layout and its parallel layers, the pipeline
+schedule, the optimizer and gradient sync, checkpoints by parameter name, resharding) is shared.
+What a family brings, and who calls it:
+
+====================================  =======================================================
+field                                 used by
+====================================  =======================================================
+``model_class``                       ``parallel.pipeline.stages.build_model_chunks``: one
+                                      chunk per (virtual) pipeline stage
+``loss_class``                        the trainer: the loss object of each step (training/
+                                      loss.py), called by the schedule on the last stage
+``collate``                           ``data.batches``: dataset items -> one microbatch dict
+``build_datasets``                    the trainer: (train, valid, test) datasets of a run
+``tokenizer_vocab_size``              the run preparation: the model's vocabulary size
+``forward_flops_per_token``           metrics (TFLOP/s, MFU): :meth:`flops_per_iteration`
+``activation_bytes_per_layer``        ``--dry-run``'s memory estimate
+``hf_converter``                      ``megalite convert``: the Hugging Face name maps
+====================================  =======================================================
+
+A family that cannot run yet has ``unavailable`` set: :func:`family_of` refuses it with that
+reason (one line, naming the flag) wherever a run, a plan or a conversion asks for it.
+
+The interface of a model chunk (``model_class(config, ctx, *, pre_process, post_process,
+layer_range)``): ``forward_microbatch(hidden, microbatch)`` runs one microbatch (``hidden`` is
+the previous stage's activations, None on the first stage) and returns the activations for
+the next stage or, on the last stage, what ``loss_class`` takes; plus ``init_weights(seed)``,
+``full_state_dict()``, ``load_full_state_dict()``, ``to_empty()``, ``config`` and
+``layer_range`` (see :class:`megalite.model.gpt.GPTModel`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from megalite.convert import hf_bert, hf_models, hf_t5
+from megalite.data.batches import gpt_microbatch, stacked_microbatch
+from megalite.data.masked_dataset import masked_lm_vocab
+from megalite.data.per_split import bert_datasets, gpt_datasets
+from megalite.errors import MegaliteError
+from megalite.model.bert import BertModel
+from megalite.model.config import MODEL_TYPES, TransformerConfig
+from megalite.model.encoder_decoder import EncoderDecoderModel
+from megalite.model.flops import (bert_forward_flops_per_token, flops_per_iteration,
+                                  gpt_forward_flops_per_token, t5_forward_flops_per_token)
+from megalite.model.gpt import GPTModel
+from megalite.model.memory import activation_bytes_per_layer
+from megalite.training.loss import BERTLoss, GPTLoss
+
+__all__ = ["ModelFamily", "FAMILIES", "family_of"]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What one model family brings (see the module docstring)."""
+
+    name: str
+    """``model_type``: "gpt", "bert" or "t5"."""
+    description: str
+    """One line for messages and the start-up banner."""
+    model_class: type | None = None
+    """The model chunk class (module docstring)."""
+    loss_class: type | None = None
+    """``loss_class(num_microbatches, loss_scale)``: the step's loss object, a
+    :class:`~megalite.parallel.pipeline.schedules.MicrobatchLoss` with ``global_mean``."""
+    collate: Callable[[list], dict] | None = None
+    """Dataset items of one microbatch -> ``{field: int64 tensor [b, ...]}``."""
+    build_datasets: Callable[..., tuple] | None = None
+    """``build_datasets(config, num_samples, seq_length, seed)`` -> (train, valid, test), None
+    for a split without samples; ``config`` is the run's TrainConfig."""
+    tokenizer_vocab_size: Callable[[Any, Any], int] | None = None
+    """``(tokenizer, data config) -> int``: the ids the model's vocabulary must hold for data
+    of that tokenizer (the run's :class:`~megalite.config.DataConfig`)."""
+    forward_flops_per_token: Callable[[TransformerConfig, int], float] | None = None
+    """``(model config, seq_length) -> float``: forward GEMM FLOPs of one token."""
+    activation_bytes_per_layer: Callable[[Any, int], float] | None = None
+    """``(TrainConfig, tp) -> float``: activation bytes of one layer for one microbatch."""
+    hf_converter: Any = None
+    """The Hugging Face converter: a module with ``param_mappings``, ``to_hf``, ``from_hf``,
+    ``config_to_hf``, ``config_from_hf`` (:mod:`megalite.convert.hf_models` for GPT)."""
+    vocab_note: str = ""
+    """What the tokenizer's vocabulary size means for this family (for messages)."""
+    unavailable: str | None = None
+    """Why the family cannot be used yet (None: it can)."""
+
+    def flops_per_iteration(self, config: TransformerConfig, global_batch_size: int,
+                            seq_length: int) -> float:
+        """Model FLOPs of one training iteration (forward, dgrad, wgrad) over the global
+        batch (:func:`megalite.model.flops.flops_per_iteration` with this family's formula)."""
+        return flops_per_iteration(config, global_batch_size, seq_length,
+                                   self.forward_flops_per_token)
+
+
+def _tokenizer_size(tokenizer, data) -> int:
+    return tokenizer.vocab_size
+
+
+def _masked_lm_size(tokenizer, data) -> int:
+    # Megatron-LM's BERT tokenizer appends [BOS] and [EOS]; the data's random replacements
+    # draw from all of its ids
+    return masked_lm_vocab(tokenizer).size
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "gpt": ModelFamily(
+        "gpt", "GPT (decoder-only, classic or LLaMA recipe)", model_class=GPTModel,
+        loss_class=GPTLoss, collate=gpt_microbatch, build_datasets=gpt_datasets,
+        tokenizer_vocab_size=_tokenizer_size,
+        forward_flops_per_token=gpt_forward_flops_per_token,
+        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_models),
+    "bert": ModelFamily(
+        "bert", "BERT (bidirectional encoder, masked-LM and binary heads)",
+        model_class=BertModel, loss_class=BERTLoss, collate=stacked_microbatch,
+        build_datasets=bert_datasets, tokenizer_vocab_size=_masked_lm_size,
+        forward_flops_per_token=bert_forward_flops_per_token,
+        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_bert,
+        vocab_note="the BERT data's: the WordPiece vocab with [BOS] and [EOS] appended, as "
+                   "Megatron-LM's BERT tokenizer"),
+    "t5": ModelFamily(
+        "t5", "T5 (encoder-decoder; also the original Transformer's recipe)",
+        model_class=EncoderDecoderModel, collate=stacked_microbatch,
+        forward_flops_per_token=t5_forward_flops_per_token,
+        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_t5),
+}
+assert tuple(FAMILIES) == MODEL_TYPES
+
+
+def family_of(config_or_type: TransformerConfig | str) -> ModelFamily:
+    """The :class:`ModelFamily` of a model config (its ``model_type``) or of a family name;
+    MegaliteError naming ``--model-type`` for an unknown family or one not available yet."""
+    name = getattr(config_or_type, "model_type", config_or_type)
+    family = FAMILIES.get(name)
+    if family is None:
+        raise MegaliteError(f"--model-type {name!r}: unknown model family (one of "
+                            f"{', '.join(FAMILIES)})")
+    if family.unavailable:
+        raise MegaliteError(f"--model-type {name}: {family.unavailable}")
+    return family

@@ -1,0 +1,45 @@
+"""What the layout-equivalence tests of every model family share (test_layouts.py: GPT,
+test_bert_layouts.py: BERT): runs of ``megalite train`` in a worker, the tolerance checks of a
+loss curve against the single-process one (their reasons are in those modules' docstrings), and
+rewinding ``latest`` to an earlier checkpoint for resume tests."""
+from __future__ import annotations
+
+import os
+
+
+def train_many(runs: list[list[str]]) -> list[list[float]]:
+    """The loss curve of ``megalite train`` for each argv of ``runs``, one after the other (run
+    in every worker: top level, pickled by reference)."""
+    from megalite.training.prepare import parse_train_args
+    from megalite.training.trainer import Trainer
+
+    return [Trainer(parse_train_args(argv)).train().losses for argv in runs]
+
+
+def check_curve(curve: list[float], ref: list[float], iters: int, what: str) -> None:
+    """Iteration 1 within 1e-5 relative of ``ref``, every later one within 1e-4."""
+    assert len(curve) == len(ref) == iters, what
+    rel = [abs(a - b) / abs(b) for a, b in zip(curve, ref)]
+    assert rel[0] <= 1e-5, f"{what}: iteration 1 loss {curve[0]} vs {ref[0]} (rel {rel[0]:.2e})"
+    worst = max(range(iters), key=lambda i: rel[i])
+    assert rel[worst] <= 1e-4, (f"{what}: iteration {worst + 1} loss {curve[worst]} vs "
+                                f"{ref[worst]} (rel {rel[worst]:.2e})")
+
+
+def check_bf16(curve: list[float], fp32: list[float], tolerance: float, what: str) -> None:
+    """A bf16 curve learns (falls by 0.2) and stays within ``tolerance`` relative of fp32's."""
+    assert curve[-1] < curve[0] - 0.2, f"{what}: bf16 did not learn: {curve}"
+    rel = max(abs(a - b) / b for a, b in zip(curve, fp32))
+    assert rel < tolerance, f"{what}: bf16 deviates from fp32 by {rel:.2e} relative"
+
+
+def rewind_latest(ps, directory: str, iteration: int) -> None:
+    """Point ``directory``'s ``latest`` at ``iteration`` (collective: every rank calls it), as
+    if the run had been killed right after that save."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if ps.rank == 0:
+        with open(os.path.join(directory, "latest"), "w") as f:
+            f.write(f"iter_{iteration:07d}\n")
+    dist.barrier()
