@@ -78,18 +78,15 @@ def to_hf(args, tmp: str) -> str:
             writer.write(n, t)
         bar.close()
         writer.close()
-        tok_model, tok_type = _tokenizer_of(_train_config(reader.path), reader.path)
+        train_config = _train_config(reader.path)
+        tok_model, tok_type = _tokenizer_of(train_config, reader.path)
         tok_files, ids = write_tokenizer_files(tok_model, tok_type, tmp,
                                                cfg.max_position_embeddings)
         hf_cfg = mod.config_to_hf(cfg)
         hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
         fields = {} if ids is None else ids.config_fields()
         if cfg.is_encoder_decoder:
-            # HF generate starts the decoder with decoder_start_token_id: megalite's T5 data
-            # starts it with the tokenizer's bos ([BOS]) unless the model names another id.
-            start = cfg.decoder_start_token_id
-            fields["decoder_start_token_id"] = (start if start is not None
-                                                else fields.get("bos_token_id"))
+            fields.update(_seq2seq_fields(cfg, train_config, reader.path, fields))
         if ids is not None or fields:
             # HF generate stops at eos_token_id: without it, it runs past </s>.
             for key, value in fields.items():
@@ -110,6 +107,29 @@ def to_hf(args, tmp: str) -> str:
         err = verify_logits(ckpt_path, tmp, args)
         msg += f"; verified: max |logit difference| {err:.3g}"
     return msg
+
+
+def _seq2seq_fields(cfg, train_config, ckpt_path: str, fields: dict) -> dict:
+    """An encoder-decoder's decoder start, eos and pad ids for HF's configs: those megalite
+    generates with (:func:`megalite.inference.seq2seq_tokens.seq2seq_ids`: for a WordPiece run,
+    the T5 data's [BOS] and [EOS], [PAD]), else the model's start id (or the tokenizer's bos)."""
+    from megalite.checkpoint.io import locate_beside_checkpoint
+    from megalite.data.tokenizers import build_tokenizer
+    from megalite.inference.seq2seq_tokens import seq2seq_ids
+    data = getattr(train_config, "data", None)
+    if data is not None and data.tokenizer_type in ("BertWordPieceLowerCase",
+                                                    "BertWordPieceCase"):
+        vocab = locate_beside_checkpoint(data.vocab_file, os.path.dirname(ckpt_path))
+        try:
+            tok = build_tokenizer(data.tokenizer_type, vocab_file=vocab)
+        except MegaliteError as e:
+            print(f"warning: {e}; config.json names no decoder start id", file=sys.stderr)
+            return {}
+        special = seq2seq_ids(tok, cfg, train_config)
+        return {"decoder_start_token_id": special.start, "eos_token_id": special.stop,
+                "pad_token_id": special.pad}
+    start = cfg.decoder_start_token_id
+    return {"decoder_start_token_id": start if start is not None else fields.get("bos_token_id")}
 
 
 # -- Hugging Face -> megalite -----------------------------------------------------------------

@@ -29,6 +29,8 @@ class Seq2SeqIds:
     """Generation of a row ends at this id."""
     names: dict[int, str] = field(default_factory=dict)
     """Names of ids past the tokenizer's vocabulary."""
+    pad: int | None = None
+    """The padding id of the data (WordPiece: [PAD]), when known."""
 
 
 def _vocab_extra_ids(train_config) -> int:
@@ -50,7 +52,7 @@ def seq2seq_ids(tokenizer, config, train_config) -> Seq2SeqIds:
         vocab = masked_lm_vocab(tokenizer, _vocab_extra_ids(train_config))
         names = {vocab.bos: "[BOS]", vocab.eos: "[EOS]"}
         names.update({s: f"<extra_id_{k}>" for k, s in enumerate(vocab.sentinels)})
-        ids = Seq2SeqIds(vocab.bos if start is None else start, vocab.eos, names)
+        ids = Seq2SeqIds(vocab.bos if start is None else start, vocab.eos, names, vocab.pad)
     elif start is None:
         raise MegaliteError(f"the checkpoint's model config names no decoder_start_token_id and "
                             f"its tokenizer ({tokenizer.source}) is not a WordPiece vocabulary "
