@@ -114,15 +114,19 @@ _BUILDERS = {
                            ffn_hidden_size=128, vocab_size=1000, activation="geglu",
                            untie_embeddings_and_output_weights=True,
                            scale_decoder_outputs=False, seq_length=64, decoder_seq_length=32),
+    # Training lengths of Megatron-LM's T5 examples: 512 encoder, 128 decoder tokens.
     "t5-small": lambda: _t5(num_layers=6, hidden_size=512, num_attention_heads=8,
-                            ffn_hidden_size=2048, vocab_size=32128),
+                            ffn_hidden_size=2048, vocab_size=32128, seq_length=512,
+                            decoder_seq_length=128),
     "t5-base": lambda: _t5(num_layers=12, hidden_size=768, num_attention_heads=12,
-                           ffn_hidden_size=3072, vocab_size=32128),
+                           ffn_hidden_size=3072, vocab_size=32128, seq_length=512,
+                           decoder_seq_length=128),
     "transformer-base": lambda: TransformerConfig(
         model_type="t5", num_layers=6, hidden_size=512, num_attention_heads=8,
         ffn_hidden_size=2048, vocab_size=37000, position_embedding_type="sinusoidal",
         normalization="LayerNorm", norm_placement="post", activation="relu",
-        scale_embedding=True, max_position_embeddings=1024),
+        scale_embedding=True, max_position_embeddings=1024, seq_length=256,
+        decoder_seq_length=256),
 }
 
 PRESETS: list[str] = list(_BUILDERS)

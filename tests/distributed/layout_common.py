@@ -1,7 +1,7 @@
 """What the layout-equivalence tests of every model family share (test_layouts.py: GPT,
-test_bert_layouts.py: BERT): runs of ``megalite train`` in a worker, the tolerance checks of a
-loss curve against the single-process one (their reasons are in those modules' docstrings), and
-rewinding ``latest`` to an earlier checkpoint for resume tests."""
+test_bert_layouts.py: BERT, test_t5_layouts.py: T5): runs of ``megalite train`` in a worker,
+the tolerance checks of a loss curve against the single-process one (their reasons are in those
+modules' docstrings), and rewinding ``latest`` to an earlier checkpoint for resume tests."""
 from __future__ import annotations
 
 import os
