@@ -1,14 +1,15 @@
-"""T5 checkpoints through the real trainer (one 4-process gloo group, the built-in corpus as
-sentence-split WordPiece tokens with T5's span corruption): bitwise resume under the same
-layout, resume under other layouts (online resharding by parameter name, ZeRO included) and
-offline resharding (``megalite convert reshard``).
+"""A T5 run saved at TP=2 x DP=2 (4 gloo processes, span-corrupted sentence-split WordPiece
+tokens of the built-in corpus; 2 encoder + 3 decoder layers, dropout on) and resumed from its
+iteration-3 checkpoint:
 
-Tolerances (those of test_checkpoint_resume.py, GPT's, and test_bert_checkpoint.py): a
-same-layout resume is bitwise (float equality of every logged loss: model, optimizer, every
-RNG stream, dropout included, and the data position). Under another layout the continued curve
-must agree within 1e-4 relative: the fp32 layouts differ only in summation order; the bound
-catches a resume that loses the optimizer state. Offline resharding writes the same tensors as
-online resharding, so its resumed curve is bitwise the online one.
+* under its own layout: the losses of iterations 4-6 are those of the uninterrupted run, float
+  for float (model, optimizer, every RNG stream and the data position restored);
+* under TP=4, DP=4, ZeRO-2 (TP=2 x DP=2) and ZeRO-3 (DP=4), dropout off: within 1e-4 relative of
+  the same continuation at TP=2 x DP=2 (summation order only; a lost optimizer state moves the
+  loss by far more);
+* after ``megalite convert reshard`` to TP=4: bitwise the online TP=4 resume (the same tensors).
+
+The same checks as GPT's (test_checkpoint_resume.py) and BERT's (test_bert_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -18,95 +19,70 @@ from pathlib import Path
 import pytest
 
 from harness import DistributedWorkers
-from layout_common import rewind_latest
-
-from megalite.distributed.parallel_state import ParallelState
+from layout_common import train_and_rewind
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "megalite" / "configs" / "tiny-t5.yaml")
+DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]
 
 
 @pytest.fixture(scope="module")
-def workers():
+def group():
     with DistributedWorkers(4, timeout=600) as w:
         yield w
 
 
-@pytest.fixture(scope="module")
-def data(wordpiece_sentence_dataset, wordpiece_vocab):
-    return wordpiece_sentence_dataset, wordpiece_vocab
-
-
-def _args(data, extra):
-    from megalite.training.prepare import parse_train_args
-    prefix, vocab = data
-    return parse_train_args([
-        "--config", CONFIG, "--data-path", prefix, "--split", "98,2,0",
-        "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", vocab,
-        "--vocab-extra-ids", "100", "--hidden-size", "32", "--num-layers", "2",
-        "--decoder-num-layers", "3", "--seq-length", "48", "--decoder-seq-length", "32",
-        "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
-        "--lr-warmup-iters", "1", "--log-interval", "100", "--eval-iters", "0", "--seed", "3",
-        "--clip-grad", "0.5", "--train-iters", "6", *extra])
-
-
-def _tp(tp):
-    return ["--tensor-model-parallel-size", str(tp)]
-
-
-def w_reference(root, data):
-    """TP=2 x DP=2 with dropout: 6 iterations saving every 3; ``latest`` then points at 3, as
-    if the run had been killed right after that save."""
-    from megalite.training.trainer import pretrain
-    ps = ParallelState.build(2, 1)
-    directory = os.path.join(root, "ref")
-    full = pretrain(_args(data, _tp(2) + [
-        "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
-        "--save", directory, "--save-interval", "3"]), ps)
-    rewind_latest(ps, directory, 3)
-    return full.losses
-
-
-def w_resume(directory, data, tp, extra=()):
-    from megalite.training.trainer import pretrain
-    return pretrain(_args(data, _tp(tp) + [
-        "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--load", directory,
-        *extra]), ParallelState.build(tp, 1)).losses
+def argv(prefix: str, vocab: str, tp: int, *extra: str) -> list[str]:
+    return ["--config", CONFIG, "--data-path", prefix, "--split", "98,2,0",
+            "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", vocab,
+            "--vocab-extra-ids", "100", "--hidden-size", "32", "--num-layers", "2",
+            "--decoder-num-layers", "3", "--seq-length", "48", "--decoder-seq-length", "32",
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3",
+            "--lr-warmup-iters", "1", "--log-interval", "100", "--eval-iters", "0",
+            "--seed", "3", "--clip-grad", "0.5", "--train-iters", "6",
+            "--tensor-model-parallel-size", str(tp), *extra]
 
 
 @pytest.fixture(scope="module")
-def reference(workers, data, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("t5_ckpt"))
-    (full, *_) = workers.run(w_reference, root, data, timeout=600)
+def saved(group, wordpiece_sentence_dataset, wordpiece_vocab, tmp_path_factory):
+    """(data, the run's directory with ``latest`` at iteration 3, its 6 losses)."""
+    data = (wordpiece_sentence_dataset, wordpiece_vocab)
+    directory = str(tmp_path_factory.mktemp("t5_ckpt") / "run")
+    full = group.run(train_and_rewind, argv(*data, 2, *DROPOUT, "--save", directory,
+                                            "--save-interval", "3"), 2, 1, directory, 3)[0]
     assert len(full) == 6
-    return os.path.join(root, "ref"), full
+    return data, directory, full
 
 
-def test_resume_is_bitwise(workers, data, reference):
-    directory, full = reference
-    for resumed in workers.run(w_resume, directory, data, 2, timeout=600):
-        assert resumed == full[3:], (full, resumed)      # float equality: bitwise
+def resumed(group, data, directory, tp, *extra):
+    return group.run(train_and_rewind, argv(*data, tp, "--load", directory, *extra), tp, 1)
 
 
-@pytest.mark.parametrize("tp,extra", [
-    (4, ()), (1, ()), (2, ("--zero-stage", "2")), (1, ("--zero-stage", "3"))],
-    ids=["tp4", "dp4", "zero2-tp2-dp2", "zero3-dp4"])
-def test_resume_under_another_layout(workers, data, reference, tp, extra):
-    # Dropout masks depend on the layout (per-rank streams), so compare without dropout: the
-    # continuation of the same checkpoint, with dropout off, under TP=2 x DP=2 and the other.
-    directory, _ = reference
-    off = ("--hidden-dropout", "0", "--attention-dropout", "0")
-    same = workers.run(w_resume, directory, data, 2, off, timeout=600)[0]
-    for other in workers.run(w_resume, directory, data, tp, off + tuple(extra), timeout=600):
+def test_resume_is_bitwise(group, saved):
+    data, directory, full = saved
+    for losses in resumed(group, data, directory, 2, *DROPOUT):
+        assert losses == full[3:], (full, losses)
+
+
+@pytest.mark.parametrize("tp,extra", [(4, ()), (1, ()), (2, ("--zero-stage", "2")),
+                                      (1, ("--zero-stage", "3"))],
+                         ids=["tp4", "dp4", "zero2-tp2-dp2", "zero3-dp4"])
+def test_resume_under_another_layout(group, saved, tp, extra):
+    data, directory, _ = saved
+    same = resumed(group, data, directory, 2, *NO_DROPOUT)[0]
+    for other in resumed(group, data, directory, tp, *NO_DROPOUT, *extra):
         assert len(other) == 3
         for a, b in zip(same, other, strict=True):
             assert abs(a - b) <= 1e-4 * abs(a), (same, other)
 
 
-def test_offline_reshard_resumes_like_online(workers, data, reference, tmp_path):
+def test_offline_reshard_resumes_like_online(group, saved, tmp_path):
     from megalite.convert.cli import main as convert
-    directory, _ = reference
-    online = workers.run(w_resume, directory, data, 4, timeout=600)[0]
-    assert convert(["reshard", "--load", directory, "--save", str(tmp_path / "b"),
+    data, directory, _ = saved
+    online = resumed(group, data, directory, 4, *DROPOUT)[0]
+    target = str(tmp_path / "tp4")
+    assert convert(["reshard", "--load", directory, "--save", target,
                     "--target-tensor-parallel-size", "4"]) == 0
-    for losses in workers.run(w_resume, str(tmp_path / "b"), data, 4, timeout=600):
-        assert losses == online                     # bitwise: the same resharded tensors
+    assert os.path.isfile(os.path.join(target, "latest"))
+    for losses in resumed(group, data, target, 4, *DROPOUT):
+        assert losses == online

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DistributedWorkers
-from layout_common import check_bf16, check_curve, train_many
+from layout_common import check_bf16, check_curve, layout_results
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "megalite" / "configs" / "tiny-t5.yaml")
 ITERS = 10
@@ -43,55 +42,44 @@ LAYOUTS = {
 BF16_LAYOUTS = [["--zero-stage", "1"], ["--zero-stage", "2"], ["--zero-stage", "3"]]
 
 
-def _argv(variant, prefix, vocab, tp, extra):
-    return ["--config", CONFIG, "--data-path", prefix, "--split", "98,2,0",
-            "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", vocab,
-            "--vocab-extra-ids", "100", "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--seq-length", "64", "--decoder-seq-length", "32", "--train-iters", str(ITERS),
-            "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "2", "--eval-iters", "0",
-            "--log-interval", "100", "--seed", "1234", "--tensor-model-parallel-size",
-            str(tp)] + VARIANTS[variant] + extra
+def _argv(variant: str, prefix: str, vocab: str, tp: int, extra: list[str]) -> list[str]:
+    """``megalite train`` flags of one run: the data, 10 iterations of 8 samples (64 encoder,
+    32 decoder tokens), the variant's recipe, the layout."""
+    data = ["--data-path", prefix, "--split", "98,2,0", "--tokenizer-type",
+            "BertWordPieceLowerCase", "--vocab-file", vocab, "--vocab-extra-ids", "100"]
+    run = ["--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "64",
+           "--decoder-seq-length", "32", "--train-iters", str(ITERS), "--lr", "2e-3",
+           "--min-lr", "2e-4", "--lr-warmup-iters", "2", "--eval-iters", "0",
+           "--log-interval", "100", "--seed", "1234"]
+    return (["--config", CONFIG, *data, *run, *VARIANTS[variant],
+             "--tensor-model-parallel-size", str(tp), *extra])
 
 
 @pytest.fixture(scope="module")
-def data(wordpiece_sentence_dataset, wordpiece_vocab):
-    return wordpiece_sentence_dataset, wordpiece_vocab
+def single(wordpiece_sentence_dataset, wordpiece_vocab):
+    """(data, the single-process fp32 curve of each variant, the v1.1 bf16 curve)."""
+    data = (wordpiece_sentence_dataset, wordpiece_vocab)
+    runs = [_argv(v, *data, 1, []) for v in VARIANTS] + [_argv("v1.1", *data, 1, ["--bf16"])]
+    *fp32, bf16 = layout_results(1, runs, timeout=900)
+    return data, dict(zip(VARIANTS, fp32)), bf16
 
 
-@pytest.fixture(scope="module")
-def reference(data):
-    """Single-process fp32 curves of every variant, and the bf16 one (v1.1)."""
-    prefix, vocab = data
-    runs = [_argv(v, prefix, vocab, 1, []) for v in VARIANTS]
-    runs.append(_argv("v1.1", prefix, vocab, 1, ["--bf16"]))
-    with DistributedWorkers(1) as workers:
-        (curves,) = workers.run(train_many, runs, timeout=900)
-    return dict(zip(VARIANTS, curves)), curves[-1]
-
-
-def test_reference_learns(reference):
-    fp32, bf16 = reference
-    for variant, curve in fp32.items():
-        assert curve[-1] < curve[0] - 0.2, f"{variant}: loss did not fall: {curve}"
+def test_single_process_learns(single):
+    _, fp32, bf16 = single
+    assert all(c[-1] < c[0] - 0.2 for c in fp32.values()), fp32
     assert fp32["v1.1"] != fp32["post-relu"]     # the recipes are different models
-    check_bf16(bf16, fp32["v1.1"], BF16_REL, "single process")
+    check_bf16(bf16, fp32["v1.1"], BF16_REL, "T5 bf16, one process")
 
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
-def test_layouts_match_single_process(world, data, reference):
-    prefix, vocab = data
-    fp32, _ = reference
-    cases = LAYOUTS[world]
-    runs = [_argv(v, prefix, vocab, tp, extra) for v, tp, extra in cases]
-    if world == 2:
-        runs += [_argv("v1.1", prefix, vocab, 1, ["--bf16"] + extra) for extra in BF16_LAYOUTS]
-    with DistributedWorkers(world) as workers:
-        results = workers.run(train_many, runs, timeout=1500)
-    for rank_curves in results:            # every rank reports the same global-batch loss
-        assert rank_curves == results[0]
-    for (variant, tp, extra), curve in zip(cases, results[0]):
-        what = f"T5 {variant} TP={tp} DP={world // tp} {' '.join(extra)}"
-        check_curve(curve, fp32[variant], ITERS, what)
-    for extra, curve in zip(BF16_LAYOUTS, results[0][len(cases):]):
+def test_layouts_match_single_process(world, single):
+    data, fp32, _ = single
+    runs = [(f"T5 {v} TP={tp} DP={world // tp} {' '.join(x)}", fp32[v], _argv(v, *data, tp, x))
+            for v, tp, x in LAYOUTS[world]]
+    bf16 = [_argv("v1.1", *data, 1, ["--bf16"] + x) for x in BF16_LAYOUTS] if world == 2 else []
+    curves = layout_results(world, [argv for _, _, argv in runs] + bf16)
+    for (what, ref, _), curve in zip(runs, curves):
+        check_curve(curve, ref, ITERS, what)
+    for extra, curve in zip(BF16_LAYOUTS, curves[len(runs):]):
         check_bf16(curve, fp32["v1.1"], BF16_REL, f"T5 bf16 DP=2 {' '.join(extra)}")

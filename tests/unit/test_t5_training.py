@@ -53,15 +53,16 @@ def test_start_up_refusals(capsys):
 
 
 def test_dry_run_plans_t5(wordpiece_sentence_dataset, wordpiece_vocab, sp_model, capsys):
-    base = ["train", "--config", T5, "--dry-run", "--data-path", wordpiece_sentence_dataset,
-            "--world-size", "4", "--tensor-model-parallel-size", "2"]
-    wordpiece = ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", wordpiece_vocab]
-    assert main(base + wordpiece) == 0
+    layout = ["--config", T5, "--data-path", wordpiece_sentence_dataset,
+              "--tensor-model-parallel-size", "2"]
+    plan_args = layout + ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file",
+                          wordpiece_vocab]
+    assert main(["train", *plan_args, "--dry-run", "--world-size", "4"]) == 0
     out = capsys.readouterr().out
     # the model vocabulary is the T5 data's: vocab.txt (2000) + [BOS] + [EOS] + 100 sentinels
     assert "model: T5 pre-norm, 4 encoder + 4 decoder layers" in out
     assert "vocab 2102 (padded 2304)" in out and "seq 128 (encoder) / 32 (decoder)" in out
-    plan = plan_run(parse_train_args(base[1:] + wordpiece), 4)
+    plan = plan_run(parse_train_args(plan_args), 4)
     s, d, b, h, a, t = 128, 32, 4, 64, 4, 2          # tiny-t5.yaml, TP 2, fp32 (x2)
     layer = lambda n: n * b * h * (10 + 24 / t + 5 * a * n / (h * t)) * 2  # noqa: E731
     cross = (d * b * h * 5 + 4 * d * b * h / t + 4 * s * b * h / t + 5 * a * d * s * b / t) * 2
@@ -69,8 +70,8 @@ def test_dry_run_plans_t5(wordpiece_sentence_dataset, wordpiece_vocab, sp_model,
         4 * layer(s) + 4 * (layer(d) + cross), rel=1e-12)
     assert plan.stages[0].memory_bytes["logits"] == d * b * 2304 / t * 4 * 2
     # T5 data needs a WordPiece vocabulary: refused before anything runs
-    assert main(base + ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
-                        sp_model]) == 2
+    assert main(["train", *layout, "--dry-run", "--world-size", "4", "--tokenizer-type",
+                 "SentencePieceTokenizer", "--tokenizer-model", sp_model]) == 2
     assert "--model-type t5: BERT and T5 data need a WordPiece vocabulary" in \
         capsys.readouterr().err
 
