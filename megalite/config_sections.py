@@ -228,6 +228,10 @@ class DataConfig:
     short_seq_prob: float = 0.1
     """BERT/T5 data: the share of samples given a random shorter target length (Megatron-LM's
     --short-seq-prob)."""
+    vocab_extra_ids: int = 0
+    """T5 data: the sentinel tokens ``<extra_id_0>`` ... appended to the WordPiece vocabulary
+    (after [BOS] and [EOS]) for the masked spans (Megatron-LM's --vocab-extra-ids; its T5
+    runs use 100)."""
 
     def __post_init__(self) -> None:
         from megalite.data.blended import BLEND_RULES, parse_data_path
@@ -262,6 +266,10 @@ class DataConfig:
             bad("data", "mask_prob", f"must lie in (0, 1), got {self.mask_prob}")
         if not 0 <= self.short_seq_prob <= 1:
             bad("data", "short_seq_prob", f"must lie in [0, 1], got {self.short_seq_prob}")
+        if isinstance(self.vocab_extra_ids, bool) or not isinstance(self.vocab_extra_ids, int) \
+                or self.vocab_extra_ids < 0:
+            bad("data", "vocab_extra_ids", f"must be an integer >= 0, got "
+                f"{self.vocab_extra_ids!r}")
         if self.tokenizer_type is None and self.tokenizer_model:
             bad("data", "tokenizer_type", "--tokenizer-model needs --tokenizer-type")
 

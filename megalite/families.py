@@ -18,6 +18,7 @@ field                                 used by
 ``forward_flops_per_token``           metrics (TFLOP/s, MFU): :meth:`flops_per_iteration`
 ``activation_bytes_per_layer``        ``--dry-run``'s memory estimate
 ``hf_converter``                      ``megalite convert``: the Hugging Face name maps
+``check_run``                         the run preparation: the family's start-up checks
 ====================================  =======================================================
 
 A family that cannot run yet has ``unavailable`` set: :func:`family_of` refuses it with that
@@ -35,18 +36,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from megalite.convert import hf_bert, hf_models
+from megalite.convert import hf_bert, hf_models, hf_t5
 from megalite.data.batches import gpt_microbatch, stacked_microbatch
 from megalite.data.masked_dataset import masked_lm_vocab
-from megalite.data.per_split import bert_datasets, gpt_datasets
-from megalite.errors import MegaliteError
+from megalite.data.per_split import bert_datasets, gpt_datasets, t5_datasets
+from megalite.errors import ConfigError, MegaliteError
 from megalite.model.bert import BertModel
 from megalite.model.config import MODEL_TYPES, TransformerConfig
+from megalite.model.encoder_decoder import EncoderDecoderModel
 from megalite.model.flops import (bert_forward_flops_per_token, flops_per_iteration,
-                                  gpt_forward_flops_per_token)
+                                  gpt_forward_flops_per_token, t5_forward_flops_per_token)
 from megalite.model.gpt import GPTModel
-from megalite.model.memory import activation_bytes_per_layer
-from megalite.training.loss import BERTLoss, GPTLoss
+from megalite.model.memory import activation_bytes_per_layer, encoder_decoder_activation_bytes
+from megalite.training.loss import BERTLoss, GPTLoss, T5Loss
 
 __all__ = ["ModelFamily", "FAMILIES", "family_of"]
 
@@ -83,6 +85,8 @@ class ModelFamily:
     """What the tokenizer's vocabulary size means for this family (for messages)."""
     unavailable: str | None = None
     """Why the family cannot be used yet (None: it can)."""
+    check_run: Callable[[Any], None] | None = None
+    """``(TrainConfig) -> None``: the family's own start-up checks of a run (ConfigError)."""
 
     def flops_per_iteration(self, config: TransformerConfig, global_batch_size: int,
                             seq_length: int) -> float:
@@ -102,6 +106,26 @@ def _masked_lm_size(tokenizer, data) -> int:
     return masked_lm_vocab(tokenizer).size
 
 
+def _t5_size(tokenizer, data) -> int:
+    # and T5's the --vocab-extra-ids sentinels after them
+    return masked_lm_vocab(tokenizer, data.vocab_extra_ids).size
+
+
+def _check_t5_run(config) -> None:
+    """Start-up checks of a T5 run (``config``: its TrainConfig)."""
+    pp = config.parallel.pipeline_model_parallel_size
+    if pp > 1:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp} with --model-type t5: the "
+                          f"encoder-decoder has no pipeline-parallel implementation in megalite "
+                          f"(Megatron-LM splits the encoder and decoder into their own stages; "
+                          f"megalite refuses rather than run a different schedule); use 1 and "
+                          f"tensor/data parallelism or ZeRO", "parallel",
+                          "pipeline_model_parallel_size")
+    if not config.model.decoder_seq_length:
+        raise ConfigError("--model-type t5 needs --decoder-seq-length (model.decoder_seq_length)"
+                          ": the decoder tokens per sample", "model", "decoder_seq_length")
+
+
 FAMILIES: dict[str, ModelFamily] = {
     "gpt": ModelFamily(
         "gpt", "GPT (decoder-only, classic or LLaMA recipe)", model_class=GPTModel,
@@ -117,7 +141,14 @@ FAMILIES: dict[str, ModelFamily] = {
         activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_bert,
         vocab_note="the BERT data's: the WordPiece vocab with [BOS] and [EOS] appended, as "
                    "Megatron-LM's BERT tokenizer"),
-    "t5": ModelFamily("t5", "T5 (encoder-decoder)", unavailable="T5 is not implemented yet"),
+    "t5": ModelFamily(
+        "t5", "T5 (encoder-decoder; also the original Transformer's recipe)",
+        model_class=EncoderDecoderModel, loss_class=T5Loss, collate=stacked_microbatch,
+        build_datasets=t5_datasets, tokenizer_vocab_size=_t5_size,
+        forward_flops_per_token=t5_forward_flops_per_token,
+        activation_bytes_per_layer=encoder_decoder_activation_bytes, hf_converter=hf_t5,
+        vocab_note="the T5 data's: the WordPiece vocab with [BOS], [EOS] and the "
+                   "--vocab-extra-ids sentinels appended", check_run=_check_t5_run),
 }
 assert tuple(FAMILIES) == MODEL_TYPES
 

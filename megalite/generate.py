@@ -17,6 +17,11 @@ and a larger ``--vocab-size``; ids past the tokenizer's vocabulary are then neve
 Only global rank 0 prints the continuation (the new text only) to stdout. Generation stops at
 the tokenizer's end-of-document token or after --max-new-tokens tokens. An empty prompt starts
 a new document (the end-of-document token is the context).
+
+Encoder-decoder (T5) checkpoints: the prompt is the encoder's input, encoded once; the decoder
+starts from the decoder start id and decodes with a KV cache (self-attention cached,
+cross-attention keys/values computed once); rank 0 prints what the decoder produced. The start
+and stop ids and the text: :mod:`megalite.inference.seq2seq_tokens`.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "larger --vocab-size (ids past the tokenizer are then never generated). "
                 "Example: torchrun "
                 "--nproc-per-node 2 -m megalite generate --load ckpt --prompt 'The os module' "
-                "--tensor-model-parallel-size 2 --top-p 0.9")
+                "--tensor-model-parallel-size 2 --top-p 0.9. For an encoder-decoder (T5) "
+                "checkpoint the prompt is the encoder input and the output is the decoder's.")
     p.add_argument("--load", required=True, metavar="DIR",
                    help="checkpoint directory (its 'latest'), or one iter_XXXXXXX directory")
     p.add_argument("--iteration", type=int, default=None, metavar="N",
@@ -196,6 +202,7 @@ class Prepared(NamedTuple):
     context: list          # what the model is fed: prompt_ids, or [eod] when that is empty
     max_new_tokens: int    # --max-new-tokens, capped by max_position_embeddings
     tp: int                # tensor-parallel size to run at
+    seq2seq: Any = None    # encoder-decoder models: their Seq2SeqIds (start, stop, names)
 
 
 def prepare(args) -> Prepared:
@@ -229,6 +236,10 @@ def prepare(args) -> Prepared:
     check_tokenizer_size(args, tokenizer, saved.vocab_size, train_config)
     prompt_ids = tokenizer.encode(args.prompt)
     ids = prompt_ids or [tokenizer.eod]   # nothing to continue: start a new document
+    config = saved.replace(sequence_parallel=False, recompute_granularity=None,
+                           hidden_dropout=0.0, attention_dropout=0.0)
+    if saved.is_encoder_decoder:
+        return _prepare_seq2seq(args, config, tokenizer, train_config, prompt_ids, ids, tp)
     limit = saved.max_position_embeddings
     if len(ids) > limit or (len(ids) == limit and args.max_new_tokens > 0):
         raise MegaliteError(f"--prompt is {len(ids)} tokens long; the model has "
@@ -238,9 +249,25 @@ def prepare(args) -> Prepared:
     if new < args.max_new_tokens and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: generating {new} tokens, not {args.max_new_tokens}: the model holds "
               f"{limit} positions", file=sys.stderr)
-    config = saved.replace(sequence_parallel=False, recompute_granularity=None,
-                           hidden_dropout=0.0, attention_dropout=0.0)
     return Prepared(config, tokenizer, prompt_ids, ids, new, tp)
+
+
+def _prepare_seq2seq(args, config, tokenizer, train_config, prompt_ids, ids, tp) -> Prepared:
+    """An encoder-decoder's prompt is the encoder input (as many tokens as the positions
+    allow; relative positions: any); the decoder makes up to --max-new-tokens tokens."""
+    from megalite.inference.seq2seq_tokens import seq2seq_ids
+    special = seq2seq_ids(tokenizer, config, train_config)
+    new = args.max_new_tokens
+    if config.position_embedding_type != "relative":
+        limit = config.max_position_embeddings
+        if len(ids) > limit:
+            raise MegaliteError(f"--prompt is {len(ids)} tokens long; the encoder has "
+                                f"max_position_embeddings={limit} positions")
+        new = min(new, limit)
+        if new < args.max_new_tokens and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: generating {new} tokens, not {args.max_new_tokens}: the decoder "
+                  f"holds {limit} positions", file=sys.stderr)
+    return Prepared(config, tokenizer, prompt_ids, ids, new, tp, special)
 
 
 def generate_text(args, ps, device=None, prepared=None):
@@ -251,18 +278,29 @@ def generate_text(args, ps, device=None, prepared=None):
     """
     import torch
     from megalite.checkpoint import load_model_weights
-    from megalite.inference import generate_tokens
-    from megalite.model.gpt import GPTModel
+    from megalite.inference import generate_seq2seq_tokens, generate_tokens
     from megalite.parallel.context import ModelContext
+    from megalite.parallel.pipeline.stages import build_model_chunks
 
     sampling = sampling_from_args(args)
-    config, tokenizer, prompt_ids, ids, new, _ = prepared or prepare(args)
+    prepared = prepared or prepare(args)
+    config, tokenizer, prompt_ids, ids, new = prepared[:5]
     device = torch.device(device or "cpu")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     # Parameters start uninitialized (torch.empty): the checkpoint fills every one of them.
-    model = GPTModel(config, ModelContext(ps, device=device, dtype=dtype)).eval()
+    (model,) = build_model_chunks(config, ModelContext(ps, device=device, dtype=dtype))
+    model.eval()
     load_model_weights(args.load, [model], ps, iteration=args.iteration)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if prepared.seq2seq is not None:
+        from megalite.inference.seq2seq_tokens import seq2seq_text
+        special = prepared.seq2seq
+        out = generate_seq2seq_tokens(model, torch.tensor([ids]), new, sampling,
+                                      start=special.start, eod=special.stop, generator=generator)
+        new_ids = out.tokens[0].tolist()
+        if special.stop in new_ids:
+            new_ids = new_ids[:new_ids.index(special.stop)]
+        return new_ids, seq2seq_text(tokenizer, new_ids, special)
     # vocab_size: a model trained with a larger --vocab-size than its tokenizer must never
     # choose an id that the tokenizer cannot decode
     out = generate_tokens(model, torch.tensor([ids]), new, sampling, eod=tokenizer.eod,

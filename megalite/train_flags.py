@@ -29,9 +29,12 @@ OPTIONS = [
          "BERT: no binary (sentence-order) head and no token types; the samples are not cut "
          "into two segments"),
         ("--norm-placement", None, dict(choices=("pre", "post")),
-         "BERT: the norms before each sublayer (pre, Megatron-LM's) or after each residual add "
-         "(post, the original BERT's)"),
-        ("--num-layers", None, dict(type=int), "transformer layers"),
+         "BERT and T5 families: the norms before each sublayer (pre: Megatron-LM's, T5's) or "
+         "after each residual add (post: the original BERT's and Transformer's)"),
+        (("--num-layers", "--encoder-num-layers"), "num_layers", dict(type=int),
+         "transformer layers (T5: the encoder's; --encoder-num-layers is Megatron-LM's name)"),
+        ("--decoder-num-layers", None, dict(type=int),
+         "T5: decoder layers (default: as many as the encoder's)"),
         ("--hidden-size", None, dict(type=int), "hidden size h"),
         ("--num-attention-heads", None, dict(type=int), "query heads"),
         ("--ffn-hidden-size", None, dict(type=int), "MLP inner width (default 4h)"),
@@ -40,7 +43,11 @@ OPTIONS = [
          "grouped-query attention with --num-query-groups key/value heads"),
         ("--num-query-groups", None, dict(type=int), "key/value heads (needs "
          "--group-query-attention)"),
-        ("--seq-length", None, dict(type=int), "training sequence length"),
+        (("--seq-length", "--encoder-seq-length"), "seq_length", dict(type=int),
+         "training sequence length (T5: the encoder's; --encoder-seq-length is Megatron-LM's "
+         "name)"),
+        ("--decoder-seq-length", None, dict(type=int),
+         "T5: decoder tokens per sample (Megatron-LM's T5 runs: 128)"),
         ("--max-position-embeddings", None, dict(type=int),
          "longest supported sequence (default: --seq-length)"),
         ("--vocab-size", None, dict(type=int), "vocabulary size (default: the tokenizer's; "
@@ -48,6 +55,11 @@ OPTIONS = [
          "NullTokenizer the ids below it, the model's vocabulary is one more: the eod id)"),
         ("--position-embedding-type", None, dict(choices=POSITION_EMBEDDING_TYPES),
          "how positions enter the model"),
+        ("--relative-attention-num-buckets", None, dict(type=int),
+         "T5 (--position-embedding-type relative): buckets of the relative position bias "
+         "(default 32)"),
+        ("--relative-attention-max-distance", None, dict(type=int),
+         "T5: distances from this on share the last bucket (default 128)"),
         ("--rotary-base", None, dict(type=float), "RoPE base theta"),
         ("--use-rope-scaling", "_rope_scaling", dict(action="store_true"),
          "Llama 3.1 RoPE frequency scaling (model.rope_scaling: llama3; 'linear' and the "
@@ -183,10 +195,12 @@ OPTIONS = [
          "vocab.txt of the WordPiece tokenizers, vocab.json of GPT2BPETokenizer"),
         ("--merge-file", None, dict(metavar="FILE"), "merges.txt of GPT2BPETokenizer"),
         ("--data-cache-path", None, dict(metavar="DIR"), "where dataset index caches go"),
-        ("--mask-prob", None, dict(type=float), "BERT: the share of the tokens masked (whole "
-         "words, in n-grams of up to 3)"),
-        ("--short-seq-prob", None, dict(type=float), "BERT: the share of samples cut to a random "
-         "shorter length"),
+        ("--mask-prob", None, dict(type=float), "BERT/T5: the share of the tokens masked (whole "
+         "words, in n-grams of up to 3; T5: spans of up to 10)"),
+        ("--short-seq-prob", None, dict(type=float), "BERT/T5: the share of samples cut to a "
+         "random shorter length"),
+        ("--vocab-extra-ids", None, dict(type=int), "T5: sentinel tokens <extra_id_N> appended "
+         "to the WordPiece vocabulary for the masked spans (Megatron-LM's T5 runs: 100)"),
     ]),
     ("training and logging", "training", [
         ("--micro-batch-size", None, dict(type=int), "sequences per microbatch per DP rank"),

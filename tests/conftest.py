@@ -12,6 +12,8 @@
   ``wordpiece_vocab`` (BERT training data).
 - ``wide_dataset``: the corpus tokenised with ``hf_tokenizer_json`` (ids up to 1,999: more than
   ``sp_model``'s 1,000, for the vocabulary-mismatch tests).
+- ``t5_spiece_model``: a SentencePiece unigram ``.model`` (vocab 800) with T5's ids (pad 0,
+  eos ``</s>`` 1, unk 2, no bos), as Hugging Face T5 directories hold it (``spiece.model``).
 - ``one_process_group`` (per module): a one-process gloo group, for megatron-core's datasets
   (they read ``torch.distributed``).
 
@@ -91,6 +93,18 @@ def hf_tokenizer_json(corpus_jsonl, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("hf") / "tokenizer.json")
     tok.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def t5_spiece_model(corpus_texts, tmp_path_factory) -> str:
+    import sentencepiece as spm
+
+    prefix = str(tmp_path_factory.mktemp("spiece") / "spiece")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_texts), model_prefix=prefix, vocab_size=800,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        num_threads=2, minloglevel=2)
+    return prefix + ".model"
 
 
 @pytest.fixture(scope="session")

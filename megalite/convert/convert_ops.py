@@ -80,17 +80,21 @@ def to_hf(args, tmp: str) -> str:
             writer.write(n, t)
         bar.close()
         writer.close()
-        tok_model, tok_type, vocab_file = _tokenizer_of(_train_config(reader.path), reader.path)
+        train_config = _train_config(reader.path)
+        tok_model, tok_type, vocab_file = _tokenizer_of(train_config, reader.path)
         tok_files, ids = write_tokenizer_files(tok_model, tok_type, tmp,
                                                cfg.max_position_embeddings, vocab_file)
         hf_cfg = mod.config_to_hf(cfg)
         hf_cfg.dtype = str(specs[0][1]).removeprefix("torch.")
-        if ids is not None:
+        fields = {} if ids is None else ids.config_fields()
+        if cfg.is_encoder_decoder:
+            fields.update(_seq2seq_fields(cfg, train_config, reader.path, fields))
+        if ids is not None or fields:
             # HF generate stops at eos_token_id: without it, it runs past </s>.
-            for key, value in ids.config_fields().items():
+            for key, value in fields.items():
                 setattr(hf_cfg, key, value)
             from transformers import GenerationConfig
-            GenerationConfig(**ids.config_fields()).save_pretrained(tmp)
+            GenerationConfig(**fields).save_pretrained(tmp)
         else:
             print("warning: no tokenizer files written, so config.json names no eos/bos "
                   "token ids", file=sys.stderr)
@@ -107,11 +111,34 @@ def to_hf(args, tmp: str) -> str:
     return msg
 
 
+def _seq2seq_fields(cfg, train_config, ckpt_path: str, fields: dict) -> dict:
+    """An encoder-decoder's decoder start, eos and pad ids for HF's configs: those megalite
+    generates with (:func:`megalite.inference.seq2seq_tokens.seq2seq_ids`: for a WordPiece run,
+    the T5 data's [BOS] and [EOS], [PAD]), else the model's start id (or the tokenizer's bos)."""
+    from megalite.checkpoint.io import locate_beside_checkpoint
+    from megalite.data.tokenizers import build_tokenizer
+    from megalite.inference.seq2seq_tokens import seq2seq_ids
+    data = getattr(train_config, "data", None)
+    if data is not None and data.tokenizer_type in ("BertWordPieceLowerCase",
+                                                    "BertWordPieceCase"):
+        vocab = locate_beside_checkpoint(data.vocab_file, os.path.dirname(ckpt_path))
+        try:
+            tok = build_tokenizer(data.tokenizer_type, vocab_file=vocab)
+        except MegaliteError as e:
+            print(f"warning: {e}; config.json names no decoder start id", file=sys.stderr)
+            return {}
+        special = seq2seq_ids(tok, cfg, train_config)
+        return {"decoder_start_token_id": special.start, "eos_token_id": special.stop,
+                "pad_token_id": special.pad}
+    start = cfg.decoder_start_token_id
+    return {"decoder_start_token_id": start if start is not None else fields.get("bos_token_id")}
+
+
 # -- Hugging Face -> megalite -----------------------------------------------------------------
 def from_hf(args, tmp: str) -> str:
     hf = HFReader(args.load)
     try:
-        hf_cfg = config_from_hf(hf.config, set(hf.names()))
+        hf_cfg = config_from_hf(hf.config, set(hf.names()), hf.get)
         family = family_of(hf_cfg)
         # The tokenizer goes beside iter_* (SAVE/tokenizer/), named in config.json by its final
         # absolute path, so `megalite train/generate --load SAVE` find it from any directory.
@@ -120,7 +147,7 @@ def from_hf(args, tmp: str) -> str:
             os.path.join(os.path.abspath(args.save), "tokenizer"), hf_cfg.vocab_size,
             family.hf_converter.TOKENIZER_FILES)
         cfg = hf_cfg
-        if tokenizer is not None:
+        if tokenizer is not None and tok_fields["tokenizer_type"].startswith("BertWordPiece"):
             # The model holds every id its data uses (BERT's appends [BOS] and [EOS] to
             # vocab.txt): rows the HF model lacks start at zero.
             cfg = hf_cfg.replace(vocab_size=max(hf_cfg.vocab_size, family.tokenizer_vocab_size(
@@ -324,7 +351,9 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
 @torch.no_grad()
 def verify_logits(ckpt_dir: str, hf_dir: str, args) -> float:
     """Max |megalite - HF| over the real-vocabulary logits of ``args.verify_sequences`` random
-    sequences, both models in float32 in this process; MegaliteError above the tolerance."""
+    sequences (encoder-decoders: random source and decoder sequences of that length; the
+    converter's ``verify_logits``), both models in float32 in this process; MegaliteError above
+    the tolerance."""
     from megalite.checkpoint import load_model_weights, read_model_config
     from megalite.distributed.parallel_state import ParallelState
     from megalite.parallel.context import ModelContext

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from megalite.convert import hf_bert, hf_gpt2, hf_llama
+from megalite.convert import hf_bert, hf_gpt2, hf_llama, hf_t5
 from megalite.convert.architectures import architecture_of
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
@@ -81,17 +81,21 @@ def ignored_names(config: TransformerConfig, names) -> tuple[str, ...]:
     return tuple(drop)
 
 
-def config_from_hf(hf_config, names=None) -> TransformerConfig:
+def config_from_hf(hf_config, names=None, get=None) -> TransformerConfig:
     """A :class:`TransformerConfig` from a ``transformers`` config of a supported model:
     LLaMA, Mistral, Qwen2, GPT-2 (the GPT family), BERT or Megatron-BERT (the BERT family,
     :mod:`.hf_bert`; ``names``, the checkpoint's tensor names, tell whether it has the binary
-    head)."""
+    head), T5 (:mod:`.hf_t5`; ``names`` and ``get``, name -> tensor, tell whether its output
+    layer is tied)."""
     llama = hf_llama.MODEL_TYPES
     model_type = getattr(hf_config, "model_type", None)
     if model_type in hf_bert.MODEL_TYPES:
         return hf_bert.config_from_hf(hf_config, names)
+    if model_type in hf_t5.MODEL_TYPES:
+        return hf_t5.config_from_hf(hf_config, names, get)
     if model_type not in (*llama, "gpt2"):
+        supported = llama + ("gpt2",) + hf_bert.MODEL_TYPES + hf_t5.MODEL_TYPES
         raise MegaliteError(f"unsupported Hugging Face model_type {model_type!r} "
-                            f"(supported: {', '.join(llama + ('gpt2',) + hf_bert.MODEL_TYPES)})")
+                            f"(supported: {', '.join(supported)})")
     return architecture_module("llama" if model_type in llama else model_type
                                ).config_from_hf(hf_config)

@@ -338,6 +338,7 @@ def _write_json(path: str, obj) -> None:
 # -- Hugging Face -> megalite -----------------------------------------------------------------
 _IMPORTS = {   # HF file -> (megalite tokenizer type, the files copied with it, config field)
     "tokenizer.model": ("SentencePieceTokenizer", ("tokenizer.model",), "tokenizer_model"),
+    "spiece.model": ("SentencePieceTokenizer", ("spiece.model",), "tokenizer_model"),   # T5's
     "tokenizer.json": ("HuggingFaceTokenizer", ("tokenizer.json", "tokenizer_config.json",
                                                "special_tokens_map.json"), "tokenizer_model"),
     "vocab.txt": ("BertWordPiece", ("vocab.txt", "tokenizer_config.json",

@@ -16,10 +16,12 @@ from megalite.data.bert_dataset import MockBERTDataset, build_bert_datasets
 from megalite.data.blended import build_train_valid_test_datasets
 from megalite.data.gpt_dataset import MockGPTDataset
 from megalite.data.masked_dataset import masked_lm_vocab
+from megalite.data.t5_dataset import MockT5Dataset, build_t5_datasets
 from megalite.data.tokenizers import build_tokenizer
 from megalite.errors import MegaliteError
 
-__all__ = ["build_run_datasets", "gpt_datasets", "bert_datasets", "run_masked_lm_vocab"]
+__all__ = ["build_run_datasets", "gpt_datasets", "bert_datasets", "t5_datasets",
+           "run_masked_lm_vocab"]
 
 
 def build_run_datasets(data, num_samples: tuple[int, int, int], seq_length: int, seed: int,
@@ -86,5 +88,29 @@ def bert_datasets(config, num_samples: tuple[int, int, int], seq_length: int,
         short_sequence_probability=data.short_seq_prob, masking_max_ngram=3,
         masking_do_full_word=True, masking_use_longer_ngrams=False,
         masking_use_geometric_distribution=False)
+    return build_run_datasets(data, num_samples, seq_length, seed,
+                              vocab_size=config.model.vocab_size, builder=builder)
+
+
+def t5_datasets(config, num_samples: tuple[int, int, int], seq_length: int,
+                seed: int) -> tuple:
+    """T5's (train, valid, test) datasets of a run (``config``: its TrainConfig), samples of
+    ``seq_length`` encoder and ``config.model.decoder_seq_length`` decoder tokens: random ones
+    with ``--mock-data`` (:class:`~megalite.data.t5_dataset.MockT5Dataset`), else span
+    corruption of sentence-split WordPiece token files with ``--vocab-extra-ids`` sentinels,
+    sampled as Megatron-LM's ``pretrain_t5.py`` asks megatron-core (``--mask-prob`` of the
+    tokens in whole-word n-grams of up to 10 words with geometric lengths,
+    ``--short-seq-prob``)."""
+    data, decoder = config.data, config.model.decoder_seq_length
+    if data.mock_data:
+        return tuple(MockT5Dataset(config.model.vocab_size, seq_length, decoder, n, seed + k,
+                                   data.mask_prob) if n else None
+                     for k, n in enumerate(num_samples))
+    builder = functools.partial(
+        build_t5_datasets, vocab=run_masked_lm_vocab(data, data.vocab_extra_ids),
+        decoder_seq_length=decoder, masking_probability=data.mask_prob,
+        short_sequence_probability=data.short_seq_prob, masking_max_ngram=10,
+        masking_do_full_word=True, masking_use_longer_ngrams=False,
+        masking_use_geometric_distribution=True)
     return build_run_datasets(data, num_samples, seq_length, seed,
                               vocab_size=config.model.vocab_size, builder=builder)

@@ -123,3 +123,62 @@ def build_t5_datasets(data_path: list[str], split: str, num_samples: tuple[int, 
     config.check()
     return build_masked_datasets(T5Dataset, config, data_path, split, num_samples, vocab_size,
                                  blend_rule)
+
+
+class MockT5Dataset:
+    """``--mock-data`` for T5: item i is drawn by a generator seeded with ``(seed, i)``, no
+    files needed. A random source of ``seq_length`` ids in ``[4, vocab_size)`` whose last
+    quarter may be padding, ``mask_prob`` of its tokens replaced, in up to 4 spans, by the
+    sentinels ``vocab_size - 1, vocab_size - 2, ...``; the decoder reads ``[BOS] S_0 span_0
+    ...`` and predicts ``S_0 span_0 ... [EOS]``, padded to ``decoder_seq_length``. Ids 0-3
+    stand for [PAD], [CLS], [BOS], [EOS]. The fields are :class:`T5Dataset`'s."""
+
+    PAD, BOS, EOS = 0, 2, 3
+
+    def __init__(self, vocab_size: int, seq_length: int, decoder_seq_length: int,
+                 num_samples: int, seed: int, mask_prob: float = 0.15):
+        if vocab_size <= 12 or seq_length < 8 or decoder_seq_length < 12:
+            raise MegaliteError(f"mock T5 data needs --vocab-size > 12, --seq-length >= 8 and "
+                                f"--decoder-seq-length >= 12, got {vocab_size}, {seq_length} "
+                                f"and {decoder_seq_length}")
+        self.vocab_size, self.seq_length = vocab_size, seq_length
+        self.decoder_seq_length, self.num_samples = decoder_seq_length, num_samples
+        self.seed, self.mask_prob = seed, mask_prob
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, int(i)])
+        E, D = self.seq_length, self.decoder_seq_length
+        n = E - int(rng.integers(0, E // 4 + 1))                # tokens before the padding
+        tokens = rng.integers(4, self.vocab_size - 4, n, dtype=np.int64)
+        # spans: up to 4 runs of masked positions, the decoder holding them all
+        budget = max(1, min(int(round(n * self.mask_prob)), D - 9))
+        starts = np.sort(rng.choice(n, size=min(4, budget), replace=False))
+        encoder, decoder, end = [], [self.BOS], 0
+        for k, start in enumerate(starts):
+            if start < end:
+                continue
+            length = int(rng.integers(1, max(2, budget // len(starts) + 1)))
+            stop = min(int(start) + length, n)
+            sentinel = self.vocab_size - 1 - k
+            encoder += list(tokens[end:start]) + [sentinel]
+            decoder += [sentinel] + list(tokens[start:stop])
+            end = stop
+        encoder += list(tokens[end:])
+        decoder_in = np.array(decoder[:D], dtype=np.int64)
+        decoder_out = np.array((decoder[1:] + [self.EOS])[:D], dtype=np.int64)
+
+        def padded(values, size: int, fill: int) -> np.ndarray:
+            out = np.full(size, fill, dtype=np.int64)
+            out[:len(values)] = values
+            return out
+
+        ne, nd = len(encoder), len(decoder_in)
+        return {"text_enc": padded(encoder, E, 0), "text_dec": padded(decoder_in, D, 0),
+                "labels": padded(decoder_out, D, -1),
+                "loss_mask": padded(np.ones(nd, dtype=np.int64), D, 0),
+                "truncated": np.array(0, dtype=np.int64),
+                "enc_mask": padded(np.ones(ne, dtype=np.int64), E, 0),
+                "dec_mask": padded(np.ones(nd, dtype=np.int64), D, 0)}

@@ -11,6 +11,9 @@ Buffers are preallocated for ``max_length`` positions, head-major so that the fi
 * ``keys[layer]``, ``values[layer]``: [b, g/tp, max_length, d] in the model's dtype; keys are
   stored after the rotary embedding (rotated at their absolute position), so they never change.
 * ``offset``: number of positions filled (the absolute position of the next token).
+* ``cross[layer]`` (decoders of encoder-decoder models): that layer's cross-attention keys and
+  values of the encoder output, [b, g/tp, t, d] each, computed by the first forward and reused
+  by every later step.
 """
 from __future__ import annotations
 
@@ -21,7 +24,18 @@ from torch import Tensor
 
 from megalite.errors import MegaliteError
 
-__all__ = ["KVCache", "LayerKVCache"]
+__all__ = ["KVCache", "LayerKVCache", "cache_offset"]
+
+
+def cache_offset(kv_cache, sequence_parallel: bool) -> int:
+    """Positions already in ``kv_cache`` (0 without a cache); a model built with sequence
+    parallelism cannot use one."""
+    if kv_cache is None:
+        return 0
+    if sequence_parallel:
+        raise MegaliteError("a KV cache (inference) cannot be used with sequence "
+                            "parallelism; build the model with sequence_parallel=False")
+    return kv_cache.offset
 
 
 @dataclass
@@ -31,7 +45,16 @@ class LayerKVCache:
     cache: "KVCache"
     """The cache of the whole model (holds the shared offset)."""
     layer_id: int
-    """Global id of the layer (``GPTModel.layers`` key)."""
+    """Global id of the layer (``GPTModel.layers`` key; the decoder's for encoder-decoders)."""
+
+    @property
+    def cross(self) -> tuple[Tensor, Tensor] | None:
+        """This layer's cached cross-attention (keys, values), or None before the first step."""
+        return self.cache.cross.get(self.layer_id)
+
+    @cross.setter
+    def cross(self, kv: tuple[Tensor, Tensor]) -> None:
+        self.cache.cross[self.layer_id] = kv
 
     @property
     def offset(self) -> int:
@@ -68,22 +91,28 @@ class KVCache:
     """Positions the buffers hold (prompt + generated tokens)."""
     offset: int = 0
     """Positions filled so far."""
+    cross: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """Layer id -> cross-attention (keys, values) of the encoder output (encoder-decoders)."""
     _views: dict[int, LayerKVCache] = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int) -> "KVCache":
-        """Empty cache for ``model`` (a :class:`~megalite.model.gpt.GPTModel`) on its device and
+        """Empty cache for ``model`` (a :class:`~megalite.model.gpt.GPTModel`, or the decoder
+        of an :class:`~megalite.model.encoder_decoder.EncoderDecoderModel`) on its device and
         in its dtype, for ``batch_size`` sequences of up to ``max_length`` positions (at most
-        ``max_position_embeddings``)."""
+        ``max_position_embeddings``, unless positions are relative)."""
         cfg = model.config
-        if not 1 <= max_length <= cfg.max_position_embeddings:
+        limit = (cfg.max_position_embeddings if cfg.position_embedding_type != "relative"
+                 else max_length)
+        if not 1 <= max_length <= limit:
             raise MegaliteError(f"KV cache length {max_length} must be in [1, "
                                 f"max_position_embeddings={cfg.max_position_embeddings}]")
         ref = next(model.parameters())
         groups = cfg.query_groups // model.ps.tp_size
         shape = (batch_size, groups, max_length, cfg.head_dim)
         keys, values = {}, {}
-        for name in model.layers:
+        layers = model.decoder.layers if cfg.is_encoder_decoder else model.layers
+        for name in layers:
             keys[int(name)] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
             values[int(name)] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
         return cls(keys=keys, values=values, max_length=max_length)
@@ -102,5 +131,6 @@ class KVCache:
         self.offset += num_tokens
 
     def reset(self) -> None:
-        """Forget the cached tokens (the buffers are reused)."""
+        """Forget the cached tokens and encoder keys/values (the buffers are reused)."""
         self.offset = 0
+        self.cross.clear()

@@ -7,15 +7,9 @@ from megalite.megatron_flags.entry import (MegatronFlag, flag, ATTENTION, COND, 
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
     ("model", [
-        flag("--encoder-num-layers", REFUSE, None, "use --num-layers"),
-        flag("--decoder-num-layers", REFUSE, None, "encoder-decoder models are not implemented"),
         flag("--window-size", REFUSE, "+", "sliding-window attention is not implemented"),
         flag("--window-attn-skip-freq", REFUSE, None, "sliding-window attention is not "
              "implemented"),
-        flag("--relative-attention-num-buckets", REFUSE, None, "relative position embeddings "
-             "(T5) are not implemented"),
-        flag("--relative-attention-max-distance", REFUSE, None, "relative position embeddings "
-             "(T5) are not implemented"),
         flag("--use-rotary-position-embeddings", REFUSE, 0, "an old Megatron-LM flag: use "
              "--position-embedding-type rope"),
         flag("--no-position-embedding", REFUSE, 0, "an old Megatron-LM flag: use "
@@ -27,9 +21,9 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--no-rope-freq", REFUSE, None, "megalite applies the rotary embedding in every "
              "layer"),
         flag("--squared-relu", REFUSE, 0, "megalite's activations are gelu, gelu_tanh "
-             "(--openai-gelu) and swiglu"),
-        flag("--quick-geglu", REFUSE, 0, "megalite's activations are gelu, gelu_tanh and "
-             "swiglu"),
+             "(--openai-gelu), swiglu, relu and geglu (T5 v1.1's, tanh GELU)"),
+        flag("--quick-geglu", REFUSE, 0, "megalite's activations are gelu, gelu_tanh, "
+             "swiglu, relu and geglu (with the tanh GELU, not the quick one)"),
         flag("--glu-linear-offset", COND, None, "an offset in the GLU is not implemented",
              ["0.0", "0"]),
         flag("--activation-func-clamp-value", REFUSE, None, "clamping the MLP activation is "

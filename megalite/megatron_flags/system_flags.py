@@ -112,8 +112,6 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--dataloader-defer-npy-index-mmap", NOTICE, 0, "megalite memory-maps its cached "
              "indices at start-up"),
         flag("--no-mmap-bin-files", NOTICE, 0, "megalite always memory-maps the token files"),
-        flag("--encoder-seq-length", REFUSE, None, "use --seq-length"),
-        flag("--decoder-seq-length", REFUSE, None, "encoder-decoder models are not implemented"),
         flag("--sample-rate", REFUSE, None, "is not used by GPT pretraining"),
         flag("--num-workers", NOTICE, None, NO_DATALOADER + " (no worker processes)"),
         flag("--reset-position-ids", REFUSE, 0, NUMERICS),
@@ -134,7 +132,6 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
     ("tokenizer", [
         flag("--padded-vocab-size", REFUSE, None, "megalite pads the vocabulary to a multiple "
              "of --make-vocab-size-divisible-by x TP"),
-        flag("--vocab-extra-ids", COND, None, "extra ids (T5) are not implemented", ["0"]),
         flag("--tokenizer-metadata", REFUSE, None, "megalite builds the tokenizer from "
              "--tokenizer-type and its files"),
         flag("--tokenizer-special-tokens", REFUSE, "+", "megalite uses the special tokens of "

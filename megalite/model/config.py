@@ -1,6 +1,7 @@
 """Typed configuration of a Transformer model: :class:`TransformerConfig`, the one config
-class of every model family (``model_type``: GPT with both recipes, BERT, T5; what else
-differs by family is :mod:`megalite.families`).
+class of every model family (``model_type``: GPT with both recipes, BERT, T5 and the original
+Transformer of ``torch.nn.Transformer`` as switches of the encoder-decoder; what else differs by
+family is :mod:`megalite.families`).
 
 The *classic* recipe (GPT-2 style): learned or sinusoidal absolute positions, LayerNorm, GELU,
 biases, output layer tied to the word embedding. The *LLaMA* recipe: rotary positions, RMSNorm,
@@ -19,12 +20,14 @@ from megalite.errors import MegaliteError
 
 MODEL_TYPES = ("gpt", "bert", "t5")
 NORM_PLACEMENTS = ("pre", "post")
-POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal")
+POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "sinusoidal", "relative")
 ROPE_SCALINGS = ("llama3", "linear")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 # "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation (what GPT-2 checkpoints
-# were trained with, HF's "gelu_new"); "swiglu" is silu(x W_gate) * (x W_up).
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+# were trained with, HF's "gelu_new"); "swiglu" is silu(x W_gate) * (x W_up); "geglu" is
+# gelu_tanh(x W_gate) * (x W_up) (T5 v1.1's "gated-gelu"); "relu" (T5 v1.0, nn.Transformer).
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
@@ -51,7 +54,7 @@ class TransformerConfig:
     """
 
     num_layers: int
-    """Number of transformer layers (blocks)."""
+    """Number of transformer layers (blocks); the encoder's for model_type "t5"."""
     hidden_size: int
     """Width of the residual stream, h."""
     num_attention_heads: int
@@ -68,12 +71,13 @@ class TransformerConfig:
     """Per-head width; None means hidden_size // num_attention_heads."""
     max_position_embeddings: int = 1024
     """Longest sequence the position embedding supports (rows of the learned table; the RoPE and
-    sinusoidal tables are computed up to this length)."""
+    sinusoidal tables are computed up to this length). No limit with "relative" positions."""
     seq_length: int | None = None
     """Training sequence length; None means max_position_embeddings. Used by FLOPs accounting and
     the trainer; the model itself accepts any length <= max_position_embeddings."""
     position_embedding_type: str = "learned_absolute"
-    """One of "rope", "learned_absolute", "sinusoidal"."""
+    """One of "rope", "learned_absolute", "sinusoidal", "relative" (T5's bucketed bias added to
+    the attention scores, one table per stack; model_type "t5" only)."""
     rotary_base: float = 10000.0
     """Base (theta) of the rotary frequencies: inv_freq_i = base^(-2i/head_dim)."""
     rope_scaling: str | None = None
@@ -119,19 +123,43 @@ class TransformerConfig:
     "selective" (recompute only the attention core, whose activations grow with s^2)."""
     model_type: str = "gpt"
     """The model family (``--model-type``): "gpt" (decoder-only), "bert" (bidirectional
-    encoder with masked-LM and binary heads) or "t5" (encoder-decoder); see
+    encoder with masked-LM and binary heads) or "t5" (encoder-decoder:
+    :class:`megalite.model.encoder_decoder.EncoderDecoderModel`); see
     :mod:`megalite.families` for what each family brings (model, loss, data, FLOPs, HF
     converter). Checkpoints saved before the field existed are GPT."""
     norm_placement: str = "pre"
-    """Where each layer's two norms sit: "pre" (before attention and MLP, residual around them:
-    GPT, Megatron's BERT) or "post" (after each residual add: the original BERT, with a norm
-    on the embedding and none at the end)."""
+    """Where each layer's norms sit: "pre" (before attention and MLP, residual around them:
+    GPT, Megatron's BERT, T5) or "post" (after each residual add: the original BERT, with a norm
+    on the embedding and none at the end; the original Transformer, ``torch.nn.Transformer``'s
+    default ``norm_first=False``, with a final norm per stack)."""
     bert_binary_head: bool = True
     """BERT: the binary (sentence-order) head on the pooled first token; False is Megatron-LM's
     ``--bert-no-binary-head``."""
     num_tokentypes: int | None = None
     """BERT: rows of the token-type embedding; None is Megatron-LM's rule: 2 with the binary
     head, else none (0)."""
+    softmax_scale: float | None = None
+    """Multiplier of the attention scores q.k before the softmax; None means 1/sqrt(head_dim).
+    T5: 1.0 (its initialization folds the scale into the query weights)."""
+    relative_attention_num_buckets: int = 32
+    """position_embedding_type "relative" (T5): buckets of the relative position bias (half per
+    direction in the encoder; half of each direction's exact, half logarithmic)."""
+    relative_attention_max_distance: int = 128
+    """position_embedding_type "relative": distances from this on share the last bucket."""
+    scale_embedding: bool = False
+    """Multiply the word embeddings by sqrt(hidden_size) before positions are added (the
+    original Transformer, Vaswani et al. 3.4)."""
+    scale_decoder_outputs: bool = False
+    """Multiply the final hidden states by hidden_size**-0.5 before the output layer (T5 v1.0,
+    tied embeddings; Hugging Face's T5 ``scale_decoder_outputs``)."""
+    decoder_num_layers: int | None = None
+    """model_type "t5": decoder layers; None means num_layers."""
+    decoder_seq_length: int | None = None
+    """model_type "t5": decoder (target) tokens per training sample (Megatron-LM's
+    ``--decoder-seq-length``); seq_length is the encoder's. Used by the trainer and FLOPs."""
+    decoder_start_token_id: int | None = None
+    """model_type "t5": the first decoder input when generating; None means the tokenizer's
+    [BOS] (what megalite's T5 data starts the decoder with). Hugging Face T5: 0 (its pad)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,6 +184,16 @@ class TransformerConfig:
     def training_seq_length(self) -> int:
         """seq_length or, if unset, max_position_embeddings."""
         return self.seq_length or self.max_position_embeddings
+
+    @property
+    def decoder_layers(self) -> int:
+        """Decoder layers of an encoder-decoder model (decoder_num_layers or num_layers)."""
+        return self.decoder_num_layers or self.num_layers
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """True for the encoder-decoder family (model_type "t5")."""
+        return self.model_type == "t5"
 
     @property
     def tokentypes(self) -> int:
@@ -190,7 +228,8 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "seq_length"):
+        for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "seq_length",
+                     "decoder_num_layers", "decoder_seq_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
@@ -200,13 +239,14 @@ class TransformerConfig:
         if self.norm_placement not in NORM_PLACEMENTS:
             bad(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
         if self.model_type == "gpt" and self.norm_placement != "pre":
-            bad("norm_placement 'post' is for BERT (model_type bert); GPT models are pre-norm")
+            bad("norm_placement 'post' is for BERT and the encoder-decoder (model_type bert, "
+                "t5); GPT models are pre-norm")
         t = self.num_tokentypes
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
             bad(f"num_tokentypes must be an integer >= 0 or None, got {t!r}")
         if t and self.model_type != "bert":
             bad(f"num_tokentypes={t}: token types are for BERT (model_type bert)")
-        if self.model_type == "bert" and (self.activation == "swiglu" or
+        if self.model_type == "bert" and (self.activation not in ("gelu", "gelu_tanh") or
                                           self.position_embedding_type != "learned_absolute"):
             bad("a BERT model has learned absolute positions and a gelu MLP (got "
                 f"position_embedding_type={self.position_embedding_type!r}, "
@@ -218,6 +258,7 @@ class TransformerConfig:
             bad(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.activation not in ACTIVATIONS:
             bad(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        self._validate_encoder_decoder(bad)
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
             bad(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "
                 f"got {self.recompute_granularity!r}")
@@ -231,7 +272,8 @@ class TransformerConfig:
             bad(f"rope needs an even head dimension, got {self.head_dim}")
         if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
             bad(f"sinusoidal positions need an even hidden_size, got {self.hidden_size}")
-        if self.seq_length is not None and self.seq_length > self.max_position_embeddings:
+        if (self.seq_length is not None and self.position_embedding_type != "relative"
+                and self.seq_length > self.max_position_embeddings):
             bad(f"seq_length={self.seq_length} exceeds max_position_embeddings="
                 f"{self.max_position_embeddings}")
         for name in ("hidden_dropout", "attention_dropout"):
@@ -262,6 +304,30 @@ class TransformerConfig:
             if not isinstance(o, int) or isinstance(o, bool) or o < 1:
                 bad(f"rope_original_max_position_embeddings must be a positive integer, "
                     f"got {o!r}")
+
+    def _validate_encoder_decoder(self, bad) -> None:
+        """The fields of the encoder-decoder family and of relative positions."""
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            bad(f"softmax_scale must be > 0 or None, got {self.softmax_scale!r}")
+        for name in ("relative_attention_num_buckets", "relative_attention_max_distance"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 4:
+                bad(f"{name} must be an integer >= 4, got {value!r}")
+        if self.position_embedding_type == "relative" and not self.is_encoder_decoder:
+            bad("position_embedding_type 'relative' (T5's bias) needs model_type 't5'")
+        if not self.is_encoder_decoder:
+            for name in ("decoder_num_layers", "decoder_seq_length", "decoder_start_token_id"):
+                if getattr(self, name) is not None:
+                    bad(f"{name} is for model_type 't5', got model_type {self.model_type!r}")
+        start = self.decoder_start_token_id
+        if start is not None and (not isinstance(start, int) or isinstance(start, bool)
+                                  or not 0 <= start < self.vocab_size):
+            bad(f"decoder_start_token_id must be an id in [0, vocab_size={self.vocab_size}), "
+                f"got {start!r}")
+        if (self.decoder_seq_length is not None and self.position_embedding_type != "relative"
+                and self.decoder_seq_length > self.max_position_embeddings):
+            bad(f"decoder_seq_length={self.decoder_seq_length} exceeds "
+                f"max_position_embeddings={self.max_position_embeddings}")
 
     def validate_parallel(self, tp_size: int, seq_length: int | None = None) -> None:
         """Raise MegaliteError when this model cannot be split over ``tp_size`` ranks.

@@ -23,6 +23,17 @@ batched matmuls the second "weight" is the other activation) -- hence the factor
 
     flops = 3 * B * s * ( L * [2h(a+2g)d + 2ads + 2adh + 2mhf] + 2hV )
 
+Encoder-decoder models (model_type "t5", t source and s target tokens per sample; L_e
+encoder and L_d decoder layers): encoder layers as above with t for s and the full t x t
+score matrix (4adt: bidirectional, nothing halved); decoder layers as above (causal over s)
+plus the cross-attention, per target token 2had (queries) + 4adt (scores and probs x V over
+the t source keys) + 2adh (output), and per *source* token and decoder layer 2h(2g)d for its
+keys and values; the output layer on the s target tokens:
+
+    flops = 3 * B * ( t * L_e * [2h(a+2g)d + 4adt + 2adh + 2mhf] + t * L_d * 4hgd
+                    + s * ( L_d * [2h(a+2g)d + 2ads + 2adh + 2had + 4adt + 2adh + 2mhf]
+                            + 2hV ) )
+
 Not counted: activation recompute (these are *model* FLOPs, the MFU convention, not hardware
 FLOPs), norms, softmax, activations, RoPE, the embedding lookup and the loss (all O(h) per
 token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L*s*h per token.
@@ -39,21 +50,31 @@ from __future__ import annotations
 from typing import Callable
 
 from megalite.errors import MegaliteError
-from megalite.model.config import TransformerConfig
+from megalite.model.config import GATED_ACTIVATIONS, TransformerConfig
 
-__all__ = ["gpt_forward_flops_per_token", "bert_forward_flops_per_token", "flops_per_iteration"]
+
+__all__ = ["gpt_forward_flops_per_token", "bert_forward_flops_per_token",
+           "t5_forward_flops_per_token", "encoder_decoder_forward_flops", "flops_per_iteration"]
+
+
+def _layer_flops(config: TransformerConfig, score_flops: int) -> int:
+    """Forward GEMM FLOPs of one self-attention layer for one token, ``score_flops`` being its
+    Q K^T and P V part."""
+    h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
+    d, f = config.head_dim, config.ffn_size
+    mlp_mats = 3 if config.activation in GATED_ACTIVATIONS else 2
+    return (2 * h * (a + 2 * g) * d           # QKV projection
+            + score_flops
+            + 2 * a * d * h                   # attention output projection
+            + 2 * mlp_mats * h * f)           # MLP
 
 
 def _layers_flops_per_token(config: TransformerConfig, seq_length: int, causal: bool) -> float:
     """Forward GEMM FLOPs of the L transformer layers for one token (see module doc)."""
-    h, a, g = config.hidden_size, config.num_attention_heads, config.query_groups
-    d, f, s = config.head_dim, config.ffn_size, seq_length
-    mlp_mats = 3 if config.activation == "swiglu" else 2
-    per_layer = (2 * h * (a + 2 * g) * d      # QKV projection
-                 + (2 if causal else 4) * a * d * s   # Q K^T and P V (causal: half of 4*a*d*s)
-                 + 2 * a * d * h               # attention output projection
-                 + 2 * mlp_mats * h * f)       # MLP
-    return float(config.num_layers * per_layer)
+    a, d = config.num_attention_heads, config.head_dim
+    # Q K^T and P V: 4*a*d*s for the whole s x s matrix, half of it causal
+    return float(config.num_layers * _layer_flops(config, (2 if causal else 4) * a * d *
+                                                  seq_length))
 
 
 def gpt_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
@@ -71,6 +92,28 @@ def bert_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> 
     if config.bert_binary_head:
         heads += (2.0 * h * h + 4.0 * h) / seq_length
     return _layers_flops_per_token(config, seq_length, causal=False) + heads
+
+
+def encoder_decoder_forward_flops(config: TransformerConfig, source: int, target: int) -> int:
+    """Forward GEMM FLOPs of one encoder-decoder sample of ``source`` encoder and ``target``
+    decoder tokens (module doc)."""
+    h, a, g, d = config.hidden_size, config.num_attention_heads, config.query_groups, config.head_dim
+    encoder = source * config.num_layers * _layer_flops(config, 4 * a * d * source)
+    cross_kv = source * config.decoder_layers * 4 * h * g * d
+    cross = 2 * h * a * d + 4 * a * d * source + 2 * a * d * h
+    decoder = target * (config.decoder_layers * (_layer_flops(config, 2 * a * d * target) + cross)
+                        + 2 * h * config.vocab_size)
+    return encoder + cross_kv + decoder
+
+
+def t5_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+    """An encoder-decoder's forward GEMM FLOPs per encoder token: one sample of ``seq_length``
+    encoder and ``config.decoder_seq_length`` decoder tokens, spread over its encoder tokens."""
+    if not config.decoder_seq_length:
+        raise MegaliteError("the encoder-decoder's FLOPs need its decoder_seq_length "
+                            "(--decoder-seq-length)")
+    return encoder_decoder_forward_flops(config, seq_length, config.decoder_seq_length) \
+        / seq_length
 
 
 def flops_per_iteration(config: TransformerConfig, global_batch_size: int, seq_length: int,

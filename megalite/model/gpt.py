@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from megalite.errors import MegaliteError
+from megalite.inference.kv_cache import cache_offset
 from megalite.model.config import TransformerConfig, padded_vocab_size
 from megalite.model.norms import build_norm
 from megalite.model.transformer import Embedding, TransformerModelBase
@@ -86,12 +86,7 @@ class GPTModel(TransformerModelBase):
             every cached token; their keys/values are appended and the offset advanced by s.
             Not with sequence parallelism.
         """
-        offset = 0
-        if kv_cache is not None:
-            if self.sequence_parallel:
-                raise MegaliteError("a KV cache (inference) cannot be used with sequence "
-                                    "parallelism; build the model with sequence_parallel=False")
-            offset = kv_cache.offset
+        offset = cache_offset(kv_cache, self.sequence_parallel)
         s = self._seq_of(inputs, "GPTModel")
         self._check_seq(offset + s)
         x = self.embedding(inputs, offset) if self.pre_process else inputs

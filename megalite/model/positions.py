@@ -1,4 +1,5 @@
-"""Position information: rotary embedding (RoPE) and the fixed sinusoidal table.
+"""Position information: rotary embedding (RoPE), the fixed sinusoidal table and T5's relative
+position bias.
 
 (The learned absolute table is a plain replicated ``nn.Embedding`` owned by the embedding block
 in :mod:`megalite.model.gpt`.)
@@ -13,6 +14,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from megalite.parallel.sharding import set_sharding
 
 
 def sinusoidal_table(num_positions: int, dim: int, *, dtype=torch.float32, device=None) -> Tensor:
@@ -132,3 +135,57 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+def relative_position_buckets(query_positions: Tensor, key_positions: Tensor, *,
+                              bidirectional: bool, num_buckets: int,
+                              max_distance: int) -> Tensor:
+    """T5's bucket of every (query, key) pair: int64 [q, k] in ``[0, num_buckets)``.
+
+    With n = num_buckets (halved when ``bidirectional``: keys after the query take the upper
+    half) and r = |key - query| (causal: only keys at or before the query, r = query - key,
+    later keys read bucket 0 and are masked anyway): r < n/2 is its own bucket; larger r fall
+    in n/2 logarithmic buckets reaching max_distance, n/2 + floor(log(2r/n) / log(2 M/n) *
+    n/2), capped at n - 1. The float32 log and the truncation are Mesh TensorFlow's, so the
+    buckets equal Hugging Face's T5.
+    """
+    rel = key_positions[None, :] - query_positions[:, None]          # [q, k]
+    n = num_buckets
+    base = torch.zeros_like(rel)
+    if bidirectional:
+        n //= 2
+        base = torch.where(rel > 0, n, 0)
+        distance = rel.abs()
+    else:
+        distance = (-rel).clamp(min=0)
+    exact = n // 2
+    # distance 0 would log to -inf; those entries take the exact branch below.
+    scaled = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    far = (exact + (scaled * (n - exact)).to(torch.long)).clamp(max=n - 1)
+    return base + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative position bias of one stack: ``forward(q_pos [q], k_pos [k]) ->
+    [1, a/tp, q, k]`` added to the attention scores of every layer of the stack.
+
+    ``weight`` [num_buckets, a] is split over tensor-parallel ranks by heads (dim 1): each
+    rank holds the columns of its own query heads, whose attention it computes, so its
+    gradient is complete (no sum over ranks, with or without sequence parallelism).
+    """
+
+    def __init__(self, config, ctx, *, bidirectional: bool):
+        super().__init__()
+        tp = ctx.ps.tp_size
+        self.bidirectional = bidirectional
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.weight = set_sharding(nn.Parameter(torch.empty(
+            self.num_buckets, config.num_attention_heads // tp, device=ctx.device,
+            dtype=ctx.dtype)), 1)
+
+    def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        buckets = relative_position_buckets(
+            query_positions, key_positions, bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return self.weight[buckets].permute(2, 0, 1).unsqueeze(0)     # [1, a/tp, q, k]

@@ -16,7 +16,20 @@ tiny-bert      BERT, pre-norm (Megatron's), 2 layers, h=64, 4 heads, vocab 1000,
 bert-base      exactly BERT-Base (post-norm, as ``BertForPreTraining`` of bert-base-       110,106,428
                uncased): 12 layers, h=768, 12 heads, ffn 3072, vocab 30522, 512 positions
 bert-large     exactly BERT-Large: 24 layers, h=1024, 16 heads, ffn 4096, vocab 30522     336,226,108
+tiny-t5        T5 v1.1 recipe (gated GELU, untied), 2 + 2 layers, h=64, 4 heads,       ~0.3M
+               ffn 128, vocab 1000
+t5-small       exactly T5 (v1.0) small: 6 + 6 layers, h=512, 8 heads, ffn 2048, vocab   60,506,624
+               32128, ReLU, relative position buckets 32 / 128, tied and scaled output
+t5-base        exactly T5 (v1.0) base: 12 + 12 layers, h=768, 12 heads, ffn 3072,       222,903,552
+               vocab 32128
+transformer-   the original Transformer's base model (Vaswani et al. 2017) as torch's   63,084,544
+base           nn.Transformer builds it: 6 + 6 post-norm layers, h=512, 8 heads, ffn
+               2048, ReLU, sinusoidal positions, embeddings x sqrt(h) tied with the
+               output layer, shared vocabulary of 37000
 =============  ======================================================================  ==========
+
+The T5 counts are ``T5ForConditionalGeneration``'s (its encoder and decoder embeddings and
+output layer are one matrix); the Transformer's is ``nn.Transformer`` plus one embedding.
 
 Parameter counts use the unpadded vocabulary (what the Hugging Face model holds); the megalite
 model adds ``padded_vocab - vocab`` rows to the embedding (and untied output layer), which is
@@ -54,6 +67,17 @@ def _bert(**kw) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
+def _t5(**kw) -> TransformerConfig:
+    """T5 v1.0: RMSNorm without mean (eps 1e-6), ReLU, no biases, relative position buckets,
+    unscaled attention scores, tied output layer fed h^-0.5 times the decoder output."""
+    base = dict(model_type="t5", position_embedding_type="relative", normalization="RMSNorm",
+                layernorm_epsilon=1e-6, activation="relu", add_bias_linear=False,
+                softmax_scale=1.0, untie_embeddings_and_output_weights=False,
+                scale_decoder_outputs=True, max_position_embeddings=512)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
 _BUILDERS = {
     "tiny": lambda: _classic(num_layers=2, hidden_size=64, num_attention_heads=4,
                              vocab_size=1000, max_position_embeddings=128, seq_length=64),
@@ -85,6 +109,24 @@ _BUILDERS = {
     "bert-large": lambda: _bert(num_layers=24, hidden_size=1024, num_attention_heads=16,
                                 vocab_size=30522, max_position_embeddings=512,
                                 norm_placement="post"),
+    # T5 v1.1 differs from v1.0 by the gated GELU and an untied, unscaled output layer.
+    "tiny-t5": lambda: _t5(num_layers=2, hidden_size=64, num_attention_heads=4,
+                           ffn_hidden_size=128, vocab_size=1000, activation="geglu",
+                           untie_embeddings_and_output_weights=True,
+                           scale_decoder_outputs=False, seq_length=64, decoder_seq_length=32),
+    # Training lengths of Megatron-LM's T5 examples: 512 encoder, 128 decoder tokens.
+    "t5-small": lambda: _t5(num_layers=6, hidden_size=512, num_attention_heads=8,
+                            ffn_hidden_size=2048, vocab_size=32128, seq_length=512,
+                            decoder_seq_length=128),
+    "t5-base": lambda: _t5(num_layers=12, hidden_size=768, num_attention_heads=12,
+                           ffn_hidden_size=3072, vocab_size=32128, seq_length=512,
+                           decoder_seq_length=128),
+    "transformer-base": lambda: TransformerConfig(
+        model_type="t5", num_layers=6, hidden_size=512, num_attention_heads=8,
+        ffn_hidden_size=2048, vocab_size=37000, position_embedding_type="sinusoidal",
+        normalization="LayerNorm", norm_placement="post", activation="relu",
+        scale_embedding=True, max_position_embeddings=1024, seq_length=256,
+        decoder_seq_length=256),
 }
 
 PRESETS: list[str] = list(_BUILDERS)

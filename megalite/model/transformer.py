@@ -1,16 +1,17 @@
-"""What the model families share: the embedding, the transformer layer and the base class of a
-model chunk (layers of one pipeline stage, output logits, weights lifecycle).
+"""What the model families share: the embedding, the transformer layer and the base classes of
+a model chunk (output logits, weights lifecycle; the layers of one pipeline stage).
 
 Layer, in the two norm placements (``TransformerConfig.norm_placement``)::
 
-    pre  (GPT, Megatron's BERT):  x' = x  + dropout(Attention(Norm1(x)))
-                                  y  = x' + dropout(MLP(Norm2(x')))
-    post (the original BERT):     x' = Norm1(x  + dropout(Attention(x)))
-                                  y  = Norm2(x' + dropout(MLP(x')))
+    pre  (GPT, Megatron's BERT, T5):  x' = x  + dropout(Attention(Norm1(x)))
+                                      y  = x' + dropout(MLP(Norm2(x')))
+    post (the original BERT and       x' = Norm1(x  + dropout(Attention(x)))
+          Transformer):               y  = Norm2(x' + dropout(MLP(x')))
 
 Norm1 is ``input_norm`` and Norm2 ``post_attention_norm`` in both placements (the attention's
-and the MLP's norm). Attention is causal (GPT) or bidirectional with an optional key padding
-mask (BERT).
+and the MLP's norm); a decoder layer of an encoder-decoder has a cross-attention sublayer
+between them, with its ``cross_attention_norm``. Attention is causal (GPT) or bidirectional
+with an optional key padding mask (BERT), or takes a mask holding T5's position bias.
 
 Dropout RNG: dropout on tensors split across tensor-parallel ranks (attention probabilities;
 with SP also the embedding and residual-branch dropout) draws from the tracker's
@@ -20,6 +21,8 @@ generator, identical on all tensor-parallel ranks, so the replicas stay equal.
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from megalite.errors import MegaliteError
 from megalite.model import weights
-from megalite.model.attention import Attention
+from megalite.model.attention import Attention, CrossAttention
 from megalite.model.config import TransformerConfig
 from megalite.model.mlp import MLP
 from megalite.model.norms import build_norm, mark_replicated
@@ -38,7 +41,7 @@ from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
 from megalite.parallel.random import RNGStatesTracker, checkpoint
 
-__all__ = ["dropout", "Embedding", "TransformerLayer", "TransformerModelBase"]
+__all__ = ["dropout", "Embedding", "TransformerLayer", "ModelChunk", "TransformerModelBase"]
 
 
 def dropout(x: Tensor, p: float, training: bool, tracker: RNGStatesTracker, split: bool) -> Tensor:
@@ -52,7 +55,9 @@ def dropout(x: Tensor, p: float, training: bool, tracker: RNGStatesTracker, spli
 class Embedding(nn.Module):
     """Token (+ absolute position, + token type) embedding: ``forward(ids [b, s],
     position_offset=0, tokentype_ids=None [b, s]) -> [s, b, h]`` ([s/tp, b, h] with sequence
-    parallelism), then a norm when ``norm`` (post-norm BERT) and dropout.
+    parallelism), then a norm when ``norm`` (post-norm BERT) and dropout. With
+    ``config.scale_embedding`` (the original Transformer) the word embeddings are multiplied by
+    sqrt(h) before anything is added; rotary and relative positions add nothing here.
 
     With sequence parallelism the vocabulary-parallel partial sums are reduce-scattered along the
     sequence (instead of all-reduced), and each rank adds the positions (and token types) of its
@@ -103,6 +108,8 @@ class Embedding(nn.Module):
                                              device=input_ids.device))
         if self.sp:
             x = reduce_scatter_to_sequence_parallel_region(x, self.ps)     # [s/tp, b, h]
+        if self.config.scale_embedding:
+            x = x * math.sqrt(self.config.hidden_size)
         kind = self.config.position_embedding_type
         if kind == "learned_absolute":
             x = x + self.position_embeddings(positions)[:, None, :]
@@ -119,11 +126,19 @@ class Embedding(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """``forward(x [s, b, h], cos=None, sin=None, kv_cache=None, attention_mask=None) ->
-    [s, b, h]``; pre- or post-norm (module doc); ``causal`` self-attention or not, with
-    ``attention_mask`` (bool, broadcastable to [b, heads, s, s], True = attend) when given."""
+    """``forward(x [s, b, h], cos=None, sin=None, kv_cache=None, attention_mask=None,
+    memory=None, memory_mask=None) -> [s, b, h]``; pre- or post-norm (module doc); ``causal``
+    self-attention or not, with ``attention_mask`` (:mod:`megalite.model.attention`) when given.
 
-    def __init__(self, config: TransformerConfig, ctx: ModelContext, causal: bool = True):
+    ``cross_attention``: a decoder layer of an encoder-decoder model, whose cross-attention
+    (``cross_attention_norm``, ``cross_attention``; between the self-attention and the MLP)
+    attends to ``memory`` (the encoder output [t, b, h]) under ``memory_mask``. With a
+    ``kv_cache`` (inference) its keys/values are computed from ``memory`` the first time and
+    kept in the cache.
+    """
+
+    def __init__(self, config: TransformerConfig, ctx: ModelContext, causal: bool = True,
+                 cross_attention: bool = False):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.post_norm = config.norm_placement == "post"
@@ -131,27 +146,49 @@ class TransformerLayer(nn.Module):
         self.rng_tracker = ctx.rng_tracker
         self.input_norm = build_norm(config, ctx)
         self.attention = Attention(config, ctx, causal=causal)
+        if cross_attention:
+            self.cross_attention_norm = build_norm(config, ctx)
+            self.cross_attention = CrossAttention(config, ctx)
         self.post_attention_norm = build_norm(config, ctx)
         self.mlp = MLP(config, ctx)
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
-                kv_cache=None, attention_mask: Tensor | None = None) -> Tensor:
+                kv_cache=None, attention_mask: Tensor | None = None,
+                memory: Tensor | None = None, memory_mask: Tensor | None = None) -> Tensor:
         rope = None if cos is None else (cos, sin)
+        x = self._sublayer(x, self.input_norm,
+                           lambda h: self.attention(h, rope, kv_cache, attention_mask))
+        if hasattr(self, "cross_attention"):
+            kv = self._memory_kv(memory, kv_cache)
+            x = self._sublayer(x, self.cross_attention_norm,
+                               lambda h: self.cross_attention(h, kv, memory_mask))
+        return self._sublayer(x, self.post_attention_norm, self.mlp)
+
+    def _memory_kv(self, memory: Tensor | None, kv_cache) -> tuple[Tensor, Tensor]:
+        cached = None if kv_cache is None else kv_cache.cross
+        if cached is not None:
+            return cached
+        if memory is None:
+            raise MegaliteError("a decoder layer needs the encoder output (memory) or cached "
+                                "cross-attention keys/values")
+        kv = self.cross_attention.key_values(memory)
+        if kv_cache is not None:
+            kv_cache.cross = kv
+        return kv
+
+    def _sublayer(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor]) -> Tensor:
         if self.post_norm:
-            x = self.input_norm(x + self._drop(self.attention(x, rope, kv_cache,
-                                                              attention_mask)))
-            return self.post_attention_norm(x + self._drop(self.mlp(x)))
-        x = x + self._drop(self.attention(self.input_norm(x), rope, kv_cache, attention_mask))
-        return x + self._drop(self.mlp(self.post_attention_norm(x)))
+            return norm(x + self._drop(fn(x)))
+        return x + self._drop(fn(norm(x)))
 
     def _drop(self, t: Tensor) -> Tensor:
         return dropout(t, self.hidden_dropout, self.training, self.rng_tracker, self.split)
 
 
-class TransformerModelBase(nn.Module):
-    """A model chunk: the transformer layers ``layer_range`` of one pipeline stage, and what
-    every family does around them (a subclass adds its embedding, calls :meth:`_add_layers`,
-    adds its heads, then calls :meth:`_materialize`).
+class ModelChunk(nn.Module):
+    """What every model chunk has (a subclass adds its modules on the meta device, then calls
+    :meth:`_materialize`): the config and layout, the vocabulary logits and output, the weights
+    lifecycle.
 
     Args:
         config: model shapes and recipe.
@@ -162,7 +199,6 @@ class TransformerModelBase(nn.Module):
         post_process: hold the output heads (last pipeline stage).
         layer_range: global ids ``[a, b)`` of the layers held here (default: all). Parameter
             names use global ids (``layers.7.mlp...``) on every stage.
-        causal: causal self-attention (decoders) or bidirectional (encoders).
 
     Every module is built on the meta device, then this rank's shards are allocated on
     ``ctx.device``: nothing is drawn at construction, and the parameters are uninitialized
@@ -172,7 +208,7 @@ class TransformerModelBase(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, ctx: ModelContext, *, pre_process: bool,
-                 post_process: bool, layer_range: tuple[int, int] | None, causal: bool):
+                 post_process: bool, layer_range: tuple[int, int] | None):
         super().__init__()
         ps = ctx.ps
         config.validate()
@@ -185,58 +221,11 @@ class TransformerModelBase(nn.Module):
         self.pre_process, self.post_process, self.layer_range = pre_process, post_process, (lo, hi)
         self.padded_vocab = config.padded_vocab(ps.tp_size)
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
-        self.rotary = (RotaryEmbedding.from_config(config)
-                       if config.position_embedding_type == "rope" else None)
-        self.causal = causal
-
-    def _add_layers(self, ctx: ModelContext) -> None:
-        """Build this chunk's transformer layers on the meta device. A subclass calls it after
-        its embedding and before its heads, so parameters register in the model's order."""
-        # A ModuleDict keyed by the global layer id keeps state-dict names stage-independent.
-        lo, hi = self.layer_range
-        meta = ctx.on_meta()
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(self.config, meta, self.causal)
-                                     for i in range(lo, hi)})
 
     def _materialize(self, ctx: ModelContext) -> None:
         """Allocate this rank's shards on ``ctx.device`` (the subclass built on meta)."""
         if not ctx.is_meta:
             weights.materialize(self, ctx.resolved_device())
-
-    def _run_layers(self, x: Tensor, s: int, offset: int = 0, kv_cache=None,
-                    attention_mask: Tensor | None = None) -> Tensor:
-        """This chunk's layers over ``x`` [s, b, h] ([s/tp, b, h] with SP) of a sequence of
-        ``s`` tokens at absolute positions ``offset..``; full recompute when configured."""
-        cos = sin = None
-        if self.rotary is not None:
-            cos, sin = self.rotary(offset + s, device=x.device)
-            cos, sin = cos[offset:], sin[offset:]             # the angles of positions offset..
-        full_recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
-        for i, layer in self.layers.items():
-            if full_recompute and kv_cache is None:
-                x = checkpoint(layer, self.rng_tracker, x, cos, sin, None, attention_mask)
-            else:
-                x = layer(x, cos, sin, None if kv_cache is None else kv_cache.layer(int(i)),
-                          attention_mask)
-        return x
-
-    def _seq_of(self, inputs: Tensor, what: str) -> int:
-        """The sequence length of this chunk's input: token ids [b, s] on the first stage,
-        else hidden states [s, b, h] ([s/tp, b, h] with SP)."""
-        if self.pre_process:
-            if inputs.dim() != 2:
-                raise MegaliteError(f"{what} expects token ids [batch, seq], got shape "
-                                    f"{tuple(inputs.shape)}")
-            return inputs.shape[1]
-        return inputs.shape[0] * (self.ps.tp_size if self.sequence_parallel else 1)
-
-    def _check_seq(self, s: int) -> None:
-        if s > self.config.max_position_embeddings:
-            raise MegaliteError(f"sequence length {s} exceeds max_position_embeddings="
-                                f"{self.config.max_position_embeddings}")
-        if self.sequence_parallel and s % self.ps.tp_size:
-            raise MegaliteError(f"--sequence-parallel needs the sequence length ({s}) divisible "
-                                f"by the tensor-parallel size ({self.ps.tp_size})")
 
     def output_weight(self) -> Tensor:
         """This rank's [padded_vocab/tp, h] slice of the output matrix (tied or not)."""
@@ -273,7 +262,7 @@ class TransformerModelBase(nn.Module):
         return loss.transpose(0, 1).contiguous()
 
     # ---- weights (megalite.model.weights) --------------------------------------------------
-    def to_empty(self, *, device, recurse: bool = True) -> "TransformerModelBase":
+    def to_empty(self, *, device, recurse: bool = True) -> "ModelChunk":
         """``nn.Module.to_empty`` keeping the parameters' sharding attributes
         (:func:`~megalite.model.weights.to_empty_keeping_attributes`). Follow with
         :meth:`init_weights` or :meth:`load_full_state_dict`."""
@@ -292,3 +281,64 @@ class TransformerModelBase(nn.Module):
         """Copy this rank's shard of each full tensor in ``state`` into the parameters
         (:func:`megalite.model.weights.load_full_state_dict`)."""
         weights.load_full_state_dict(self, state)
+
+
+class TransformerModelBase(ModelChunk):
+    """A model chunk of one stack: the transformer layers ``layer_range`` of one pipeline stage
+    (arguments of :class:`ModelChunk`, and ``causal``: causal self-attention (decoders) or
+    bidirectional (encoders)), run by :meth:`_run_layers`. A subclass adds its embedding, calls
+    :meth:`_add_layers`, adds its heads, then calls :meth:`_materialize`.
+    """
+
+    def __init__(self, config: TransformerConfig, ctx: ModelContext, *, pre_process: bool,
+                 post_process: bool, layer_range: tuple[int, int] | None, causal: bool):
+        super().__init__(config, ctx, pre_process=pre_process, post_process=post_process,
+                         layer_range=layer_range)
+        self.rotary = (RotaryEmbedding.from_config(config)
+                       if config.position_embedding_type == "rope" else None)
+        self.causal = causal
+
+    def _add_layers(self, ctx: ModelContext) -> None:
+        """Build this chunk's transformer layers on the meta device. A subclass calls it after
+        its embedding and before its heads, so parameters register in the model's order
+        (the optimizer, gradient-norm and ZeRO orders follow it)."""
+        # A ModuleDict keyed by the global layer id keeps state-dict names stage-independent.
+        lo, hi = self.layer_range
+        meta = ctx.on_meta()
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(self.config, meta, self.causal)
+                                     for i in range(lo, hi)})
+
+    def _run_layers(self, x: Tensor, s: int, offset: int = 0, kv_cache=None,
+                    attention_mask: Tensor | None = None) -> Tensor:
+        """This chunk's layers over ``x`` [s, b, h] ([s/tp, b, h] with SP) of a sequence of
+        ``s`` tokens at absolute positions ``offset..``; full recompute when configured."""
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(offset + s, device=x.device)
+            cos, sin = cos[offset:], sin[offset:]             # the angles of positions offset..
+        full_recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
+        for i, layer in self.layers.items():
+            if full_recompute and kv_cache is None:
+                x = checkpoint(layer, self.rng_tracker, x, cos, sin, None, attention_mask)
+            else:
+                x = layer(x, cos, sin, None if kv_cache is None else kv_cache.layer(int(i)),
+                          attention_mask)
+        return x
+
+    def _seq_of(self, inputs: Tensor, what: str) -> int:
+        """The sequence length of this chunk's input: token ids [b, s] on the first stage,
+        else hidden states [s, b, h] ([s/tp, b, h] with SP)."""
+        if self.pre_process:
+            if inputs.dim() != 2:
+                raise MegaliteError(f"{what} expects token ids [batch, seq], got shape "
+                                    f"{tuple(inputs.shape)}")
+            return inputs.shape[1]
+        return inputs.shape[0] * (self.ps.tp_size if self.sequence_parallel else 1)
+
+    def _check_seq(self, s: int) -> None:
+        if s > self.config.max_position_embeddings:
+            raise MegaliteError(f"sequence length {s} exceeds max_position_embeddings="
+                                f"{self.config.max_position_embeddings}")
+        if self.sequence_parallel and s % self.ps.tp_size:
+            raise MegaliteError(f"--sequence-parallel needs the sequence length ({s}) divisible "
+                                f"by the tensor-parallel size ({self.ps.tp_size})")

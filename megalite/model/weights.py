@@ -2,7 +2,8 @@
 (unsharded) state dicts in and out.
 
 Parameter names are full-model names with global layer ids (``layers.7.mlp.linear_fc1.weight``
-on whichever pipeline stage holds layer 7), the same in checkpoints, resharding and the Hugging
+on whichever pipeline stage holds layer 7; ``encoder.layers.7.`` / ``decoder.layers.7.`` in
+encoder-decoder models), the same in checkpoints, resharding and the Hugging
 Face name maps; the constants below are their one spelling (the attribute names of the modules
 in :mod:`megalite.model.gpt`, :mod:`~megalite.model.bert`, :mod:`~megalite.model.transformer`,
 :mod:`~megalite.model.attention` and :mod:`~megalite.model.mlp`).
@@ -33,8 +34,11 @@ from megalite.parallel.sharding import (full_shape, gather_full_tensor, init_par
 
 __all__ = ["WORD_EMBEDDINGS", "POSITION_EMBEDDINGS", "OUTPUT_LAYER", "OUTPUT_BIAS",
            "VOCAB_TENSORS", "FINAL_NORM", "TOKENTYPE_EMBEDDINGS", "EMBEDDING_NORM",
-           "LM_HEAD_DENSE", "LM_HEAD_NORM", "POOLER", "BINARY_HEAD", "INPUT_NORM", "POST_ATTENTION_NORM", "LINEAR_QKV", "LINEAR_PROJ",
-           "LINEAR_FC1", "LINEAR_FC2", "layer_prefix", "fit_vocab_rows",
+           "LM_HEAD_DENSE", "LM_HEAD_NORM", "POOLER", "BINARY_HEAD", "INPUT_NORM",
+           "POST_ATTENTION_NORM", "LINEAR_QKV", "LINEAR_PROJ", "LINEAR_FC1", "LINEAR_FC2",
+           "ENCODER", "DECODER", "RELATIVE_POSITION_BIAS", "CROSS_ATTENTION_NORM",
+           "CROSS_LINEAR_Q", "CROSS_LINEAR_KV", "CROSS_LINEAR_PROJ", "layer_prefix",
+           "fit_vocab_rows",
            "to_empty_keeping_attributes", "materialize", "init_weights", "full_state_dict",
            "load_full_state_dict"]
 
@@ -65,7 +69,16 @@ LINEAR_PROJ = "attention.linear_proj"
 POST_ATTENTION_NORM = "post_attention_norm"
 LINEAR_FC1 = "mlp.linear_fc1"
 LINEAR_FC2 = "mlp.linear_fc2"
-# The two linears writing into the residual stream: drawn with std / sqrt(2 L).
+# Encoder-decoder models: the stacks' prefixes (layer i of the encoder is ``encoder.layers.i.``),
+# each stack's relative position bias, and the decoder layers' cross-attention modules.
+ENCODER, DECODER = "encoder.", "decoder."
+RELATIVE_POSITION_BIAS = "relative_position_bias.weight"
+CROSS_ATTENTION_NORM = "cross_attention_norm"
+CROSS_LINEAR_Q = "cross_attention.linear_q"
+CROSS_LINEAR_KV = "cross_attention.linear_kv"
+CROSS_LINEAR_PROJ = "cross_attention.linear_proj"
+# The linears writing into the residual stream: drawn with std / sqrt(2 L) (the suffix also
+# matches the cross-attention's output projection).
 _RESIDUAL_OUTPUTS = (LINEAR_PROJ + ".weight", LINEAR_FC2 + ".weight")
 
 

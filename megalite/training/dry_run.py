@@ -134,6 +134,8 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
     z = par.zero_stage
     half = config.precision.bf16 or config.precision.fp16
     act_layer = family_of(m).activation_bytes_per_layer(config, tp)
+    # the positions whose logits are computed (an encoder-decoder's: the decoder's)
+    out_tokens = (m.decoder_seq_length if m.is_encoder_decoder else None) or m.training_seq_length
     if vp == 1:
         in_flight_layers = min(pp, num_micro) * max(n for r in ranges for a, b in r
                                                     for n in [b - a])
@@ -157,7 +159,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
             "optimizer": params * (8 + (4 if half else 0)) / (dp if z >= 1 else 1),
             "activations": act_layer * in_flight_layers if p == 0 else
             act_layer * sum(b - a for a, b in ranges[p]) * min(pp - p, num_micro),
-            "logits": (m.training_seq_length * tr.micro_batch_size * m.padded_vocab(tp) / tp
+            "logits": (out_tokens * tr.micro_batch_size * m.padded_vocab(tp) / tp
                        * 4 * 2) if p == pp - 1 else 0.0,
         }
         mem["total"] = sum(mem.values())
@@ -180,15 +182,19 @@ def summary_lines(plan: RunPlan, config: TrainConfig, title: str) -> list[str]:
     """The run in a few lines (layout, model, batch, precision, data, tokenizer): the head of
     the ``--dry-run`` plan and the banner a real run prints at start-up."""
     prec = "bf16" if config.precision.bf16 else "fp16" if config.precision.fp16 else "fp32"
+    m = config.model
+    layers, seq = m.num_layers, m.training_seq_length
+    if m.is_encoder_decoder:
+        layers = f"{m.num_layers} encoder + {m.decoder_layers} decoder"
+        seq = f"{m.training_seq_length} (encoder) / {m.decoder_seq_length} (decoder)"
     return [
         f"{title}: {plan.world_size} process(es) = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         + (f", {plan.vp} virtual chunks per stage" if plan.vp > 1 else ""),
         "model: " + ("" if config.model.model_type == "gpt" else
                      f"{config.model.model_type.upper()} {config.model.norm_placement}-norm, ")
-        + f"{config.model.num_layers} layers, hidden {config.model.hidden_size}, "
+        + f"{layers} layers, hidden {config.model.hidden_size}, "
         f"{config.model.num_attention_heads} heads, vocab {config.model.vocab_size} (padded "
-        f"{config.model.padded_vocab(plan.tp)}), seq {config.model.training_seq_length}; "
-        f"{plan.total_params:,} parameters",
+        f"{config.model.padded_vocab(plan.tp)}), seq {seq}; {plan.total_params:,} parameters",
         f"batch: global {plan.global_batch_size} = micro {config.training.micro_batch_size} x "
         f"DP {plan.dp} x {plan.num_microbatches} microbatch(es) per iteration; "
         f"{config.training.train_iters} iterations",

@@ -14,8 +14,9 @@ per step, which the pipeline schedule calls once per microbatch
 BERT (:class:`BERTLoss`): the masked-LM loss is the mean over the microbatch's masked tokens
 (``loss_mask``), plus the sentence-order cross-entropy of the binary head (mean over the
 microbatch) when the model has one: Megatron-LM's ``pretrain_bert.py`` loss, per microbatch.
-Other objectives (T5's, mixture-of-experts auxiliary losses) are further classes of this shape,
-here; the model family names its class (:mod:`megalite.families`).
+T5 (:class:`T5Loss`): the mean over the microbatch's decoder tokens (``loss_mask``). Other
+objectives (mixture-of-experts auxiliary losses) are further classes of this shape, here; the
+model family names its class (:mod:`megalite.families`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 
-__all__ = ["GPTLoss", "BERTLoss"]
+__all__ = ["GPTLoss", "BERTLoss", "T5Loss", "masked_token_mean"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ class GPTLoss:
         return float(total.item()) / (self.num_microbatches * ps.dp_size)
 
 
+def masked_token_mean(per_token: Tensor, loss_mask: Tensor) -> Tensor:
+    """Mean of ``per_token`` [b, s] over the positions where ``loss_mask`` [b, s] is 1 (fp32)."""
+    mask = loss_mask.float()
+    # a BERT or T5 sample always has a token to predict; the clamp only keeps an empty mask
+    # finite
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 @dataclass(frozen=True)
 class BERTLoss(GPTLoss):
     """BERT pretraining loss (masked LM + sentence order) of one step; reported and averaged
@@ -71,10 +80,22 @@ class BERTLoss(GPTLoss):
         (the sentence-order label). -> (loss * loss_scale / num_microbatches, the loss
         detached); the loss is the masked-token mean (+ the sentence-order cross-entropy)."""
         per_token, binary = output
-        mask = microbatch["loss_mask"].float()
-        # a BERT sample always has a masked token; the clamp only keeps an empty mask finite
-        loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = masked_token_mean(per_token, microbatch["loss_mask"])
         if binary is not None:
             loss = loss + F.cross_entropy(binary.float(), microbatch["is_random"].view(-1),
                                           ignore_index=-1)
+        return loss * (self.loss_scale / self.num_microbatches), loss.detach()
+
+
+@dataclass(frozen=True)
+class T5Loss(GPTLoss):
+    """T5 pretraining loss of one step: per microbatch the mean cross-entropy over the decoder
+    tokens (``loss_mask``), Megatron-LM's ``pretrain_t5.py`` loss; reported and averaged over
+    microbatches and data-parallel ranks as :class:`GPTLoss`."""
+
+    def __call__(self, per_token: Tensor, microbatch: dict) -> tuple[Tensor, Tensor]:
+        """``per_token``: the decoder's per-token loss [b, s]; ``microbatch``: its
+        ``loss_mask`` [b, s] (1 at the target tokens, 0 at padding) -> (loss * loss_scale /
+        num_microbatches, the loss detached)."""
+        loss = masked_token_mean(per_token, microbatch["loss_mask"])
         return loss * (self.loss_scale / self.num_microbatches), loss.detach()

@@ -134,6 +134,9 @@ def _check_run(config: TrainConfig) -> None:
     if ds is not None and not os.path.isfile(ds):
         raise ConfigError(f"{option_name('parallel', 'deepspeed_config')}: {ds}: no such file",
                           "parallel", "deepspeed_config")
+    family = family_of(config.model)
+    if family.check_run is not None:
+        family.check_run(config)
 
 
 def prepare_run(args: TrainArgs) -> TrainConfig:

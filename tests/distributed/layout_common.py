@@ -1,7 +1,7 @@
 """What the layout-equivalence tests of every model family share (test_layouts.py: GPT,
-test_bert_layouts.py: BERT): runs of ``megalite train`` in a worker, the tolerance checks of a
-loss curve against the single-process one (their reasons are in those modules' docstrings), and
-rewinding ``latest`` to an earlier checkpoint for resume tests."""
+test_bert_layouts.py: BERT, test_t5_layouts.py: T5): runs of ``megalite train`` in a worker,
+the tolerance checks of a loss curve against the single-process one (their reasons are in those
+modules' docstrings), and rewinding ``latest`` to an earlier checkpoint for resume tests."""
 from __future__ import annotations
 
 import os
@@ -43,3 +43,31 @@ def rewind_latest(ps, directory: str, iteration: int) -> None:
         with open(os.path.join(directory, "latest"), "w") as f:
             f.write(f"iter_{iteration:07d}\n")
     dist.barrier()
+
+
+def layout_results(world: int, runs: list[list[str]], timeout: float = 1500) -> list[list[float]]:
+    """The loss curves of ``runs`` trained in one group of ``world`` processes, after checking
+    that every rank reported the same global-batch losses."""
+    from harness import DistributedWorkers
+
+    with DistributedWorkers(world) as workers:
+        results = workers.run(train_many, runs, timeout=timeout)
+    for rank_curves in results:
+        assert rank_curves == results[0]
+    return results[0]
+
+
+def train_and_rewind(argv: list[str], tp: int, pp: int, directory: str | None = None,
+                     rewind_to: int | None = None) -> list[float]:
+    """One ``megalite train`` run in a (tp, pp) layout of the worker group (top level, for
+    ``DistributedWorkers.run``); with ``rewind_to``, ``directory``'s ``latest`` is then pointed
+    at that iteration (:func:`rewind_latest`). Returns the loss curve."""
+    from megalite.distributed.parallel_state import ParallelState
+    from megalite.training.prepare import parse_train_args
+    from megalite.training.trainer import pretrain
+
+    ps = ParallelState.build(tp, pp)
+    losses = pretrain(parse_train_args(argv), ps).losses
+    if rewind_to is not None:
+        rewind_latest(ps, directory, rewind_to)
+    return losses

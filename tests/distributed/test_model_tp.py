@@ -16,7 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tp_common
 from harness import DistributedWorkers
+from tp_common import gathered_results
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.model import get_preset
@@ -47,24 +49,13 @@ def batch(cfg):
 
 def run_case(cfg, ps, tracker=None):
     """Forward + backward on one rank; returns full (gathered) logits, loss and grads."""
-    from megalite.parallel.grad_sync import allreduce_sequence_parallel_grads
     model = GPTModel(cfg, ModelContext(ps, rng_tracker=tracker))
     model.init_weights(SEED)
     ids, labels = batch(cfg)
     logits = model(ids)                                        # [b, s, Vp/tp]
     loss = model(ids, labels=labels)                           # [b, s]
     loss.mean().backward()
-    if cfg.sequence_parallel:
-        allreduce_sequence_parallel_grads(model.parameters(), ps)
-    full_logits = logits.detach()
-    if ps.tp_size > 1:
-        parts = [torch.empty_like(full_logits) for _ in range(ps.tp_size)]
-        torch.distributed.all_gather(parts, full_logits.contiguous(), group=ps.tp_group)
-        full_logits = torch.cat(parts, dim=-1)
-    from megalite.parallel.sharding import gather_full_tensor
-    grads = {n: gather_full_tensor(p.grad, p, ps) for n, p in model.named_parameters()}
-    return {"logits": full_logits, "loss": loss.detach(), "grads": grads,
-            "weights": model.full_state_dict()}
+    return gathered_results(model, logits, loss, ps)
 
 
 def worker_all_cases(tp):
@@ -135,12 +126,6 @@ def worker_hf_load(tp):
     return (ours - ref).abs().max().item(), ref.abs().max().item()
 
 
-def assert_rel_close(got, ref, what):
-    scale = ref.abs().max().item()
-    err = (got - ref).abs().max().item()
-    assert err <= REL * scale, f"{what}: max abs err {err:.3e} > {REL} * {scale:.3e}"
-
-
 @pytest.fixture(scope="module")
 def references():
     """TP=1 results of every case, in this process."""
@@ -154,29 +139,10 @@ def check_against_reference(results, references, tp):
     for key, ref in references.items():
         got = rank0[key]
         cfg = RECIPES[key[0]]
-        v = cfg.vocab_size
         assert got["logits"].shape[-1] == cfg.padded_vocab(tp)
-        assert_rel_close(got["logits"][..., :v], ref["logits"][..., :v], f"{key} logits")
-        assert torch.all(got["logits"][..., v:] == torch.finfo(torch.float32).min)
-        assert_rel_close(got["loss"], ref["loss"], f"{key} loss")
+        tp_common.assert_matches_reference(got, ref, cfg.vocab_size, key, REL)
         for r in range(1, tp):
             assert torch.equal(results[r][key], got["loss"]), f"{key} loss differs on rank {r}"
-        # Layout-independent init, checked through the real all-gather: bit-identical weights.
-        for name, w_ref in ref["weights"].items():
-            w = got["weights"][name]
-            if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-                assert torch.all(w[v:] == 0), name
-                w, w_ref = w[:v], w_ref[:v]
-            assert torch.equal(w, w_ref), f"{key} init differs for {name}"
-        assert set(got["grads"]) == set(ref["grads"])
-        for name, g_ref in ref["grads"].items():
-            g = got["grads"][name]
-            if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-                assert torch.all(g[v:] == 0), f"{key} {name}: padding rows got gradient"
-                g, g_ref = g[:v], g_ref[:v]
-            assert g.shape == g_ref.shape, f"{key} {name}"
-            assert g_ref.abs().max() > 0, f"{key} {name}: zero reference gradient"
-            assert_rel_close(g, g_ref, f"{key} grad {name}")
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -410,7 +410,7 @@ def test_help_states_checkpoint_defaults_and_the_mfu_peak():
             "--exit-interval or --exit-duration-in-mins") in text
     assert "the denominator of the logged MFU" in text
     assert ("packaged one (gpt2-small, llama2-7b, llama3.1-8b, quickstart, tiny-bert, tiny-gpt, "
-            "tiny-llama)") in text
+            "tiny-llama, tiny-t5)") in text
 
 
 def test_flag_fixes_a_bad_yaml_value(tmp_path):

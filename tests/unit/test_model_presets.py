@@ -38,7 +38,7 @@ def test_padded_vocab_size():
     (dict(num_query_groups=3), "num_query_groups"),
     (dict(position_embedding_type="alibi"), "position_embedding_type"),
     (dict(normalization="BatchNorm"), "normalization"),
-    (dict(activation="relu"), "activation"),
+    (dict(activation="tanh"), "activation"),
     (dict(recompute_granularity="some"), "recompute_granularity"),
     (dict(hidden_dropout=1.0), "hidden_dropout"),
     (dict(num_layers=0), "num_layers"),
@@ -68,7 +68,8 @@ def test_config_rejects_layouts_that_do_not_split():
 
 def test_presets_are_distinct_valid_configs():
     assert PRESETS == ["tiny", "tiny-llama", "gpt2-small", "1b", "llama2-7b", "llama3.1-8b",
-                       "tiny-bert", "bert-base", "bert-large"]
+                       "tiny-bert", "bert-base", "bert-large", "tiny-t5", "t5-small", "t5-base",
+                       "transformer-base"]
     for name in PRESETS:
         assert isinstance(get_preset(name), TransformerConfig)
     assert get_preset("tiny") is not get_preset("tiny")   # fresh objects, safe to mutate

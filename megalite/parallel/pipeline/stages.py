@@ -91,10 +91,16 @@ def build_model_chunks(config: TransformerConfig, ctx: ModelContext, vp_size: in
     ``shared_embedding``, initialized equal); :func:`megalite.parallel.grad_sync.
     allreduce_embedding_grads` keeps the two copies equal. Parameters are uninitialized: call
     ``init_weights(seed)`` on each chunk (layout-independent, so every split sees the same
-    model). All chunks share ``ctx.rng_tracker``.
+    model). All chunks share ``ctx.rng_tracker``. An encoder-decoder (T5) is one chunk: it
+    has no pipeline-parallel implementation, so pp > 1 (or virtual stages) is refused.
     """
     ps = ctx.ps
     model_class = family_of(config).model_class
+    if config.is_encoder_decoder and (ps.pp_size > 1 or vp_size > 1 or split is not None):
+        raise MegaliteError(
+            f"--pipeline-model-parallel-size {ps.pp_size}: the encoder-decoder (T5) model is "
+            f"not implemented with pipeline parallelism (Megatron splits its encoder and "
+            f"decoder into stages; megalite does not); use size 1 and tensor/data parallelism")
     ranges = layer_ranges(config.num_layers, ps.pp_size, vp_size, split)[ps.pp_rank]
     last_chunk = len(ranges) - 1
     return [model_class(config, ctx,
