@@ -42,6 +42,10 @@ class ParallelConfig:
     """A user's DeepSpeed JSON config, merged with (and checked against) megalite's flags."""
     distributed_timeout_minutes: float = 30.0
     """Timeout of the torch.distributed process groups (collectives that wait longer fail)."""
+    overlap_grad_reduce: bool = False
+    """All-reduce each data-parallel gradient bucket from a backward hook as soon as its last
+    gradient is final (Megatron-LM's --overlap-grad-reduce), instead of after the backward
+    pass; the gradients are bit-identical either way (megalite.parallel.grad_buckets)."""
 
     def __post_init__(self) -> None:
         check_types(self, "parallel")

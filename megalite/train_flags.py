@@ -125,6 +125,11 @@ OPTIONS = [
         ("--deepspeed-config", None, dict(metavar="FILE"), "a DeepSpeed JSON config to merge"),
         ("--distributed-timeout-minutes", "distributed_timeout_minutes", dict(type=float),
          "timeout of torch.distributed collectives (Megatron-LM's default: 10)"),
+        ("--overlap-grad-reduce", None, dict(action="store_true"),
+         "all-reduce each data-parallel gradient bucket during the backward pass, as soon as "
+         "its last gradient of the step is final (bit-identical gradients)"),
+        ("--no-overlap-grad-reduce", "overlap_grad_reduce", dict(action="store_false"),
+         "all-reduce the data-parallel gradients after the backward pass"),
     ]),
     ("optimizer and learning rate", "optim", [
         ("--lr", None, dict(type=float), "peak learning rate"),

@@ -26,8 +26,8 @@ class MegatronFlag:
 KERNELS = "megalite runs PyTorch's own operations (nothing to fuse or unfuse)"
 ATTENTION = ("megalite's attention is torch.nn.functional.scaled_dot_product_attention, which "
              "picks its flash, memory-efficient or plain kernel itself")
-OVERLAP = ("megalite reduces the gradients after the backward pass and does not overlap "
-           "communication with computation yet")
+OVERLAP = ("megalite does not overlap this communication with computation (it overlaps only "
+           "the data-parallel gradient reduction: --overlap-grad-reduce)")
 CKPT_FORMAT = ("megalite writes its own checkpoint format: every rank its shard, "
                "synchronously, loadable under any layout")
 NO_PROFILER = "megalite has no profiler hooks; profile the whole process instead"

@@ -19,7 +19,6 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
              "CPUs"),
         flag("--distributed-timeout-seconds-after-init", NOTICE, None, "megalite keeps "
              "--distributed-timeout-minutes throughout"),
-        flag("--overlap-grad-reduce", NOTICE, 0, OVERLAP),
         flag("--no-align-grad-reduce", NOTICE, 0, OVERLAP),
         flag("--ddp-num-buckets", NOTICE, None, "megalite all-reduces the gradients in its own "
              "buckets"),

@@ -152,6 +152,10 @@ class TrainingOptimizer(abc.ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output saved under the same layout."""
 
+    def before_last_backward(self, chunk: int) -> None:
+        """The schedule's call just before model chunk ``chunk``'s last backward of the step
+        (overlapped gradient reduction starts there); nothing by default."""
+
     def gathered_parameters(self):
         """Context inside which every model parameter holds its full tensor: a no-op unless
         the parameters are partitioned (ZeRO-3)."""

@@ -15,7 +15,8 @@ def build_optimizer(model_chunks, config, ps: ParallelState) -> TrainingOptimize
     TrainConfig; ``model_chunks``: this rank's chunks."""
     par = config.parallel
     if par.zero_stage == 0 and not par.deepspeed_config:
-        return Optimizer(model_chunks, config.optim, config.precision, ps)
+        return Optimizer(model_chunks, config.optim, config.precision, ps,
+                         overlap_grad_reduce=par.overlap_grad_reduce)
     from megalite.optim.zero import ZeroOptimizer   # imports deepspeed: only when asked for
     training = config.training
     return ZeroOptimizer(model_chunks, config.optim, config.precision, ps, par.zero_stage,

@@ -37,6 +37,7 @@ from megalite.errors import MegaliteError
 from megalite.optim.base import StepResult, TrainingOptimizer, attach_main_grads
 from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
 from megalite.optim.loss_scaler import build_loss_scaler
+from megalite.parallel.grad_buckets import GradBuckets
 from megalite.parallel.grad_sync import sync_model_grads
 
 __all__ = ["Optimizer"]
@@ -54,7 +55,8 @@ class Optimizer(TrainingOptimizer):
         ps: this rank's layout; collectives run over its tp, pp (embedding), dp and mp groups.
     """
 
-    def __init__(self, model_chunks, optim, precision, ps: ParallelState):
+    def __init__(self, model_chunks, optim, precision, ps: ParallelState, *,
+                 overlap_grad_reduce: bool = False):
         if precision.bf16 and precision.fp16:
             raise MegaliteError("--bf16 and --fp16 are mutually exclusive")
         super().__init__(model_chunks, optim, precision, ps)
@@ -63,6 +65,11 @@ class Optimizer(TrainingOptimizer):
             else torch.float32
         self.scaler = build_loss_scaler(precision)
         self._hooks = []
+        # dp > 1: the gradients live in the data-parallel buckets' flat fp32 buffer
+        # (parallel/grad_buckets.py), each bucket reduced in place, overlapped with backward
+        # under --overlap-grad-reduce
+        self.grad_buckets = GradBuckets(model_chunks, self.params, ps,
+                                        overlap=overlap_grad_reduce) if ps.dp_size > 1 else None
         if self.half:
             # Masters from the values as they are now (fp32 init keeps its full precision),
             # then the model goes to half precision.
@@ -71,12 +78,16 @@ class Optimizer(TrainingOptimizer):
             for p in self.params:
                 if p.dtype != self.dtype:
                     p.data = p.data.to(self.dtype)
-            self._grad_buffer = torch.zeros(sum(p.numel() for p in self.params),
-                                            dtype=torch.float32, device=self.params[0].device)
-            views, offset = [], 0
-            for p in self.params:
-                views.append(self._grad_buffer[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            if self.grad_buckets is not None:
+                self._grad_buffer = self.grad_buckets.buffer
+                views = self.grad_buckets.views()
+            else:
+                self._grad_buffer = torch.zeros(sum(p.numel() for p in self.params),
+                                                dtype=torch.float32, device=self.params[0].device)
+                views, offset = [], 0
+                for p in self.params:
+                    views.append(self._grad_buffer[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
             self._hooks = attach_main_grads(self.params, views)
             for m, view in zip(self.masters, views):
                 m.grad = view                  # the master's gradient IS the fp32 accumulator
@@ -87,6 +98,9 @@ class Optimizer(TrainingOptimizer):
                     raise MegaliteError(f"fp32 training needs float32 parameters, got {p.dtype}; "
                                         f"pass --bf16/--fp16 for half precision")
             opt_params = self.params
+        if self.grad_buckets is not None:
+            self.grad_buckets.install_hooks()   # after the main_grad folds (hook order)
+            self._grads()                       # fp32: the .grad views from the start
         groups, i = [], 0
         for g in self.groups:
             n = len(g["params"])
@@ -109,10 +123,23 @@ class Optimizer(TrainingOptimizer):
         the last stage, or an activation and the gradient received from the next stage."""
         torch.autograd.backward(output, grad_tensors=grad)
 
+    def before_last_backward(self, chunk: int) -> None:
+        """The schedule's call before ``chunk``'s last backward of the step: from then on
+        its gradient buckets may start reducing (``--overlap-grad-reduce``)."""
+        if self.grad_buckets is not None:
+            self.grad_buckets.arm(chunk)
+
     def _grads(self) -> list[Tensor]:
         """This rank's gradient of each parameter (fp32); missing ones become zeros."""
         if self.half:
             return [p.main_grad for p in self.params]
+        if self.grad_buckets is not None:
+            # fp32 with dp > 1: each .grad is its view into the bucket buffer (zero_grad sets
+            # them; autograd accumulates into them in place: 0 + g is exact)
+            for p, view in zip(self.params, self.grad_buckets.views()):
+                if p.grad is None:
+                    p.grad = view
+            return [p.grad for p in self.params]
         for p in self.params:
             if p.grad is None:   # e.g. a layer no microbatch reached: contribute zero
                 p.grad = torch.zeros_like(p)
@@ -121,7 +148,8 @@ class Optimizer(TrainingOptimizer):
     def finish_grad_sync(self) -> None:
         """After the last microbatch: SP sum over tp, tied-embedding sum, DP average."""
         sync_model_grads(self.model_chunks, self.params, self._grads(), self.ps,
-                         grad_attr="main_grad" if self.half else "grad")
+                         grad_attr="main_grad" if self.half else "grad",
+                         buckets=self.grad_buckets)
 
     @torch.no_grad()
     def step(self, lr: float) -> StepResult:
@@ -155,6 +183,11 @@ class Optimizer(TrainingOptimizer):
             self._grad_buffer.zero_()
         for p in self.params:
             p.grad = None
+        if self.grad_buckets is not None:
+            self.grad_buckets.reset()
+            if not self.half:
+                self.grad_buckets.buffer.zero_()
+                self._grads()       # the .grad views, before the next backward
 
     def optimizer_state_bytes(self) -> int:
         """Bytes held by the optimizer beyond the model: AdamW moments (+ fp32 masters in

@@ -186,16 +186,20 @@ def allreduce_embedding_grads(model_chunks, ps: ParallelState, grad_attr: str = 
 
 
 def sync_model_grads(model_chunks, params: list[Tensor], grads: list[Tensor], ps: ParallelState,
-                     *, grad_attr: str, data_parallel: bool = True) -> None:
+                     *, grad_attr: str, data_parallel: bool = True, buckets=None) -> None:
     """Make ``grads`` (``grads[i]`` belongs to ``params[i]``, this rank's parameters of
     ``model_chunks``) the full-batch gradient: the sequence-parallel sum, the tied-embedding
     sum and, with ``data_parallel``, the data-parallel average (module docstring).
 
     ``grad_attr`` names where the gradients live (``"grad"`` or ``"main_grad"``), for the
     embedding sum which looks them up on the parameters. ZeRO passes ``data_parallel=False``
-    (DeepSpeed reduce-scatters over the data-parallel group itself).
+    (DeepSpeed reduce-scatters over the data-parallel group itself). ``buckets``: the
+    optimizer's :class:`~megalite.parallel.grad_buckets.GradBuckets` holding ``grads``, which
+    then does the data-parallel average (some buckets may have started during backward).
     """
     allreduce_sequence_parallel_grads(params, ps, grads)
     allreduce_embedding_grads(model_chunks, ps, grad_attr=grad_attr)
-    if data_parallel:
+    if data_parallel and buckets is not None:
+        buckets.finish()
+    elif data_parallel:
         allreduce_gradients(grads, ps, average=True)

@@ -200,4 +200,16 @@ def check_recompute(args, config) -> None:
                             f"not only the first {num} (the same numbers, less memory, more "
                             "computation)")
 
-__all__ = ["section_overrides", "parallel_overrides", "uneven_split", "check_recompute"]
+
+
+def overlap_notice(args, config) -> None:
+    """A notice in ``args.notices`` when ``--overlap-grad-reduce`` cannot act: under ZeRO
+    DeepSpeed reduces the gradients, once per step after megalite's own sums."""
+    par = config.parallel
+    if par.overlap_grad_reduce and (par.zero_stage or par.deepspeed_config):
+        args.notices.append("notice: --overlap-grad-reduce is ignored with ZeRO: DeepSpeed "
+                            "reduce-scatters the gradients after the backward pass")
+
+
+__all__ = ["section_overrides", "parallel_overrides", "uneven_split", "check_recompute",
+           "overlap_notice"]

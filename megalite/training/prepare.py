@@ -20,8 +20,8 @@ from megalite.config_checks import option_name
 from megalite.errors import ConfigError, MegaliteError
 from megalite.families import family_of
 from megalite.train_args import TrainArgs, merge_model_values, parse_args
-from megalite.training.megatron_args import (check_recompute, parallel_overrides,
-                                             section_overrides)
+from megalite.training.megatron_args import (check_recompute, overlap_notice,
+                                             parallel_overrides, section_overrides)
 
 # What a checkpoint's data section says about the tokenizer (its data files are not taken:
 # a resumed run names its data itself).
@@ -157,6 +157,7 @@ def prepare_run(args: TrainArgs) -> TrainConfig:
                     args.given("model", "vocab_size"))
         config = TrainConfig(model=build_model_config(model_values), **sections)
         check_recompute(args, config)
+        overlap_notice(args, config)
         _check_run(config)
     except ConfigError as e:
         raise args.locate(e) from None

@@ -153,7 +153,8 @@ class Trainer:
             self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
             seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
             dtype=self.dtype, forward_only=forward_only,
-            backward_fn=None if forward_only else self.optimizer.backward)
+            backward_fn=None if forward_only else self.optimizer.backward,
+            before_last_backward=None if forward_only else self.optimizer.before_last_backward)
 
     def train_step(self) -> tuple[float, "object"]:
         """Run one iteration; returns (global-batch mean loss, optimizer StepResult)."""

@@ -136,7 +136,8 @@ def _default_backward(output: Tensor, grad: Tensor | None) -> None:
 def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_microbatches: int,
                      ps: ParallelState, loss: MicrobatchLoss, *, seq_length: int,
                      micro_batch_size: int, dtype: torch.dtype, forward_only: bool = False,
-                     backward_fn: Callable[[Tensor, Tensor | None], None] | None = None
+                     backward_fn: Callable[[Tensor, Tensor | None], None] | None = None,
+                     before_last_backward: Callable[[int], None] | None = None
                      ) -> list[Tensor]:
     """Forward (and backward) ``num_microbatches`` microbatches through this rank's chunks.
 
@@ -158,6 +159,9 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
         backward_fn: ``backward_fn(output, grad)`` runs a backward (the optimizer's, which may
             scale or redirect gradients); default ``torch.autograd.backward``. On the last
             stage it gets ``(loss(...)[0], None)``.
+        before_last_backward: called with a chunk's index just before the backward of that
+            chunk's last microbatch (the optimizer's: from then on the chunk's gradients are
+            final as backward produces them, so their reduction may start).
 
     Returns the reported losses (``loss(...)[1]``, unscaled, detached), one per microbatch
     in order, on the last pipeline stage; ``[]`` on the others. Gradients are accumulated into
@@ -224,6 +228,8 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
                 else:
                     x, out = saved.pop((c, m))
                     grad = received[("backward", c, m)].get() if not last(c) else None
+                    if before_last_backward is not None and m == num_microbatches - 1:
+                        before_last_backward(c)
                     backward_fn(out, grad)
                     if not first(c):
                         if x.grad is None:   # the chunk's output did not depend on its input
