@@ -19,6 +19,8 @@ field                                 used by
 ``activation_bytes_per_layer``        ``--dry-run``'s memory estimate
 ``hf_converter``                      ``megalite convert``: the Hugging Face name maps
 ``check_run``                         the run preparation: the family's start-up checks
+``stage_fields``                      the trainer: the microbatch fields a pipeline stage
+                                      reads (only those are loaded and copied to the device)
 ====================================  =======================================================
 
 A family that cannot run yet has ``unavailable`` set: :func:`family_of` refuses it with that
@@ -87,6 +89,9 @@ class ModelFamily:
     """Why the family cannot be used yet (None: it can)."""
     check_run: Callable[[Any], None] | None = None
     """``(TrainConfig) -> None``: the family's own start-up checks of a run (ConfigError)."""
+    stage_fields: Callable[[bool, bool], tuple[str, ...]] | None = None
+    """``(first stage, last stage) -> fields``: the microbatch keys the chunks of such a
+    pipeline stage read (None: every field on every stage)."""
 
     def flops_per_iteration(self, config: TransformerConfig, global_batch_size: int,
                             seq_length: int) -> float:
@@ -94,6 +99,17 @@ class ModelFamily:
         batch (:func:`megalite.model.flops.flops_per_iteration` with this family's formula)."""
         return flops_per_iteration(config, global_batch_size, seq_length,
                                    self.forward_flops_per_token)
+
+
+def _gpt_stage_fields(first: bool, last: bool) -> tuple[str, ...]:
+    # the embedding reads the tokens, the loss the labels; a middle stage reads no sample
+    return ("tokens",) * first + ("labels",) * last
+
+
+def _bert_stage_fields(first: bool, last: bool) -> tuple[str, ...]:
+    # every stage's attention needs the padding mask (and each chunk's call passes the types)
+    return (("text",) * first + ("types", "padding_mask")
+            + ("labels", "loss_mask", "is_random") * last)
 
 
 def _tokenizer_size(tokenizer, data) -> int:
@@ -132,7 +148,8 @@ FAMILIES: dict[str, ModelFamily] = {
         loss_class=GPTLoss, collate=gpt_microbatch, build_datasets=gpt_datasets,
         tokenizer_vocab_size=_tokenizer_size,
         forward_flops_per_token=gpt_forward_flops_per_token,
-        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_models),
+        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_models,
+        stage_fields=_gpt_stage_fields),
     "bert": ModelFamily(
         "bert", "BERT (bidirectional encoder, masked-LM and binary heads)",
         model_class=BertModel, loss_class=BERTLoss, collate=stacked_microbatch,
@@ -140,7 +157,7 @@ FAMILIES: dict[str, ModelFamily] = {
         forward_flops_per_token=bert_forward_flops_per_token,
         activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_bert,
         vocab_note="the BERT data's: the WordPiece vocab with [BOS] and [EOS] appended, as "
-                   "Megatron-LM's BERT tokenizer"),
+                   "Megatron-LM's BERT tokenizer", stage_fields=_bert_stage_fields),
     "t5": ModelFamily(
         "t5", "T5 (encoder-decoder; also the original Transformer's recipe)",
         model_class=EncoderDecoderModel, loss_class=T5Loss, collate=stacked_microbatch,

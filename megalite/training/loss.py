@@ -46,18 +46,31 @@ class GPTLoss:
         loss = per_token_loss.float().mean()
         return loss * (self.loss_scale / self.num_microbatches), loss.detach()
 
+    def local_sum(self, reported: list[Tensor], ps: ParallelState,
+                  device: torch.device) -> Tensor:
+        """This rank's share of the step's loss sum, float64 ``[1]``: the sum of ``reported``
+        on the last pipeline stage's tp_rank 0 ranks, 0 elsewhere. Summed over the world it
+        is ``num_microbatches * dp_size`` times the global-batch mean (:meth:`mean_of`)."""
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        if reported and ps.tp_rank == 0:
+            total += torch.stack([l.double() for l in reported]).sum()
+        return total
+
+    def mean_of(self, world_sum: float, ps: ParallelState) -> float:
+        """The global-batch mean loss from the world sum of :meth:`local_sum`."""
+        return world_sum / (self.num_microbatches * ps.dp_size)
+
     def global_mean(self, reported: list[Tensor], ps: ParallelState,
                     device: torch.device) -> float:
         """Mean over all microbatches of all DP ranks of the values ``reported`` by this step's
         schedule (non-empty on the last pipeline stage only); every rank gets it. One
         all-reduce over the world (only the last stage's tp_rank 0 ranks contribute) and one
-        host sync; ``device``: where this rank's collectives run."""
-        total = torch.zeros(1, dtype=torch.float64, device=device)
-        if reported and ps.tp_rank == 0:
-            total += torch.stack([l.double() for l in reported]).sum()
+        host sync; ``device``: where this rank's collectives run. (The training loop sums
+        :meth:`local_sum` in one collective with its stop flags instead.)"""
+        total = self.local_sum(reported, ps, device)
         if ps.world_size > 1:
             dist.all_reduce(total)
-        return float(total.item()) / (self.num_microbatches * ps.dp_size)
+        return self.mean_of(float(total.item()), ps)
 
 
 def masked_token_mean(per_token: Tensor, loss_mask: Tensor) -> Tensor:

@@ -93,6 +93,18 @@ class StopMonitor:
             flags |= _TIME_BIT
         return flags
 
+    def local_votes(self) -> list[float]:
+        """This rank's ``[signal, time]`` stop votes (1.0 or 0.0), for a caller that sums them
+        over the ranks in a collective of its own (:meth:`decide`)."""
+        flags = self.local_flags()
+        return [float(bool(flags & _SIGNAL_BIT)), float(bool(flags & _TIME_BIT))]
+
+    @staticmethod
+    def decide(signal_votes: float, time_votes: float) -> str | None:
+        """The reason to stop from the world sums of :meth:`local_votes` (the same rule as
+        :meth:`should_stop`: a signal anywhere wins over the time budget)."""
+        return "signal" if signal_votes > 0 else "time" if time_votes > 0 else None
+
     def should_stop(self) -> str | None:
         """Collective over the group: the reason every rank stops now, or None to go on.
 

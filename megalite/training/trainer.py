@@ -135,12 +135,18 @@ class Trainer:
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
-        def iterator(ds):
+        stage_fields = self.family.stage_fields
+        fields = None if stage_fields is None else \
+            stage_fields(ps.is_first_pp_stage, ps.is_last_pp_stage)
+
+        def iterator(ds, prefetch=False):
             if ds is None:
                 return None
             return BatchIterator(ds, g, tr.micro_batch_size, ps.dp_size, ps.dp_rank,
-                                 device=self.device, collate=self.family.collate)
-        return tuple(iterator(ds) for ds in datasets)
+                                 device=self.device, collate=self.family.collate,
+                                 fields=fields, prefetch=prefetch)
+        # the training batches are prepared one step ahead (data/batches.py)
+        return (iterator(datasets[0], prefetch=True),) + tuple(map(iterator, datasets[1:]))
 
     # ---- one step --------------------------------------------------------------------------
     def _forward_backward(self, microbatches, forward_only: bool
@@ -156,8 +162,9 @@ class Trainer:
             backward_fn=None if forward_only else self.optimizer.backward,
             before_last_backward=None if forward_only else self.optimizer.before_last_backward)
 
-    def train_step(self) -> tuple[float, "object"]:
-        """Run one iteration; returns (global-batch mean loss, optimizer StepResult)."""
+    def _step(self) -> tuple[object, list[torch.Tensor], object]:
+        """One iteration without the loss reduction: (the step's loss object, the losses it
+        reported on this rank, the optimizer's StepResult)."""
         for chunk in self.model_chunks:
             chunk.train()
         self.optimizer.zero_grad()
@@ -169,8 +176,26 @@ class Trainer:
         self.iteration += 1
         if result.skipped:
             self.skipped_iters += 1
+        return loss, reported, result
+
+    def train_step(self) -> tuple[float, "object"]:
+        """Run one iteration; returns (global-batch mean loss, optimizer StepResult)."""
+        loss, reported, result = self._step()
         # after the step: the mean's host sync must not hold up queueing the update
         return loss.global_mean(reported, self.ps, self.device), result
+
+    def _lean_step(self, monitor: StopMonitor) -> tuple[float, object, str | None]:
+        """One iteration of the loop: (global-batch mean loss, StepResult, the reason every
+        rank stops after it or None). The loss sum and every rank's stop votes travel in one
+        float64 all-reduce over the world, read back with the iteration's one host sync."""
+        loss, reported, result = self._step()
+        stats = torch.cat([loss.local_sum(reported, self.ps, self.device),
+                           torch.tensor(monitor.local_votes(), dtype=torch.float64,
+                                        device=self.device)])
+        if self.ps.world_size > 1:
+            dist.all_reduce(stats)
+        total, signal_votes, time_votes = stats.tolist()
+        return loss.mean_of(total, self.ps), result, monitor.decide(signal_votes, time_votes)
 
     @torch.no_grad()
     def evaluate(self, data: BatchIterator, iters: int) -> float:
@@ -219,7 +244,7 @@ class Trainer:
         tr = self.config.training
         interval_start, interval_iters = time.perf_counter(), 0
         while self.iteration < tr.train_iters:
-            loss, step = self.train_step()
+            loss, step, stop = self._lean_step(monitor)
             if not math.isfinite(loss):
                 raise MegaliteError(f"iteration {self.iteration}: the loss is {loss}; "
                                     "lower --lr or use --bf16/--fp16 loss scaling")
@@ -239,10 +264,10 @@ class Trainer:
                 self.logger.log_eval(self.iteration, "valid", result.valid_losses[self.iteration])
             if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
                 self.save()
-            # Preemption / time budget: one tiny all-reduce per iteration so that every rank
-            # stops after the same iteration (training/signals.py).
+            # Preemption / time budget: the votes went with the loss (one collective), so every
+            # rank stops after the same iteration (training/signals.py).
             if self.iteration < tr.train_iters:
-                result.stopped = monitor.should_stop()
+                result.stopped = stop
                 if not result.stopped and tr.exit_interval and \
                         self.iteration % tr.exit_interval == 0:
                     result.stopped = "exit-interval"

@@ -14,7 +14,10 @@ The schedule talks through :meth:`P2P.exchange`: before each of its exchange ste
 forward or backward, or a steady-state forward + backward pair) it posts what the previous step
 produced together with what this step needs, as one ``batch_isend_irecv`` group. Receives are
 waited for when their tensor is needed; sends stay in flight (their buffers kept alive) until
-:meth:`P2P.wait_sends` at the end of the schedule.
+:meth:`P2P.wait_sends` at the end of the schedule. On gloo (:attr:`P2P.early_receives`) the
+receives of each exchange step are posted one step earlier, on their own, so that a message
+can arrive while the rank still computes the step before; tags make that order safe (below).
+NCCL keeps the grouped order, which its stream model needs.
 
 Why this cannot deadlock, on either backend:
 
@@ -79,6 +82,8 @@ class P2P:
         self.num_virtual = ps.pp_size * num_chunks
         self._in_flight: list[tuple[dist.Work, Tensor]] = []
         ranks = ps.pp_group_ranks
+        self.early_receives = dist.get_backend(ps.pp_group) != "nccl"
+        """Whether the schedule may post receives one exchange step early (tagged matching)."""
         self._next = ranks[(ps.pp_rank + 1) % ps.pp_size]
         self._prev = ranks[(ps.pp_rank - 1) % ps.pp_size]
         if ps.pp_group not in _NCCL_READY and dist.get_backend(ps.pp_group) == "nccl":

@@ -199,17 +199,32 @@ def forward_backward(model_chunks: list, microbatches: Iterator[dict], num_micro
     losses: list[Tensor] = []
     saved: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}   # (chunk, m) -> (in, out)
     # Before each exchange step: post the sends of the previous one with this one's receives
-    # (alone right away when there are none: better overlap, and still deadlock-free).
+    # (alone right away when there are none: better overlap, and still deadlock-free). On gloo
+    # (tagged messages, any order matches) each step's receives are posted one step early
+    # instead, so the data arrives while this rank computes (parallel/pipeline/p2p.py).
+    needs_of = []
+    for group in steps:
+        needs = []
+        for kind, c, m in group:
+            if kind == "F" and not first(c):
+                needs.append(("forward", c, m))
+            elif kind == "B" and not last(c):
+                needs.append(("backward", c, m))
+        needs_of.append(needs)
+    early = p2p is not None and p2p.early_receives
+    ahead = p2p.exchange([], needs_of[0]) if early and needs_of[0] else {}
     pending: list = []
     with torch.set_grad_enabled(not forward_only):
-        for group in steps:
-            needs = []
-            for kind, c, m in group:
-                if kind == "F" and not first(c):
-                    needs.append(("forward", c, m))
-                elif kind == "B" and not last(c):
-                    needs.append(("backward", c, m))
-            received = p2p.exchange(pending, needs) if (pending or needs) else {}
+        for i, group in enumerate(steps):
+            if early:
+                received = ahead
+                if pending:
+                    p2p.exchange(pending, [])
+                later = needs_of[i + 1] if i + 1 < len(steps) else []
+                ahead = p2p.exchange([], later) if later else {}
+            else:
+                needs = needs_of[i]
+                received = p2p.exchange(pending, needs) if (pending or needs) else {}
             pending = []
             for kind, c, m in group:
                 if kind == "F":
