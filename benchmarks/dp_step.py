@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plain_pytorch_baseline import (BaselineConfig, BaselineGPT, BaselineLoop,  # noqa: E402
-                                    cosine_lr, from_megalite_state_dict)
+                                    from_megalite_state_dict)
 
 from train_step import loadavg  # noqa: E402
 
@@ -85,10 +85,14 @@ def megalite_argv(args, overlap: bool) -> list[str]:
 class DDPLoop(BaselineLoop):
     """The baseline loop under DDP: this rank's microbatches of each global batch."""
 
-    def __init__(self, model, dataset, *, rank: int, world: int, bucket_mb: float, **kw):
+    def __init__(self, model, dataset, *, rank: int, world: int, bucket_mb: float, lr_at,
+                 **kw):
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
         super().__init__(ddp, dataset, **kw)
         self.rank, self.world = rank, world
+        # megalite's schedule (Megatron-LM's: the first warmup step at lr_at(0)), so both
+        # loops take the same steps (the baseline's own cosine_lr is one step ahead)
+        self.lr_at = lr_at
 
     def step(self) -> float:
         self.model.train()
@@ -109,7 +113,7 @@ class DDPLoop(BaselineLoop):
                     (loss / len(ids)).backward()
             total += loss.detach().double()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        lr = cosine_lr(self.iteration, *self.sched)
+        lr = self.lr_at(self.iteration - 1)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
@@ -139,7 +143,8 @@ def worker(rank: int, world: int, store: str, args, out_path: str) -> None:
     model.load_state_dict(from_megalite_state_dict(chunk.full_state_dict(), bcfg), strict=True)
     o = trainer.config.optim
     ddp = DDPLoop(model, trainer.train_data.dataset, rank=rank, world=world,
-                  bucket_mb=args.bucket_mb, micro=args.micro_batch,
+                  bucket_mb=args.bucket_mb, lr_at=trainer.lr_schedule.lr_at,
+                  micro=args.micro_batch,
                   global_batch=args.global_batch, lr=o.lr, min_lr=o.min_lr,
                   warmup=o.lr_warmup_iters, decay=trainer.config.training.train_iters,
                   weight_decay=o.weight_decay, betas=(o.adam_beta1, o.adam_beta2),

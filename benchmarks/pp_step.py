@@ -12,7 +12,9 @@ loss mean and stop agreement, logging every ``--log-interval``), first ``--warmu
 then ``--steps`` timed ones (rank 0's wall clock, per iteration). Both trees must give the same
 losses (the lean step changes no number): ``losses_identical``. Prints one JSON object:
 per-tree median seconds per iteration over the rounds, the ratio before / this tree and the
-median of the per-round ratios. Not a test: no assertion on time.
+median of the per-round ratios, and the same for CPU seconds per iteration (both ranks'
+``time.process_time``, threads included: the load-robust measure of the work done on this
+shared machine, blind to time spent waiting). Not a test: no assertion on time.
 """
 from __future__ import annotations
 
@@ -58,12 +60,15 @@ def _worker(rank: int, store: str, args, out_path: str) -> None:
     warm = trainer.train().losses
     trainer.config = full
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     timed = trainer.train().losses
     seconds = time.perf_counter() - t0
+    cpu = torch.tensor([time.process_time() - c0], dtype=torch.float64)
+    dist.all_reduce(cpu)            # both ranks' CPU seconds (threads included)
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"s_per_iter": seconds / args.steps, "losses": warm + timed}, f)
+            json.dump({"s_per_iter": seconds / args.steps,
+                       "cpu_s_per_iter": cpu.item() / args.steps, "losses": warm + timed}, f)
     dist.destroy_process_group()
 
 
@@ -119,6 +124,8 @@ def main() -> None:
                            check=False, capture_output=True)
     per = {n: [x["s_per_iter"] for x in v] for n, v in results.items()}
     med = {n: statistics.median(v) for n, v in per.items()}
+    cpu = {n: [x["cpu_s_per_iter"] for x in v] for n, v in results.items()}
+    cpu_med = {n: statistics.median(v) for n, v in cpu.items()}
     losses = {n: v[0]["losses"] for n, v in results.items()}
     print(json.dumps({
         "benchmark": "pp_step", "config": vars(args),
@@ -127,6 +134,9 @@ def main() -> None:
         "median_round_ratio": round(statistics.median(
             b / a for b, a in zip(per["before"], per["lean"])), 4),
         "s_per_iter_all": {n: [round(x, 4) for x in v] for n, v in per.items()},
+        "cpu_s_per_iter_median": {n: round(v, 4) for n, v in cpu_med.items()},
+        "cpu_before_over_lean": round(cpu_med["before"] / cpu_med["lean"], 4),
+        "cpu_s_per_iter_all": {n: [round(x, 4) for x in v] for n, v in cpu.items()},
         "losses_identical": losses["before"] == losses["lean"]
         and all(x["losses"] == losses[n] for n, v in results.items() for x in v),
         "losses": losses["lean"]}, indent=1))
