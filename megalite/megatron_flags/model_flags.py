@@ -2,8 +2,8 @@
 does not implement as such."""
 from __future__ import annotations
 
-from megalite.megatron_flags.entry import (MegatronFlag, flag, ATTENTION, COND, NOTICE,
-                                           OFFLOAD, OVERLAP, REFUSE, SAME)
+from megalite.megatron_flags.entry import (MegatronFlag, flag, same_reason, ATTENTION, COND,
+                                           NOTICE, OFFLOAD, OVERLAP, REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
     ("model", [
@@ -50,12 +50,10 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
              "implemented"),
         flag("--embedding-init-method-std", REFUSE, None, "megalite initializes the embedding "
              "with --init-method-std"),
-        flag("--init-model-with-meta-device", NOTICE, 0, "megalite builds and initializes the "
-             "model itself"),
-        flag("--use-cpu-initialization", NOTICE, 0, "megalite initializes the same full "
-             "weights on every layout itself"),
-        flag("--no-initialization", NOTICE, 0, "megalite always initializes the weights (a "
-             "--load checkpoint then replaces them)"),
+        *same_reason(NOTICE, 0, "megalite builds the model and initializes the same full "
+                     "weights on every layout itself (a --load checkpoint then replaces them)",
+                     "--init-model-with-meta-device", "--use-cpu-initialization",
+                     "--no-initialization"),
         flag("--apply-query-key-layer-scaling", NOTICE, 0, ATTENTION),
         flag("--disable-bf16-reduced-precision-matmul", NOTICE, 0, "megalite leaves PyTorch's "
              "matmul settings alone"),
@@ -72,14 +70,14 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--no-async-tensor-model-parallel-allreduce "
              "--disable-async-tensor-model-parallel-allreduce", NOTICE, 0, "deprecated and "
              "ignored in Megatron-LM too"),
-        flag("--tp-comm-overlap", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-bulk-wgrad --disable-tp-comm-bulk-wgrad", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-bulk-dgrad --disable-tp-comm-bulk-dgrad", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-overlap-ag --disable-tp-comm-overlap-ag", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-overlap-rs --disable-tp-comm-overlap-rs", NOTICE, 0, OVERLAP),
-        flag("--tp-comm-overlap-rs-dgrad", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-split-ag --disable-tp-comm-split-ag", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-split-rs --disable-tp-comm-split-rs", NOTICE, 0, OVERLAP),
+        *same_reason(NOTICE, 0, OVERLAP, "--tp-comm-overlap",
+                     "--no-tp-comm-bulk-wgrad --disable-tp-comm-bulk-wgrad",
+                     "--no-tp-comm-bulk-dgrad --disable-tp-comm-bulk-dgrad",
+                     "--no-tp-comm-overlap-ag --disable-tp-comm-overlap-ag",
+                     "--no-tp-comm-overlap-rs --disable-tp-comm-overlap-rs",
+                     "--tp-comm-overlap-rs-dgrad",
+                     "--no-tp-comm-split-ag --disable-tp-comm-split-ag",
+                     "--no-tp-comm-split-rs --disable-tp-comm-split-rs"),
         flag("--tp-comm-bootstrap-backend", NOTICE, None, OVERLAP),
         flag("--cross-entropy-loss-fusion", NOTICE, 0, "megalite's vocab-parallel cross "
              "entropy is its own (plain PyTorch operations)"),
@@ -88,10 +86,10 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--attention-backend", NOTICE, None, ATTENTION),
         flag("--transformer-impl", NOTICE, None, "megalite's transformer layers are its own "
              "(no Transformer Engine)"),
-        flag("--enable-cuda-graph", NOTICE, 0, "megalite does not capture CUDA graphs"),
-        flag("--external-cuda-graph", NOTICE, 0, "megalite does not capture CUDA graphs"),
-        flag("--cuda-graph-impl", NOTICE, None, "megalite does not capture CUDA graphs"),
-        flag("--cuda-graph-warmup-steps", NOTICE, None, "megalite does not capture CUDA graphs"),
+        *same_reason(NOTICE, 0, "megalite does not capture CUDA graphs",
+                     "--enable-cuda-graph", "--external-cuda-graph"),
+        *same_reason(NOTICE, None, "megalite does not capture CUDA graphs",
+                     "--cuda-graph-impl", "--cuda-graph-warmup-steps"),
         flag("--cuda-graph-scope", NOTICE, "+", "megalite does not capture CUDA graphs"),
         flag("--no-clone-scatter-output-in-embedding "
              "--disable-clone-scatter-output-in-embedding", NOTICE, 0, "megalite's "

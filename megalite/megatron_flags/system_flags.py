@@ -2,9 +2,9 @@
 does not implement as such."""
 from __future__ import annotations
 
-from megalite.megatron_flags.entry import (MegatronFlag, flag, COND, FSDP, KERNELS, LOG_ONLY,
-                                           NOTICE, NO_DATALOADER, NUMERICS, OVERLAP,
-                                           REFUSE, SAME)
+from megalite.megatron_flags.entry import (MegatronFlag, flag, same_reason, COND, FSDP,
+                                           KERNELS, LOG_ONLY, NOTICE, NO_DATALOADER, NUMERICS,
+                                           OVERLAP, REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
     ("distributed", [
@@ -21,10 +21,8 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
              "--distributed-timeout-minutes throughout"),
         flag("--overlap-grad-reduce", NOTICE, 0, OVERLAP),
         flag("--no-align-grad-reduce", NOTICE, 0, OVERLAP),
-        flag("--ddp-num-buckets", NOTICE, None, "megalite all-reduces the gradients in its own "
-             "buckets"),
-        flag("--ddp-bucket-size", NOTICE, None, "megalite all-reduces the gradients in its own "
-             "buckets"),
+        *same_reason(NOTICE, None, "megalite all-reduces the gradients in its own buckets",
+                     "--ddp-num-buckets", "--ddp-bucket-size"),
         flag("--ddp-pad-buckets-for-high-nccl-busbw", NOTICE, 0, "megalite all-reduces the "
              "gradients in its own buckets"),
         flag("--ddp-reduce-scatter-with-fp32-accumulation", SAME, 0, "megalite's gradients "
