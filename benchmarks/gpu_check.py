@@ -76,7 +76,7 @@ GPU_DEFAULTS = dict(preset="1b", seq_length=4096, micro_batch_size=1, global_bat
                     budget_s=270.0)
 CPU_DEFAULTS = dict(preset="tiny-llama", seq_length=64, micro_batch_size=2, global_batch_size=4,
                     warmup=1, steps=2, parity_seq=64, parity_batch=2, sdpa_iters=2,
-                    budget_s=120.0)
+                    budget_s=900.0)
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 
@@ -445,7 +445,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
                     help="dense bf16 peak for MFU (989: H100/H200 SXM)")
     ap.add_argument("--budget-s", type=float, help="skip phases that would start after this "
-                    "many seconds (GPU: 270; --cpu: 120)")
+                    "many seconds (GPU: 270; --cpu: 900)")
     ap.add_argument("--phases", default="env,sdpa,parity,train_eager,train_compiled",
                     help="comma-separated subset, in this order")
     args = ap.parse_args(argv)
@@ -490,7 +490,8 @@ def main(argv=None) -> int:
     summarize(report)
     report.write()
     print(json.dumps(report.data, indent=1, default=str), flush=True)
-    progress(start, f"done (JSON {'also in ' + args.out if args.out else 'above'})")
+    progress(start, f"done (JSON {'also in ' + args.out if args.out else 'above'}); summary "
+             + json.dumps(report.data["summary"], default=str))
     return rc
 
 
