@@ -54,8 +54,9 @@ def attach(chunks: list[nn.Module]) -> list[tuple[int, LayerStats]]:
 
 
 def collect(stats: list[tuple[int, LayerStats]], num_layers: int, num_experts: int,
-            iterations: int, ps: ParallelState, device) -> dict:
-    """The metrics of an interval of ``iterations`` iterations, identical on every rank, and
+            num_microbatches: int, ps: ParallelState, device) -> dict:
+    """The metrics since the last call (``num_microbatches`` forwards per iteration and
+    data-parallel rank), identical on every rank, and
     the stats reset: ``moe_aux_loss`` and ``moe_z_loss`` (per MoE layer and forward: the mean
     over layers, microbatches, iterations and data-parallel ranks), ``moe_expert_tokens``
     (assignments to each expert per iteration, summed over the MoE layers and the global
@@ -75,7 +76,8 @@ def collect(stats: list[tuple[int, LayerStats]], num_layers: int, num_experts: i
     if not bool(used.any()):
         return {}
     forwards = table[used, 0]
-    tokens = table[used, 3:].sum(dim=0) / max(iterations, 1)
+    iterations = forwards / (num_microbatches * ps.dp_size)
+    tokens = (table[used, 3:] / iterations[:, None]).sum(dim=0)
     mean = float(tokens.mean())
     return {
         "moe_aux_loss": float((table[used, 1] / forwards).mean()),

@@ -181,7 +181,7 @@ def test_stats_count_each_forward_once_with_recompute():
     x = torch.randn(8, 2, 32, requires_grad=True)
     checkpoint(mlp, None, x).sum().backward()      # forward + recompute in backward
     mlp(x).sum().backward()
-    out = collect(stats, cfg.num_layers, 4, iterations=2, ps=ParallelState.single(),
+    out = collect(stats, cfg.num_layers, 4, num_microbatches=1, ps=ParallelState.single(),
                   device="cpu")
     # 2 forwards of 16 tokens x k=2 in layer 0 (layer 1 never ran): 64 assignments / 2 iters
     assert sum(out["moe_expert_tokens"]) == 32.0
