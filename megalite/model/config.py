@@ -168,7 +168,7 @@ class TransformerConfig:
     """Experts each token is routed to, k (``--moe-router-topk``)."""
     moe_ffn_hidden_size: int | None = None
     """Inner width of each expert (``--moe-ffn-hidden-size``); None means ffn_size."""
-    moe_layer_freq: int | list = 1
+    moe_layer_freq: int | list[int] = 1
     """Which layers are MoE (``--moe-layer-freq``): N (layer i is MoE when i % N == 0) or a
     list of 0/1 per layer (1: MoE)."""
     moe_shared_expert_intermediate_size: int | None = None
