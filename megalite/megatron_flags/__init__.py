@@ -31,7 +31,8 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = (run_flags.GROUPS + system_flags.
 
 # Flag prefixes refused as a whole: (prefix, reason).
 FAMILIES: list[tuple[str, str]] = [
-    ("--moe-", "this mixture-of-experts option is not implemented (megalite's: --num-experts, "
+    ("--moe-", "mixture-of-experts options other than megalite's are not implemented "
+               "(megalite's: --num-experts, "
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
                "--moe-shared-expert-*, --moe-router-load-balancing-type, --moe-aux-loss-coeff, "
                "--moe-z-loss-coeff, --moe-router-pre-softmax, --moe-expert-capacity-factor)"),
