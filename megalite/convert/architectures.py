@@ -7,12 +7,15 @@ from megalite.model.config import TransformerConfig
 
 
 def architecture_of(config: TransformerConfig) -> str:
-    """"llama" for the LLaMA recipe (RMSNorm, rope, swiglu, no bias, untied), "gpt2" for the
+    """"moe" for the LLaMA recipe with expert layers, "llama" for the LLaMA recipe (RMSNorm, rope, swiglu, no bias, untied), "gpt2" for the
     classic recipe with learned positions, LayerNorm, GELU, bias and tied embeddings.
 
     Raises MegaliteError for mixes no Hugging Face architecture represents exactly.
     """
     c = config
+    if c.num_experts and (c.normalization, c.position_embedding_type, c.activation) == (
+            "RMSNorm", "rope", "swiglu"):
+        return "moe"        # Mixtral / Qwen2-MoE (megalite.convert.hf_moe)
     if (c.normalization == "RMSNorm" and c.position_embedding_type == "rope"
             and c.activation == "swiglu"):
         return "llama"

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from megalite.convert import hf_bert, hf_gpt2, hf_llama, hf_t5
+from megalite.convert import hf_bert, hf_gpt2, hf_llama, hf_moe, hf_t5
 from megalite.convert.architectures import architecture_of
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
@@ -21,7 +21,7 @@ from megalite.model.config import TransformerConfig
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 """The tokenizer files ``from-hf`` looks for, in order (hf_tokenizer.import_tokenizer)."""
 
-ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
+ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2, "moe": hf_moe}
 """Architecture name -> its converter module."""
 
 
@@ -48,7 +48,7 @@ def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,
 
 
 def config_to_hf(config: TransformerConfig):
-    """The ``transformers`` config (LlamaConfig or GPT2Config) describing the same model."""
+    """The ``transformers`` config (LlamaConfig, GPT2Config, MixtralConfig, ...) describing the same model."""
     return architecture_module(architecture_of(config)).config_to_hf(config)
 
 
@@ -93,8 +93,11 @@ def config_from_hf(hf_config, names=None, get=None) -> TransformerConfig:
         return hf_bert.config_from_hf(hf_config, names)
     if model_type in hf_t5.MODEL_TYPES:
         return hf_t5.config_from_hf(hf_config, names, get)
+    if model_type in hf_moe.MODEL_TYPES:
+        return hf_moe.config_from_hf(hf_config)
     if model_type not in (*llama, "gpt2"):
-        supported = llama + ("gpt2",) + hf_bert.MODEL_TYPES + hf_t5.MODEL_TYPES
+        supported = (llama + ("gpt2",) + hf_moe.MODEL_TYPES + hf_bert.MODEL_TYPES
+                     + hf_t5.MODEL_TYPES)
         raise MegaliteError(f"unsupported Hugging Face model_type {model_type!r} "
                             f"(supported: {', '.join(supported)})")
     return architecture_module("llama" if model_type in llama else model_type
