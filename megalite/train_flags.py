@@ -13,6 +13,7 @@ from __future__ import annotations
 from megalite.config import LR_DECAY_STYLES
 from megalite.model.config import (ACTIVATIONS, MODEL_TYPES, NORMALIZATIONS,
                                    POSITION_EMBEDDING_TYPES)
+from megalite.model.moe_config import parse_layer_freq
 from megalite.model.presets import PRESETS
 
 _TOKENIZERS = ("SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer, "
@@ -98,6 +99,32 @@ OPTIONS = [
         ("--recompute-num-layers", "_recompute_num_layers", dict(type=int),
          "layers per recompute group (uniform) or recomputed layers per stage (block); needs "
          "--recompute-method"),
+    ]),
+    ("mixture of experts (Megatron-LM's flags; megalite.model.moe)", "model", [
+        ("--num-experts", None, dict(type=int),
+         "experts per MoE layer (default: none, a dense model); MoE needs --disable-bias-linear"),
+        ("--moe-router-topk", None, dict(type=int), "experts per token, k (default 2)"),
+        ("--moe-ffn-hidden-size", None, dict(type=int),
+         "inner width of each expert (default --ffn-hidden-size)"),
+        ("--moe-layer-freq", None, dict(type=parse_layer_freq, metavar="N|LIST"),
+         "MoE layers: every N-th from layer 0, or a 0/1 list per layer such as [1,0,1,0] or "
+         "([1]*3+[0])*2 (default 1: all)"),
+        ("--moe-shared-expert-intermediate-size", None, dict(type=int),
+         "width of the shared expert every token also goes through (Qwen2-MoE, DeepSeek)"),
+        ("--moe-shared-expert-gate", None, dict(action="store_true"),
+         "scale the shared expert's output by a per-token sigmoid gate (Qwen2-MoE)"),
+        ("--moe-router-load-balancing-type", None,
+         dict(choices=("aux_loss", "seq_aux_loss", "none")),
+         "load-balancing loss: per micro-batch (aux_loss, default), per sequence, or none"),
+        ("--moe-aux-loss-coeff", None, dict(type=float),
+         "coefficient of the load-balancing loss (default 0: off)"),
+        ("--moe-z-loss-coeff", None, dict(type=float), "coefficient of the router z-loss"),
+        ("--moe-router-pre-softmax", None, dict(action="store_true"),
+         "weights = the softmax over all experts of the selected ones (no renormalisation over "
+         "the top k; Qwen2-MoE's norm_topk_prob false)"),
+        ("--moe-expert-capacity-factor", None, dict(type=float),
+         "drop the assignments beyond ceil(factor x tokens x k / experts) per expert, lowest "
+         "scores first (default: dropless)"),
     ]),
     ("parallelism", "parallel", [
         ("--tensor-model-parallel-size", None, dict(type=int), "tensor-parallel size"),

@@ -50,7 +50,10 @@ _NUMERIC_FIELDS = ("model_type", "num_layers", "hidden_size", "num_attention_hea
                    "untie_embeddings_and_output_weights", "rope_scaling", "add_qkv_bias",
                    "norm_placement", "bert_binary_head", "tokentypes", "softmax_scale",
                    "relative_attention_num_buckets", "relative_attention_max_distance",
-                   "scale_embedding", "scale_decoder_outputs", "decoder_layers")
+                   "scale_embedding", "scale_decoder_outputs", "decoder_layers",
+                   "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq",
+                   "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+                   "moe_router_pre_softmax", "moe_expert_capacity_factor")
 _ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                         "rope_original_max_position_embeddings")   # matter with rope_scaling only
 

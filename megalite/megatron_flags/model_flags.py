@@ -115,13 +115,23 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--mlp-chunks-for-prefill", NOTICE, None, "training does not prefill"),
         flag("--is-hybrid-model", REFUSE, 0, "hybrid (Mamba) models are not implemented"),
         flag("--mrope-section", REFUSE, "+", "multimodal rotary embeddings are not implemented"),
-        flag("--use-fused-weighted-squared-relu", REFUSE, 0, "mixture-of-experts layers are not "
-             "implemented"),
-        flag("--overlap-moe-expert-parallel-comm", REFUSE, 0, "mixture-of-experts layers are "
-             "not implemented"),
-        flag("--ep-overlap-early-attn-memory-release", REFUSE, 0, "mixture-of-experts layers "
-             "are not implemented"),
-        flag("--num-experts", REFUSE, None, "mixture-of-experts layers are not implemented"),
+        flag("--use-fused-weighted-squared-relu", REFUSE, 0, "megalite's experts use the "
+             "model's activation (squared ReLU is not implemented)"),
+        flag("--overlap-moe-expert-parallel-comm", NOTICE, 0, "megalite does not overlap "
+             "the expert all-to-all with computation"),
+        flag("--ep-overlap-early-attn-memory-release", NOTICE, 0, "megalite does not overlap "
+             "the expert all-to-all with computation"),
+        flag("--moe-grouped-gemm", SAME, 0, "megalite computes the experts with one grouped "
+             "GEMM per linear whenever this torch has one for the dtype"),
+        flag("--moe-token-dispatcher-type", NOTICE, None, "megalite dispatches locally, or "
+             "all-to-all with expert parallelism"),
+        flag("--moe-router-dtype", COND, None, "megalite's router runs in fp32", ["fp32"]),
+        flag("--moe-permute-fusion", NOTICE, 0, "megalite has no fused permutation kernels"),
+        flag("--moe-router-fusion", NOTICE, 0, "megalite has no fused router kernels"),
+        flag("--moe-per-layer-logging", NOTICE, 0, "megalite logs the router losses averaged "
+             "over the MoE layers and the tokens per expert summed over them"),
+        flag("--moe-shared-expert-overlap", NOTICE, 0, "megalite runs the shared experts after "
+             "the routed ones"),
         flag("--no-fp8-wgrad --disable-fp8-wgrad", REFUSE, 0, "FP8 training is not implemented"),
         flag("--disable-mamba-mem-eff-path", REFUSE, 0, "hybrid (Mamba) models are not "
              "implemented"),

@@ -33,6 +33,7 @@ from megalite.model import weights
 from megalite.model.attention import Attention, CrossAttention
 from megalite.model.config import TransformerConfig
 from megalite.model.mlp import MLP
+from megalite.model.moe import MoELayer
 from megalite.model.norms import build_norm, mark_replicated
 from megalite.model.positions import RotaryEmbedding, SinusoidalPositions
 from megalite.parallel.comm import reduce_scatter_to_sequence_parallel_region
@@ -130,6 +131,7 @@ class TransformerLayer(nn.Module):
     memory=None, memory_mask=None) -> [s, b, h]``; pre- or post-norm (module doc); ``causal``
     self-attention or not, with ``attention_mask`` (:mod:`megalite.model.attention`) when given.
 
+    ``moe``: a mixture-of-experts layer (:class:`~megalite.model.moe.MoELayer` as its ``mlp``).
     ``cross_attention``: a decoder layer of an encoder-decoder model, whose cross-attention
     (``cross_attention_norm``, ``cross_attention``; between the self-attention and the MLP)
     attends to ``memory`` (the encoder output [t, b, h]) under ``memory_mask``. With a
@@ -138,7 +140,7 @@ class TransformerLayer(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, ctx: ModelContext, causal: bool = True,
-                 cross_attention: bool = False):
+                 cross_attention: bool = False, moe: bool = False):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.post_norm = config.norm_placement == "post"
@@ -150,7 +152,8 @@ class TransformerLayer(nn.Module):
             self.cross_attention_norm = build_norm(config, ctx)
             self.cross_attention = CrossAttention(config, ctx)
         self.post_attention_norm = build_norm(config, ctx)
-        self.mlp = MLP(config, ctx)
+        # an MoE layer (--moe-layer-freq) has experts instead of the dense MLP
+        self.mlp = MoELayer(config, ctx) if moe else MLP(config, ctx)
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
                 kv_cache=None, attention_mask: Tensor | None = None,
@@ -305,8 +308,10 @@ class TransformerModelBase(ModelChunk):
         # A ModuleDict keyed by the global layer id keeps state-dict names stage-independent.
         lo, hi = self.layer_range
         meta = ctx.on_meta()
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(self.config, meta, self.causal)
-                                     for i in range(lo, hi)})
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(self.config, meta, self.causal,
+                                     moe=self.config.is_moe_layer(i))
+            for i in range(lo, hi)})
 
     def _run_layers(self, x: Tensor, s: int, offset: int = 0, kv_cache=None,
                     attention_mask: Tensor | None = None) -> Tensor:

@@ -79,7 +79,8 @@ CROSS_LINEAR_KV = "cross_attention.linear_kv"
 CROSS_LINEAR_PROJ = "cross_attention.linear_proj"
 # The linears writing into the residual stream: drawn with std / sqrt(2 L) (the suffix also
 # matches the cross-attention's output projection).
-_RESIDUAL_OUTPUTS = (LINEAR_PROJ + ".weight", LINEAR_FC2 + ".weight")
+# "linear_fc2.weight" also matches the MoE experts' and shared experts' second linears.
+_RESIDUAL_OUTPUTS = (LINEAR_PROJ + ".weight", "linear_fc2.weight")
 
 
 def layer_prefix(i: int) -> str:

@@ -29,6 +29,8 @@ from megalite.data.batches import BatchIterator
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.families import family_of
+from megalite.model import moe_stats
+from megalite.model.moe import set_aux_loss_scale
 from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
@@ -127,6 +129,8 @@ class Trainer:
                                     wandb=wandb_settings(config) if ps.rank == 0 else None)
         self.flops_per_iter = self.family.flops_per_iteration(
             config.model, self.global_batch_size, self.seq_length)
+        # MoE layers: router losses and per-expert loads for the log (model/moe_stats.py)
+        self.moe_stats = moe_stats.attach(self.model_chunks)
         self.peak_flops = None  # measured lazily, at the first log
 
     # ---- data ----------------------------------------------------------------------------
@@ -152,6 +156,8 @@ class Trainer:
         microbatch on the last pipeline stage, none elsewhere)."""
         loss = self.family.loss_class(self.num_microbatches,
                                       1.0 if forward_only else self.optimizer.loss_scale)
+        if not forward_only:   # the MoE router losses are backpropagated as the LM loss
+            set_aux_loss_scale(self.optimizer.loss_scale / self.num_microbatches)
         return loss, forward_backward(
             self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
             seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
@@ -270,7 +276,17 @@ class Trainer:
             "iteration_time_s": seconds_per_iter,
             **throughput,
             "peak_memory_gib": peak_memory_gib(self.device),
+            **self._moe_metrics(),
         })
+
+    def _moe_metrics(self) -> dict:
+        """The MoE router metrics of the interval since the last log (a collective over all
+        ranks; {} for a dense model)."""
+        if not self.moe_stats:
+            return {}
+        m = self.config.model
+        return moe_stats.collect(self.moe_stats, m.num_layers, m.num_experts,
+                                 self.num_microbatches, self.ps, self.device)
 
     def banner(self, resume: str) -> str:
         """The start-up lines rank 0 prints: layout, model and parameters, batch, precision,
