@@ -24,8 +24,10 @@ Steps (E experts, P = ep_size ranks, L = E / P local experts each):
    source 1's..., exactly the rows a single process would give it for the concatenated batch,
    which is why every layout routes and computes the same thing.
 4. *Combine*: the inverse of 3 (regroup back, reverse all-to-all), then each token's output is
-   ``sum_j probs[t, j] * expert_output(t, j)`` accumulated in fp32 (at least) in the token's
-   choice order and cast back to the hidden dtype.
+   ``sum_j probs[t, j] * expert_output(t, j)`` summed over the slots j in slot order, with the
+   local dispatcher's arithmetic (:mod:`megalite.model.moe_dispatch`), so that a token's sum
+   rounds the same in every layout. Dropped assignments (expert id -1, capacity) are not sent
+   and contribute zero.
 
 A token whose k choices land on the same rank is sent k times (one row per choice, as
 Megatron's all-to-all dispatcher does); ``benchmarks/moe_alltoall.py`` measures the bytes.
@@ -107,14 +109,17 @@ class AllToAllDispatcher:
                                 f"got {tuple(hidden.shape)}, {tuple(probs.shape)}, "
                                 f"{tuple(expert_ids.shape)}")
         E, P, L = self.num_experts, self.ep_size, self.num_local_experts
-        k = expert_ids.shape[1]
+        num_tokens, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)         # [T*k] (token, choice) pairs by expert
-        token_of = torch.div(order, k, rounding_mode="floor")
-        counts = torch.bincount(flat, minlength=E)       # [E] rows per global expert
+        # stable: within an expert, assignments stay in (token, slot) order; dropped ones (-1,
+        # capacity) sort first and are not sent (as the local dispatcher)
+        order = torch.sort(flat, stable=True).indices
+        dropped = int((flat < 0).sum()) if flat.numel() else 0
+        order = order[dropped:]
+        counts = torch.bincount(flat[order], minlength=E)   # [E] rows per global expert
         if counts.numel() != E:
             raise MegaliteError(f"expert ids must lie in [0, {E}), got max {int(flat.max())}")
-        rows = hidden.index_select(0, token_of)          # [T*k, h] grouped by global expert
+        rows = hidden[torch.div(order, k, rounding_mode="floor")]   # [n, h] by global expert
         if P == 1:
             recv = counts.view(1, L)
         else:
@@ -128,24 +133,24 @@ class AllToAllDispatcher:
         # received row by its (expert, source) key; stable, so rows keep their order
         chunk = torch.repeat_interleave(torch.arange(P * L, device=recv.device), recv.reshape(-1))
         key = (chunk % L) * P + torch.div(chunk, L, rounding_mode="floor")
-        perm = torch.argsort(key, stable=True)
-        self._state = (perm, send_splits, recv_splits, order, probs, hidden.shape,
-                       hidden.dtype)
+        perm = torch.sort(key, stable=True).indices
+        self._state = (perm, send_splits, recv_splits, order, probs.reshape(-1)[order],
+                       num_tokens, k)
         return received.index_select(0, perm), recv.sum(0)
 
     def combine(self, expert_output: Tensor) -> Tensor:
         """``expert_output`` [N, h] (rows as ``dispatch`` returned them) -> [T, h]: each
-        token's probability-weighted sum of its k experts' outputs (fp32 sum, hidden dtype)."""
+        token's probability-weighted sum of its k experts' outputs."""
         if self._state is None:
             raise MegaliteError("combine called without a dispatch before it")
-        perm, send_splits, recv_splits, order, probs, shape, dtype = self._state
+        perm, send_splits, recv_splits, order, probs, num_tokens, k = self._state
         self._state = None
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        back = self._exchange(expert_output.index_select(0, inverse), send_splits, recv_splits)
-        acc = torch.promote_types(dtype, torch.float32)   # fp32 (fp64 stays fp64)
-        weights = probs.reshape(-1).index_select(0, order).to(acc)   # [T*k]
-        weighted = back.to(acc) * weights.unsqueeze(1)
-        # put the rows back in (token, choice) order so each token sums its k choices in order
-        by_token = weighted.new_empty(weighted.shape).index_copy(0, order, weighted)
-        return by_token.view(shape[0], -1, shape[1]).sum(1).to(dtype)
+        back = self._exchange(expert_output[inverse], send_splits, recv_splits)   # [n, h]
+        # the local dispatcher's arithmetic, so every layout rounds alike: weight in the
+        # output's dtype, rows back into (token, slot) order (dropped slots zero), sum the k
+        # slots in slot order
+        weighted = back * probs.unsqueeze(-1).to(back.dtype)
+        slots = back.new_zeros(num_tokens * k, back.shape[-1]).index_copy(0, order, weighted)
+        return slots.view(num_tokens, k, -1).sum(dim=1)

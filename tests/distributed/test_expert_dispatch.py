@@ -39,13 +39,17 @@ def _problem(routing: str):
         logits[..., 0] += 100
         logits[..., 1] += 50
     probs, ids = torch.softmax(logits, -1).topk(K, dim=-1)
+    if routing == "dropped":     # capacity: some assignments are dropped (expert id -1)
+        ids[:, ::3, 1] = -1
+        ids[1, :, :] = -1         # and one rank sends nothing at all
     weights = torch.randn(E, H, H, generator=g, dtype=torch.float64)
     return hidden, probs, ids, weights
 
 
 def _reference(hidden, probs, ids, weights):
-    """Plain mixture over tokens [..., T, H] -> [..., T, H]."""
-    return torch.einsum("...tk,...tkoi,...ti->...to", probs, weights[ids], hidden)
+    """Plain mixture over tokens [..., T, H] -> [..., T, H]; dropped assignments count 0."""
+    return torch.einsum("...tk,...tkoi,...ti->...to", probs * (ids >= 0), weights[ids.clamp(0)],
+                        hidden)
 
 
 def _run(ep: int, routing: str):
@@ -73,7 +77,7 @@ def _run(ep: int, routing: str):
 
 
 @pytest.mark.parametrize("ep", [2, 4])
-@pytest.mark.parametrize("routing", ["random", "skewed"])
+@pytest.mark.parametrize("routing", ["random", "skewed", "dropped"])
 def test_alltoall_dispatch_equals_local_mixture(workers, ep, routing):
     results = workers.run(_run, ep, routing)
     hidden, probs, ids, weights = _problem(routing)
