@@ -9,7 +9,9 @@ test_moe_layouts.py with 4 experts, top-2, the aux loss on, no dropout):
   TP=2 x EP=2 and PP=2 x EP=2: within 1e-4 relative of the uninterrupted run (the layout
   tests' tolerance: summation order only; a lost or misplaced expert's weights or optimizer
   state moves the loss by far more);
-* saved without expert parallelism (DP=4) and resumed at EP=4: within 1e-4 likewise.
+* saved without expert parallelism (DP=4) and resumed at EP=4: within 1e-4 likewise;
+* after `megalite convert reshard --target-expert-model-parallel-size` 4 (or 1): the losses
+  of the online resume under that size, float for float (the same tensors).
 """
 from __future__ import annotations
 
@@ -90,3 +92,19 @@ def test_dense_data_parallel_checkpoint_resumes_under_expert_parallelism(group, 
     directory = str(tmp_path / "dp4")
     full = _save(group, data, directory, 1)
     _close(full[3:], resumed(group, data, directory, 1, 1, 4))
+
+
+@pytest.mark.parametrize("ep", [4, 1])
+def test_offline_reshard_resumes_like_online(group, saved, tmp_path, ep):
+    """``megalite convert reshard --target-expert-model-parallel-size`` writes what an online
+    resume under that expert-parallel size loads: the same losses, float for float."""
+    from megalite.convert.cli import main as convert
+    data, directory, _ = saved
+    online = resumed(group, data, directory, 1, 1, ep)
+    target = str(tmp_path / f"ep{ep}")
+    assert convert(["reshard", "--load", directory, "--save", target,
+                    "--target-expert-model-parallel-size", str(ep)]) == 0
+    files = sorted(p.name for p in (Path(target) / "iter_0000003").glob("model_*"))
+    assert files == ["model_tp00_pp00.safetensors"] + [
+        f"model_tp00_pp00_ep{e:02d}.safetensors" for e in range(1, ep)]
+    assert resumed(group, data, target, 1, 1, ep) == online
