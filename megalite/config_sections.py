@@ -27,6 +27,9 @@ class ParallelConfig:
     """Ranks each layer's weights are split over (heads, MLP width, vocabulary)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline stages the layers are split over."""
+    expert_model_parallel_size: int = 1
+    """Ranks each MoE layer's experts are split over, carved out of the data-parallel ranks
+    (must divide the data-parallel size and --num-experts)."""
     sequence_parallel: bool = False
     """Split norms/dropout activations along the sequence over the TP ranks (the model's
     TransformerConfig.sequence_parallel is derived from this field)."""
@@ -45,7 +48,8 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "parallel")
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size"):
             at_least(self, "parallel", name, 1)
         at_least(self, "parallel", "distributed_timeout_minutes", 0, strict=True)
         at_least(self, "parallel", "num_layers_per_virtual_pipeline_stage", 1, optional=True)

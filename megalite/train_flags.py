@@ -129,6 +129,9 @@ OPTIONS = [
     ("parallelism", "parallel", [
         ("--tensor-model-parallel-size", None, dict(type=int), "tensor-parallel size"),
         ("--pipeline-model-parallel-size", None, dict(type=int), "pipeline stages"),
+        ("--expert-model-parallel-size", None, dict(type=int),
+         "ranks the experts of each MoE layer are split over, out of the data-parallel ranks "
+         "(tokens travel to their experts by all-to-all)"),
         ("--sequence-parallel", None, dict(action="store_true"),
          "sequence parallelism inside the tensor-parallel group"),
         ("--num-layers-per-virtual-pipeline-stage", None, dict(type=int),

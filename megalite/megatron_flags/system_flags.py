@@ -75,8 +75,6 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--max-seqlen-per-dp-cp-rank", REFUSE, None, "context parallelism is not "
              "implemented"),
         flag("--hybrid-context-parallel", REFUSE, 0, "context parallelism is not implemented"),
-        flag("--expert-model-parallel-size", COND, None, "mixture-of-experts layers are not "
-             "implemented", ["1"]),
         flag("--expert-tensor-parallel-size", REFUSE, None, "mixture-of-experts layers are not "
              "implemented"),
         flag("--account-for-embedding-in-pipeline-split", REFUSE, 0, "use "

@@ -78,11 +78,14 @@ class Trainer:
         if ps is None:
             if dist.is_available() and dist.is_initialized():
                 ps = ParallelState.build(par.tensor_model_parallel_size,
-                                         par.pipeline_model_parallel_size)
+                                         par.pipeline_model_parallel_size,
+                                         par.expert_model_parallel_size)
             else:
-                if par.tensor_model_parallel_size * par.pipeline_model_parallel_size != 1:
+                if (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                        * par.expert_model_parallel_size != 1):
                     raise MegaliteError(
-                        "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1 need "
+                        "--tensor-model-parallel-size/--pipeline-model-parallel-size/"
+                        "--expert-model-parallel-size > 1 need "
                         "several processes: start with torchrun, srun or mpirun")
                 ps = ParallelState.single()
         self.ps = ps
