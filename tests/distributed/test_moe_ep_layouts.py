@@ -42,7 +42,9 @@ MODELS = {
 
 # (tp, pp, ep, extra) by world size; dp = world / (tp * pp)
 LAYOUTS = {
-    2: [(1, 1, 2, [])],                                        # EP2
+    2: [(1, 1, 2, []),                                         # EP2
+        (1, 1, 2, ["--zero-stage", "1"]),                      # EP2 with ZeRO-1 (DeepSpeed)
+        (1, 1, 2, ["--zero-stage", "2"])],                     # EP2 with ZeRO-2
     4: [(1, 1, 4, []),                                         # EP4
         (2, 1, 2, ["--sequence-parallel"]),                    # EP2 x TP2 (+SP)
         (1, 2, 2, []),                                         # EP2 x PP2
