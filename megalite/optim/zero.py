@@ -17,6 +17,10 @@ stage  layouts                   how megalite drives it
                                  fp32, bf16 or fp16 (gradients accumulated and reduced in fp32)
 =====  ========================  ==========================================================
 
+Expert parallelism (``--expert-model-parallel-size`` > 1) with stages 1 and 2: the expert
+shadows go to DeepSpeed's MoE path, partitioned and reduced over megalite's expert-data-parallel
+group (:mod:`megalite.optim.zero_experts`); stage 3 with expert parallelism is refused.
+
 fp16: DeepSpeed's dynamic loss scaler owns the scale (set from megalite's flags; megalite's
 rule but for the timing of the first doubling, see ``deepspeed_setup._fp16_section``). Stages
 1/2: the schedule multiplies the loss by that scale (:attr:`ZeroOptimizer.loss_scale`), so the
