@@ -132,11 +132,11 @@ class TrainConfig:
         if experts and experts % ep:
             bad("parallel", "expert_model_parallel_size", f"{ep} does not divide --num-experts "
                 f"{experts}")
-        if ep > 1 and self.parallel.zero_stage:
-            bad("parallel", "zero_stage", f"{self.parallel.zero_stage} with "
-                f"--expert-model-parallel-size {ep} is not implemented (DeepSpeed would shard "
-                f"and average the experts of different ranks as one parameter); use megalite's "
-                f"optimizer (--zero-stage 0) with expert parallelism")
+        if ep > 1 and self.parallel.zero_stage == 3:
+            bad("parallel", "zero_stage", f"3 with --expert-model-parallel-size {ep} is not "
+                f"supported (ZeRO-3 would partition each rank's different experts as one "
+                f"parameter over the data-parallel group); use --zero-stage 1 or 2 with expert "
+                f"parallelism")
 
     def _validate_schedule(self) -> None:
         """Iteration-based or sample-based, as Megatron-LM: the learning-rate lengths in the

@@ -142,13 +142,15 @@ class _SavedStates:
     def source(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> _Source:
         key = (tp_rank, pp_rank, ep_rank)
         if key not in self._sources:
-            # expert parallelism: dp rank e held expert rank e's experts (ZeRO is refused
-            # with expert parallelism, so such state is never partitioned)
+            # expert parallelism: dp rank e held expert rank e's experts (ZeRO: each
+            # expert's state is partitioned over the dp ranks holding that expert; the
+            # fragment maps of the others do not name it)
             rank0 = self.layout.rank_of(tp_rank, ep_rank, pp_rank)
             first = self._optimizer_state(rank0)
             ranks = [rank0]
             if is_zero_state(first):    # partitioned: every dp rank holds a piece
-                ranks = [self.layout.rank_of(tp_rank, d, pp_rank) for d in range(self.layout.dp_size)]
+                ranks += [self.layout.rank_of(tp_rank, d, pp_rank)
+                          for d in range(self.layout.dp_size) if d != ep_rank]
             states = [first] + [self._optimizer_state(r) for r in ranks[1:]]
             if any(is_zero_state(s) != is_zero_state(first) for s in states):
                 raise MegaliteError(f"checkpoint {self.path}: the data-parallel ranks of tp "

@@ -10,6 +10,10 @@ test_moe_layouts.py with 4 experts, top-2, the aux loss on, no dropout):
   tests' tolerance: summation order only; a lost or misplaced expert's weights or optimizer
   state moves the loss by far more);
 * saved without expert parallelism (DP=4) and resumed at EP=4: within 1e-4 likewise;
+* saved with ZeRO-1 at EP=2 (each expert's state partitioned over its expert-dp pair, the
+  dense state over all four ranks): resumed float for float under the same layout, and by
+  parameter name within 1e-4 under EP=4 with ZeRO-1, at EP=2 with ZeRO off, and at EP=4
+  after `megalite convert reshard` (which writes megalite's optimizer state);
 * after `megalite convert reshard --target-expert-model-parallel-size` 4 (or 1): the losses
   of the online resume under that size, float for float (the same tensors).
 """
@@ -44,9 +48,10 @@ def argv(data, tp: int, pp: int, ep: int, *extra: str) -> list[str]:
             *extra]
 
 
-def _save(group, data, directory: str, ep: int) -> list[float]:
+def _save(group, data, directory: str, ep: int, *extra: str) -> list[float]:
     full = group.run(train_and_rewind, argv(data, 1, 1, ep, "--save", directory,
-                                            "--save-interval", "3"), 1, 1, directory, 3, ep)
+                                            "--save-interval", "3", *extra),
+                     1, 1, directory, 3, ep)
     assert all(c == full[0] for c in full) and len(full[0]) == 6
     return full[0]
 
@@ -61,8 +66,8 @@ def saved(group, corpus_token_dataset, sp_model, tmp_path_factory):
     return data, directory, full
 
 
-def resumed(group, data, directory, tp, pp, ep):
-    runs = group.run(train_and_rewind, argv(data, tp, pp, ep, "--load", directory),
+def resumed(group, data, directory, tp, pp, ep, *extra: str):
+    runs = group.run(train_and_rewind, argv(data, tp, pp, ep, "--load", directory, *extra),
                      tp, pp, None, None, ep)
     assert all(r == runs[0] for r in runs)
     return runs[0]
@@ -92,6 +97,22 @@ def test_dense_data_parallel_checkpoint_resumes_under_expert_parallelism(group, 
     directory = str(tmp_path / "dp4")
     full = _save(group, data, directory, 1)
     _close(full[3:], resumed(group, data, directory, 1, 1, 4))
+
+
+def test_zero1_state_with_expert_parallelism_resumes(group, saved, tmp_path):
+    data, _, uninterrupted = saved
+    directory = str(tmp_path / "zero1")
+    full = _save(group, data, directory, 2, "--zero-stage", "1")
+    assert abs(full[0] - uninterrupted[0]) <= 1e-5 * abs(full[0])   # same model, same batch
+    assert resumed(group, data, directory, 1, 1, 2, "--zero-stage", "1") == full[3:]
+    _close(full[3:], resumed(group, data, directory, 1, 1, 4, "--zero-stage", "1"))
+    _close(full[3:], resumed(group, data, directory, 1, 1, 2))
+    # offline: the partitions reassembled into megalite's optimizer state at EP=4
+    from megalite.convert.cli import main as convert
+    target = str(tmp_path / "zero1-ep4")
+    assert convert(["reshard", "--load", directory, "--save", target,
+                    "--target-expert-model-parallel-size", "4"]) == 0
+    _close(full[3:], resumed(group, data, target, 1, 1, 4))
 
 
 @pytest.mark.parametrize("ep", [4, 1])

@@ -3,10 +3,13 @@
 Fixed data (the built-in corpus, SentencePiece tokens), seed and a tiny LLaMA-recipe MoE model
 (every layer MoE, top-2 routing, the aux loss on); 8 iterations of ``megalite train`` under
 EP2, EP4, EP2 x TP2, EP2 x PP2 and EP2 x DP2 (dp 4: two expert-data-parallel replicas of each
-expert) give the single-process global-batch loss at every iteration, with the GPT layout
-tests' tolerances and reasons (tests/distributed/test_layouts.py): iteration 1 within 1e-5
-relative (identical weights, only fp32 summation orders differ), later ones within 1e-4
-(AdamW magnifies ~1e-7 gradient differences of near-zero entries).
+expert), and with DeepSpeed ZeRO: EP2 with ZeRO-1 and ZeRO-2 (dense state partitioned over
+dp 2, each rank's experts unpartitioned) and EP2 x DP2 with ZeRO-1 (the experts' state
+partitioned over their expert-dp pair), give the single-process global-batch loss at every
+iteration, with the GPT layout tests' tolerances and reasons (tests/distributed/
+test_layouts.py): iteration 1 within 1e-5 relative (identical weights, only fp32 summation
+orders differ), later ones within 1e-4 (AdamW magnifies ~1e-7 gradient differences of
+near-zero entries).
 
 Routing is what could break this: a token whose top-2 router probabilities nearly tie may pick
 another expert when its logits are summed in another order, and the loss would jump by far
@@ -42,11 +45,14 @@ MODELS = {
 
 # (tp, pp, ep, extra) by world size; dp = world / (tp * pp)
 LAYOUTS = {
-    2: [(1, 1, 2, [])],                                        # EP2
+    2: [(1, 1, 2, []),                                         # EP2
+        (1, 1, 2, ["--zero-stage", "1"]),                      # EP2 with ZeRO-1 (DeepSpeed)
+        (1, 1, 2, ["--zero-stage", "2"])],                     # EP2 with ZeRO-2
     4: [(1, 1, 4, []),                                         # EP4
         (2, 1, 2, ["--sequence-parallel"]),                    # EP2 x TP2 (+SP)
         (1, 2, 2, []),                                         # EP2 x PP2
-        (1, 1, 2, [])],                                        # EP2 x DP2 (dp 4)
+        (1, 1, 2, []),                                         # EP2 x DP2 (dp 4)
+        (1, 1, 2, ["--zero-stage", "1"])],                     # EP2 x DP2 with ZeRO-1
 }
 
 

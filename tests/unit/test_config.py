@@ -112,6 +112,29 @@ def test_parallel_flags_and_sequence_parallel_has_one_source():
     assert "sequence_parallel" not in t.to_dict()["model"]
 
 
+def test_zero_with_expert_parallelism_stages_1_2_only():
+    """ZeRO-1/2 take expert parallelism (DeepSpeed's MoE path, megalite.optim.zero_experts);
+    ZeRO-3 is refused at start-up, also when the stage comes from a --deepspeed-config file,
+    and so is a file that switches off the reduce-scatter that path relies on."""
+    from megalite.optim.zero_experts import refuse_unsupported
+    moe = TINY + ["--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+                  "--expert-model-parallel-size", "2"]
+    for stage in (1, 2):
+        assert parse_train_args(moe + ["--zero-stage", str(stage)]).parallel.zero_stage == stage
+    assert error_of(moe + ["--zero-stage", "3"]) == (
+        "--zero-stage (parallel.zero_stage): 3 with --expert-model-parallel-size 2 is not "
+        "supported (ZeRO-3 would partition each rank's different experts as one parameter over "
+        "the data-parallel group); use --zero-stage 1 or 2 with expert parallelism")
+    with pytest.raises(MegaliteError, match=r"^--zero-stage 3 with --expert-model-parallel-size 4 "
+                                            r"is not supported .*use --zero-stage 1 or 2"):
+        refuse_unsupported(3, 4, {"stage": 3})
+    with pytest.raises(MegaliteError, match=r"reduce_scatter = false cannot be combined with "
+                                            r"--expert-model-parallel-size 2"):
+        refuse_unsupported(1, 2, {"reduce_scatter": False})
+    refuse_unsupported(2, 2, {"reduce_scatter": True})
+    refuse_unsupported(3, 1, {})          # no expert parallelism: nothing to refuse
+
+
 def test_precision_dtypes():
     assert PrecisionConfig().params_dtype == torch.float32
     assert parse_train_args(TINY + ["--bf16"]).precision.params_dtype == torch.bfloat16
