@@ -80,6 +80,9 @@ OPTIONS = [
          "no biases in the attention and MLP linears"),
         ("--add-qkv-bias", None, dict(action="store_true"),
          "a bias on the QKV projection even with --disable-bias-linear (Qwen2)"),
+        ("--qk-layernorm", None, dict(action="store_true"),
+         "normalize each query and key head (--normalization over the head width, one weight "
+         "for q and one for k) before the rotary embedding (Qwen3, Qwen3-MoE)"),
         ("--untie-embeddings-and-output-weights", None, dict(action="store_true"),
          "a separate output layer instead of the word embedding"),
         ("--hidden-dropout", None, dict(type=float), "dropout on embeddings and residuals"),
