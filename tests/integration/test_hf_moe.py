@@ -17,46 +17,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from hf_common import scale_up_
+from hf_common import MOE_KINDS as KINDS, hf_moe_model
 from megalite.cli import main as megalite_main
 from megalite.inference.generation import generate_tokens
 from megalite.inference.sampling import SamplingConfig
 
 TOL = 1e-4
 VOCAB = 300
-
-
-def hf_config(kind: str):
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None,
-                  eos_token_id=None, tie_word_embeddings=False)
-    if kind == "mixtral":
-        return transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
-                                          num_experts_per_tok=2, **common)
-    if kind.startswith("qwen3_moe"):    # head_dim 16 with h = 32 and 4 heads, as Qwen3's 128
-        return transformers.Qwen3MoeConfig(
-            intermediate_size=40, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=3,
-            norm_topk_prob=kind.endswith("norm"), mlp_only_layers=[1], head_dim=16, **common)
-    if kind == "qwen3":
-        return transformers.Qwen3Config(intermediate_size=40, head_dim=16, **common)
-    return transformers.Qwen2MoeConfig(
-        intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=36,
-        num_experts=6, num_experts_per_tok=3, norm_topk_prob=kind.endswith("norm"),
-        mlp_only_layers=[1], **common)
-
-
-KINDS = ["mixtral", "qwen2_moe", "qwen2_moe_norm", "qwen3_moe", "qwen3_moe_norm", "qwen3"]
-EXPERTS = {"mixtral": 4, "qwen3": None}
-
-
-def hf_model(kind: str, path) -> torch.nn.Module:
-    torch.manual_seed(7)
-    cfg = hf_config(kind)
-    cfg._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    scale_up_(model)
-    model.eval().save_pretrained(path)
-    return model
+EXPERTS = {"mixtral": 4, "qwen3": None}    # the Qwen MoE models: 6
 
 
 def load_megalite(ckpt):
@@ -77,7 +45,7 @@ def convert(*argv) -> int:
 @pytest.mark.parametrize("kind", KINDS)
 def test_from_hf_logits_round_trip_and_greedy_generation(kind, tmp_path, capsys):
     hf_dir, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
-    hf = hf_model(kind, hf_dir)
+    hf = hf_moe_model(kind, hf_dir, VOCAB)
     assert convert("from-hf", "--load", hf_dir, "--save", ckpt, "--verify") == 0
     assert "verify: max |megalite - HF|" in capsys.readouterr().err
     model, cfg = load_megalite(ckpt)
