@@ -87,6 +87,9 @@ class ZeroOptimizer(TrainingOptimizer):
                                          micro_batch_size=micro_batch_size,
                                          global_batch_size=global_batch_size)
         validate_zero(stage, ps, precision)
+        if getattr(ps, "ep_size", 1) > 1:
+            raise MegaliteError(f"--zero-stage {stage} with --expert-model-parallel-size "
+                                f"{ps.ep_size} is not implemented; use --zero-stage 0")
         if stage == 0:
             raise MegaliteError("ZeroOptimizer needs --zero-stage 1, 2 or 3")
         import deepspeed  # heavy import, only when ZeRO is used

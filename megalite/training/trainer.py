@@ -78,11 +78,14 @@ class Trainer:
         if ps is None:
             if dist.is_available() and dist.is_initialized():
                 ps = ParallelState.build(par.tensor_model_parallel_size,
-                                         par.pipeline_model_parallel_size)
+                                         par.pipeline_model_parallel_size,
+                                         par.expert_model_parallel_size)
             else:
-                if par.tensor_model_parallel_size * par.pipeline_model_parallel_size != 1:
+                if (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                        * par.expert_model_parallel_size != 1):
                     raise MegaliteError(
-                        "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1 need "
+                        "--tensor-model-parallel-size/--pipeline-model-parallel-size/"
+                        "--expert-model-parallel-size > 1 need "
                         "several processes: start with torchrun, srun or mpirun")
                 ps = ParallelState.single()
         self.ps = ps
@@ -139,11 +142,13 @@ class Trainer:
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
+        collate = self.family.collate_for(cfg)
+
         def iterator(ds):
             if ds is None:
                 return None
             return BatchIterator(ds, g, tr.micro_batch_size, ps.dp_size, ps.dp_rank,
-                                 device=self.device, collate=self.family.collate)
+                                 device=self.device, collate=collate)
         return tuple(iterator(ds) for ds in datasets)
 
     # ---- one step --------------------------------------------------------------------------
