@@ -80,6 +80,9 @@ OPTIONS = [
          "no biases in the attention and MLP linears"),
         ("--add-qkv-bias", None, dict(action="store_true"),
          "a bias on the QKV projection even with --disable-bias-linear (Qwen2)"),
+        ("--qk-layernorm", None, dict(action="store_true"),
+         "normalize each query and key head (--normalization over the head width, one weight "
+         "for q and one for k) before the rotary embedding (Qwen3, Qwen3-MoE)"),
         ("--untie-embeddings-and-output-weights", None, dict(action="store_true"),
          "a separate output layer instead of the word embedding"),
         ("--hidden-dropout", None, dict(type=float), "dropout on embeddings and residuals"),
@@ -102,10 +105,16 @@ OPTIONS = [
     ]),
     ("mixture of experts (Megatron-LM's flags; megalite.model.moe)", "model", [
         ("--num-experts", None, dict(type=int),
-         "experts per MoE layer (default: none, a dense model); MoE needs --disable-bias-linear"),
-        ("--moe-router-topk", None, dict(type=int), "experts per token, k (default 2)"),
+         "experts per MoE layer (default: none, a dense model): the MoE layers replace the MLP "
+         "of the layers --moe-layer-freq selects with a router, the experts and the optional "
+         "shared expert; needs --disable-bias-linear (experts have no biases)"),
+        ("--moe-router-topk", None, dict(type=int),
+         "experts per token, k (default 2); each token's output is the weighted sum of its k "
+         "experts' outputs, weights the softmax over all experts renormalised over the k "
+         "(Mixtral, Qwen3-MoE) unless --moe-router-pre-softmax"),
         ("--moe-ffn-hidden-size", None, dict(type=int),
-         "inner width of each expert (default --ffn-hidden-size)"),
+         "inner width of each expert (default --ffn-hidden-size; with --swiglu the width of "
+         "each of its gate and up projections)"),
         ("--moe-layer-freq", None, dict(type=parse_layer_freq, metavar="N|LIST"),
          "MoE layers: every N-th from layer 0, or a 0/1 list per layer such as [1,0,1,0] or "
          "([1]*3+[0])*2 (default 1: all)"),
@@ -115,10 +124,15 @@ OPTIONS = [
          "scale the shared expert's output by a per-token sigmoid gate (Qwen2-MoE)"),
         ("--moe-router-load-balancing-type", None,
          dict(choices=("aux_loss", "seq_aux_loss", "none")),
-         "load-balancing loss: per micro-batch (aux_loss, default), per sequence, or none"),
+         "load-balancing loss (megatron-core's formula: E / (T^2 k) x sum over experts of "
+         "tokens routed x summed probability): over each micro-batch's tokens (aux_loss, "
+         "default), per sequence (seq_aux_loss), or none"),
         ("--moe-aux-loss-coeff", None, dict(type=float),
-         "coefficient of the load-balancing loss (default 0: off)"),
-        ("--moe-z-loss-coeff", None, dict(type=float), "coefficient of the router z-loss"),
+         "coefficient of the load-balancing loss (default 0: off); logged as moe_aux_loss, "
+         "apart from the LM loss"),
+        ("--moe-z-loss-coeff", None, dict(type=float),
+         "coefficient of the router z-loss, the mean of logsumexp(router logits)^2 (default: "
+         "off); logged as moe_z_loss"),
         ("--moe-router-pre-softmax", None, dict(action="store_true"),
          "weights = the softmax over all experts of the selected ones (no renormalisation over "
          "the top k; Qwen2-MoE's norm_topk_prob false)"),

@@ -52,6 +52,7 @@ _NUMERIC_FIELDS = ("model_type", "num_layers", "hidden_size", "num_attention_hea
                    "position_embedding_type", "rotary_base", "normalization",
                    "layernorm_epsilon", "activation", "add_bias_linear",
                    "untie_embeddings_and_output_weights", "rope_scaling", "add_qkv_bias",
+                   "qk_layernorm",
                    "norm_placement", "bert_binary_head", "tokentypes", "softmax_scale",
                    "relative_attention_num_buckets", "relative_attention_max_distance",
                    "scale_embedding", "scale_decoder_outputs", "decoder_layers",

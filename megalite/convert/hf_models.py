@@ -1,6 +1,7 @@
 """The whole-model Hugging Face converters of the GPT family (its ``hf_converter`` in
 :mod:`megalite.families`), dispatching on :func:`architecture_of` to the converter module of the
-architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2; :mod:`.hf_gpt2`); and
+architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2, Qwen3; :mod:`.hf_moe`: Mixtral,
+Qwen2-MoE, Qwen3-MoE; :mod:`.hf_gpt2`); and
 :func:`config_from_hf`, which reads a Hugging Face config of any supported model.
 
 Each converter module exposes ``param_mappings(config)`` (the name map), ``to_hf``/``from_hf``
@@ -83,9 +84,9 @@ def ignored_names(config: TransformerConfig, names) -> tuple[str, ...]:
 
 def config_from_hf(hf_config, names=None, get=None) -> TransformerConfig:
     """A :class:`TransformerConfig` from a ``transformers`` config of a supported model:
-    LLaMA, Mistral, Qwen2, GPT-2 (the GPT family), BERT or Megatron-BERT (the BERT family,
-    :mod:`.hf_bert`; ``names``, the checkpoint's tensor names, tell whether it has the binary
-    head), T5 (:mod:`.hf_t5`; ``names`` and ``get``, name -> tensor, tell whether its output
+    LLaMA, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2 (the GPT family), BERT
+    or Megatron-BERT (the BERT family, :mod:`.hf_bert`; ``names``, the checkpoint's tensor
+    names, tell whether it has the binary head), T5 (:mod:`.hf_t5`; ``names`` and ``get``, name -> tensor, tell whether its output
     layer is tied)."""
     llama = hf_llama.MODEL_TYPES
     model_type = getattr(hf_config, "model_type", None)

@@ -35,8 +35,8 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
              "pre-norm"),
         flag("--fp32-residual-connection", REFUSE, 0, "megalite keeps the residual stream in "
              "the training precision"),
-        flag("--qk-layernorm", REFUSE, 0, "query/key norms are not implemented"),
-        flag("--qk-l2-norm", REFUSE, 0, "query/key norms are not implemented"),
+        flag("--qk-l2-norm", REFUSE, 0, "query/key L2 norms are not implemented (megalite "
+             "has --qk-layernorm)"),
         flag("--qk-clip", REFUSE, 0, "query/key clipping is not implemented"),
         flag("--qk-clip-alpha", REFUSE, None, "query/key clipping is not implemented"),
         flag("--qk-clip-threshold", REFUSE, None, "query/key clipping is not implemented"),

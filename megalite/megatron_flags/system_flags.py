@@ -75,8 +75,9 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--max-seqlen-per-dp-cp-rank", REFUSE, None, "context parallelism is not "
              "implemented"),
         flag("--hybrid-context-parallel", REFUSE, 0, "context parallelism is not implemented"),
-        flag("--expert-tensor-parallel-size", REFUSE, None, "mixture-of-experts layers are not "
-             "implemented"),
+        flag("--expert-tensor-parallel-size", REFUSE, None, "megalite splits every expert "
+             "over the --tensor-model-parallel-size ranks, as the dense MLP (a separate expert "
+             "tensor-parallel size is not implemented)"),
         flag("--account-for-embedding-in-pipeline-split", REFUSE, 0, "use "
              "--pipeline-layer-split (layers per stage) to leave room for the embedding"),
         flag("--account-for-loss-in-pipeline-split", REFUSE, 0, "use --pipeline-layer-split "

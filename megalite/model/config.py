@@ -105,6 +105,10 @@ class TransformerConfig:
     """Biases on the QKV, attention output and both MLP linears (classic: True, LLaMA: False)."""
     add_qkv_bias: bool = False
     """A bias on the QKV projection even without add_bias_linear (Qwen2: True)."""
+    qk_layernorm: bool = False
+    """Normalize every query and key head over head_dim (``normalization``, its own weight of
+    [head_dim] for q and for k) before the rotary embedding: Megatron-LM's ``--qk-layernorm``,
+    Qwen3's q_norm / k_norm. Self-attention only (GPT and BERT models)."""
     untie_embeddings_and_output_weights: bool = False
     """False: logits use the word-embedding matrix (tied, GPT-2). True: a separate output layer."""
     hidden_dropout: float = 0.0
@@ -294,6 +298,9 @@ class TransformerConfig:
         if self.activation not in ACTIVATIONS:
             bad(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         self._validate_encoder_decoder(bad)
+        if self.qk_layernorm and self.is_encoder_decoder:
+            bad("qk_layernorm: the encoder-decoder's cross-attention has no query/key norms "
+                "(GPT and BERT models only)")
         moe_config.validate(self, bad)
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
             bad(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "

@@ -3,8 +3,9 @@
 
 The model: tiny-llama with 4 experts of width 48, top-2 (renormalised), the load-balancing
 loss (1e-2) and the z-loss (1e-3) on, so the router's gradients and the attached losses are
-part of what must agree; a variant with a gated shared expert and every other layer dense
-(``--moe-layer-freq 2``). Tolerances as in test_layouts.py (1e-5 relative at iteration 1,
+part of what must agree; the routed-only variant with Qwen3-MoE's query/key norms
+(``--qk-layernorm``: replicated weights whose gradients the optimizers sum over tp); a variant
+with a gated shared expert and every other layer dense (``--moe-layer-freq 2``). Tolerances as in test_layouts.py (1e-5 relative at iteration 1,
 1e-4 after: fp32 summation order only). Routing is the same in every layout: the router runs
 in fp32 on the same tokens with the same weights, and a route can only change where two
 experts' scores are within rounding of each other, which these runs do not hit (a flipped
@@ -23,7 +24,7 @@ ITERS = 6
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "48",
        "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3", "--disable-bias-linear"]
 VARIANTS = {
-    "routed": MOE,
+    "routed": MOE + ["--qk-layernorm"],
     "shared": MOE + ["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
                      "--moe-layer-freq", "2"],
 }

@@ -1,5 +1,7 @@
-"""Hugging Face MoE models both ways: Mixtral and Qwen2-MoE (shared expert with its gate,
-dense layers by ``mlp_only_layers``, ``norm_topk_prob`` false and true).
+"""Hugging Face MoE models both ways: Mixtral, Qwen2-MoE (shared expert with its gate,
+dense layers by ``mlp_only_layers``, ``norm_topk_prob`` false and true) and Qwen3-MoE (query/key
+norms per head, head_dim != hidden / heads, no shared expert, both ``norm_topk_prob``), and
+dense Qwen3 through the same query/key norms.
 
 ``megalite convert from-hf --verify`` of a random HF model, then: megalite's logits equal HF's
 (1e-4 absolute on O(1) logits: float32 rounding of the same operations in another order, as in
@@ -15,39 +17,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from hf_common import scale_up_
+from hf_common import MOE_KINDS as KINDS, hf_moe_model
 from megalite.cli import main as megalite_main
 from megalite.inference.generation import generate_tokens
 from megalite.inference.sampling import SamplingConfig
 
 TOL = 1e-4
 VOCAB = 300
-
-
-def hf_config(kind: str):
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None,
-                  eos_token_id=None, tie_word_embeddings=False)
-    if kind == "mixtral":
-        return transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
-                                          num_experts_per_tok=2, **common)
-    return transformers.Qwen2MoeConfig(
-        intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=36,
-        num_experts=6, num_experts_per_tok=3, norm_topk_prob=kind.endswith("norm"),
-        mlp_only_layers=[1], **common)
-
-
-KINDS = ["mixtral", "qwen2_moe", "qwen2_moe_norm"]
-
-
-def hf_model(kind: str, path) -> torch.nn.Module:
-    torch.manual_seed(7)
-    cfg = hf_config(kind)
-    cfg._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    scale_up_(model)
-    model.eval().save_pretrained(path)
-    return model
+EXPERTS = {"mixtral": 4, "qwen3": None}    # the Qwen MoE models: 6
 
 
 def load_megalite(ckpt):
@@ -68,14 +45,15 @@ def convert(*argv) -> int:
 @pytest.mark.parametrize("kind", KINDS)
 def test_from_hf_logits_round_trip_and_greedy_generation(kind, tmp_path, capsys):
     hf_dir, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
-    hf = hf_model(kind, hf_dir)
+    hf = hf_moe_model(kind, hf_dir, VOCAB)
     assert convert("from-hf", "--load", hf_dir, "--save", ckpt, "--verify") == 0
     assert "verify: max |megalite - HF|" in capsys.readouterr().err
     model, cfg = load_megalite(ckpt)
-    assert cfg.num_experts == (4 if kind == "mixtral" else 6)
-    if kind != "mixtral":
+    assert cfg.num_experts == EXPERTS.get(kind, 6)
+    assert cfg.qk_layernorm == kind.startswith("qwen3")
+    if kind.startswith("qwen") and cfg.num_experts:
         assert cfg.moe_layer_freq == [1, 0, 1]
-        assert cfg.moe_router_pre_softmax == (kind == "qwen2_moe")
+        assert cfg.moe_router_pre_softmax == (not kind.endswith("norm"))
     tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(tokens)[..., :VOCAB]
@@ -136,3 +114,30 @@ def test_mixtral_8x7b_preset_has_hf_total_and_active_parameter_counts():
     expert = sum(p.numel() for n, p in ours.named_parameters() if ".experts.0." in n)
     assert expert == 32 * 3 * 4096 * 14336
     assert total - (8 - 2) * expert == 12_879_925_248
+
+
+@pytest.mark.parametrize("name,total,active", [("qwen3-moe-tiny", 425_600, 278_144),
+                                               ("qwen3-30b-a3b", 30_532_122_624,
+                                                3_353_032_704)])
+def test_qwen3_moe_presets_have_hf_parameter_counts(name, total, active):
+    """The presets convert to Qwen3MoeForCausalLM configs whose models, built on the meta
+    device, hold as many parameters as megalite's (less its vocabulary padding rows: 24 x 64
+    in the embedding and the output layer of the tiny one's vocabulary 1000; none for
+    151936 = 1187 x 128); active = all but the E - k unchosen experts of each MoE layer."""
+    from megalite.convert import config_to_hf
+    from megalite.distributed.parallel_state import ParallelState
+    from megalite.model import get_preset
+    from megalite.model.gpt import GPTModel
+    from megalite.parallel.context import ModelContext
+    cfg = get_preset(name)
+    hf_cfg = config_to_hf(cfg)
+    assert hf_cfg.architectures == ["Qwen3MoeForCausalLM"]
+    ours = GPTModel(cfg, ModelContext(ParallelState.single(), device="meta"))
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    padding = 2 * (cfg.padded_vocab(1) - cfg.vocab_size) * cfg.hidden_size
+    ours_total = sum(p.numel() for p in ours.parameters()) - padding
+    assert ours_total == sum(p.numel() for p in hf.parameters()) == total
+    expert = sum(p.numel() for n, p in ours.named_parameters() if ".experts.0." in n)
+    assert total - (cfg.num_experts - cfg.moe_router_topk) * expert == active

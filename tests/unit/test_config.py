@@ -67,7 +67,7 @@ def test_model_recipe_flags():
         "rope", "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights",
         "--ffn-hidden-size", "96", "--hidden-dropout", "0.1", "--attention-dropout", "0.2",
         "--recompute-granularity", "selective", "--norm-epsilon", "1e-6", "--add-qkv-bias",
-        "--mock-data"])
+        "--qk-layernorm", "--mock-data"])
     m = c.model
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.vocab_size) == (4, 64, 8, 500)
     assert m.activation == "swiglu" and m.add_bias_linear is False
@@ -75,7 +75,7 @@ def test_model_recipe_flags():
     assert m.normalization == "RMSNorm" and m.untie_embeddings_and_output_weights
     assert m.ffn_hidden_size == 96 and (m.hidden_dropout, m.attention_dropout) == (0.1, 0.2)
     assert m.recompute_granularity == "selective" and m.layernorm_epsilon == 1e-6
-    assert m.add_qkv_bias and not m.add_bias_linear
+    assert m.add_qkv_bias and not m.add_bias_linear and m.qk_layernorm
     # --seq-length gives max_position_embeddings when nothing else does
     assert m.seq_length == 32 and m.max_position_embeddings == 32 and c.seq_length == 32
 
@@ -180,6 +180,13 @@ def test_yaml_presets_load(name):
         assert c.model.tied_embeddings and c.model.normalization == "LayerNorm"
     if name == "tiny-llama.yaml":
         assert c.model.activation == "swiglu" and c.model.position_embedding_type == "rope"
+
+
+def test_qk_layernorm_is_refused_for_the_encoder_decoder():
+    # its cross-attention has no query/key norms, so the flag would act on half the attention
+    with pytest.raises(MegaliteError, match="qk_layernorm: the encoder-decoder"):
+        get_preset("tiny-t5").replace(qk_layernorm=True)
+    assert get_preset("tiny-bert").replace(qk_layernorm=True).qk_layernorm
 
 
 @pytest.mark.parametrize("name", PRESETS)
