@@ -168,16 +168,17 @@ def from_hf(args, tmp: str) -> str:
             return m.from_hf(*(hf.get(n) for n in m.hf))
 
         tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
-        config_dict, config_type = _new_train_config(None, cfg, tp, pp, tok_fields)
+        ep = _target_ep(args, cfg)
+        config_dict, config_type = _new_train_config(None, cfg, tp, pp, tok_fields, ep=ep)
         extra = {"consumed_samples": 0, "skipped_iters": 0, "weights_only": True,
                  "converted_from": f"hf:{os.path.abspath(args.load)}"}
         ckpt = write_checkpoint(tmp, cfg, tp, pp, full_of, dtype_of, config_dict=config_dict,
-                                config_type=config_type, extra=extra, desc="from-hf")
+                                config_type=config_type, extra=extra, desc="from-hf", ep=ep)
     finally:
         hf.close()
     tok_file = tok_fields.get("tokenizer_model") or tok_fields.get("vocab_file")
     msg = (f"converted {hf.config.model_type} model {args.load} to a megalite checkpoint "
-           f"(TP={tp} PP={pp}, weights only, tokenizer "
+           f"(TP={tp} PP={pp}{f' EP={ep}' if ep > 1 else ''}, weights only, tokenizer "
            + (f"{tok_fields['tokenizer_type']} {os.path.basename(tok_file)}" if tok_fields
               else "none found")
            + (f"; vocabulary {hf_cfg.vocab_size} -> {cfg.vocab_size} for its data"
@@ -197,6 +198,16 @@ def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
     if missing or unexpected:
         raise MegaliteError(f"{where}: the weights do not match the {hf.config.model_type} "
                             f"config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _target_ep(args, cfg) -> int:
+    """``--target-expert-model-parallel-size``, checked against the model's experts."""
+    ep = getattr(args, "target_expert_model_parallel_size", 1)
+    experts = getattr(cfg, "num_experts", None) or 0
+    if ep < 1 or (ep > 1 and (not experts or experts % ep)):
+        raise MegaliteError(f"--target-expert-model-parallel-size {ep} must be 1 or divide "
+                            f"the model's --num-experts ({experts or 'no MoE layers'})")
+    return ep
 
 
 def _new_train_config(train_config, model_cfg, tp: int, pp: int,
@@ -229,13 +240,9 @@ def reshard(args, tmp: str) -> str:
     from megalite.checkpoint.sharded import rank_file_name
     reader = CheckpointReader(args.load, verify_checksums=not args.no_verify_checksums)
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
-    ep = getattr(args, "target_expert_model_parallel_size", 1)
     try:
         cfg = reader.config
-        experts = getattr(cfg, "num_experts", None) or 0
-        if ep < 1 or (ep > 1 and (not experts or experts % ep)):
-            raise MegaliteError(f"--target-expert-model-parallel-size {ep} must be 1 or divide "
-                                f"the checkpoint's --num-experts ({experts or 'no MoE layers'})")
+        ep = _target_ep(args, cfg)
         out_dtype = _DTYPES.get(args.dtype)
         index = reader.index
 

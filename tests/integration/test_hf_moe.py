@@ -84,6 +84,31 @@ def test_from_hf_logits_round_trip_and_greedy_generation(kind, tmp_path, capsys)
     assert out[0, 7:].tolist() == mine.tokens[0].tolist()
 
 
+def test_from_hf_into_expert_parallel_layout_and_back(tmp_path, capsys):
+    """from-hf --target-expert-model-parallel-size 2 writes the EP=2 files (each expert rank's
+    experts apart), --verify reads them back to HF's logits, and to-hf returns every tensor bit
+    for bit; an EP that does not divide the experts is refused naming the flag."""
+    hf_dir, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
+    hf_moe_model("mixtral", hf_dir, VOCAB)
+    assert convert("from-hf", "--load", hf_dir, "--save", ckpt, "--verify",
+                   "--target-expert-model-parallel-size", "2") == 0
+    out = capsys.readouterr()
+    assert "EP=2" in out.out + out.err and "verify: max |megalite - HF|" in out.err
+    files = [f for _, _, fs in os.walk(ckpt) for f in fs]
+    assert any("_ep01" in f for f in files), files
+    assert convert("to-hf", "--load", ckpt, "--save", back) == 0
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    returned = {}
+    for name in os.listdir(back):
+        if name.endswith(".safetensors"):
+            returned.update(load_file(os.path.join(back, name)))
+    assert set(returned) == set(original)
+    assert all(torch.equal(returned[n], t) for n, t in original.items())
+    assert convert("from-hf", "--load", hf_dir, "--save", tmp_path / "bad",
+                   "--target-expert-model-parallel-size", "3") == 2
+    assert "--target-expert-model-parallel-size 3 must be 1 or divide" in capsys.readouterr().err
+
+
 def test_refusals_name_the_reason():
     from megalite.convert import config_to_hf
     from megalite.convert.hf_moe import config_from_hf
