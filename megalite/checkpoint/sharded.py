@@ -4,7 +4,9 @@ Who writes what (see :mod:`megalite.checkpoint.io` for the directory layout):
 
 * data-parallel rank 0 of every (tp_rank, pp_rank): ``model_tpXX_ppYY.safetensors`` with the
   parameters of all of this rank's model chunks, keyed by their GPTModel names (global layer
-  ids), plus per-tensor sharding metadata in the safetensors header;
+  ids), plus per-tensor sharding metadata in the safetensors header; with expert parallelism
+  the data-parallel ranks 1..ep-1 (expert ranks 1..ep-1 of the first expert-data-parallel
+  replica) write their experts (global ids in the names) to ``model_tpXX_ppYY_epZZ.safetensors``;
 * every rank: ``rank_NNNNN.pt`` (``torch.save`` of plain containers only) with its optimizer
   state (``optimizer.state_dict()``: replicated for megalite's optimizer, partitioned for ZeRO),
   its RNG states and the parameter names/layer ranges its optimizer state refers to;
@@ -114,14 +116,22 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
     # ZeRO-3 partitions parameters over the DP group: gather them (collective) one at a time,
     # so the device never holds more than one full parameter beyond its partitions.
     tensors, host = {}, {}
+    # expert parallelism: expert rank e of the first expert-dp replica (dp rank e) writes its
+    # experts; dp rank 0 also writes the dense weights
+    ep_rank = getattr(ps, "ep_rank", 0)
+    writer = ps.dp_rank < getattr(ps, "ep_size", 1)
     for n, p in params.items():
-        with gathered([p]):
+        expert = getattr(p, "is_expert", False)
+        with gathered([p]):   # collective under ZeRO-3: every rank enters it for every p
+            if not writer or (ps.dp_rank and not expert):
+                continue
             tensors[n] = _tensor_entry(p, ps, ps.pp_rank)
-            if ps.dp_rank == 0:
-                # a ZeRO-3 parameter's full data is released when the context ends
-                host[n] = p.detach().to("cpu", copy=hasattr(p, "ds_id")).contiguous()
-    if ps.dp_rank == 0:
-        name = model_file_name(ps.tp_rank, ps.pp_rank)
+            if expert and ep_rank:
+                tensors[n]["ep_rank"] = ep_rank
+            # a ZeRO-3 parameter's full data is released when the context ends
+            host[n] = p.detach().to("cpu", copy=hasattr(p, "ds_id")).contiguous()
+    if writer:
+        name = model_file_name(ps.tp_rank, ps.pp_rank, ps.dp_rank)
         path = os.path.join(tmp, name)
         save_file(host, path, metadata=file_metadata(ps.tp_rank, ps.pp_rank, ps, tensors))
         files[name] = io.finish_file(path)
@@ -137,7 +147,7 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
     path = os.path.join(tmp, name)
     torch.save(state, path)
     files[name] = io.finish_file(path)
-    return {"files": files, "tensors": tensors if ps.dp_rank == 0 else {}}
+    return {"files": files, "tensors": tensors if writer else {}}
 
 
 def _config_dict(config: Any) -> tuple[dict, str]:
@@ -231,7 +241,8 @@ def _commit(directory: str, name: str, tmp: str, nonce: str, iteration: int, rep
     meta = {
         "format": FORMAT, "iteration": iteration, "saved_at_unix": time.time(),
         "layout": {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
-                   "vp_size": len(chunks), "world_size": ps.world_size},
+                   "vp_size": len(chunks), "world_size": ps.world_size,
+                   "ep_size": getattr(ps, "ep_size", 1)},
         "model_config": dataclasses.asdict(model_config), "config_type": config_type,
         "tensors": tensors, "extra": extra, "torch_version": torch.__version__,
     }
@@ -320,7 +331,8 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
     saved = meta["layout"]
     layout = {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
               "vp_size": len(chunks), "world_size": ps.world_size}
-    changed = any(saved.get(k) != v for k, v in layout.items())
+    changed = (any(saved.get(k) != v for k, v in layout.items())
+               or saved.get("ep_size", 1) != getattr(ps, "ep_size", 1))
     # A weights-only checkpoint (``megalite convert from-hf``) has no rank files: the run starts
     # a fresh optimizer and keeps its own RNG seeding.
     weights_only = bool((meta.get("extra") or {}).get("weights_only"))

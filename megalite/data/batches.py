@@ -8,11 +8,14 @@ therefore sees the same global batch, so the global-batch mean loss is layout-in
 
 A microbatch is a dict of int64 tensors ``[b, ...]`` made from its samples by the model
 family's ``collate`` (:mod:`megalite.families`): GPT's (:func:`gpt_microbatch`) is ``{"tokens":
-[b, s], "labels": [b, s]}``, the ``s + 1`` tokens of a sample shifted by one; datasets whose
+[b, s], "labels": [b, s]}``, the ``s + 1`` tokens of a sample shifted by one (with the
+document flags also ``position_ids``, ``doc_ids``, ``loss_mask`` [b, s]:
+:mod:`megalite.data.documents`); datasets whose
 items are dicts of arrays (BERT, T5) stack each field (:func:`stacked_microbatch`). Each
 pipeline stage keeps only the fields its chunks read (``fields``: the family's
 ``stage_fields``; GPT: the first stage ``tokens``, the last ``labels``, a middle stage nothing,
-so it reads no samples at all), and only those are copied to the device.
+so it reads no samples at all, unless packed documents' fields reach every stage), and only
+those are copied to the device.
 
 Prefetch (``prefetch=True``, the training batches): while the current global batch computes,
 a background thread reads and collates the next one and starts its copy to the device (pinned

@@ -2,9 +2,9 @@
 does not implement as such."""
 from __future__ import annotations
 
-from megalite.megatron_flags.entry import (MegatronFlag, flag, COND, FSDP, KERNELS, LOG_ONLY,
-                                           NOTICE, NO_DATALOADER, NUMERICS, OVERLAP,
-                                           REFUSE, SAME)
+from megalite.megatron_flags.entry import (MegatronFlag, flag, same_reason, COND, FSDP,
+                                           KERNELS, LOG_ONLY, NOTICE, NO_DATALOADER,
+                                           OVERLAP, REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
     ("distributed", [
@@ -20,10 +20,8 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--distributed-timeout-seconds-after-init", NOTICE, None, "megalite keeps "
              "--distributed-timeout-minutes throughout"),
         flag("--no-align-grad-reduce", NOTICE, 0, OVERLAP),
-        flag("--ddp-num-buckets", NOTICE, None, "megalite all-reduces the gradients in its own "
-             "buckets"),
-        flag("--ddp-bucket-size", NOTICE, None, "megalite all-reduces the gradients in its own "
-             "buckets"),
+        *same_reason(NOTICE, None, "megalite all-reduces the gradients in its own buckets",
+                     "--ddp-num-buckets", "--ddp-bucket-size"),
         flag("--ddp-pad-buckets-for-high-nccl-busbw", NOTICE, 0, "megalite all-reduces the "
              "gradients in its own buckets"),
         flag("--ddp-reduce-scatter-with-fp32-accumulation", SAME, 0, "megalite's gradients "
@@ -76,10 +74,9 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--max-seqlen-per-dp-cp-rank", REFUSE, None, "context parallelism is not "
              "implemented"),
         flag("--hybrid-context-parallel", REFUSE, 0, "context parallelism is not implemented"),
-        flag("--expert-model-parallel-size", COND, None, "mixture-of-experts layers are not "
-             "implemented", ["1"]),
-        flag("--expert-tensor-parallel-size", REFUSE, None, "mixture-of-experts layers are not "
-             "implemented"),
+        flag("--expert-tensor-parallel-size", REFUSE, None, "megalite splits every expert "
+             "over the --tensor-model-parallel-size ranks, as the dense MLP (a separate expert "
+             "tensor-parallel size is not implemented)"),
         flag("--account-for-embedding-in-pipeline-split", REFUSE, 0, "use "
              "--pipeline-layer-split (layers per stage) to leave room for the embedding"),
         flag("--account-for-loss-in-pipeline-split", REFUSE, 0, "use --pipeline-layer-split "
@@ -113,12 +110,9 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--no-mmap-bin-files", NOTICE, 0, "megalite always memory-maps the token files"),
         flag("--sample-rate", REFUSE, None, "is not used by GPT pretraining"),
         flag("--num-workers", NOTICE, None, NO_DATALOADER + " (no worker processes)"),
-        flag("--reset-position-ids", REFUSE, 0, NUMERICS),
-        flag("--reset-attention-mask", REFUSE, 0, NUMERICS),
-        flag("--eod-mask-loss", REFUSE, 0, NUMERICS + " (every token counts in megalite's "
-             "loss)"),
         flag("--no-create-attention-mask-in-dataloader", SAME, 0, "megalite never builds "
-             "attention masks: attention is causal"),
+             "attention masks: attention is causal, or follows per-token document ids with "
+             "--reset-attention-mask"),
         flag("--num-dataset-builder-threads", NOTICE, None, "megalite builds the dataset "
              "indices in C++ on rank 0"),
         flag("--object-storage-cache-path", REFUSE, None, "object storage is not "

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from megalite.errors import MegaliteError
 from megalite.inference.kv_cache import cache_offset
 from megalite.model.config import TransformerConfig, padded_vocab_size
+from megalite.model.doc_attention import DocumentMask
 from megalite.model.norms import build_norm
 from megalite.model.transformer import Embedding, TransformerModelBase
 from megalite.parallel.context import ModelContext
@@ -68,7 +70,8 @@ class GPTModel(TransformerModelBase):
         self._materialize(ctx)
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, inputs: Tensor, labels: Tensor | None = None, *, kv_cache=None) -> Tensor:
+    def forward(self, inputs: Tensor, labels: Tensor | None = None, *, kv_cache=None,
+                position_ids: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
         """Run this model (slice).
 
         inputs: token ids [b, s] when ``pre_process``; else the previous stage's hidden states
@@ -85,12 +88,21 @@ class GPTModel(TransformerModelBase):
             chunk): the s tokens sit at absolute positions ``kv_cache.offset ..`` and attend to
             every cached token; their keys/values are appended and the offset advanced by s.
             Not with sequence parallelism.
+        position_ids, doc_ids: packed documents (training; [b, s] int64, the microbatch fields
+            of :mod:`megalite.model.doc_attention`): per-token positions
+            (``--reset-position-ids``), attention inside each document
+            (``--reset-attention-mask``). None: positions 0.. and causal attention.
         """
+        if kv_cache is not None and (position_ids is not None or doc_ids is not None):
+            raise MegaliteError("packed-document fields (position_ids, doc_ids) are for "
+                                "training; generation with a KV cache takes one document a row")
         offset = cache_offset(kv_cache, self.sequence_parallel)
         s = self._seq_of(inputs, "GPTModel")
         self._check_seq(offset + s)
-        x = self.embedding(inputs, offset) if self.pre_process else inputs
-        x = self._run_layers(x, s, offset, kv_cache)
+        x = (self.embedding(inputs, offset, position_ids=position_ids) if self.pre_process
+             else inputs)
+        mask = None if doc_ids is None else DocumentMask(doc_ids)
+        x = self._run_layers(x, s, offset, kv_cache, mask, position_ids)
         if kv_cache is not None:
             kv_cache.advance(s)
         if not self.post_process:
@@ -100,6 +112,9 @@ class GPTModel(TransformerModelBase):
     def forward_microbatch(self, hidden: Tensor | None, microbatch: dict) -> Tensor:
         """The pipeline schedule's call (:mod:`megalite.families`): ``microbatch["tokens"]``
         on the first stage (``hidden`` None), else the previous stage's ``hidden``; with
-        ``microbatch["labels"]`` on the last stage (per-token loss [b, s])."""
+        ``microbatch["labels"]`` on the last stage (per-token loss [b, s]); packed documents'
+        ``position_ids`` and ``doc_ids`` when the microbatch has them (every stage)."""
         inputs = microbatch["tokens"] if hidden is None else hidden
-        return self(inputs, labels=microbatch["labels"] if self.post_process else None)
+        return self(inputs, labels=microbatch["labels"] if self.post_process else None,
+                    position_ids=microbatch.get("position_ids"),
+                    doc_ids=microbatch.get("doc_ids"))

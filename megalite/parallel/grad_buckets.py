@@ -14,7 +14,10 @@ Two kinds of bucket:
   (:mod:`megalite.parallel.grad_sync`): with sequence parallelism the ``sequence_parallel``
   ones (sum over tp), with pp > 1 and tied embeddings the pipeline ends' word-embedding copies
   (sum over the first and last stage). Their dp reduction must come after that sum to keep
-  today's order of additions, so they are reduced in :meth:`finish` and never overlapped.
+  today's order of additions, so they are reduced in :meth:`finish` and never overlapped;
+* *expert* buckets (expert parallelism: the parameters marked ``is_expert``) are summed over
+  ``ps.expert_dp_group`` instead and divided by the full dp size
+  (:func:`~megalite.parallel.grad_sync.allreduce_expert_gradients`'s rule), in :meth:`finish`.
 
 ``--overlap-grad-reduce``: each parameter gets a post-accumulate-grad hook. The schedule calls
 :meth:`arm` for a chunk just before that chunk's last microbatch's backward (so a stage's
@@ -23,7 +26,7 @@ hook counts the bucket's parameters, and a bucket whose last gradient has arrive
 (asynchronous all-reduce) while backward goes on. Buckets always start in bucket order (a ready
 bucket waits for the ones before it), so every data-parallel rank issues the same collectives in
 the same order whatever the timing. :meth:`finish` (before the optimizer step) starts what is
-left, early buckets first and then the deferred ones, and waits for all of them.
+left, early buckets first and then the deferred and expert ones, and waits for all of them.
 
 Without overlap the same buckets are started in :meth:`finish`, in the same order: both paths
 add the same numbers in the same order, so the gradients are bit-identical (tested).
@@ -45,11 +48,21 @@ DEFAULT_BUCKET_BYTES = 25 * 2**20
 class _Bucket:
     """One contiguous slice of the buffer: ``[start, end)``, holding ``params`` (indices)."""
 
-    def __init__(self, start: int, end: int, params: list[int], chunk: int, deferred: bool):
+    def __init__(self, start: int, end: int, params: list[int], chunk: int, kind: str):
         self.start, self.end, self.params = start, end, params
-        self.chunk, self.deferred = chunk, deferred
+        self.chunk, self.kind = chunk, kind              # "early", "deferred" or "expert"
         self.waiting = len(params)          # gradients not yet final in this step
         self.reduction: FlatAllReduce | None = None
+
+
+class _Divide:
+    """The reduction of expert gradients no other rank holds: only the division by dp."""
+
+    def __init__(self, flat: Tensor, divisor: int):
+        self.flat, self.divisor = flat, divisor
+
+    def finish(self) -> None:
+        self.flat.div_(self.divisor)
 
 
 def _chunk_order(model_chunks, params: list[nn.Parameter]) -> list[tuple[int, list[int]]]:
@@ -92,20 +105,26 @@ class GradBuckets:
             else set()
         if ps.tp_size > 1:
             special |= {id(p) for p in params if getattr(p, "sequence_parallel", False)}
+        experts = {id(p) for p in params if getattr(p, "is_expert", False)} \
+            if getattr(ps, "ep_size", 1) > 1 else set()
+
+        def kind_of(p) -> str:
+            return "expert" if id(p) in experts else "deferred" if id(p) in special else "early"
+
         limit = max(1, bucket_bytes // 4)   # elements of fp32
-        early: list[tuple[list[int], int]] = []
-        deferred: list[tuple[list[int], int]] = []
+        plan: dict[str, list[tuple[list[int], int]]] = {"early": [], "deferred": [],
+                                                        "expert": []}
         for chunk, indices in _chunk_order(model_chunks, params):
-            for kind, wanted in ((early, False), (deferred, True)):
+            for kind, runs in plan.items():
                 size = limit   # start a new bucket for each chunk and kind
                 for i in indices:
-                    if (id(params[i]) in special) != wanted:
+                    if kind_of(params[i]) != kind:
                         continue
                     n = params[i].numel()
                     if size + n > limit:
-                        kind.append(([], chunk))
+                        runs.append(([], chunk))
                         size = 0
-                    kind[-1][0].append(i)
+                    runs[-1][0].append(i)
                     size += n
         total = sum(p.numel() for p in params)
         self.buffer = torch.zeros(total, dtype=torch.float32, device=params[0].device)
@@ -114,19 +133,18 @@ class GradBuckets:
         self.buckets: list[_Bucket] = []
         self._bucket_of: list[_Bucket | None] = [None] * len(params)
         offset = 0
-        plan = [(m, c, False) for m, c in early] + [(m, c, True) for m, c in deferred]
-        for members, chunk, is_deferred in plan:
+        for members, chunk, kind in [(m, c, k) for k, runs in plan.items() for m, c in runs]:
             start = offset
             for i in members:
                 n = params[i].numel()
                 self._views[i] = self.buffer[offset:offset + n].view_as(params[i])
                 offset += n
-            bucket = _Bucket(start, offset, members, chunk, is_deferred)
+            bucket = _Bucket(start, offset, members, chunk, kind)
             self.buckets.append(bucket)
-            if not bucket.deferred:
+            if kind == "early":
                 for i in members:
                     self._bucket_of[i] = bucket
-        self.num_early = len(early)
+        self.num_early = len(plan["early"])
         self._armed: set[int] = set()
         self._next = 0                       # the next bucket to start
         self.started_in_backward = 0
@@ -158,8 +176,12 @@ class GradBuckets:
         return hook
 
     def _start(self, bucket: _Bucket) -> None:
-        bucket.reduction = FlatAllReduce([self.buffer[bucket.start:bucket.end]],
-                                         self.ps.dp_group, self.ps.dp_size).start()
+        flat = self.buffer[bucket.start:bucket.end]
+        if bucket.kind == "expert" and self.ps.expert_dp_size == 1:
+            bucket.reduction = _Divide(flat, self.ps.dp_size)   # no other rank holds them
+            return
+        group = self.ps.expert_dp_group if bucket.kind == "expert" else self.ps.dp_group
+        bucket.reduction = FlatAllReduce([flat], group, self.ps.dp_size).start()
 
     def _start_ready(self) -> None:
         # in bucket order only: a ready bucket waits for the ones before it
@@ -176,8 +198,9 @@ class GradBuckets:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Start every bucket not started yet (early ones, then the deferred ones: call after
-        the sequence-parallel and tied-embedding sums), wait for all and average over dp."""
+        """Start every bucket not started yet (early ones, then the deferred and expert ones:
+        call after the sequence-parallel and tied-embedding sums), wait for all and average
+        over dp."""
         for bucket in self.buckets[self._next:]:
             self._start(bucket)
         self._next = len(self.buckets)

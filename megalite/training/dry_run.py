@@ -120,7 +120,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
 
     par, tr, m = config.parallel, config.training, config.model
     layout = rank_layout(world_size, par.tensor_model_parallel_size,
-                         par.pipeline_model_parallel_size)
+                         par.pipeline_model_parallel_size, par.expert_model_parallel_size)
     tp, pp, dp = layout.tp_size, layout.pp_size, layout.dp_size
     m.validate_parallel(tp, m.training_seq_length)
     vp = par.virtual_pipeline_size(m.num_layers)
@@ -144,7 +144,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
         in_flight_layers = chunks * (m.num_layers // (pp * vp))
     stages, total = [], 0
     for p in range(pp):
-        ps = ParallelState.for_shapes(tp, 0, pp, p, dp)
+        ps = ParallelState.for_shapes(tp, 0, pp, p, dp, layout.ep_size)
         with torch.device("meta"):
             chunks = build_model_chunks(m, ModelContext(ps, device="meta"), vp_size=vp,
                                         split=par.pipeline_layer_split)
