@@ -12,7 +12,9 @@ embeddings; LLaMA in bf16: fp32 main_grad accumulation), BERT and T5; ZeRO-1 (De
 the reduction: the flag changes nothing); PP=2 x DP=2 (1F1B and interleaved: buckets start only
 after a stage's last microbatch, the tied-embedding copies' sum over the first and last stage
 before their dp reduction) and TP=2 x DP=2 with sequence parallelism (the sequence-parallel
-sums over tp before the dp reduction).
+sums over tp before the dp reduction); mixture-of-experts layers with expert parallelism
+(EP=2 at dp 2 and EP=2 x DP=2: expert gradients over the expert-data-parallel group after the
+backward pass, dense ones overlapped); packed documents (document masking) through PP=2 x DP=2.
 """
 from __future__ import annotations
 
@@ -98,6 +100,18 @@ def test_dp2_overlap_is_bit_identical(two, config, extra):
     _check(two.run(compare, _argv(config, extra), 1, 1, timeout=600), f"{config} DP=2 {extra}")
 
 
+MOE = ["--num-layers", "2", "--num-experts", "4", "--moe-router-topk", "2",
+       "--moe-ffn-hidden-size", "48", "--moe-aux-loss-coeff", "0.01"]
+DOCS = ["--tokenizer-type", "NullTokenizer", "--reset-position-ids", "--reset-attention-mask",
+        "--eod-mask-loss"]
+
+
+def test_expert_parallel_overlap_is_bit_identical(two):
+    # EP2 at dp 2: each expert on one rank, its gradient only divided by dp
+    argv = _argv("tiny-llama", MOE + ["--expert-model-parallel-size", "2"])
+    _check(two.run(compare, argv, 1, 1, timeout=600), "MoE EP=2")
+
+
 def test_zero1_ignores_the_flag(two):
     results = two.run(compare, _argv("tiny-gpt", ["--zero-stage", "1"]), 1, 1, timeout=600)
     _check(results, "ZeRO-1 DP=2", dp_owned=False)
@@ -108,7 +122,9 @@ def test_pp_and_tp_layouts_overlap_is_bit_identical():
     cases = [("tiny-gpt", 1, 2, []),                     # PP2 x DP2, tied embeddings
              ("tiny-gpt", 1, 2, ["--num-layers-per-virtual-pipeline-stage", "1"]),
              ("tiny-llama", 2, 1, ["--sequence-parallel"]),         # TP2 x DP2 + SP
-             ("tiny-gpt", 2, 1, ["--sequence-parallel", "--bf16"])]
+             ("tiny-gpt", 2, 1, ["--sequence-parallel", "--bf16"]),
+             ("tiny-gpt", 1, 2, DOCS),                   # packed documents through PP
+             ("tiny-llama", 1, 1, MOE + ["--expert-model-parallel-size", "2"])]  # EP2 x DP2
     with DistributedWorkers(4, timeout=1200) as w:
         for config, tp, pp, extra in cases:
             results = w.run(compare, _argv(config, extra), tp, pp, timeout=900)
