@@ -102,6 +102,8 @@ OPTIONS = [
     ("parallelism", "parallel", [
         ("--tensor-model-parallel-size", None, dict(type=int), "tensor-parallel size"),
         ("--pipeline-model-parallel-size", None, dict(type=int), "pipeline stages"),
+        ("--context-parallel-size", None, dict(type=int),
+         "ranks each sequence is split over (context parallelism; GPT only)"),
         ("--sequence-parallel", None, dict(action="store_true"),
          "sequence parallelism inside the tensor-parallel group"),
         ("--num-layers-per-virtual-pipeline-stage", None, dict(type=int),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from megalite.errors import MegaliteError
 from megalite.inference.kv_cache import cache_offset
 from megalite.model.config import TransformerConfig, padded_vocab_size
 from megalite.model.norms import build_norm
@@ -84,13 +85,21 @@ class GPTModel(TransformerModelBase):
         kv_cache: inference only (:class:`megalite.inference.kv_cache.KVCache`, one per model
             chunk): the s tokens sit at absolute positions ``kv_cache.offset ..`` and attend to
             every cached token; their keys/values are appended and the offset advanced by s.
-            Not with sequence parallelism.
+            Not with sequence parallelism or context parallelism.
+
+        Context parallelism (``ps.cp_size > 1``): ``inputs`` and ``labels`` are this rank's two
+        chunks of each sequence ([b, s/cp], :mod:`megalite.parallel.context_parallel`), and so
+        are the returned logits / per-token loss.
         """
         offset = cache_offset(kv_cache, self.sequence_parallel)
         s = self._seq_of(inputs, "GPTModel")
-        self._check_seq(offset + s)
-        x = self.embedding(inputs, offset) if self.pre_process else inputs
-        x = self._run_layers(x, s, offset, kv_cache)
+        if self.ps.cp_size > 1 and kv_cache is not None:
+            raise MegaliteError("generation with --context-parallel-size > 1 is not supported "
+                                "(the KV cache holds whole sequences): generate with CP 1")
+        positions = self._cp_positions(s, inputs.device)   # CP: this rank's chunks
+        self._check_seq(offset + s * self.ps.cp_size)
+        x = self.embedding(inputs, offset, positions=positions) if self.pre_process else inputs
+        x = self._run_layers(x, s, offset, kv_cache, positions=positions)
         if kv_cache is not None:
             kv_cache.advance(s)
         if not self.post_process:

@@ -98,14 +98,18 @@ class Embedding(nn.Module):
         return t[self.ps.tp_rank * local:(self.ps.tp_rank + 1) * local]
 
     def forward(self, input_ids: Tensor, position_offset: int = 0,
-                tokentype_ids: Tensor | None = None) -> Tensor:
+                tokentype_ids: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """``position_offset``: absolute position of ``input_ids[:, 0]`` (tokens already in an
         inference KV cache; 0 in training). ``tokentype_ids`` [b, s]: ids below the table's
-        size (None: type 0 everywhere), used when the embedding has a token-type table."""
+        size (None: type 0 everywhere), used when the embedding has a token-type table.
+        ``positions`` [s]: the tokens' positions when they are not consecutive (context
+        parallelism: this rank's chunks); None: ``position_offset ..``."""
         s = input_ids.shape[1]
         x = self.word_embeddings(input_ids).transpose(0, 1).contiguous()   # [s, b, h]
-        positions = self._local(torch.arange(position_offset, position_offset + s,
-                                             device=input_ids.device))
+        if positions is None:
+            positions = torch.arange(position_offset, position_offset + s,
+                                     device=input_ids.device)
+        positions = self._local(positions)
         if self.sp:
             x = reduce_scatter_to_sequence_parallel_region(x, self.ps)     # [s/tp, b, h]
         if self.config.scale_embedding:
@@ -309,11 +313,16 @@ class TransformerModelBase(ModelChunk):
                                      for i in range(lo, hi)})
 
     def _run_layers(self, x: Tensor, s: int, offset: int = 0, kv_cache=None,
-                    attention_mask: Tensor | None = None) -> Tensor:
+                    attention_mask: Tensor | None = None,
+                    positions: Tensor | None = None) -> Tensor:
         """This chunk's layers over ``x`` [s, b, h] ([s/tp, b, h] with SP) of a sequence of
-        ``s`` tokens at absolute positions ``offset..``; full recompute when configured."""
+        ``s`` tokens at absolute positions ``offset..`` (or ``positions`` [s], e.g. a
+        context-parallel rank's chunks); full recompute when configured."""
         cos = sin = None
-        if self.rotary is not None:
+        if self.rotary is not None and positions is not None:
+            cos, sin = self.rotary(s * self.ps.cp_size, device=x.device)   # the whole sequence
+            cos, sin = cos[positions], sin[positions]
+        elif self.rotary is not None:
             cos, sin = self.rotary(offset + s, device=x.device)
             cos, sin = cos[offset:], sin[offset:]             # the angles of positions offset..
         full_recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
@@ -334,6 +343,15 @@ class TransformerModelBase(ModelChunk):
                                     f"{tuple(inputs.shape)}")
             return inputs.shape[1]
         return inputs.shape[0] * (self.ps.tp_size if self.sequence_parallel else 1)
+
+    def _cp_positions(self, s: int, device) -> Tensor | None:
+        """Context parallelism: the global positions [s] of this rank's ``s`` tokens (its two
+        chunks of a sequence of ``s * cp``); None without it."""
+        if self.ps.cp_size == 1:
+            return None
+        from megalite.parallel.context_parallel import local_indices
+
+        return local_indices(s * self.ps.cp_size, self.ps.cp_size, self.ps.cp_rank, device)
 
     def _check_seq(self, s: int) -> None:
         if s > self.config.max_position_embeddings:

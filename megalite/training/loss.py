@@ -51,13 +51,15 @@ class GPTLoss:
         """Mean over all microbatches of all DP ranks of the values ``reported`` by this step's
         schedule (non-empty on the last pipeline stage only); every rank gets it. One
         all-reduce over the world (only the last stage's tp_rank 0 ranks contribute) and one
-        host sync; ``device``: where this rank's collectives run."""
+        host sync; ``device``: where this rank's collectives run. With context parallelism
+        each CP rank reports the mean over its equal share of the tokens, so their mean is
+        the microbatch's (each token counted once)."""
         total = torch.zeros(1, dtype=torch.float64, device=device)
         if reported and ps.tp_rank == 0:
             total += torch.stack([l.double() for l in reported]).sum()
         if ps.world_size > 1:
             dist.all_reduce(total)
-        return float(total.item()) / (self.num_microbatches * ps.dp_size)
+        return float(total.item()) / (self.num_microbatches * ps.dp_size * ps.cp_size)
 
 
 def masked_token_mean(per_token: Tensor, loss_mask: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ from megalite.families import family_of
 from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
+from megalite.parallel.context_parallel import local_collate
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
@@ -76,12 +78,15 @@ class Trainer:
         if ps is None:
             if dist.is_available() and dist.is_initialized():
                 ps = ParallelState.build(par.tensor_model_parallel_size,
-                                         par.pipeline_model_parallel_size)
+                                         par.pipeline_model_parallel_size,
+                                         par.context_parallel_size)
             else:
-                if par.tensor_model_parallel_size * par.pipeline_model_parallel_size != 1:
+                if par.tensor_model_parallel_size * par.pipeline_model_parallel_size \
+                        * par.context_parallel_size != 1:
                     raise MegaliteError(
-                        "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1 need "
-                        "several processes: start with torchrun, srun or mpirun")
+                        "--tensor-model-parallel-size/--pipeline-model-parallel-size/"
+                        "--context-parallel-size > 1 need several processes: start with "
+                        "torchrun, srun or mpirun")
                 ps = ParallelState.single()
         self.ps = ps
         self.family = family_of(config.model)   # model, loss, batches, data, FLOPs
@@ -135,11 +140,15 @@ class Trainer:
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
+        # context parallelism: each CP rank keeps only its chunks of every sequence
+        collate = self.family.collate if ps.cp_size == 1 else \
+            partial(local_collate, self.family.collate, self.seq_length, ps)
+
         def iterator(ds):
             if ds is None:
                 return None
             return BatchIterator(ds, g, tr.micro_batch_size, ps.dp_size, ps.dp_rank,
-                                 device=self.device, collate=self.family.collate)
+                                 device=self.device, collate=collate)
         return tuple(iterator(ds) for ds in datasets)
 
     # ---- one step --------------------------------------------------------------------------
@@ -151,7 +160,7 @@ class Trainer:
                                       1.0 if forward_only else self.optimizer.loss_scale)
         return loss, forward_backward(
             self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
-            seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
+            seq_length=self.seq_length // self.ps.cp_size, micro_batch_size=self.config.training.micro_batch_size,
             dtype=self.dtype, forward_only=forward_only,
             backward_fn=None if forward_only else self.optimizer.backward)
 
