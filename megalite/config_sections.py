@@ -237,6 +237,15 @@ class DataConfig:
     """T5 data: the sentinel tokens ``<extra_id_0>`` ... appended to the WordPiece vocabulary
     (after [BOS] and [EOS]) for the masked spans (Megatron-LM's --vocab-extra-ids; its T5
     runs use 100)."""
+    reset_position_ids: bool = False
+    """GPT: positions restart at 0 after each end-of-document token of a packed sample
+    (Megatron-LM's --reset-position-ids)."""
+    reset_attention_mask: bool = False
+    """GPT: a token attends only to the earlier tokens of its own document of the sample
+    (Megatron-LM's --reset-attention-mask)."""
+    eod_mask_loss: bool = False
+    """GPT: no loss where the input token is the end-of-document token, i.e. on predicting
+    the next document's first token (Megatron-LM's --eod-mask-loss)."""
 
     def __post_init__(self) -> None:
         from megalite.data.blended import BLEND_RULES, parse_data_path

@@ -203,6 +203,12 @@ OPTIONS = [
          "random shorter length"),
         ("--vocab-extra-ids", None, dict(type=int), "T5: sentinel tokens <extra_id_N> appended "
          "to the WordPiece vocabulary for the masked spans (Megatron-LM's T5 runs: 100)"),
+        ("--reset-position-ids", None, dict(action="store_true"),
+         "GPT: positions restart at 0 after each end-of-document token of a sample"),
+        ("--reset-attention-mask", None, dict(action="store_true"),
+         "GPT: attention stays inside each document of a sample (block-causal)"),
+        ("--eod-mask-loss", None, dict(action="store_true"),
+         "GPT: no loss on predicting the token after an end-of-document token"),
     ]),
     ("training and logging", "training", [
         ("--micro-batch-size", None, dict(type=int), "sequences per microbatch per DP rank"),

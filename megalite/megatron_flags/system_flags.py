@@ -3,7 +3,7 @@ does not implement as such."""
 from __future__ import annotations
 
 from megalite.megatron_flags.entry import (MegatronFlag, flag, COND, FSDP, KERNELS, LOG_ONLY,
-                                           NOTICE, NO_DATALOADER, NUMERICS, OVERLAP,
+                                           NOTICE, NO_DATALOADER, OVERLAP,
                                            REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
@@ -113,12 +113,9 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--no-mmap-bin-files", NOTICE, 0, "megalite always memory-maps the token files"),
         flag("--sample-rate", REFUSE, None, "is not used by GPT pretraining"),
         flag("--num-workers", NOTICE, None, NO_DATALOADER + " (no worker processes)"),
-        flag("--reset-position-ids", REFUSE, 0, NUMERICS),
-        flag("--reset-attention-mask", REFUSE, 0, NUMERICS),
-        flag("--eod-mask-loss", REFUSE, 0, NUMERICS + " (every token counts in megalite's "
-             "loss)"),
         flag("--no-create-attention-mask-in-dataloader", SAME, 0, "megalite never builds "
-             "attention masks: attention is causal"),
+             "attention masks: attention is causal, or follows per-token document ids with "
+             "--reset-attention-mask"),
         flag("--num-dataset-builder-threads", NOTICE, None, "megalite builds the dataset "
              "indices in C++ on rank 0"),
         flag("--object-storage-cache-path", REFUSE, None, "object storage is not "

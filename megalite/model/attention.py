@@ -22,7 +22,8 @@ with no mask for one new token (decode), and with an offset causal mask otherwis
 keys arrive already rotated at their absolute positions, so cached keys never change.
 
 Masks. Without a mask the self-attention is causal (``is_causal``, SDPA's fast path) or
-unmasked; a mask, broadcastable to [b, a/tp, q, k], is either bool (True = attend: BERT's key
+unmasked; a :class:`~megalite.model.doc_attention.DocumentMask` (``--reset-attention-mask``)
+keeps each query inside its own document of a packed sample; a tensor mask, broadcastable to [b, a/tp, q, k], is either bool (True = attend: BERT's key
 padding) or an additive float tensor (0 where a key is seen, the dtype's most negative value
 where it is not, plus T5's position bias), built by the model and already holding the causal
 part when there is one. Scores are scaled by ``config.softmax_scale`` (None:
@@ -52,9 +53,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalite.model.config import TransformerConfig
+from megalite.model.doc_attention import DocumentMask
 from megalite.model.positions import apply_rotary
 from megalite.parallel.context import ModelContext
-from megalite.parallel.context_parallel import ring_attention
+from megalite.parallel.context_parallel import RingDocuments, ring_attention
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megalite.parallel.random import checkpoint
 
@@ -83,8 +85,9 @@ class _HeadsMixin:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Training/eval attention (selective recompute when asked) -> [b, a/tp, q, d]."""
-        if self.cp_ps is not None and self.causal and mask is None:
-            return ring_attention(q, k, v, self.cp_ps, self.scale)
+        if self.cp_ps is not None and self.causal and (mask is None
+                                                        or isinstance(mask, RingDocuments)):
+            return ring_attention(q, k, v, self.cp_ps, self.scale, docs=mask)
         if self.selective_recompute and torch.is_grad_enabled():
             if mask is None:
                 return checkpoint(self.core, self.rng_tracker, q, k, v)
@@ -98,6 +101,8 @@ class _HeadsMixin:
         p = self.dropout if self.training else 0.0
         ctx = self.rng_tracker.fork() if p > 0 else contextlib.nullcontext()
         with ctx:
+            if isinstance(mask, DocumentMask):        # packed documents (doc_attention.py)
+                return mask.attend(q, k, v, self.scale, p)
             return self._sdpa(q, k, v, mask, self.causal, p)
 
     def _output(self, ctx: Tensor) -> Tensor:

@@ -98,27 +98,29 @@ class Embedding(nn.Module):
         return t[self.ps.tp_rank * local:(self.ps.tp_rank + 1) * local]
 
     def forward(self, input_ids: Tensor, position_offset: int = 0,
-                tokentype_ids: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+                tokentype_ids: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
         """``position_offset``: absolute position of ``input_ids[:, 0]`` (tokens already in an
         inference KV cache; 0 in training). ``tokentype_ids`` [b, s]: ids below the table's
         size (None: type 0 everywhere), used when the embedding has a token-type table.
-        ``positions`` [s]: the tokens' positions when they are not consecutive (context
-        parallelism: this rank's chunks); None: ``position_offset ..``."""
+        ``position_ids`` [b, s]: per-token positions instead (packed documents,
+        :mod:`megalite.model.doc_attention`)."""
         s = input_ids.shape[1]
         x = self.word_embeddings(input_ids).transpose(0, 1).contiguous()   # [s, b, h]
-        if positions is None:
-            positions = torch.arange(position_offset, position_offset + s,
-                                     device=input_ids.device)
-        positions = self._local(positions)
+        if position_ids is None:
+            positions = self._local(torch.arange(position_offset, position_offset + s,
+                                                 device=input_ids.device))[:, None]  # [s, 1]
+        else:
+            positions = self._local(position_ids.t())                          # [s, b]
         if self.sp:
             x = reduce_scatter_to_sequence_parallel_region(x, self.ps)     # [s/tp, b, h]
         if self.config.scale_embedding:
             x = x * math.sqrt(self.config.hidden_size)
         kind = self.config.position_embedding_type
         if kind == "learned_absolute":
-            x = x + self.position_embeddings(positions)[:, None, :]
+            x = x + self.position_embeddings(positions)
         elif kind == "sinusoidal":
-            x = x + self.sinusoidal.table[positions][:, None, :].to(x.dtype)
+            x = x + self.sinusoidal.table[positions].to(x.dtype)
         if hasattr(self, "tokentype_embeddings"):
             if tokentype_ids is None:
                 tokentype_ids = torch.zeros_like(input_ids)
@@ -313,15 +315,13 @@ class TransformerModelBase(ModelChunk):
                                      for i in range(lo, hi)})
 
     def _run_layers(self, x: Tensor, s: int, offset: int = 0, kv_cache=None,
-                    attention_mask: Tensor | None = None,
-                    positions: Tensor | None = None) -> Tensor:
+                    attention_mask=None, position_ids: Tensor | None = None) -> Tensor:
         """This chunk's layers over ``x`` [s, b, h] ([s/tp, b, h] with SP) of a sequence of
-        ``s`` tokens at absolute positions ``offset..`` (or ``positions`` [s], e.g. a
-        context-parallel rank's chunks); full recompute when configured."""
+        ``s`` tokens at absolute positions ``offset..`` (or at ``position_ids`` [b, s]: packed
+        documents); full recompute when configured."""
         cos = sin = None
-        if self.rotary is not None and positions is not None:
-            cos, sin = self.rotary(s * self.ps.cp_size, device=x.device)   # the whole sequence
-            cos, sin = cos[positions], sin[positions]
+        if self.rotary is not None and position_ids is not None:
+            cos, sin = self.rotary.at(position_ids)
         elif self.rotary is not None:
             cos, sin = self.rotary(offset + s, device=x.device)
             cos, sin = cos[offset:], sin[offset:]             # the angles of positions offset..

@@ -26,6 +26,20 @@ the gradient of its keys/values accumulating as it travels; one last shift bring
 gradient home. A block's backward is the flash-attention one with the merged output and
 log-sum-exp (exact: softmax rows over all keys), so nothing of size ``s x s`` is ever kept.
 
+Packed documents (``--reset-attention-mask``, :mod:`megalite.model.doc_attention`): the
+microbatch's ``doc_ids`` are sliced like the tokens; :class:`RingDocuments` all-gathers them
+over the CP group once per microbatch, so every rank knows the documents and positions of the
+block it holds at each ring step. A step whose block holds no key that one of this rank's
+queries may see (another document, or only later tokens) is skipped, not computed and masked;
+the others run :func:`~megalite.model.doc_attention.document_attention` with its log-sum-exp,
+merge the same way, and backward recomputes the block under autograd: with the merged
+``out``/``lse`` and the block's weight ``w = exp(lse_b - lse)``, the block's output receives
+``w dout`` and its log-sum-exp ``w (dout . out_b - dout . out)``.
+
+The loss with ``--eod-mask-loss``: each CP rank divides its masked sum by its share of the
+microbatch's whole count (``loss_denominator``, set by :func:`local_microbatch`), so the mean
+over the CP ranks is Megatron's per-microbatch ``sum(loss mask) / sum(mask)``.
+
 Gradients: every CP rank computes the gradient of the loss of its own tokens (through the
 other ranks' keys/values too); the weights are replicated over CP, so their gradients are
 averaged over the CP group (each rank's loss is the mean over the same number of tokens) before
@@ -41,9 +55,10 @@ from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
+from megalite.model.doc_attention import document_attention, document_runs
 
 __all__ = ["local_indices", "local_microbatch", "local_collate", "ring_attention",
-           "check_context_parallel"]
+           "RingDocuments", "check_context_parallel"]
 
 
 def local_indices(seq_length: int, cp_size: int, cp_rank: int, device=None) -> Tensor:
@@ -63,13 +78,18 @@ def local_microbatch(batch: dict[str, Tensor], seq_length: int, ps: ParallelStat
                      ) -> dict[str, Tensor]:
     """This CP rank's part of a microbatch: every field of shape [b, seq_length] (tokens,
     labels, per-token document fields) sliced to [b, seq_length/cp] at :func:`local_indices`;
-    other fields as they are. The identity when cp == 1."""
+    other fields as they are. With a ``loss_mask``, also ``loss_denominator`` [b] float32:
+    the sample's count of loss tokens over the whole sequence / cp (its share; module doc).
+    The identity when cp == 1."""
     if ps.cp_size == 1:
         return batch
     idx = local_indices(seq_length, ps.cp_size, ps.cp_rank)
-    return {k: (v.index_select(1, idx.to(v.device)).contiguous()
-                if v.dim() == 2 and v.shape[1] == seq_length else v)
-            for k, v in batch.items()}
+    out = {k: (v.index_select(1, idx.to(v.device)).contiguous()
+               if v.dim() == 2 and v.shape[1] == seq_length else v)
+           for k, v in batch.items()}
+    if "loss_mask" in batch:
+        out["loss_denominator"] = batch["loss_mask"].float().sum(1) / ps.cp_size
+    return out
 
 
 def local_collate(collate, seq_length: int, ps: ParallelState, samples: list
@@ -164,20 +184,113 @@ def _plan(step: int, ps: ParallelState, c: int) -> tuple[slice, slice, bool] | N
 
 def _merge(out: Tensor, lse: Tensor, rows: slice, out_b: Tensor, lse_b: Tensor) -> None:
     """Online-softmax merge of a block's (out_b, lse_b) into rows ``rows`` of the running
-    (out fp32, lse fp32), in place."""
+    (out fp32, lse fp32), in place; rows with no key so far and none in the block (lse -inf
+    on both sides, possible with documents) stay 0 / -inf."""
     old = lse[:, :, rows]
     new = torch.logaddexp(old, lse_b)
-    out[:, :, rows] = (out[:, :, rows] * torch.exp(old - new)[..., None]
-                       + out_b.float() * torch.exp(lse_b - new)[..., None])
+    none = torch.isneginf(new)
+    keep = torch.where(none, 0.0, torch.exp(old - new))
+    take = torch.where(none, 0.0, torch.exp(lse_b - new))
+    out[:, :, rows] = out[:, :, rows] * keep[..., None] + out_b.float() * take[..., None]
     lse[:, :, rows] = new
 
 
+class RingDocuments:
+    """The documents of one microbatch under context parallelism, for :func:`ring_attention`
+    (passed as the attention's ``attention_mask``, like
+    :class:`~megalite.model.doc_attention.DocumentMask` without CP).
+
+    ``doc_ids`` [b, n]: this rank's slice (its two chunks) of the microbatch's ``doc_ids``;
+    the constructor all-gathers them over ``ps.cp_group`` (collective) and finds which ring
+    steps hold keys this rank's queries may see."""
+
+    def __init__(self, doc_ids: Tensor, ps: ParallelState):
+        b, n = doc_ids.shape
+        cp, device = ps.cp_size, doc_ids.device
+        parts = [torch.empty_like(doc_ids) for _ in range(cp)]
+        dist.all_gather(parts, doc_ids.contiguous(), group=ps.cp_group)
+        self.doc_ids = parts                                                # by CP rank
+        self.pos = [local_indices(n * cp, cp, r, device).expand(b, n) for r in range(cp)]
+        self.rank = ps.cp_rank
+        mine = _spans(document_runs(self.doc_ids[ps.cp_rank], self.pos[ps.cp_rank]))
+        self.visible = []    # by source rank: does any query of this rank see a key of it
+        for r in range(cp):
+            theirs = _spans(document_runs(self.doc_ids[r], self.pos[r]))
+            self.visible.append(any(
+                doc in theirs[i] and theirs[i][doc][0] <= last
+                for i, row in enumerate(mine) for doc, (_, last) in row.items()))
+
+    def keys(self, source: int) -> tuple[Tensor, Tensor]:
+        """(doc_ids, seq positions) [b, n] of the tokens of CP rank ``source``."""
+        return self.doc_ids[source], self.pos[source]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, source: int, scale: float
+               ) -> tuple[Tensor, Tensor]:
+        """This rank's queries q [b, a, n, d] over the keys/values [b, g, n, d] of CP rank
+        ``source`` under the document rule -> (out, lse fp32), differentiable."""
+        k_doc, k_pos = self.keys(source)
+        return document_attention(q, k, v, self.doc_ids[self.rank], k_doc,
+                                  self.pos[self.rank], k_pos, scale, return_lse=True)
+
+
+def _spans(runs) -> list[dict[int, tuple[int, int]]]:
+    """Per sample: document -> (first, last) sequence position among the runs."""
+    out = []
+    for row in runs:
+        spans: dict[int, tuple[int, int]] = {}
+        for doc, p0, _, m in row:
+            lo, hi = spans.get(doc, (p0, p0 + m - 1))
+            spans[doc] = (min(lo, p0), max(hi, p0 + m - 1))
+        out.append(spans)
+    return out
+
+
+def _step_forward(step: int, q: Tensor, kv: Tensor, ps: ParallelState, scale: float,
+                  docs: RingDocuments | None):
+    """(query rows, out_b, lse_b) of ring step ``step``, or None for a skipped step."""
+    src = (ps.cp_rank - step) % ps.cp_size
+    if docs is not None:
+        if not docs.visible[src]:
+            return None
+        with torch.no_grad():
+            o_b, l_b = docs.attend(q, kv[0], kv[1], src, scale)
+        return slice(None), o_b, l_b
+    rows, keys, causal = _plan(step, ps, q.shape[2] // 2)
+    o_b, l_b = _block_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], causal,
+                              scale)
+    return rows, o_b, l_b
+
+
+def _step_backward(step: int, dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor,
+                   ps: ParallelState, scale: float, docs: RingDocuments | None):
+    """(query rows, key rows, dq_b, dk_b, dv_b) of ring step ``step``, or None if skipped."""
+    src = (ps.cp_rank - step) % ps.cp_size
+    if docs is None:
+        rows, keys, causal = _plan(step, ps, q.shape[2] // 2)
+        return (rows, keys) + _block_backward(
+            dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
+            out[:, :, rows], lse[:, :, rows], causal, scale)
+    if not docs.visible[src]:
+        return None
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, kv[0], kv[1])]
+        o_b, l_b = docs.attend(*inputs, src, scale)
+        w = torch.where(torch.isneginf(l_b), 0.0, torch.exp(l_b - lse))
+        do = dout.float()
+        grad_o = (w[..., None] * do).to(o_b.dtype)
+        grad_l = w * ((do * o_b.detach().float()).sum(-1) - (do * out.float()).sum(-1))
+        grads = torch.autograd.grad((o_b, l_b), inputs, (grad_o, grad_l), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return (slice(None), slice(None), *grads)
+
+
 class _RingAttention(torch.autograd.Function):
-    """softmax(scale q k^T, causal over the global positions) v for this rank's two chunks."""
+    """softmax(scale q k^T, causal over the global positions, or the document rule) v for
+    this rank's two chunks."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ps: ParallelState, scale: float):
-        c = q.shape[2] // 2
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ps: ParallelState, scale: float,
+                docs: RingDocuments | None):
         kv = torch.stack([k, v]).contiguous()                  # travels as one tensor
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
@@ -185,23 +298,21 @@ class _RingAttention(torch.autograd.Function):
             works = []
             if step + 1 < ps.cp_size:
                 nxt, works = _shift(kv, ps)                    # overlaps this step's block
-            rows, keys, causal = _plan(step, ps, c)
-            o_b, l_b = _block_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-                                      causal, scale)
-            _merge(out, lse, rows, o_b, l_b)
+            block = _step_forward(step, q, kv, ps, scale, docs)
+            if block is not None:
+                _merge(out, lse, *block)
             if works:
                 _wait(works)
                 kv = nxt
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ps, ctx.scale = ps, scale
+        ctx.ps, ctx.scale, ctx.docs = ps, scale, docs
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        ps, scale = ctx.ps, ctx.scale
-        c = q.shape[2] // 2
+        ps = ctx.ps
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
@@ -210,37 +321,36 @@ class _RingAttention(torch.autograd.Function):
             works = []
             if step + 1 < ps.cp_size:
                 nxt, works = _shift(kv, ps)
-            rows, keys, causal = _plan(step, ps, c)
-            dq_b, dk_b, dv_b = _block_backward(
-                dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-                out[:, :, rows], lse[:, :, rows], causal, scale)
-            dq[:, :, rows] += dq_b.float()
-            dkv[0][:, :, keys] += dk_b.float()
-            dkv[1][:, :, keys] += dv_b.float()
+            block = _step_backward(step, dout, q, kv, out, lse, ps, ctx.scale, ctx.docs)
+            if block is not None:
+                rows, keys, dq_b, dk_b, dv_b = block
+                dq[:, :, rows] += dq_b.float()
+                dkv[0][:, :, keys] += dk_b.float()
+                dkv[1][:, :, keys] += dv_b.float()
             if works:
                 _wait(works)
                 kv = nxt
             # the gradient travels with its block: one shift per step, the last brings it home
-            if ps.cp_size > 1:
-                dkv_next, dworks = _shift(dkv, ps)
-                _wait(dworks)
-                dkv = dkv_next
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+            dkv_next, dworks = _shift(dkv, ps)
+            _wait(dworks)
+            dkv = dkv_next
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, ps: ParallelState,
-                   scale: float | None = None) -> Tensor:
+                   scale: float | None = None, docs: RingDocuments | None = None) -> Tensor:
     """Causal attention of this CP rank's queries over the whole sequence's keys/values.
 
     q [b, a, 2c, d], k and v [b, g, 2c, d] (g divides a: grouped-query attention; query head
     j reads group j // (a/g)): this rank's two chunks (:func:`local_indices`) in that order.
-    ``scale``: of the scores (None: 1/sqrt(d)). Returns [b, a, 2c, d] in q's dtype. Collective
-    over ``ps.cp_group`` (every CP rank calls it at the same point)."""
+    ``scale``: of the scores (None: 1/sqrt(d)). ``docs``: packed documents (a query sees
+    only earlier keys of its own document), None: plain causal. Returns [b, a, 2c, d] in q's
+    dtype. Collective over ``ps.cp_group`` (every CP rank calls it at the same point)."""
     if q.shape[2] % 2:
         raise MegaliteError(f"ring attention needs two equal chunks per rank, got "
                             f"{q.shape[2]} tokens")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q, k, v, ps, scale)
+    return _RingAttention.apply(q, k, v, ps, scale, docs)
 
 
 def check_context_parallel(config) -> None:

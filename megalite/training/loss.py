@@ -5,7 +5,8 @@ vocab-parallel, :mod:`megalite.parallel.cross_entropy`). Everything after that i
 per step, which the pipeline schedule calls once per microbatch
 (:class:`~megalite.parallel.pipeline.schedules.MicrobatchLoss`):
 
-* the reduction over the microbatch's tokens (GPT pretraining: the mean, every token counts);
+* the reduction over the microbatch's tokens (GPT pretraining: the mean, every token counts;
+  with ``--eod-mask-loss`` the mean over the microbatch's ``loss_mask``);
 * what is backpropagated: that mean divided by the number of microbatches (gradients
   accumulate over them into the global-batch mean) and multiplied by the loss scale (fp16);
 * what is reported: the unscaled mean, detached; :meth:`GPTLoss.global_mean` turns the
@@ -42,8 +43,17 @@ class GPTLoss:
 
     def __call__(self, per_token_loss: Tensor, microbatch: dict) -> tuple[Tensor, Tensor]:
         """``per_token_loss`` ``[b, s]`` -> (mean * loss_scale / num_microbatches, the mean
-        detached); both fp32 scalars. ``microbatch`` is unused (no loss mask in GPT)."""
-        loss = per_token_loss.float().mean()
+        detached); both fp32 scalars. The mean is over every token, or over those where the
+        microbatch's ``loss_mask`` [b, s] is 1 when it has one (``--eod-mask-loss``:
+        Megatron-LM's per-microbatch sum(loss * mask) / sum(mask))."""
+        if "loss_denominator" in microbatch:    # context parallelism: this rank's share
+            masked = (per_token_loss.float() * microbatch["loss_mask"].float()).sum()
+            # (no loss token at all: the sum is 0, any positive divisor gives masked_token_mean's 0)
+            loss = masked / microbatch["loss_denominator"].sum().clamp(min=1e-6)
+        elif "loss_mask" in microbatch:
+            loss = masked_token_mean(per_token_loss, microbatch["loss_mask"])
+        else:
+            loss = per_token_loss.float().mean()
         return loss * (self.loss_scale / self.num_microbatches), loss.detach()
 
     def global_mean(self, reported: list[Tensor], ps: ParallelState,

@@ -140,9 +140,9 @@ class Trainer:
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
-        # context parallelism: each CP rank keeps only its chunks of every sequence
-        collate = self.family.collate if ps.cp_size == 1 else \
-            partial(local_collate, self.family.collate, self.seq_length, ps)
+        collate = self.family.collate_for(cfg)
+        if ps.cp_size > 1:   # context parallelism: each CP rank keeps only its chunks
+            collate = partial(local_collate, collate, self.seq_length, ps)
 
         def iterator(ds):
             if ds is None:

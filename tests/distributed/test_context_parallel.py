@@ -26,13 +26,28 @@ def test_local_indices_balanced():
         local_indices(10, 2, 0)
 
 
-def _ring_vs_full(cp: int, heads: int, groups: int) -> dict:
+def _doc_ids(kind: str | None, b: int, s: int, cp: int) -> torch.Tensor | None:
+    """Packed documents [b, s]: None (plain causal), "chunks" (every load-balancing chunk its
+    own document: no query sees another rank's keys, every ring step but the first is
+    skipped) or "random" (boundaries anywhere, some spanning ranks)."""
+    if kind is None:
+        return None
+    if kind == "chunks":
+        return (torch.arange(s) // (s // (2 * cp))).expand(b, s).clone()
+    gen = torch.Generator().manual_seed(11)
+    eod = torch.rand(b, s, generator=gen) < 0.15
+    return torch.cumsum(eod.long(), dim=1) - eod.long()
+
+
+def _ring_vs_full(cp: int, heads: int, groups: int, docs: str | None = None) -> dict:
     """On every rank of a CP group (the whole world): this rank's ring attention output and
-    gradients next to the same rows of one-process attention over the full sequence."""
+    gradients next to the same rows of one-process attention over the full sequence (causal,
+    or inside each document: megalite.model.doc_attention's attention as the reference)."""
     import torch.nn.functional as F
 
     from megalite.distributed.parallel_state import ParallelState
-    from megalite.parallel.context_parallel import ring_attention
+    from megalite.model.doc_attention import document_attention
+    from megalite.parallel.context_parallel import RingDocuments, ring_attention
 
     ps = ParallelState.build(context_parallel_size=cp)
     b, s, d = 2, 8 * cp, 8
@@ -41,14 +56,21 @@ def _ring_vs_full(cp: int, heads: int, groups: int) -> dict:
     k = torch.randn(b, groups, s, d, generator=gen, requires_grad=True)
     v = torch.randn(b, groups, s, d, generator=gen, requires_grad=True)
     dout = torch.randn(b, heads, s, d, generator=gen)
-    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3,
-                                          enable_gqa=heads != groups)
+    doc_ids = _doc_ids(docs, b, s, cp)
+    if doc_ids is None:
+        full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3,
+                                              enable_gqa=heads != groups)
+    else:
+        pos = torch.arange(s).expand(b, s)
+        full = document_attention(q, k, v, doc_ids, doc_ids, pos, pos, 0.3)
     full.backward(dout)
     idx = local_indices(s, cp, ps.cp_rank)
     ql, kl, vl = (t.detach()[:, :, idx].clone().requires_grad_() for t in (q, k, v))
-    out = ring_attention(ql, kl, vl, ps, scale=0.3)
+    ring_docs = None if doc_ids is None else RingDocuments(doc_ids[:, idx], ps)
+    out = ring_attention(ql, kl, vl, ps, scale=0.3, docs=ring_docs)
     out.backward(dout[:, :, idx])
-    return {"out": (out - full.detach()[:, :, idx]).abs().max().item(),
+    return {"visible": None if ring_docs is None else ring_docs.visible,
+            "out": (out - full.detach()[:, :, idx]).abs().max().item(),
             "dq": (ql.grad - q.grad[:, :, idx]).abs().max().item(),
             "dk": (kl.grad - k.grad[:, :, idx]).abs().max().item(),
             "dv": (vl.grad - v.grad[:, :, idx]).abs().max().item(),
@@ -59,8 +81,15 @@ def _ring_vs_full(cp: int, heads: int, groups: int) -> dict:
 def test_ring_attention_equals_full_attention():
     for world in (2, 4):
         with DistributedWorkers(world) as workers:
-            for heads, groups in ((4, 4), (4, 2)):
-                for rank, errs in enumerate(workers.run(_ring_vs_full, world, heads, groups)):
+            for heads, groups, docs in ((4, 4, None), (4, 2, None), (4, 2, "random"),
+                                        (4, 4, "chunks")):
+                results = workers.run(_ring_vs_full, world, heads, groups, docs)
+                for rank, errs in enumerate(results):
                     assert errs["scale"] > 1e-2                 # the gradients are not all zero
                     for name in ("out", "dq", "dk", "dv"):
-                        assert errs[name] < 1e-5, (world, heads, groups, rank, name, errs)
+                        assert errs[name] < 1e-5, (world, heads, groups, docs, rank, name, errs)
+                if docs == "chunks":    # only the own block is visible: the others skipped
+                    assert all(sum(r["visible"]) == 1 for r in results)
+                    assert all(r["visible"][rank] for rank, r in enumerate(results))
+                if docs == "random":    # some blocks of other ranks are seen
+                    assert any(sum(r["visible"]) > 1 for r in results)

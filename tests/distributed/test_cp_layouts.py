@@ -11,6 +11,11 @@ and CP=2 with ZeRO-1 give the single-process run's global-batch loss at every it
 * iterations 2..10 within 1e-4 relative: AdamW's 1/sqrt(v) magnifies the ~1e-7 relative
   gradient differences of near-zero entries (the bound of every layout test).
 
+Each layout runs with and without document masking (``--reset-position-ids
+--reset-attention-mask --eod-mask-loss``: the ring attends inside each document and skips the
+blocks of other documents, the loss divides by the whole sequence's count of loss tokens),
+against the single process with the same flags.
+
 Both recipes run: classic (learned absolute positions, which CP must take at the tokens'
 global indices, tied embeddings) and LLaMA (RoPE at the global positions, GQA: 4 query heads
 over 2 key/value groups travel the ring as 2 groups). Each world size runs all its layouts in
@@ -21,7 +26,7 @@ from __future__ import annotations
 import pytest
 
 from layout_common import check_curve, layout_results
-from test_layouts import ITERS, RECIPES, _argv
+from test_layouts import DOC_FLAGS, ITERS, RECIPES, _argv
 
 # (tp, pp, cp, extra flags) by world size; dp = world / (tp * pp * cp).
 LAYOUTS = {
@@ -30,9 +35,14 @@ LAYOUTS = {
 }
 
 
-def _cp_argv(recipe: str, data, tp: int, pp: int, cp: int, extra: list[str]) -> list[str]:
+VARIANTS = {"causal": [], "documents": DOC_FLAGS}
+
+
+def _cp_argv(recipe: str, variant: str, data, tp: int, pp: int, cp: int,
+             extra: list[str]) -> list[str]:
     prefix, sp = data
-    return _argv(recipe, prefix, sp, tp, pp, ["--context-parallel-size", str(cp)] + extra)
+    return _argv(recipe, prefix, sp, tp, pp,
+                 ["--context-parallel-size", str(cp)] + VARIANTS[variant] + extra)
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +52,23 @@ def data(corpus_token_dataset, sp_model):
 
 @pytest.fixture(scope="module")
 def reference(data):
-    """Single-process fp32 loss curves of both recipes."""
-    curves = layout_results(1, [_cp_argv(r, data, 1, 1, 1, []) for r in RECIPES], timeout=600)
-    return dict(zip(RECIPES, curves))
+    """Single-process fp32 loss curves of both recipes, with and without documents."""
+    keys = [(r, v) for r in RECIPES for v in VARIANTS]
+    curves = layout_results(1, [_cp_argv(r, v, data, 1, 1, 1, []) for r, v in keys],
+                            timeout=600)
+    return dict(zip(keys, curves))
 
 
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_cp_layouts_match_single_process(world, data, reference):
-    cases = [(recipe, *layout) for recipe in RECIPES for layout in LAYOUTS[world]]
-    curves = layout_results(world, [_cp_argv(*case[:1], data, *case[1:]) for case in cases],
+    for recipe in RECIPES:       # the samples do hold several documents
+        assert reference[recipe, "causal"] != reference[recipe, "documents"], recipe
+    cases = [(recipe, variant, *layout) for recipe in RECIPES for variant in VARIANTS
+             for layout in LAYOUTS[world]]
+    curves = layout_results(world, [_cp_argv(*case[:2], data, *case[2:]) for case in cases],
                             timeout=1200)
-    for (recipe, tp, pp, cp, extra), curve in zip(cases, curves):
-        what = (f"{recipe} CP={cp} TP={tp} PP={pp} DP={world // (tp * pp * cp)} "
+    for (recipe, variant, tp, pp, cp, extra), curve in zip(cases, curves):
+        what = (f"{recipe} {variant} CP={cp} TP={tp} PP={pp} DP={world // (tp * pp * cp)} "
                 f"{' '.join(extra)}")
-        check_curve(curve, reference[recipe], ITERS, what)
+        check_curve(curve, reference[recipe, variant], ITERS, what)
