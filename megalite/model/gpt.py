@@ -102,11 +102,11 @@ class GPTModel(TransformerModelBase):
         if kv_cache is not None and (position_ids is not None or doc_ids is not None):
             raise MegaliteError("packed-document fields (position_ids, doc_ids) are for "
                                 "training; generation with a KV cache takes one document a row")
-        offset = cache_offset(kv_cache, self.sequence_parallel)
-        s = self._seq_of(inputs, "GPTModel")
         if self.ps.cp_size > 1 and kv_cache is not None:
             raise MegaliteError("generation with --context-parallel-size > 1 is not supported "
                                 "(the KV cache holds whole sequences): generate with CP 1")
+        offset = cache_offset(kv_cache, self.sequence_parallel)
+        s = self._seq_of(inputs, "GPTModel")
         if self.ps.cp_size > 1 and position_ids is None:     # the chunks' global positions
             b = inputs.shape[0] if self.pre_process else inputs.shape[1]
             position_ids = self._cp_positions(s, inputs.device).expand(b, s)

@@ -100,11 +100,17 @@ def local_collate(collate, seq_length: int, ps: ParallelState, samples: list
 
 
 # ---- one block of attention: (out, lse) and its backward -------------------------------------
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool,
-                   scale: float) -> tuple[Tensor, Tensor]:
+def _use_flash(q: Tensor, kernel: str | None) -> bool:
+    """torch's CPU flash kernel (no [n, m] scores kept, GQA native) on CPU; elsewhere (or
+    ``kernel="math"``, for tests) the explicit fp32 math below."""
+    return kernel == "flash" or (kernel is None and q.device.type == "cpu")
+
+
+def _block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                   kernel: str | None = None) -> tuple[Tensor, Tensor]:
     """q [b, a, n, d], k/v [b, g, m, d] -> (out [b, a, n, d] in q's dtype, lse [b, a, n]
     fp32); ``causal``: n == m, query i sees keys <= i."""
-    if q.device.type == "cpu":   # torch's CPU flash kernel: no [n, m] scores kept, GQA native
+    if _use_flash(q, kernel):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
         return out, lse
@@ -120,11 +126,12 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool,
 
 
 def _block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                    causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                    causal: bool, scale: float, kernel: str | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of one block given the *merged* output and log-sum-exp of its
     query rows (the flash-attention backward: P = exp(scale q k^T - lse),
     dS = P (dP - rowsum(dout out)))."""
-    if q.device.type == "cpu":
+    if _use_flash(q, kernel):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale)
         return dq, dk, dv
