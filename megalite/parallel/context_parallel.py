@@ -31,10 +31,8 @@ microbatch's ``doc_ids`` are sliced like the tokens; :class:`RingDocuments` all-
 over the CP group once per microbatch, so every rank knows the documents and positions of the
 block it holds at each ring step. A step whose block holds no key that one of this rank's
 queries may see (another document, or only later tokens) is skipped, not computed and masked;
-the others run :func:`~megalite.model.doc_attention.document_attention` with its log-sum-exp,
-merge the same way, and backward recomputes the block under autograd: with the merged
-``out``/``lse`` and the block's weight ``w = exp(lse_b - lse)``, the block's output receives
-``w dout`` and its log-sum-exp ``w (dout . out_b - dout . out)``.
+in the others only the pairs of runs of one document are computed (each causal or unmasked,
+by the same flash kernel and merge as plain causal steps; :class:`RingDocuments`).
 
 The loss with ``--eod-mask-loss``: each CP rank divides its masked sum by its share of the
 microbatch's whole count (``loss_denominator``, set by :func:`local_microbatch`), so the mean
@@ -55,7 +53,7 @@ from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
-from megalite.model.doc_attention import document_attention, document_runs
+from megalite.model.doc_attention import document_runs
 
 __all__ = ["local_indices", "local_microbatch", "local_collate", "ring_attention",
            "RingDocuments", "check_context_parallel"]
@@ -189,17 +187,15 @@ def _plan(step: int, ps: ParallelState, c: int) -> tuple[slice, slice, bool] | N
     return slice(c, 2 * c), slice(0, 2 * c), False
 
 
-def _merge(out: Tensor, lse: Tensor, rows: slice, out_b: Tensor, lse_b: Tensor) -> None:
-    """Online-softmax merge of a block's (out_b, lse_b) into rows ``rows`` of the running
-    (out fp32, lse fp32), in place; rows with no key so far and none in the block (lse -inf
-    on both sides, possible with documents) stay 0 / -inf."""
-    old = lse[:, :, rows]
+def _merge(out: Tensor, lse: Tensor, index: tuple, out_b: Tensor, lse_b: Tensor) -> None:
+    """Online-softmax merge of a block's (out_b, lse_b) into the rows ``index`` (samples,
+    heads, positions) of the running (out fp32, lse fp32), in place; rows with no key so far
+    keep nothing of their 0 / -inf start."""
+    old = lse[index]
     new = torch.logaddexp(old, lse_b)
-    none = torch.isneginf(new)
-    keep = torch.where(none, 0.0, torch.exp(old - new))
-    take = torch.where(none, 0.0, torch.exp(lse_b - new))
-    out[:, :, rows] = out[:, :, rows] * keep[..., None] + out_b.float() * take[..., None]
-    lse[:, :, rows] = new
+    keep = torch.where(torch.isneginf(old), 0.0, torch.exp(old - new))
+    out[index] = out[index] * keep[..., None] + out_b.float() * torch.exp(lse_b - new)[..., None]
+    lse[index] = new
 
 
 class RingDocuments:
@@ -208,87 +204,81 @@ class RingDocuments:
     :class:`~megalite.model.doc_attention.DocumentMask` without CP).
 
     ``doc_ids`` [b, n]: this rank's slice (its two chunks) of the microbatch's ``doc_ids``;
-    the constructor all-gathers them over ``ps.cp_group`` (collective) and finds which ring
-    steps hold keys this rank's queries may see."""
+    the constructor all-gathers them over ``ps.cp_group`` (collective) and plans, per ring
+    step, the blocks to compute: for each run of this rank's queries of one document
+    (:func:`~megalite.model.doc_attention.document_runs`), each run of the same document
+    among the step's keys that is not after it. With load-balanced chunks such a pair is
+    either the same run (causal) or a key run wholly before the query run (no mask), so
+    every block runs the flash kernel as a plain causal ring step does; a step with no block
+    is skipped."""
 
     def __init__(self, doc_ids: Tensor, ps: ParallelState):
         b, n = doc_ids.shape
         cp, device = ps.cp_size, doc_ids.device
         parts = [torch.empty_like(doc_ids) for _ in range(cp)]
         dist.all_gather(parts, doc_ids.contiguous(), group=ps.cp_group)
-        self.doc_ids = parts                                                # by CP rank
-        self.pos = [local_indices(n * cp, cp, r, device).expand(b, n) for r in range(cp)]
-        self.rank = ps.cp_rank
-        mine = _spans(document_runs(self.doc_ids[ps.cp_rank], self.pos[ps.cp_rank]))
-        self.visible = []    # by source rank: does any query of this rank see a key of it
-        for r in range(cp):
-            theirs = _spans(document_runs(self.doc_ids[r], self.pos[r]))
-            self.visible.append(any(
-                doc in theirs[i] and theirs[i][doc][0] <= last
-                for i, row in enumerate(mine) for doc, (_, last) in row.items()))
+        pos = [local_indices(n * cp, cp, r, device).expand(b, n) for r in range(cp)]
+        mine = document_runs(parts[ps.cp_rank], pos[ps.cp_rank])
+        # by source rank: [(sample, query rows, key rows, causal)]
+        self.blocks = [_blocks(mine, document_runs(parts[r], pos[r]), r == ps.cp_rank)
+                       for r in range(cp)]
 
-    def keys(self, source: int) -> tuple[Tensor, Tensor]:
-        """(doc_ids, seq positions) [b, n] of the tokens of CP rank ``source``."""
-        return self.doc_ids[source], self.pos[source]
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, source: int, scale: float
-               ) -> tuple[Tensor, Tensor]:
-        """This rank's queries q [b, a, n, d] over the keys/values [b, g, n, d] of CP rank
-        ``source`` under the document rule -> (out, lse fp32), differentiable."""
-        k_doc, k_pos = self.keys(source)
-        return document_attention(q, k, v, self.doc_ids[self.rank], k_doc,
-                                  self.pos[self.rank], k_pos, scale, return_lse=True)
+    @property
+    def visible(self) -> list[bool]:
+        """By source CP rank: whether any query of this rank sees a key it holds."""
+        return [bool(blocks) for blocks in self.blocks]
 
 
-def _spans(runs) -> list[dict[int, tuple[int, int]]]:
-    """Per sample: document -> (first, last) sequence position among the runs."""
+def _blocks(q_runs, k_runs, own: bool) -> list[tuple[int, slice, slice, bool]]:
+    """(sample, query rows, key rows, causal) of every visible pair of runs (class doc)."""
     out = []
-    for row in runs:
-        spans: dict[int, tuple[int, int]] = {}
-        for doc, p0, _, m in row:
-            lo, hi = spans.get(doc, (p0, p0 + m - 1))
-            spans[doc] = (min(lo, p0), max(hi, p0 + m - 1))
-        out.append(spans)
+    for bi, (qs, ks) in enumerate(zip(q_runs, k_runs)):
+        for doc, p0, r0, n in qs:
+            for kdoc, kp0, c0, m in ks:
+                if kdoc != doc or kp0 > p0 + n - 1:
+                    continue                                   # another document, or later
+                causal = own and kp0 == p0
+                if not causal and kp0 + m - 1 >= p0:           # cannot happen (class doc)
+                    raise MegaliteError("context parallelism: a key run overlaps a query run")
+                out.append((bi, slice(r0, r0 + n), slice(c0, c0 + m), causal))
     return out
 
 
 def _step_forward(step: int, q: Tensor, kv: Tensor, ps: ParallelState, scale: float,
-                  docs: RingDocuments | None):
-    """(query rows, out_b, lse_b) of ring step ``step``, or None for a skipped step."""
-    src = (ps.cp_rank - step) % ps.cp_size
-    if docs is not None:
-        if not docs.visible[src]:
-            return None
-        with torch.no_grad():
-            o_b, l_b = docs.attend(q, kv[0], kv[1], src, scale)
-        return slice(None), o_b, l_b
-    rows, keys, causal = _plan(step, ps, q.shape[2] // 2)
-    o_b, l_b = _block_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], causal,
-                              scale)
-    return rows, o_b, l_b
-
-
-def _step_backward(step: int, dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor,
-                   ps: ParallelState, scale: float, docs: RingDocuments | None):
-    """(query rows, key rows, dq_b, dk_b, dv_b) of ring step ``step``, or None if skipped."""
+                  docs: RingDocuments | None) -> list:
+    """[(index of the query rows, out_b, lse_b)] of ring step ``step`` (empty: skipped)."""
     src = (ps.cp_rank - step) % ps.cp_size
     if docs is None:
         rows, keys, causal = _plan(step, ps, q.shape[2] // 2)
-        return (rows, keys) + _block_backward(
-            dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-            out[:, :, rows], lse[:, :, rows], causal, scale)
-    if not docs.visible[src]:
-        return None
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (q, kv[0], kv[1])]
-        o_b, l_b = docs.attend(*inputs, src, scale)
-        w = torch.where(torch.isneginf(l_b), 0.0, torch.exp(l_b - lse))
-        do = dout.float()
-        grad_o = (w[..., None] * do).to(o_b.dtype)
-        grad_l = w * ((do * o_b.detach().float()).sum(-1) - (do * out.float()).sum(-1))
-        grads = torch.autograd.grad((o_b, l_b), inputs, (grad_o, grad_l), allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
-    return (slice(None), slice(None), *grads)
+        plan = [(slice(None), rows, keys, causal)]
+    else:
+        plan = docs.blocks[src]
+    out = []
+    for bi, rows, keys, causal in plan:
+        bsel = bi if isinstance(bi, slice) else slice(bi, bi + 1)
+        o_b, l_b = _block_forward(q[bsel, :, rows], kv[0][bsel, :, keys], kv[1][bsel, :, keys],
+                                  causal, scale)
+        out.append(((bsel, slice(None), rows), o_b, l_b))
+    return out
+
+
+def _step_backward(step: int, dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor,
+                   ps: ParallelState, scale: float, docs: RingDocuments | None) -> list:
+    """[(index of the query rows, index of the key rows, dq_b, dk_b, dv_b)] of ring step
+    ``step`` (empty: skipped)."""
+    src = (ps.cp_rank - step) % ps.cp_size
+    if docs is None:
+        rows, keys, causal = _plan(step, ps, q.shape[2] // 2)
+        plan = [(slice(None), rows, keys, causal)]
+    else:
+        plan = docs.blocks[src]
+    grads = []
+    for bi, rows, keys, causal in plan:
+        bsel = bi if isinstance(bi, slice) else slice(bi, bi + 1)
+        qi, ki = (bsel, slice(None), rows), (bsel, slice(None), keys)
+        grads.append((qi, ki) + _block_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki],
+                                                out[qi], lse[qi], causal, scale))
+    return grads
 
 
 class _RingAttention(torch.autograd.Function):
@@ -305,8 +295,7 @@ class _RingAttention(torch.autograd.Function):
             works = []
             if step + 1 < ps.cp_size:
                 nxt, works = _shift(kv, ps)                    # overlaps this step's block
-            block = _step_forward(step, q, kv, ps, scale, docs)
-            if block is not None:
+            for block in _step_forward(step, q, kv, ps, scale, docs):
                 _merge(out, lse, *block)
             if works:
                 _wait(works)
@@ -328,12 +317,11 @@ class _RingAttention(torch.autograd.Function):
             works = []
             if step + 1 < ps.cp_size:
                 nxt, works = _shift(kv, ps)
-            block = _step_backward(step, dout, q, kv, out, lse, ps, ctx.scale, ctx.docs)
-            if block is not None:
-                rows, keys, dq_b, dk_b, dv_b = block
-                dq[:, :, rows] += dq_b.float()
-                dkv[0][:, :, keys] += dk_b.float()
-                dkv[1][:, :, keys] += dv_b.float()
+            for qi, ki, dq_b, dk_b, dv_b in _step_backward(step, dout, q, kv, out, lse, ps,
+                                                           ctx.scale, ctx.docs):
+                dq[qi] += dq_b.float()
+                dkv[0][ki] += dk_b.float()
+                dkv[1][ki] += dv_b.float()
             if works:
                 _wait(works)
                 kv = nxt

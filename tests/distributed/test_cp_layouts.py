@@ -11,6 +11,10 @@ and CP=2 with ZeRO-1 give the single-process run's global-batch loss at every it
 * iterations 2..10 within 1e-4 relative: AdamW's 1/sqrt(v) magnifies the ~1e-7 relative
   gradient differences of near-zero entries (the bound of every layout test).
 
+CP=2 also runs with full activation recompute (the ring runs again in the recomputed forward),
+CP=2 x PP=2 interleaved (2 virtual stages), and in bf16 (must train and stay within 3e-2 of
+the fp32 curve, GPT's bf16 bound).
+
 Each layout runs with and without document masking (``--reset-position-ids
 --reset-attention-mask --eod-mask-loss``: the ring attends inside each document and skips the
 blocks of other documents, the loss divides by the whole sequence's count of loss tokens),
@@ -25,14 +29,17 @@ from __future__ import annotations
 
 import pytest
 
-from layout_common import check_curve, layout_results
+from layout_common import check_bf16, check_curve, layout_results
 from test_layouts import DOC_FLAGS, ITERS, RECIPES, _argv
 
 # (tp, pp, cp, extra flags) by world size; dp = world / (tp * pp * cp).
 LAYOUTS = {
-    2: [(1, 1, 2, []), (1, 1, 2, ["--zero-stage", "1"])],
-    4: [(1, 1, 4, []), (2, 1, 2, ["--sequence-parallel"]), (1, 2, 2, []), (1, 1, 2, [])],
+    2: [(1, 1, 2, []), (1, 1, 2, ["--zero-stage", "1"]),
+        (1, 1, 2, ["--recompute-granularity", "full"])],
+    4: [(1, 1, 4, []), (2, 1, 2, ["--sequence-parallel"]), (1, 2, 2, []), (1, 1, 2, []),
+        (1, 2, 2, ["--num-layers-per-virtual-pipeline-stage", "1"])],       # interleaved
 }
+BF16_REL = 3e-2   # bf16 against the fp32 curve: test_layouts.py's bound and its reason
 
 
 VARIANTS = {"causal": [], "documents": DOC_FLAGS}
@@ -66,8 +73,11 @@ def test_cp_layouts_match_single_process(world, data, reference):
         assert reference[recipe, "causal"] != reference[recipe, "documents"], recipe
     cases = [(recipe, variant, *layout) for recipe in RECIPES for variant in VARIANTS
              for layout in LAYOUTS[world]]
-    curves = layout_results(world, [_cp_argv(*case[:2], data, *case[2:]) for case in cases],
-                            timeout=1200)
+    bf16 = [(recipe, "causal", 1, 1, 2, ["--bf16"]) for recipe in RECIPES] if world == 2 else []
+    curves = layout_results(world, [_cp_argv(*case[:2], data, *case[2:])
+                                    for case in cases + bf16], timeout=1200)
+    for (recipe, *_), curve in zip(bf16, curves[len(cases):]):
+        check_bf16(curve, reference[recipe, "causal"], BF16_REL, f"{recipe} CP=2 bf16")
     for (recipe, variant, tp, pp, cp, extra), curve in zip(cases, curves):
         what = (f"{recipe} {variant} CP={cp} TP={tp} PP={pp} DP={world // (tp * pp * cp)} "
                 f"{' '.join(extra)}")
