@@ -11,6 +11,8 @@ lengths (uniform in [--min-doc, --max-doc], seeded), for:
 * ``dense_mask``: SDPA with a dense [1, 1, s, s] bool mask built from the document ids;
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask from the document ids,
   compiled with ``torch.compile`` (its CPU path needs it); the compile time is reported apart.
+  torch has no FlexAttention backward on CPU, so it is timed with ``--forward-only`` (every
+  kernel then runs its forward pass only, without gradients).
 
 Each (kernel, length) runs in a fresh subprocess so its memory figure is its own:
 ``peak_extra_mib`` is the peak anonymous resident memory (sampled every 2 ms) during the timed
@@ -85,7 +87,8 @@ def _one(args) -> dict:
     s, a, g, d = args.seq[0], args.heads, args.groups, args.dim
     doc, ndocs = _doc_ids(s, args.min_doc, args.max_doc, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    q, k, v = (torch.randn(1, n, s, d, generator=gen).requires_grad_() for n in (a, g, g))
+    q, k, v = (torch.randn(1, n, s, d, generator=gen).requires_grad_(not args.forward_only)
+               for n in (a, g, g))
     gqa = a != g
     compile_s = None
     if args.one == "causal":
@@ -112,21 +115,28 @@ def _one(args) -> dict:
         def fn():
             block = create_block_mask(mask_mod, None, None, s, s, device="cpu")
             return flex(q, k, v, block_mask=block, enable_gqa=gqa)
+    def step():
+        if args.forward_only:
+            with torch.no_grad():
+                fn()
+        else:
+            q.grad = k.grad = v.grad = None
+            fn().sum().backward()
+    if args.one == "flex":
         t0 = time.perf_counter()
-        fn().sum().backward()
+        step()
         compile_s = time.perf_counter() - t0
-    fn().sum().backward()                                      # warm-up
+    step()                                                     # warm-up
     base = _anon_mib()
     peak = _Peak()
     times = []
     for _ in range(args.iters):
-        q.grad = k.grad = v.grad = None
         t0 = time.perf_counter()
-        fn().sum().backward()
+        step()
         times.append(time.perf_counter() - t0)
     extra = peak.stop() - base
     out = dict(kernel=args.one, seq=s, heads=a, groups=g, dim=d, documents=ndocs,
-               threads=args.threads, time_ms=round(statistics.median(times) * 1e3, 2),
+               threads=args.threads, forward_only=args.forward_only, time_ms=round(statistics.median(times) * 1e3, 2),
                peak_extra_mib=round(extra, 1))
     if compile_s is not None:
         out["compile_s"] = round(compile_s, 1)
@@ -147,6 +157,9 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     p.add_argument("--dense-max-seq", type=int, default=8192,
                    help="skip dense_mask above this length (its [s, s] mask and scores)")
+    p.add_argument("--forward-only", action="store_true",
+                   help="time the forward pass only, without gradients (FlexAttention has no "
+                   "backward on CPU)")
     p.add_argument("--one", choices=KERNELS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -166,6 +179,7 @@ def main() -> None:
             for name in ("heads", "groups", "dim", "min_doc", "max_doc", "iters", "threads",
                          "seed"):
                 argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            argv += ["--forward-only"] if args.forward_only else []
             run = subprocess.run(argv, capture_output=True, text=True, env=env)
             if run.returncode:
                 print(json.dumps(dict(kernel=kernel, seq=s, failed=run.stderr.strip()[-300:])))
