@@ -146,6 +146,8 @@ OPTIONS = [
         ("--expert-model-parallel-size", None, dict(type=int),
          "ranks the experts of each MoE layer are split over, out of the data-parallel ranks "
          "(tokens travel to their experts by all-to-all)"),
+        ("--context-parallel-size", None, dict(type=int),
+         "ranks each sequence is split over (context parallelism; GPT only)"),
         ("--sequence-parallel", None, dict(action="store_true"),
          "sequence parallelism inside the tensor-parallel group"),
         ("--num-layers-per-virtual-pipeline-stage", None, dict(type=int),

@@ -349,6 +349,15 @@ class TransformerModelBase(ModelChunk):
             return inputs.shape[1]
         return inputs.shape[0] * (self.ps.tp_size if self.sequence_parallel else 1)
 
+    def _cp_positions(self, s: int, device) -> Tensor | None:
+        """Context parallelism: the global positions [s] of this rank's ``s`` tokens (its two
+        chunks of a sequence of ``s * cp``); None without it."""
+        if self.ps.cp_size == 1:
+            return None
+        from megalite.parallel.context_parallel import local_indices
+
+        return local_indices(s * self.ps.cp_size, self.ps.cp_size, self.ps.cp_rank, device)
+
     def _check_seq(self, s: int) -> None:
         if s > self.config.max_position_embeddings:
             raise MegaliteError(f"sequence length {s} exceeds max_position_embeddings="

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from megalite.model.moe import set_aux_loss_scale
 from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
+from megalite.parallel.context_parallel import local_collate
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
@@ -79,13 +81,14 @@ class Trainer:
             if dist.is_available() and dist.is_initialized():
                 ps = ParallelState.build(par.tensor_model_parallel_size,
                                          par.pipeline_model_parallel_size,
+                                         par.context_parallel_size,
                                          par.expert_model_parallel_size)
             else:
                 if (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-                        * par.expert_model_parallel_size != 1):
+                        * par.context_parallel_size * par.expert_model_parallel_size != 1):
                     raise MegaliteError(
                         "--tensor-model-parallel-size/--pipeline-model-parallel-size/"
-                        "--expert-model-parallel-size > 1 need "
+                        "--context-parallel-size/--expert-model-parallel-size > 1 need "
                         "several processes: start with torchrun, srun or mpirun")
                 ps = ParallelState.single()
         self.ps = ps
@@ -143,6 +146,8 @@ class Trainer:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
         collate = self.family.collate_for(cfg)
+        if ps.cp_size > 1:   # context parallelism: each CP rank keeps only its chunks
+            collate = partial(local_collate, collate, self.seq_length, ps)
 
         def iterator(ds):
             if ds is None:
@@ -162,7 +167,7 @@ class Trainer:
             set_aux_loss_scale(self.optimizer.loss_scale / self.num_microbatches)
         return loss, forward_backward(
             self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
-            seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
+            seq_length=self.seq_length // self.ps.cp_size, micro_batch_size=self.config.training.micro_batch_size,
             dtype=self.dtype, forward_only=forward_only,
             backward_fn=None if forward_only else self.optimizer.backward)
 
