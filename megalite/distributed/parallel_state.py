@@ -157,10 +157,13 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
     embedding_groups = (tuple((r(t, d, 0, c), r(t, d, pp - 1, c)) for t, c, d in every)
                         if pp > 1 else ())
     # dp index d = e_dp * ep + e: ep inner (consecutive), expert-dp outer (Megatron's order)
-    ep_groups = tuple(tuple(r(t, x * ep + e, p) for e in range(ep))
-                      for p in range(pp) for t in range(tp) for x in range(dp // ep))
-    expert_dp_groups = tuple(tuple(r(t, x * ep + e, p) for x in range(dp // ep))
-                             for p in range(pp) for t in range(tp) for e in range(ep))
+    # (over every cp rank too: with cp > 1, ep is 1 and these are the singletons / dp groups)
+    ep_groups = tuple(tuple(r(t, x * ep + e, p, c) for e in range(ep))
+                      for p in range(pp) for c in range(cp) for t in range(tp)
+                      for x in range(dp // ep))
+    expert_dp_groups = tuple(tuple(r(t, x * ep + e, p, c) for x in range(dp // ep))
+                             for p in range(pp) for c in range(cp) for t in range(tp)
+                             for e in range(ep))
     return RankLayout(world_size, tp, pp, dp, tp_groups, dp_groups, pp_groups, mp_groups,
                       embedding_groups, cp, cp_groups, ep, ep_groups, expert_dp_groups)
 
