@@ -50,7 +50,7 @@ from megalite.model.config import TransformerConfig
 from megalite.model.positions import apply_rotary
 from megalite.parallel.context import ModelContext
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megalite.parallel.random import checkpoint
+from megalite.parallel.random import checkpoint, eager
 
 
 class _HeadsMixin:
@@ -76,10 +76,13 @@ class _HeadsMixin:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Training/eval attention (selective recompute when asked) -> [b, a/tp, q, d]."""
+        # eager (a graph break under --compile): recompute and dropout replay RNG states
         if self.selective_recompute and torch.is_grad_enabled():
             if mask is None:
-                return checkpoint(self.core, self.rng_tracker, q, k, v)
-            return checkpoint(self.core, self.rng_tracker, q, k, v, mask)
+                return eager(checkpoint, self.core, self.rng_tracker, q, k, v)
+            return eager(checkpoint, self.core, self.rng_tracker, q, k, v, mask)
+        if self.training and self.dropout > 0:
+            return eager(self.core, q, k, v, mask)
         return self.core(q, k, v, mask)
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
