@@ -163,6 +163,7 @@ def run_recipe(args, recipe: str, peak: float) -> dict:
                           eps=m.layernorm_epsilon, rope_base=m.rotary_base)
     model = BaselineGPT(bcfg)
     model.load_state_dict(from_megalite_state_dict(chunk.full_state_dict(), bcfg), strict=True)
+    model.to(trainer.device)   # a GPU when there is one, as megalite's
     o = config.optim
     base = BaselineLoop(model, trainer.train_data.dataset, micro=args.micro_batch,
                         global_batch=args.global_batch, lr=o.lr, min_lr=o.min_lr,
