@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--recipe both] [--layers 4] [--hidden 256] [--heads 8]
         [--groups 4] [--vocab 8192] [--seq 256] [--micro-batch 4] [--global-batch 4]
-        [--warmup 3] [--steps 12] [--threads 2] [--profile N]
+        [--warmup 3] [--steps 12] [--threads 2] [--profile N] [--compile]
 
 For each recipe (``llama``: RoPE, RMSNorm, SwiGLU, GQA, no biases, untied; ``classic``: learned
 positions, LayerNorm, GELU, biases, tied) it builds
@@ -30,7 +30,16 @@ all of them (fp32 re-association only: measured ~1e-7 to 2e-7 over 23 steps; the
 what the benchmark checks and reports as ``losses_agree``). ``--profile N`` then profiles N
 more steps of each and prints, per operator, self CPU ms per step of both and the difference.
 
-Prints one JSON object. Not a test: no assertion on time.
+``--compile`` adds a third loop, megalite with ``--compile`` (a second Trainer from the same
+flags: the same weights and batches), timed and profiled in the same interleaved rounds; its
+first warmup step compiles. The JSON then has ``compiled_vs_baseline`` and
+``compiled_vs_eager`` (step time ratios: below 1 the compiled step is faster), its losses
+against the baseline's, and with ``--profile`` the self CPU ms per step of each loop by kind
+(GEMM, attention, inductor's fused kernels, the remaining aten elementwise ops, optimizer,
+autograd bookkeeping); inductor's kernels are named after the ops they fuse
+(``cpp_fused_add_mean_mul_pow_rsqrt``: a residual add and an RMSNorm).
+
+Prints one JSON object (the trainer's own lines go to stderr). Not a test: no assertion on time.
 """
 from __future__ import annotations
 
