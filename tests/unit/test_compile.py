@@ -10,9 +10,10 @@ the hidden states and the attention probabilities) and every layer is recomputed
 eagerly under --compile, so the masks, and the recompute's replay of them, are the eager ones;
 a compiled mask would differ completely and miss these bounds by orders of magnitude.
 
-Compiling costs tens of seconds to minutes on the shared 2-core machine (measured: ~100 s for
-this test with a cold inductor cache, ~20 s with a warm one, /tmp/torchinductor_$USER): one
-model, four iterations. The TP2+SP and PP2 layouts: tests/distributed/test_compile_layouts.py.
+Compiling costs tens of seconds to minutes on the shared 2-core machine (this test, cold
+inductor cache in /tmp/torchinductor_$USER: 456 s wall at a load of ~25, 44 s of CPU in the
+test process; the C++ builds run in inductor's worker processes): one model, four
+iterations. The TP2+SP and PP2 layouts: tests/distributed/test_compile_layouts.py.
 """
 from __future__ import annotations
 
