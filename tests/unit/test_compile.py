@@ -12,8 +12,8 @@ a compiled mask would differ completely and miss these bounds by orders of magni
 
 Compiling costs tens of seconds to minutes on the shared 2-core machine (this test, cold
 inductor cache in /tmp/torchinductor_$USER: 456 s wall at a load of ~25, 44 s of CPU in the
-test process; the C++ builds run in inductor's worker processes): one model, four
-iterations. The TP2+SP and PP2 layouts: tests/distributed/test_compile_layouts.py.
+test process, the C++ builds run in inductor's worker processes; warm: 34 s at a load of ~14):
+one model, four iterations. The TP2+SP and PP2 layouts: tests/distributed/test_compile_layouts.py.
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from megalite.training.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 ITERS = 4
-ARGV = ["--config", str(CONFIGS / "tiny-llama.yaml"), "--mock-data", "--num-layers", "2", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--seq-length", "32", "--train-iters", str(ITERS),
-        "--lr", "2e-3", "--lr-warmup-iters", "1", "--eval-iters", "0", "--log-interval", "100",
-        "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
-        "--recompute-granularity", "full"]
+ARGV = ["--config", str(CONFIGS / "tiny-llama.yaml"), "--mock-data", "--num-layers", "2",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32",
+        "--train-iters", str(ITERS), "--lr", "2e-3", "--lr-warmup-iters", "1",
+        "--eval-iters", "0", "--log-interval", "100", "--hidden-dropout", "0.1",
+        "--attention-dropout", "0.1", "--recompute-granularity", "full"]
 
 
 def _run(argv: list[str]) -> tuple[list[float], list[float]]:
