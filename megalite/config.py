@@ -118,7 +118,25 @@ class TrainConfig:
         elif per is None and L % pp:
             bad("parallel", "pipeline_model_parallel_size", f"--num-layers {L} is not "
                 f"divisible by {pp} (or give --pipeline-layer-split)")
+        self._validate_experts()
         self._validate_schedule()
+
+    def _validate_experts(self) -> None:
+        """--expert-model-parallel-size needs MoE layers whose experts it divides (the data-
+        parallel size it must also divide is only known at start-up: rank_layout checks it)."""
+        ep = self.parallel.expert_model_parallel_size
+        experts = getattr(self.model, "num_experts", None)
+        if ep > 1 and not experts:
+            bad("parallel", "expert_model_parallel_size", f"{ep} needs mixture-of-experts "
+                f"layers (--num-experts)")
+        if experts and experts % ep:
+            bad("parallel", "expert_model_parallel_size", f"{ep} does not divide --num-experts "
+                f"{experts}")
+        if ep > 1 and self.parallel.zero_stage == 3:
+            bad("parallel", "zero_stage", f"3 with --expert-model-parallel-size {ep} is not "
+                f"supported (ZeRO-3 would partition each rank's different experts as one "
+                f"parameter over the data-parallel group); use --zero-stage 1 or 2 with expert "
+                f"parallelism")
 
     def _validate_schedule(self) -> None:
         """Iteration-based or sample-based, as Megatron-LM: the learning-rate lengths in the

@@ -45,6 +45,9 @@ def coerce(value, tp, section: str, name: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        if lists and isinstance(value, (list, tuple)):   # e.g. int | list[int]
+            return coerce(value, lists[0], section, name)
         return coerce(value, inner[0], section, name)
     want = getattr(tp, "__name__", str(tp))
     if origin is list:

@@ -21,12 +21,19 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 # ---- the sections -------------------------------------------------------------------------------
 @dataclass
 class ParallelConfig:
-    """How the model and the batch are split over the ranks (data-parallel size = world / (tp*pp))."""
+    """How the model and the batch are split over the ranks (data-parallel size = world /
+    (tp*cp*pp))."""
 
     tensor_model_parallel_size: int = 1
     """Ranks each layer's weights are split over (heads, MLP width, vocabulary)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline stages the layers are split over."""
+    expert_model_parallel_size: int = 1
+    """Ranks each MoE layer's experts are split over, carved out of the data-parallel ranks
+    (must divide the data-parallel size and --num-experts)."""
+    context_parallel_size: int = 1
+    """Ranks each sequence is split over (load-balanced chunks, ring attention; GPT only):
+    activation memory per rank falls as 1/cp (megalite.parallel.context_parallel)."""
     sequence_parallel: bool = False
     """Split norms/dropout activations along the sequence over the TP ranks (the model's
     TransformerConfig.sequence_parallel is derived from this field)."""
@@ -45,7 +52,8 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "parallel")
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size", "context_parallel_size"):
             at_least(self, "parallel", name, 1)
         at_least(self, "parallel", "distributed_timeout_minutes", 0, strict=True)
         at_least(self, "parallel", "num_layers_per_virtual_pipeline_stage", 1, optional=True)
@@ -232,6 +240,15 @@ class DataConfig:
     """T5 data: the sentinel tokens ``<extra_id_0>`` ... appended to the WordPiece vocabulary
     (after [BOS] and [EOS]) for the masked spans (Megatron-LM's --vocab-extra-ids; its T5
     runs use 100)."""
+    reset_position_ids: bool = False
+    """GPT: positions restart at 0 after each end-of-document token of a packed sample
+    (Megatron-LM's --reset-position-ids)."""
+    reset_attention_mask: bool = False
+    """GPT: a token attends only to the earlier tokens of its own document of the sample
+    (Megatron-LM's --reset-attention-mask)."""
+    eod_mask_loss: bool = False
+    """GPT: no loss where the input token is the end-of-document token, i.e. on predicting
+    the next document's first token (Megatron-LM's --eod-mask-loss)."""
 
     def __post_init__(self) -> None:
         from megalite.data.blended import BLEND_RULES, parse_data_path

@@ -13,6 +13,8 @@ field                                 used by
 ``loss_class``                        the trainer: the loss object of each step (training/
                                       loss.py), called by the schedule on the last stage
 ``collate``                           ``data.batches``: dataset items -> one microbatch dict
+``run_collate``                       the trainer: a run's collate when its settings change
+                                      it (GPT's packed-document fields)
 ``build_datasets``                    the trainer: (train, valid, test) datasets of a run
 ``tokenizer_vocab_size``              the run preparation: the model's vocabulary size
 ``forward_flops_per_token``           metrics (TFLOP/s, MFU): :meth:`flops_per_iteration`
@@ -38,6 +40,8 @@ from typing import Any, Callable
 
 from megalite.convert import hf_bert, hf_models, hf_t5
 from megalite.data.batches import gpt_microbatch, stacked_microbatch
+from megalite.data.documents import (check_gpt_document_flags, packed_gpt_collate,
+                                     refuse_document_flags)
 from megalite.data.masked_dataset import masked_lm_vocab
 from megalite.data.per_split import bert_datasets, gpt_datasets, t5_datasets
 from megalite.errors import ConfigError, MegaliteError
@@ -87,6 +91,13 @@ class ModelFamily:
     """Why the family cannot be used yet (None: it can)."""
     check_run: Callable[[Any], None] | None = None
     """``(TrainConfig) -> None``: the family's own start-up checks of a run (ConfigError)."""
+    run_collate: Callable[[Any], Callable[[list], dict]] | None = None
+    """``(TrainConfig) -> collate`` of a run whose settings change the microbatches (GPT's
+    packed documents, :mod:`megalite.data.documents`); None: ``collate``."""
+
+    def collate_for(self, config) -> Callable[[list], dict]:
+        """The collate of a run (``config``: its TrainConfig)."""
+        return self.run_collate(config) if self.run_collate is not None else self.collate
 
     def flops_per_iteration(self, config: TransformerConfig, global_batch_size: int,
                             seq_length: int) -> float:
@@ -111,8 +122,14 @@ def _t5_size(tokenizer, data) -> int:
     return masked_lm_vocab(tokenizer, data.vocab_extra_ids).size
 
 
+def _check_bert_run(config) -> None:
+    """Start-up checks of a BERT run (``config``: its TrainConfig)."""
+    refuse_document_flags(config, "bert")
+
+
 def _check_t5_run(config) -> None:
     """Start-up checks of a T5 run (``config``: its TrainConfig)."""
+    refuse_document_flags(config, "t5")
     pp = config.parallel.pipeline_model_parallel_size
     if pp > 1:
         raise ConfigError(f"--pipeline-model-parallel-size {pp} with --model-type t5: the "
@@ -132,7 +149,8 @@ FAMILIES: dict[str, ModelFamily] = {
         loss_class=GPTLoss, collate=gpt_microbatch, build_datasets=gpt_datasets,
         tokenizer_vocab_size=_tokenizer_size,
         forward_flops_per_token=gpt_forward_flops_per_token,
-        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_models),
+        activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_models,
+        check_run=check_gpt_document_flags, run_collate=packed_gpt_collate),
     "bert": ModelFamily(
         "bert", "BERT (bidirectional encoder, masked-LM and binary heads)",
         model_class=BertModel, loss_class=BERTLoss, collate=stacked_microbatch,
@@ -140,7 +158,7 @@ FAMILIES: dict[str, ModelFamily] = {
         forward_flops_per_token=bert_forward_flops_per_token,
         activation_bytes_per_layer=activation_bytes_per_layer, hf_converter=hf_bert,
         vocab_note="the BERT data's: the WordPiece vocab with [BOS] and [EOS] appended, as "
-                   "Megatron-LM's BERT tokenizer"),
+                   "Megatron-LM's BERT tokenizer", check_run=_check_bert_run),
     "t5": ModelFamily(
         "t5", "T5 (encoder-decoder; also the original Transformer's recipe)",
         model_class=EncoderDecoderModel, loss_class=T5Loss, collate=stacked_microbatch,

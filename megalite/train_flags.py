@@ -13,6 +13,7 @@ from __future__ import annotations
 from megalite.config import LR_DECAY_STYLES
 from megalite.model.config import (ACTIVATIONS, MODEL_TYPES, NORMALIZATIONS,
                                    POSITION_EMBEDDING_TYPES)
+from megalite.model.moe_config import parse_layer_freq
 from megalite.model.presets import PRESETS
 
 _TOKENIZERS = ("SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer, "
@@ -79,6 +80,9 @@ OPTIONS = [
          "no biases in the attention and MLP linears"),
         ("--add-qkv-bias", None, dict(action="store_true"),
          "a bias on the QKV projection even with --disable-bias-linear (Qwen2)"),
+        ("--qk-layernorm", None, dict(action="store_true"),
+         "normalize each query and key head (--normalization over the head width, one weight "
+         "for q and one for k) before the rotary embedding (Qwen3, Qwen3-MoE)"),
         ("--untie-embeddings-and-output-weights", None, dict(action="store_true"),
          "a separate output layer instead of the word embedding"),
         ("--hidden-dropout", None, dict(type=float), "dropout on embeddings and residuals"),
@@ -99,9 +103,51 @@ OPTIONS = [
          "layers per recompute group (uniform) or recomputed layers per stage (block); needs "
          "--recompute-method"),
     ]),
+    ("mixture of experts (Megatron-LM's flags; megalite.model.moe)", "model", [
+        ("--num-experts", None, dict(type=int),
+         "experts per MoE layer (default: none, a dense model): the MoE layers replace the MLP "
+         "of the layers --moe-layer-freq selects with a router, the experts and the optional "
+         "shared expert; needs --disable-bias-linear (experts have no biases)"),
+        ("--moe-router-topk", None, dict(type=int),
+         "experts per token, k (default 2); each token's output is the weighted sum of its k "
+         "experts' outputs, weights the softmax over all experts renormalised over the k "
+         "(Mixtral, Qwen3-MoE) unless --moe-router-pre-softmax"),
+        ("--moe-ffn-hidden-size", None, dict(type=int),
+         "inner width of each expert (default --ffn-hidden-size; with --swiglu the width of "
+         "each of its gate and up projections)"),
+        ("--moe-layer-freq", None, dict(type=parse_layer_freq, metavar="N|LIST"),
+         "MoE layers: every N-th from layer 0, or a 0/1 list per layer such as [1,0,1,0] or "
+         "([1]*3+[0])*2 (default 1: all)"),
+        ("--moe-shared-expert-intermediate-size", None, dict(type=int),
+         "width of the shared expert every token also goes through (Qwen2-MoE, DeepSeek)"),
+        ("--moe-shared-expert-gate", None, dict(action="store_true"),
+         "scale the shared expert's output by a per-token sigmoid gate (Qwen2-MoE)"),
+        ("--moe-router-load-balancing-type", None,
+         dict(choices=("aux_loss", "seq_aux_loss", "none")),
+         "load-balancing loss (megatron-core's formula: E / (T^2 k) x sum over experts of "
+         "tokens routed x summed probability): over each micro-batch's tokens (aux_loss, "
+         "default), per sequence (seq_aux_loss), or none"),
+        ("--moe-aux-loss-coeff", None, dict(type=float),
+         "coefficient of the load-balancing loss (default 0: off); logged as moe_aux_loss, "
+         "apart from the LM loss"),
+        ("--moe-z-loss-coeff", None, dict(type=float),
+         "coefficient of the router z-loss, the mean of logsumexp(router logits)^2 (default: "
+         "off); logged as moe_z_loss"),
+        ("--moe-router-pre-softmax", None, dict(action="store_true"),
+         "weights = the softmax over all experts of the selected ones (no renormalisation over "
+         "the top k; Qwen2-MoE's norm_topk_prob false)"),
+        ("--moe-expert-capacity-factor", None, dict(type=float),
+         "drop the assignments beyond ceil(factor x tokens x k / experts) per expert, lowest "
+         "scores first (default: dropless)"),
+    ]),
     ("parallelism", "parallel", [
         ("--tensor-model-parallel-size", None, dict(type=int), "tensor-parallel size"),
         ("--pipeline-model-parallel-size", None, dict(type=int), "pipeline stages"),
+        ("--expert-model-parallel-size", None, dict(type=int),
+         "ranks the experts of each MoE layer are split over, out of the data-parallel ranks "
+         "(tokens travel to their experts by all-to-all)"),
+        ("--context-parallel-size", None, dict(type=int),
+         "ranks each sequence is split over (context parallelism; GPT only)"),
         ("--sequence-parallel", None, dict(action="store_true"),
          "sequence parallelism inside the tensor-parallel group"),
         ("--num-layers-per-virtual-pipeline-stage", None, dict(type=int),
@@ -201,6 +247,12 @@ OPTIONS = [
          "random shorter length"),
         ("--vocab-extra-ids", None, dict(type=int), "T5: sentinel tokens <extra_id_N> appended "
          "to the WordPiece vocabulary for the masked spans (Megatron-LM's T5 runs: 100)"),
+        ("--reset-position-ids", None, dict(action="store_true"),
+         "GPT: positions restart at 0 after each end-of-document token of a sample"),
+        ("--reset-attention-mask", None, dict(action="store_true"),
+         "GPT: attention stays inside each document of a sample (block-causal)"),
+        ("--eod-mask-loss", None, dict(action="store_true"),
+         "GPT: no loss on predicting the token after an end-of-document token"),
     ]),
     ("training and logging", "training", [
         ("--micro-batch-size", None, dict(type=int), "sequences per microbatch per DP rank"),

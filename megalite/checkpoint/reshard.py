@@ -1,5 +1,9 @@
 """Model weights from a checkpoint of any (TP, PP, virtual-stage) layout into this rank's chunks.
 
+Expert weights are named by global expert id (``layers.<i>.mlp.experts.<e>...``) and their
+index entries name the expert rank whose file holds them, so any expert-parallel size loads any
+other: a rank looks up the experts it holds by name.
+
 The checkpoint's ``meta.json`` indexes every parameter name (global layer ids, so names do not
 depend on the pipeline split) with the pipeline stage whose files hold it and its sharding
 metadata (``tensor_parallel_dim``, ``partition_stride``, full shape). For each parameter of this
@@ -48,16 +52,24 @@ _NUMERIC_FIELDS = ("model_type", "num_layers", "hidden_size", "num_attention_hea
                    "position_embedding_type", "rotary_base", "normalization",
                    "layernorm_epsilon", "activation", "add_bias_linear",
                    "untie_embeddings_and_output_weights", "rope_scaling", "add_qkv_bias",
+                   "qk_layernorm",
                    "norm_placement", "bert_binary_head", "tokentypes", "softmax_scale",
                    "relative_attention_num_buckets", "relative_attention_max_distance",
-                   "scale_embedding", "scale_decoder_outputs", "decoder_layers")
+                   "scale_embedding", "scale_decoder_outputs", "decoder_layers",
+                   "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq",
+                   "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+                   "moe_router_pre_softmax", "moe_expert_capacity_factor")
 _ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                         "rope_original_max_position_embeddings")   # matter with rope_scaling only
 
 
-def model_file_name(tp_rank: int, pp_rank: int) -> str:
-    """File of the model shard held by (tp_rank, pp_rank): ``model_tp00_pp00.safetensors``."""
-    return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+def model_file_name(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+    """File of the model shard held by (tp_rank, pp_rank): ``model_tp00_pp00.safetensors``;
+    with expert parallelism, expert rank ``ep_rank > 0``'s experts of that (tp, pp) shard:
+    ``model_tp00_pp00_ep01.safetensors`` (expert rank 0's are in the first file, with the
+    dense weights; an index entry's ``ep_rank`` says which file holds an expert tensor)."""
+    suffix = f"_ep{ep_rank:02d}" if ep_rank else ""
+    return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}{suffix}.safetensors"
 
 
 def read_model_config(directory: str, iteration: int | None = None) -> TransformerConfig:
@@ -213,8 +225,8 @@ def _load_one(reader: _ShardReader, index: dict, name: str, param: torch.Tensor,
             f"{name}: saved split over dim {entry['tensor_parallel_dim']} (stride "
             f"{entry['partition_stride']}), the model splits dim {dim} (stride "
             f"{stride}); checkpoint {path}")
-    pp = int(entry["pp_rank"])
-    t = reshard_tensor(lambda r: reader.get(model_file_name(r, pp), src), entry, param,
+    pp, ep = int(entry["pp_rank"]), int(entry.get("ep_rank", 0))
+    t = reshard_tensor(lambda r: reader.get(model_file_name(r, pp, ep), src), entry, param,
                        saved_tp, vocab_size, ps, name, is_vocab=src in VOCAB_TENSORS)
     if t.shape != param.shape:
         raise MegaliteError(f"{name}: checkpoint shard shape {tuple(t.shape)}, model "

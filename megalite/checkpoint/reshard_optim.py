@@ -7,7 +7,8 @@ seen as ``{name: {"master", "exp_avg", "exp_avg_sq", "step"}}`` per saved (tp, p
 
 * megalite's own :class:`~megalite.optim.optimizer.Optimizer` replicates its state over data
   parallelism and keys it by parameter name: a name's state is read from the rank file of data
-  parallel rank 0 of the saved ``(tp, pp_rank of the name)``;
+  parallel rank 0 of the saved ``(tp, pp_rank of the name)`` (an expert's: of data-parallel
+  rank ``ep_rank`` of its index entry, the expert rank that held it);
 * a :class:`~megalite.optim.zero.ZeroOptimizer` (any stage) partitions it over the data
   parallel ranks: a name's state is reassembled from the files of *all* data-parallel ranks of
   that (tp, pp), through the fragment map saved with it (:mod:`megalite.optim.zero_state`).
@@ -116,7 +117,8 @@ class _SavedStates:
         saved = meta["layout"]
         self.path, self.files, self.rank_file = path, files, rank_file
         self.verify = verify_checksums
-        self.layout = rank_layout(saved["world_size"], saved["tp_size"], saved["pp_size"])
+        self.layout = rank_layout(saved["world_size"], saved["tp_size"], saved["pp_size"],
+                                  saved.get("cp_size", 1))
         self._sources: dict[tuple[int, int], _Source] = {}
 
     def _optimizer_state(self, rank: int) -> dict:
@@ -138,14 +140,18 @@ class _SavedStates:
                                 f"only (load_optimizer=False)")
         return opt
 
-    def source(self, tp_rank: int, pp_rank: int) -> _Source:
-        key = (tp_rank, pp_rank)
+    def source(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> _Source:
+        key = (tp_rank, pp_rank, ep_rank)
         if key not in self._sources:
-            rank0 = self.layout.rank_of(tp_rank, 0, pp_rank)
+            # expert parallelism: dp rank e held expert rank e's experts (ZeRO: each
+            # expert's state is partitioned over the dp ranks holding that expert; the
+            # fragment maps of the others do not name it)
+            rank0 = self.layout.rank_of(tp_rank, ep_rank, pp_rank)
             first = self._optimizer_state(rank0)
             ranks = [rank0]
             if is_zero_state(first):    # partitioned: every dp rank holds a piece
-                ranks = [self.layout.rank_of(tp_rank, d, pp_rank) for d in range(self.layout.dp_size)]
+                ranks += [self.layout.rank_of(tp_rank, d, pp_rank)
+                          for d in range(self.layout.dp_size) if d != ep_rank]
             states = [first] + [self._optimizer_state(r) for r in ranks[1:]]
             if any(is_zero_state(s) != is_zero_state(first) for s in states):
                 raise MegaliteError(f"checkpoint {self.path}: the data-parallel ranks of tp "
@@ -206,10 +212,10 @@ def reshard_optimizer_state(path: str, meta: dict, files: dict, model_chunks: li
         entry = index.get(src)
         if entry is None:
             raise MegaliteError(f"checkpoint {path} has no state for parameter {name}")
-        pp = int(entry["pp_rank"])
+        pp, ep = int(entry["pp_rank"]), int(entry.get("ep_rank", 0))
 
-        def source(tp_rank: int, pp=pp, src=src) -> _Source:
-            found = saved_states.source(tp_rank, pp)
+        def source(tp_rank: int, pp=pp, ep=ep, src=src) -> _Source:
+            found = saved_states.source(tp_rank, pp, ep)
             if src not in found:
                 raise MegaliteError(f"{', '.join(os.path.join(path, f) for f in found.files)} "
                                     f"has no optimizer state for {src}")

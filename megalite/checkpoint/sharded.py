@@ -4,7 +4,9 @@ Who writes what (see :mod:`megalite.checkpoint.io` for the directory layout):
 
 * data-parallel rank 0 of every (tp_rank, pp_rank): ``model_tpXX_ppYY.safetensors`` with the
   parameters of all of this rank's model chunks, keyed by their GPTModel names (global layer
-  ids), plus per-tensor sharding metadata in the safetensors header;
+  ids), plus per-tensor sharding metadata in the safetensors header; with expert parallelism
+  the data-parallel ranks 1..ep-1 (expert ranks 1..ep-1 of the first expert-data-parallel
+  replica) write their experts (global ids in the names) to ``model_tpXX_ppYY_epZZ.safetensors``;
 * every rank: ``rank_NNNNN.pt`` (``torch.save`` of plain containers only) with its optimizer
   state (``optimizer.state_dict()``: replicated for megalite's optimizer, partitioned for ZeRO),
   its RNG states and the parameter names/layer ranges its optimizer state refers to;
@@ -114,20 +116,30 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
     # ZeRO-3 partitions parameters over the DP group: gather them (collective) one at a time,
     # so the device never holds more than one full parameter beyond its partitions.
     tensors, host = {}, {}
+    # one copy of the weights per (tp, pp) shard: data- and context-parallel ranks hold the
+    # same; with expert parallelism, expert rank e of the first expert-dp replica (dp rank e)
+    # writes its experts and dp rank 0 also writes the dense weights
+    ep_rank = ps.ep_rank
+    writer = ps.cp_rank == 0 and ps.dp_rank < ps.ep_size
     for n, p in params.items():
-        with gathered([p]):
+        expert = getattr(p, "is_expert", False)
+        with gathered([p]):   # collective under ZeRO-3: every rank enters it for every p
+            if not writer or (ps.dp_rank and not expert):
+                continue
             tensors[n] = _tensor_entry(p, ps, ps.pp_rank)
-            if ps.dp_rank == 0:
-                # a ZeRO-3 parameter's full data is released when the context ends
-                host[n] = p.detach().to("cpu", copy=hasattr(p, "ds_id")).contiguous()
-    if ps.dp_rank == 0:
-        name = model_file_name(ps.tp_rank, ps.pp_rank)
+            if expert and ep_rank:
+                tensors[n]["ep_rank"] = ep_rank
+            # a ZeRO-3 parameter's full data is released when the context ends
+            host[n] = p.detach().to("cpu", copy=hasattr(p, "ds_id")).contiguous()
+    if writer:
+        name = model_file_name(ps.tp_rank, ps.pp_rank, ps.dp_rank)
         path = os.path.join(tmp, name)
         save_file(host, path, metadata=file_metadata(ps.tp_rank, ps.pp_rank, ps, tensors))
         files[name] = io.finish_file(path)
     state = {
         "format": FORMAT, "rank": ps.rank,
-        "coordinates": {"tp": ps.tp_rank, "pp": ps.pp_rank, "dp": ps.dp_rank},
+        "coordinates": {"tp": ps.tp_rank, "pp": ps.pp_rank, "dp": ps.dp_rank,
+                        "cp": ps.cp_rank},
         "param_names": list(params), "layer_ranges": _layer_ranges(model_chunks),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": capture_rng_states(rng_tracker) if save_rng else None,
@@ -137,7 +149,7 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
     path = os.path.join(tmp, name)
     torch.save(state, path)
     files[name] = io.finish_file(path)
-    return {"files": files, "tensors": tensors if ps.dp_rank == 0 else {}}
+    return {"files": files, "tensors": tensors if writer else {}}
 
 
 def _config_dict(config: Any) -> tuple[dict, str]:
@@ -230,8 +242,7 @@ def _commit(directory: str, name: str, tmp: str, nonce: str, iteration: int, rep
     model_config = chunks[0].config
     meta = {
         "format": FORMAT, "iteration": iteration, "saved_at_unix": time.time(),
-        "layout": {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
-                   "vp_size": len(chunks), "world_size": ps.world_size},
+        "layout": _layout(ps, chunks),
         "model_config": dataclasses.asdict(model_config), "config_type": config_type,
         "tensors": tensors, "extra": extra, "torch_version": torch.__version__,
     }
@@ -318,9 +329,9 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
         raise MegaliteError(f"{os.path.join(path, io.META)}: unknown format "
                             f"{meta.get('format')!r} (expected {FORMAT})")
     saved = meta["layout"]
-    layout = {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
-              "vp_size": len(chunks), "world_size": ps.world_size}
-    changed = any(saved.get(k) != v for k, v in layout.items())
+    layout = _layout(ps, chunks)
+    changed = any(saved.get(k, 1 if k == "ep_size" else None) != v
+                  for k, v in layout.items()) or saved.get("cp_size", 1) != ps.cp_size
     # A weights-only checkpoint (``megalite convert from-hf``) has no rank files: the run starts
     # a fresh optimizer and keeps its own RNG seeding.
     weights_only = bool((meta.get("extra") or {}).get("weights_only"))
@@ -425,6 +436,18 @@ def _refuse(path: str, saved: dict, layout: dict) -> None:
         f"(load_optimizer=False)")
 
 
+def _layout(ps: ParallelState, chunks: list) -> dict:
+    """The layout a checkpoint records (``cp_size`` only with context parallelism, so the
+    metadata of other layouts is what it was before CP existed; ``ep_size`` always, 1 read for
+    checkpoints from before expert parallelism)."""
+    layout = {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
+              "vp_size": len(chunks), "world_size": ps.world_size, "ep_size": ps.ep_size}
+    if ps.cp_size > 1:
+        layout["cp_size"] = ps.cp_size
+    return layout
+
+
 def _fmt(layout: dict) -> str:
-    return (f"TP={layout.get('tp_size')} PP={layout.get('pp_size')} DP={layout.get('dp_size')} "
+    return (f"TP={layout.get('tp_size')} CP={layout.get('cp_size', 1)} "
+            f"PP={layout.get('pp_size')} DP={layout.get('dp_size')} "
             f"VP={layout.get('vp_size')}")

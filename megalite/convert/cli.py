@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tensor-parallel size of the written checkpoint (default 1)")
         p.add_argument("--target-pipeline-model-parallel-size", type=int, default=1,
                        metavar="P", help="pipeline stages of the written checkpoint (default 1)")
+        p.add_argument("--target-expert-model-parallel-size", type=int, default=1,
+                       metavar="E", help="expert-parallel size of the written checkpoint "
+                       "(MoE models; default 1: every rank holds all experts)")
     for p in (to_hf, from_hf):
         p.add_argument("--verify", action="store_true",
                        help="compare megalite and Hugging Face logits after converting; fail "

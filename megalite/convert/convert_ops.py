@@ -168,16 +168,17 @@ def from_hf(args, tmp: str) -> str:
             return m.from_hf(*(hf.get(n) for n in m.hf))
 
         tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
-        config_dict, config_type = _new_train_config(None, cfg, tp, pp, tok_fields)
+        ep = _target_ep(args, cfg)
+        config_dict, config_type = _new_train_config(None, cfg, tp, pp, tok_fields, ep=ep)
         extra = {"consumed_samples": 0, "skipped_iters": 0, "weights_only": True,
                  "converted_from": f"hf:{os.path.abspath(args.load)}"}
         ckpt = write_checkpoint(tmp, cfg, tp, pp, full_of, dtype_of, config_dict=config_dict,
-                                config_type=config_type, extra=extra, desc="from-hf")
+                                config_type=config_type, extra=extra, desc="from-hf", ep=ep)
     finally:
         hf.close()
     tok_file = tok_fields.get("tokenizer_model") or tok_fields.get("vocab_file")
     msg = (f"converted {hf.config.model_type} model {args.load} to a megalite checkpoint "
-           f"(TP={tp} PP={pp}, weights only, tokenizer "
+           f"(TP={tp} PP={pp}{f' EP={ep}' if ep > 1 else ''}, weights only, tokenizer "
            + (f"{tok_fields['tokenizer_type']} {os.path.basename(tok_file)}" if tok_fields
               else "none found")
            + (f"; vocabulary {hf_cfg.vocab_size} -> {cfg.vocab_size} for its data"
@@ -199,8 +200,18 @@ def _check_hf_names(hf: HFReader, maps: dict, cfg, where: str) -> None:
                             f"config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def _target_ep(args, cfg) -> int:
+    """``--target-expert-model-parallel-size``, checked against the model's experts."""
+    ep = getattr(args, "target_expert_model_parallel_size", 1)
+    experts = getattr(cfg, "num_experts", None) or 0
+    if ep < 1 or (ep > 1 and (not experts or experts % ep)):
+        raise MegaliteError(f"--target-expert-model-parallel-size {ep} must be 1 or divide "
+                            f"the model's --num-experts ({experts or 'no MoE layers'})")
+    return ep
+
+
 def _new_train_config(train_config, model_cfg, tp: int, pp: int,
-                      tokenizer: dict | None = None) -> tuple[dict, str]:
+                      tokenizer: dict | None = None, ep: int = 1) -> tuple[dict, str]:
     """config.json for the written layout: the source TrainConfig (or a default one around the
     model and the tokenizer, as a training save writes it) with the parallel section set to
     (tp, pp) and no ZeRO (the rank files hold megalite optimizer state; a ZeRO run reshards it
@@ -211,7 +222,8 @@ def _new_train_config(train_config, model_cfg, tp: int, pp: int,
             par = dataclasses.replace(
                 train_config.parallel, tensor_model_parallel_size=tp,
                 pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=None,
-                pipeline_layer_split=None, zero_stage=0, deepspeed_config=None)
+                pipeline_layer_split=None, zero_stage=0, deepspeed_config=None,
+                expert_model_parallel_size=ep)
             return dataclasses.replace(train_config, parallel=par).to_dict(), "TrainConfig"
         return TrainConfig(model=model_cfg, data=DataConfig(**(tokenizer or {})),
             parallel=ParallelConfig(tensor_model_parallel_size=tp,
@@ -230,6 +242,7 @@ def reshard(args, tmp: str) -> str:
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size
     try:
         cfg = reader.config
+        ep = _target_ep(args, cfg)
         out_dtype = _DTYPES.get(args.dtype)
         index = reader.index
 
@@ -238,7 +251,7 @@ def reshard(args, tmp: str) -> str:
             return out_dtype or getattr(torch, e["dtype"])
 
         train_config = _train_config(reader.path)
-        config_dict, config_type = _new_train_config(train_config, cfg, tp, pp)
+        config_dict, config_type = _new_train_config(train_config, cfg, tp, pp, ep=ep)
         _carry_tokenizer(config_dict, reader.path, tmp, args.save)
         extra = dict(reader.meta.get("extra") or {})
         rank0 = os.path.join(reader.path, rank_file_name(0))
@@ -259,16 +272,17 @@ def reshard(args, tmp: str) -> str:
             extra["weights_only"] = True
         elif opt is None:
             extra["weights_only"] = True
-        rank_state = _optimizer_rank_state(reader, train_config, cfg, tp, pp) if carry else None
+        rank_state = (_optimizer_rank_state(reader, train_config, cfg, tp, pp, ep) if carry
+                      else None)
         write_checkpoint(tmp, cfg, tp, pp, reader.full, dtype_of, config_dict=config_dict,
                          config_type=config_type, extra=extra,
                          iteration=int(reader.meta["iteration"]), rank_state=rank_state,
-                         desc="reshard")
+                         desc="reshard", ep=ep)
         src = reader.meta["layout"]
     finally:
         reader.close()
     return (f"resharded {reader.path} from TP={src['tp_size']} PP={src['pp_size']} "
-            f"VP={src['vp_size']} to TP={tp} PP={pp}, "
+            f"VP={src['vp_size']} EP={src.get('ep_size', 1)} to TP={tp} PP={pp} EP={ep}, "
             + ("optimizer state included" if carry else "model weights only"))
 
 
@@ -295,7 +309,8 @@ def _carry_tokenizer(config_dict: dict, src_ckpt: str, tmp: str, save: str) -> N
         data[field] = os.path.join(os.path.abspath(save), rel)
 
 
-def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, pp: int):
+def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, pp: int,
+                          ep: int = 1):
     """``(rank, tp_rank, pp_rank) -> rank-file dict`` with that target rank's optimizer state,
     resharded by engineer J's :func:`reshard_optimizer_state` from real (CPU) model chunks of
     that rank. Its RNG states are those a fresh run seeds (torch/python/numpy with the run's
@@ -312,7 +327,7 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
     new_config = dataclasses.replace(train_config, parallel=dataclasses.replace(
         train_config.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         num_layers_per_virtual_pipeline_stage=None, pipeline_layer_split=None, zero_stage=0,
-        deepspeed_config=None))   # DP=1 output: megalite's optimizer state, whatever the source
+        deepspeed_config=None, expert_model_parallel_size=ep))   # DP=1 (or EP) output: megalite's optimizer state, whatever the source
     seed = new_config.training.seed
     if reader.verify:    # once here, not again for every target rank that reads a file
         from megalite.checkpoint import io
@@ -320,8 +335,9 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
             if name.startswith("rank_"):
                 io.verify_checksum(reader.path, name, reader.files)
 
-    def rank_state(rank: int, tp_rank: int, pp_rank: int) -> dict:
-        ps = ParallelState.for_shapes(tp, tp_rank, pp, pp_rank)
+    def rank_state(rank: int, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict:
+        ps = ParallelState.for_shapes(tp, tp_rank, pp, pp_rank, dp_size=ep, ep_size=ep,
+                                      ep_rank=ep_rank)
         chunks = build_model_chunks(cfg, ModelContext(ps, device="meta"))
         dtype = new_config.precision.params_dtype
         # The rank file holds optimizer state only (masters come from the saved state), so the
@@ -340,7 +356,7 @@ def _optimizer_rank_state(reader: CheckpointReader, train_config, cfg, tp: int, 
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
         return {"format": FORMAT, "rank": rank, "coordinates": {"tp": tp_rank, "pp": pp_rank,
-                                                                 "dp": 0},
+                                                                 "dp": ep_rank},
                 "param_names": [n for c in chunks for n, _ in c.named_parameters()],
                 "layer_ranges": [list(c.layer_range) for c in chunks],
                 "optimizer": optimizer.state_dict(), "rng": rng}

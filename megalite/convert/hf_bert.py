@@ -107,10 +107,11 @@ def _check(config: TransformerConfig) -> None:
     c = config
     if c.model_type != "bert" or c.normalization != "LayerNorm" or not c.add_bias_linear \
             or c.query_groups != c.num_attention_heads or c.activation not in _OUR_ACT \
-            or c.kv_channels not in (None, c.hidden_size // c.num_attention_heads):
+            or c.kv_channels not in (None, c.hidden_size // c.num_attention_heads) \
+            or c.qk_layernorm:
         raise MegaliteError("this BERT model has no exact Hugging Face counterpart (BERT needs "
                             "LayerNorm, biases, gelu, no grouped-query attention, head width "
-                            "hidden / heads)")
+                            "hidden / heads, no query/key norms)")
 
 
 def hf_architecture(config: TransformerConfig) -> str:

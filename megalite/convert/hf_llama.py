@@ -1,5 +1,5 @@
 """megalite LLaMA recipe <-> ``transformers.LlamaForCausalLM`` (and ``MistralForCausalLM`` /
-``Qwen2ForCausalLM``, the same tensors): the one name map.
+``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``, the same tensors): the one name map.
 
 ==========================================  ===============================================
 megalite (full tensor)                      Hugging Face
@@ -10,6 +10,8 @@ layers.i.attention.linear_qkv.weight        model.layers.i.self_attn.{q,k,v}_pro
   [(a + 2g) d, h], grouped (see convert)      (concatenated per key/value group)
 layers.i.attention.linear_qkv.bias          ...{q,k,v}_proj.bias (attention_bias; Qwen2)
 layers.i.attention.linear_proj.weight       model.layers.i.self_attn.o_proj.weight (+ .bias)
+layers.i.attention.{q,k}_layernorm.weight   model.layers.i.self_attn.{q,k}_norm.weight (Qwen3:
+  [d] (qk_layernorm)                          the query/key norm per head)
 layers.i.post_attention_norm.weight         model.layers.i.post_attention_layernorm.weight
 layers.i.mlp.linear_fc1.weight [2f, h]      model.layers.i.mlp.{gate,up}_proj.weight ([gate; up])
 layers.i.mlp.linear_fc2.weight [h, f]       model.layers.i.mlp.down_proj.weight (+ .bias)
@@ -33,9 +35,9 @@ from megalite.convert.mapping import (ParamMapping, from_hf_state_dict, grouped_
                                       vocab_mapping)
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
-from megalite.model.weights import (FINAL_NORM, INPUT_NORM, LINEAR_FC1, LINEAR_FC2, LINEAR_PROJ,
-                                    LINEAR_QKV, OUTPUT_LAYER, POST_ATTENTION_NORM, WORD_EMBEDDINGS,
-                                    layer_prefix)
+from megalite.model.weights import (FINAL_NORM, INPUT_NORM, K_LAYERNORM, LINEAR_FC1, LINEAR_FC2,
+                                    LINEAR_PROJ, LINEAR_QKV, OUTPUT_LAYER, POST_ATTENTION_NORM,
+                                    Q_LAYERNORM, WORD_EMBEDDINGS, layer_prefix)
 
 
 def param_mappings(config: TransformerConfig, padded_vocab: int | None = None) -> list[ParamMapping]:
@@ -57,6 +59,9 @@ def param_mappings(config: TransformerConfig, padded_vocab: int | None = None) -
                 lambda q, k, v: qkv_to_grouped(q, k, v, g)))
         for s in suffixes:
             maps.append(identity_mapping(f"{m}{LINEAR_PROJ}.{s}", f"{h}self_attn.o_proj.{s}"))
+        if c.qk_layernorm:
+            for mega, theirs in ((Q_LAYERNORM, "q_norm"), (K_LAYERNORM, "k_norm")):
+                maps.append(identity_mapping(f"{m}{mega}.weight", f"{h}self_attn.{theirs}.weight"))
         maps.append(identity_mapping(f"{m}{POST_ATTENTION_NORM}.weight",
                                      h + "post_attention_layernorm.weight"))
         for s in suffixes:
@@ -76,6 +81,9 @@ def _check(config: TransformerConfig) -> None:
     if (c.normalization, c.position_embedding_type, c.activation) != ("RMSNorm", "rope", "swiglu"):
         raise MegaliteError("LLaMA conversion needs normalization=RMSNorm, "
                             "position_embedding_type=rope, activation=swiglu")
+    if c.qk_layernorm and (c.add_bias_linear or c.add_qkv_bias):
+        raise MegaliteError("Qwen3 conversion (query/key norms) needs no linear biases "
+                            "(Qwen3's attention_bias is false in every released model)")
 
 
 def to_hf(state: Mapping[str, Tensor], config: TransformerConfig) -> dict[str, Tensor]:
@@ -98,14 +106,17 @@ def _padded_rows(state: Mapping[str, Tensor], config: TransformerConfig) -> int:
     return emb.shape[0] if emb is not None else config.padded_vocab(1)
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """Hugging Face model types read as the LLaMA recipe (Mistral without a sliding window, Qwen2
-with its QKV bias and full attention)."""
+with its QKV bias and full attention, Qwen3 with its query/key norms)."""
 
 
 def hf_architecture(config: TransformerConfig) -> str:
-    """The ``transformers`` class :func:`config_to_hf` describes: ``Qwen2ForCausalLM`` for a
-    QKV bias without the other biases, else ``LlamaForCausalLM``."""
+    """The ``transformers`` class :func:`config_to_hf` describes: ``Qwen3ForCausalLM`` with
+    query/key norms, ``Qwen2ForCausalLM`` for a QKV bias without the other biases, else
+    ``LlamaForCausalLM``."""
+    if config.qk_layernorm:
+        return "Qwen3ForCausalLM"
     return "Qwen2ForCausalLM" if _is_qwen2(config) else "LlamaForCausalLM"
 
 
@@ -126,6 +137,9 @@ def config_to_hf(config: TransformerConfig):
         rope_parameters=_rope_to_hf(c), tie_word_embeddings=c.tied_embeddings,
         attention_dropout=c.attention_dropout, initializer_range=c.init_method_std,
         bos_token_id=None, eos_token_id=None, architectures=[hf_architecture(c)])
+    if c.qk_layernorm:
+        from transformers import Qwen3Config
+        return Qwen3Config(use_sliding_window=False, attention_bias=False, **common)
     if _is_qwen2(c):
         from transformers import Qwen2Config
         return Qwen2Config(use_sliding_window=False, **common)
@@ -137,23 +151,30 @@ def config_from_hf(hf) -> TransformerConfig:
     """:class:`TransformerConfig` from a ``transformers`` LlamaConfig, MistralConfig or Qwen2Config
     (errors on options megalite does not have)."""
     kind = getattr(hf, "model_type", "llama")
-    name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2"}.get(kind, kind)
+    name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+            "qwen3_moe": "Qwen3-MoE"}.get(kind, kind)
     if getattr(hf, "hidden_act", "silu") != "silu":
         raise MegaliteError(f"{name} config: hidden_act={hf.hidden_act!r} is not supported "
                             "(only silu, i.e. SwiGLU)")
     rope = getattr(hf, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     window = getattr(hf, "sliding_window", None)
-    if kind == "qwen2" and any(t != "full_attention"
-                               for t in (getattr(hf, "layer_types", None) or [])):
-        raise MegaliteError("Qwen2 config: sliding-window attention layers are not supported "
+    if kind in ("qwen2", "qwen3") and any(t != "full_attention"
+                                          for t in (getattr(hf, "layer_types", None) or [])):
+        raise MegaliteError(f"{name} config: sliding-window attention layers are not supported "
                             "(use_sliding_window must be false)")
     if kind == "mistral" and window is not None and window < hf.max_position_embeddings:
         raise MegaliteError(f"Mistral config: sliding_window={window} is shorter than "
                             f"max_position_embeddings={hf.max_position_embeddings}; megalite "
                             f"attends to the whole causal context (no sliding window)")
+    qk_norm = kind in ("qwen3", "qwen3_moe")
     if kind == "qwen2":     # q/k/v always have a bias, o_proj and the MLP never do
         bias, qkv_bias = False, True
+    elif qk_norm:           # attention_bias: q/k/v/o biases but none in the MLP
+        if getattr(hf, "attention_bias", False):
+            raise MegaliteError(f"{name} config: attention_bias=true is not supported (biases "
+                                "on q/k/v/o without MLP biases)")
+        bias, qkv_bias = False, False
     else:
         bias, qkv_bias = bool(getattr(hf, "attention_bias", False)), False
         if bias != bool(getattr(hf, "mlp_bias", False)):
@@ -169,7 +190,7 @@ def config_from_hf(hf) -> TransformerConfig:
         kv_channels=None if head_dim * hf.num_attention_heads == hf.hidden_size else head_dim,
         max_position_embeddings=hf.max_position_embeddings, position_embedding_type="rope",
         rotary_base=float(theta), normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps,
-        activation="swiglu", add_bias_linear=bias, add_qkv_bias=qkv_bias,
+        activation="swiglu", add_bias_linear=bias, add_qkv_bias=qkv_bias, qk_layernorm=qk_norm,
         untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         init_method_std=hf.initializer_range, **_rope_from_hf(rope, hf, name))

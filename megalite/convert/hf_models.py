@@ -1,6 +1,7 @@
 """The whole-model Hugging Face converters of the GPT family (its ``hf_converter`` in
 :mod:`megalite.families`), dispatching on :func:`architecture_of` to the converter module of the
-architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2; :mod:`.hf_gpt2`); and
+architecture (:mod:`.hf_llama`: LLaMA, Mistral, Qwen2, Qwen3; :mod:`.hf_moe`: Mixtral,
+Qwen2-MoE, Qwen3-MoE; :mod:`.hf_gpt2`); and
 :func:`config_from_hf`, which reads a Hugging Face config of any supported model.
 
 Each converter module exposes ``param_mappings(config)`` (the name map), ``to_hf``/``from_hf``
@@ -13,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from megalite.convert import hf_bert, hf_gpt2, hf_llama, hf_t5
+from megalite.convert import hf_bert, hf_gpt2, hf_llama, hf_moe, hf_t5
 from megalite.convert.architectures import architecture_of
 from megalite.errors import MegaliteError
 from megalite.model.config import TransformerConfig
@@ -21,7 +22,7 @@ from megalite.model.config import TransformerConfig
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 """The tokenizer files ``from-hf`` looks for, in order (hf_tokenizer.import_tokenizer)."""
 
-ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
+ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2, "moe": hf_moe}
 """Architecture name -> its converter module."""
 
 
@@ -48,7 +49,7 @@ def from_hf(hf_state: Mapping[str, Tensor], config: TransformerConfig,
 
 
 def config_to_hf(config: TransformerConfig):
-    """The ``transformers`` config (LlamaConfig or GPT2Config) describing the same model."""
+    """The ``transformers`` config (LlamaConfig, GPT2Config, MixtralConfig, ...) describing the same model."""
     return architecture_module(architecture_of(config)).config_to_hf(config)
 
 
@@ -83,9 +84,9 @@ def ignored_names(config: TransformerConfig, names) -> tuple[str, ...]:
 
 def config_from_hf(hf_config, names=None, get=None) -> TransformerConfig:
     """A :class:`TransformerConfig` from a ``transformers`` config of a supported model:
-    LLaMA, Mistral, Qwen2, GPT-2 (the GPT family), BERT or Megatron-BERT (the BERT family,
-    :mod:`.hf_bert`; ``names``, the checkpoint's tensor names, tell whether it has the binary
-    head), T5 (:mod:`.hf_t5`; ``names`` and ``get``, name -> tensor, tell whether its output
+    LLaMA, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2 (the GPT family), BERT
+    or Megatron-BERT (the BERT family, :mod:`.hf_bert`; ``names``, the checkpoint's tensor
+    names, tell whether it has the binary head), T5 (:mod:`.hf_t5`; ``names`` and ``get``, name -> tensor, tell whether its output
     layer is tied)."""
     llama = hf_llama.MODEL_TYPES
     model_type = getattr(hf_config, "model_type", None)
@@ -93,8 +94,11 @@ def config_from_hf(hf_config, names=None, get=None) -> TransformerConfig:
         return hf_bert.config_from_hf(hf_config, names)
     if model_type in hf_t5.MODEL_TYPES:
         return hf_t5.config_from_hf(hf_config, names, get)
+    if model_type in hf_moe.MODEL_TYPES:
+        return hf_moe.config_from_hf(hf_config)
     if model_type not in (*llama, "gpt2"):
-        supported = llama + ("gpt2",) + hf_bert.MODEL_TYPES + hf_t5.MODEL_TYPES
+        supported = (llama + ("gpt2",) + hf_moe.MODEL_TYPES + hf_bert.MODEL_TYPES
+                     + hf_t5.MODEL_TYPES)
         raise MegaliteError(f"unsupported Hugging Face model_type {model_type!r} "
                             f"(supported: {', '.join(supported)})")
     return architecture_module("llama" if model_type in llama else model_type

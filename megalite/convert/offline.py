@@ -102,7 +102,7 @@ class CheckpointReader:
         ranks = range(self.tp) if dim is not None else range(1)
         shards = []
         for r in ranks:
-            fname = model_file_name(r, pp)
+            fname = model_file_name(r, pp, int(e.get("ep_rank", 0)))   # experts: their file
             try:
                 shards.append(self._handle(fname).get_tensor(name))
             except MegaliteError:
@@ -117,10 +117,12 @@ class CheckpointReader:
         self._handles.clear()
 
 
-def stage_params(config: TransformerConfig, tp: int, pp: int, pp_rank: int) -> dict[str, torch.Tensor]:
+def stage_params(config: TransformerConfig, tp: int, pp: int, pp_rank: int, ep: int = 1,
+                 ep_rank: int = 0) -> dict[str, torch.Tensor]:
     """Parameters (meta device, with their sharding attributes) that tp rank 0 of pipeline stage
-    ``pp_rank`` holds under layout (tp, pp, vp=1); every tp rank holds the same names."""
-    ps = ParallelState.for_shapes(tp, 0, pp, pp_rank)
+    ``pp_rank`` (expert rank ``ep_rank`` of ``ep``) holds under layout (tp, pp, vp=1); every tp
+    rank holds the same names."""
+    ps = ParallelState.for_shapes(tp, 0, pp, pp_rank, dp_size=ep, ep_size=ep, ep_rank=ep_rank)
     chunks = build_model_chunks(config, ModelContext(ps, device="meta"))
     return {n: p for c in chunks for n, p in c.named_parameters()}
 
@@ -129,9 +131,11 @@ def write_checkpoint(save: str, config: TransformerConfig, tp: int, pp: int,
                      full_of: Callable[[str], torch.Tensor],
                      dtype_of: Callable[[str], torch.dtype],
                      *, config_dict: dict, config_type: str, extra: dict, iteration: int = 0,
-                     rank_state: Callable[[int, int, int], dict] | None = None,
-                     desc: str = "write") -> str:
-    """Write a complete checkpoint ``save/iter_{iteration}`` for layout (tp, pp, dp=1, vp=1).
+                     rank_state: Callable[..., dict] | None = None,
+                     desc: str = "write", ep: int = 1) -> str:
+    """Write a complete checkpoint ``save/iter_{iteration}`` for layout (tp, pp, dp=1, vp=1),
+    or with expert parallelism ``ep`` > 1 (dp = ep): expert rank e's experts go to
+    ``model_tpXX_ppYY_epZZ`` files as ``megalite train --save`` writes them.
 
     Args:
         save: the save directory (created; the caller points it at a temporary directory and
@@ -143,8 +147,8 @@ def write_checkpoint(save: str, config: TransformerConfig, tp: int, pp: int,
         dtype_of: the dtype to store each name in.
         config_dict / config_type: config.json's content and meta.json's ``config_type``.
         extra: meta.json's ``extra`` (consumed samples, ...).
-        rank_state: ``(rank, tp_rank, pp_rank) -> dict`` contents of ``rank_NNNNN.pt`` (None:
-            write no rank files: a weights-only checkpoint).
+        rank_state: ``(rank, tp_rank, pp_rank, ep_rank) -> dict`` contents of ``rank_NNNNN.pt``
+            (None: write no rank files: a weights-only checkpoint).
     Returns the checkpoint directory.
     """
     name = io.checkpoint_name(iteration)
@@ -153,9 +157,16 @@ def write_checkpoint(save: str, config: TransformerConfig, tp: int, pp: int,
     padded_vocab = config.padded_vocab(tp)
     files: dict[str, tuple[int, str]] = {}
     index: dict[str, dict] = {}
-    stages = [stage_params(config, tp, pp, r) for r in range(pp)]
-    bar = progress(sum(len(s) for s in stages), desc)
-    for pp_rank, params in enumerate(stages):
+    # one file group per (pp stage, expert rank): expert rank 0's holds the dense weights too
+    stages = []
+    for r in range(pp):
+        for e in range(ep):
+            params = stage_params(config, tp, pp, r, ep, e)
+            if e:
+                params = {n: p for n, p in params.items() if getattr(p, "is_expert", False)}
+            stages.append((r, e, params))
+    bar = progress(sum(len(s) for _, _, s in stages), desc)
+    for pp_rank, ep_rank, params in stages:
         entries = {}
         for n, p in params.items():
             dim = getattr(p, "tensor_parallel_dim", None)
@@ -165,11 +176,13 @@ def write_checkpoint(save: str, config: TransformerConfig, tp: int, pp: int,
             entries[n] = {"pp_rank": pp_rank, "tensor_parallel_dim": dim,
                           "partition_stride": getattr(p, "partition_stride", 1),
                           "full_shape": shape, "dtype": str(dtype_of(n)).removeprefix("torch.")}
+            if ep_rank:
+                entries[n]["ep_rank"] = ep_rank
         writers = []
         for tp_rank in range(tp):
             ps = ParallelState.for_shapes(tp, tp_rank, pp, pp_rank)
             specs = [(n, dtype_of(n), tuple(p.shape)) for n, p in params.items()]
-            path = os.path.join(out, model_file_name(tp_rank, pp_rank))
+            path = os.path.join(out, model_file_name(tp_rank, pp_rank, ep_rank))
             writers.append(StreamingSafetensorsWriter(
                 path, specs, file_metadata(tp_rank, pp_rank, ps, entries)))
         try:
@@ -191,7 +204,7 @@ def write_checkpoint(save: str, config: TransformerConfig, tp: int, pp: int,
                 bar.update(1)
             for tp_rank, w in enumerate(writers):
                 w.close()
-                fname = model_file_name(tp_rank, pp_rank)
+                fname = model_file_name(tp_rank, pp_rank, ep_rank)
                 files[fname] = io.finish_file(os.path.join(out, fname))
         finally:
             for w in writers:
@@ -201,17 +214,17 @@ def write_checkpoint(save: str, config: TransformerConfig, tp: int, pp: int,
             index.setdefault(n, e)
     bar.close()
     if rank_state is not None:
-        for pp_rank in range(pp):
+        for pp_rank, ep_rank, _ in stages:
             for tp_rank in range(tp):
-                rank = pp_rank * tp + tp_rank          # dp = 1: rank = pp * tp + tp_rank
-                state = rank_state(rank, tp_rank, pp_rank)
+                rank = (pp_rank * ep + ep_rank) * tp + tp_rank     # dp = ep, dp_rank = ep_rank
+                state = rank_state(rank, tp_rank, pp_rank, ep_rank)
                 io.check_plain(state, f"rank file {rank}")
                 fname = rank_file_name(rank)
                 torch.save(state, os.path.join(out, fname))
                 files[fname] = io.finish_file(os.path.join(out, fname))
     meta = {"format": FORMAT, "iteration": iteration, "saved_at_unix": time.time(),
-            "layout": {"tp_size": tp, "pp_size": pp, "dp_size": 1, "vp_size": 1,
-                       "world_size": tp * pp},
+            "layout": {"tp_size": tp, "pp_size": pp, "dp_size": ep, "vp_size": 1,
+                       "world_size": tp * pp * ep, "ep_size": ep},
             "model_config": dataclasses.asdict(config), "config_type": config_type,
             "tensors": index, "extra": extra, "torch_version": torch.__version__}
     for fname, obj in ((io.META, meta), (io.CONFIG, config_dict)):

@@ -8,7 +8,9 @@ therefore sees the same global batch, so the global-batch mean loss is layout-in
 
 A microbatch is a dict of int64 tensors ``[b, ...]`` made from its samples by the model
 family's ``collate`` (:mod:`megalite.families`): GPT's (:func:`gpt_microbatch`) is ``{"tokens":
-[b, s], "labels": [b, s]}``, the ``s + 1`` tokens of a sample shifted by one; datasets whose
+[b, s], "labels": [b, s]}``, the ``s + 1`` tokens of a sample shifted by one (with the
+document flags also ``position_ids``, ``doc_ids``, ``loss_mask`` [b, s]:
+:mod:`megalite.data.documents`); datasets whose
 items are dicts of arrays (BERT, T5) stack each field (:func:`stacked_microbatch`). Every
 pipeline stage builds the same microbatches (it is cheap); each model chunk reads the fields it
 needs (GPT: the first ``tokens``, the last ``labels``).

@@ -27,7 +27,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megalite import _C
 from megalite.data.gpt_dataset import (DEFAULT_PAD_TOKEN_ID, SPLIT_NAMES, GPTDataset,
                                        GPTDatasetConfig, parse_split, split_sequence_ranges)
 from megalite.data.token_range import check_token_ids
@@ -90,6 +89,8 @@ def blending_index(weights: Sequence[float], size: int, blend_rule: str = "megal
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(int16 ``[size]`` dataset ids, int64 ``[size]`` sample within that dataset) of the blend
     of ``size`` steps under ``blend_rule``, the weights normalised first."""
+    from megalite import _C   # where used: mock-data runs need no C++ extension
+
     build = (_C.build_blending_index_megatron if check_blend_rule(blend_rule) == "megatron"
              else _C.build_blending_index)
     return build(normalise_weights(weights), int(size))

@@ -46,7 +46,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megalite import _C
 from megalite.data.index_cache import default_cache_dir, file_identity, load_or_build
 from megalite.errors import MegaliteError
 
@@ -234,6 +233,8 @@ class GPTDataset(torch.utils.data.Dataset):
                        "add_extra_token": extra, "drop_last_partial": drop_last}
 
         def build() -> dict[str, np.ndarray]:
+            from megalite import _C   # where used: mock-data runs need no C++ extension
+
             rng = _C.LegacyRandomState(seed)  # document index first, then the shuffle index
             doc = _C.build_document_index(lo, hi, self.num_epochs, self.separate_final_epoch, rng)
             sample = _C.build_sample_index(sizes, doc, config.seq_length, total, extra,

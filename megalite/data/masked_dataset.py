@@ -37,7 +37,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from megalite import _C
 from megalite.data.gpt_dataset import _prefix_of, check_seed
 from megalite.data.index_cache import default_cache_dir, file_identity, load_or_build
 from megalite.errors import MegaliteError
@@ -197,6 +196,8 @@ class MaskedDataset(torch.utils.data.Dataset):
                        "seed": self.seed, "min_sentences": min_sentences}
 
         def build() -> dict[str, np.ndarray]:
+            from megalite import _C   # where used: mock-data runs need no C++ extension
+
             starts = np.ascontiguousarray(indexed.document_indices[lo:hi + 1], dtype=np.int64)
             rows, stats = _C.build_masked_sample_index(
                 starts, np.asarray(indexed.sequence_lengths), -1 if num_samples is None else

@@ -31,7 +31,11 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = (run_flags.GROUPS + system_flags.
 
 # Flag prefixes refused as a whole: (prefix, reason).
 FAMILIES: list[tuple[str, str]] = [
-    ("--moe-", "mixture-of-experts layers are not implemented"),
+    ("--moe-", "mixture-of-experts options other than megalite's are not implemented "
+               "(megalite's: --num-experts, "
+               "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
+               "--moe-shared-expert-*, --moe-router-load-balancing-type, --moe-aux-loss-coeff, "
+               "--moe-z-loss-coeff, --moe-router-pre-softmax, --moe-expert-capacity-factor)"),
     ("--fp8-", "FP8 training (Transformer Engine) is not implemented; megalite trains in "
                "fp32, bf16 or fp16"),
     ("--fp4-", "FP4 training (Transformer Engine) is not implemented; megalite trains in "

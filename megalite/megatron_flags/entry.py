@@ -44,3 +44,8 @@ def flag(flags: str, kind: str, nargs, text: str, ok=()) -> "MegatronFlag":
     """One entry: ``flags`` space-separated spellings, the rest as in :class:`MegatronFlag`."""
     return MegatronFlag(tuple(flags.split()), kind, nargs, text, tuple(ok))
 
+
+def same_reason(kind: str, nargs, text: str, *flags: str) -> list["MegatronFlag"]:
+    """Entries that share kind, arguments and reason (each of ``flags`` as in :func:`flag`)."""
+    return [flag(f, kind, nargs, text) for f in flags]
+

@@ -2,8 +2,8 @@
 does not implement as such."""
 from __future__ import annotations
 
-from megalite.megatron_flags.entry import (MegatronFlag, flag, ATTENTION, COND, NOTICE,
-                                           OFFLOAD, OVERLAP, REFUSE, SAME)
+from megalite.megatron_flags.entry import (MegatronFlag, flag, same_reason, ATTENTION, COND,
+                                           NOTICE, OFFLOAD, OVERLAP, REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
     ("model", [
@@ -35,8 +35,8 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
              "pre-norm"),
         flag("--fp32-residual-connection", REFUSE, 0, "megalite keeps the residual stream in "
              "the training precision"),
-        flag("--qk-layernorm", REFUSE, 0, "query/key norms are not implemented"),
-        flag("--qk-l2-norm", REFUSE, 0, "query/key norms are not implemented"),
+        flag("--qk-l2-norm", REFUSE, 0, "query/key L2 norms are not implemented (megalite "
+             "has --qk-layernorm)"),
         flag("--qk-clip", REFUSE, 0, "query/key clipping is not implemented"),
         flag("--qk-clip-alpha", REFUSE, None, "query/key clipping is not implemented"),
         flag("--qk-clip-threshold", REFUSE, None, "query/key clipping is not implemented"),
@@ -50,12 +50,10 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
              "implemented"),
         flag("--embedding-init-method-std", REFUSE, None, "megalite initializes the embedding "
              "with --init-method-std"),
-        flag("--init-model-with-meta-device", NOTICE, 0, "megalite builds and initializes the "
-             "model itself"),
-        flag("--use-cpu-initialization", NOTICE, 0, "megalite initializes the same full "
-             "weights on every layout itself"),
-        flag("--no-initialization", NOTICE, 0, "megalite always initializes the weights (a "
-             "--load checkpoint then replaces them)"),
+        *same_reason(NOTICE, 0, "megalite builds the model and initializes the same full "
+                     "weights on every layout itself (a --load checkpoint then replaces them)",
+                     "--init-model-with-meta-device", "--use-cpu-initialization",
+                     "--no-initialization"),
         flag("--apply-query-key-layer-scaling", NOTICE, 0, ATTENTION),
         flag("--disable-bf16-reduced-precision-matmul", NOTICE, 0, "megalite leaves PyTorch's "
              "matmul settings alone"),
@@ -72,14 +70,14 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--no-async-tensor-model-parallel-allreduce "
              "--disable-async-tensor-model-parallel-allreduce", NOTICE, 0, "deprecated and "
              "ignored in Megatron-LM too"),
-        flag("--tp-comm-overlap", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-bulk-wgrad --disable-tp-comm-bulk-wgrad", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-bulk-dgrad --disable-tp-comm-bulk-dgrad", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-overlap-ag --disable-tp-comm-overlap-ag", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-overlap-rs --disable-tp-comm-overlap-rs", NOTICE, 0, OVERLAP),
-        flag("--tp-comm-overlap-rs-dgrad", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-split-ag --disable-tp-comm-split-ag", NOTICE, 0, OVERLAP),
-        flag("--no-tp-comm-split-rs --disable-tp-comm-split-rs", NOTICE, 0, OVERLAP),
+        *same_reason(NOTICE, 0, OVERLAP, "--tp-comm-overlap",
+                     "--no-tp-comm-bulk-wgrad --disable-tp-comm-bulk-wgrad",
+                     "--no-tp-comm-bulk-dgrad --disable-tp-comm-bulk-dgrad",
+                     "--no-tp-comm-overlap-ag --disable-tp-comm-overlap-ag",
+                     "--no-tp-comm-overlap-rs --disable-tp-comm-overlap-rs",
+                     "--tp-comm-overlap-rs-dgrad",
+                     "--no-tp-comm-split-ag --disable-tp-comm-split-ag",
+                     "--no-tp-comm-split-rs --disable-tp-comm-split-rs"),
         flag("--tp-comm-bootstrap-backend", NOTICE, None, OVERLAP),
         flag("--cross-entropy-loss-fusion", NOTICE, 0, "megalite's vocab-parallel cross "
              "entropy is its own (plain PyTorch operations)"),
@@ -88,10 +86,10 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--attention-backend", NOTICE, None, ATTENTION),
         flag("--transformer-impl", NOTICE, None, "megalite's transformer layers are its own "
              "(no Transformer Engine)"),
-        flag("--enable-cuda-graph", NOTICE, 0, "megalite does not capture CUDA graphs"),
-        flag("--external-cuda-graph", NOTICE, 0, "megalite does not capture CUDA graphs"),
-        flag("--cuda-graph-impl", NOTICE, None, "megalite does not capture CUDA graphs"),
-        flag("--cuda-graph-warmup-steps", NOTICE, None, "megalite does not capture CUDA graphs"),
+        *same_reason(NOTICE, 0, "megalite does not capture CUDA graphs",
+                     "--enable-cuda-graph", "--external-cuda-graph"),
+        *same_reason(NOTICE, None, "megalite does not capture CUDA graphs",
+                     "--cuda-graph-impl", "--cuda-graph-warmup-steps"),
         flag("--cuda-graph-scope", NOTICE, "+", "megalite does not capture CUDA graphs"),
         flag("--no-clone-scatter-output-in-embedding "
              "--disable-clone-scatter-output-in-embedding", NOTICE, 0, "megalite's "
@@ -115,13 +113,23 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--mlp-chunks-for-prefill", NOTICE, None, "training does not prefill"),
         flag("--is-hybrid-model", REFUSE, 0, "hybrid (Mamba) models are not implemented"),
         flag("--mrope-section", REFUSE, "+", "multimodal rotary embeddings are not implemented"),
-        flag("--use-fused-weighted-squared-relu", REFUSE, 0, "mixture-of-experts layers are not "
-             "implemented"),
-        flag("--overlap-moe-expert-parallel-comm", REFUSE, 0, "mixture-of-experts layers are "
-             "not implemented"),
-        flag("--ep-overlap-early-attn-memory-release", REFUSE, 0, "mixture-of-experts layers "
-             "are not implemented"),
-        flag("--num-experts", REFUSE, None, "mixture-of-experts layers are not implemented"),
+        flag("--use-fused-weighted-squared-relu", REFUSE, 0, "megalite's experts use the "
+             "model's activation (squared ReLU is not implemented)"),
+        flag("--overlap-moe-expert-parallel-comm", NOTICE, 0, "megalite does not overlap "
+             "the expert all-to-all with computation"),
+        flag("--ep-overlap-early-attn-memory-release", NOTICE, 0, "megalite does not overlap "
+             "the expert all-to-all with computation"),
+        flag("--moe-grouped-gemm", SAME, 0, "megalite computes the experts with one grouped "
+             "GEMM per linear whenever this torch has one for the dtype"),
+        flag("--moe-token-dispatcher-type", NOTICE, None, "megalite dispatches locally, or "
+             "all-to-all with expert parallelism"),
+        flag("--moe-router-dtype", COND, None, "megalite's router runs in fp32", ["fp32"]),
+        flag("--moe-permute-fusion", NOTICE, 0, "megalite has no fused permutation kernels"),
+        flag("--moe-router-fusion", NOTICE, 0, "megalite has no fused router kernels"),
+        flag("--moe-per-layer-logging", NOTICE, 0, "megalite logs the router losses averaged "
+             "over the MoE layers and the tokens per expert summed over them"),
+        flag("--moe-shared-expert-overlap", NOTICE, 0, "megalite runs the shared experts after "
+             "the routed ones"),
         flag("--no-fp8-wgrad --disable-fp8-wgrad", REFUSE, 0, "FP8 training is not implemented"),
         flag("--disable-mamba-mem-eff-path", REFUSE, 0, "hybrid (Mamba) models are not "
              "implemented"),

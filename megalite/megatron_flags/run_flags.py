@@ -114,7 +114,8 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--freeze-all-layers", REFUSE, 0, "freezing layers is not implemented"),
     ]),
     ("regularization", [
-        flag("--apply-wd-to-qk-layernorm", REFUSE, 0, "megalite has no query/key norms"),
+        flag("--apply-wd-to-qk-layernorm", REFUSE, 0, "megalite applies no weight decay to "
+             "norm weights, the query/key norms included (Megatron-LM's default)"),
         flag("--no-weight-decay-cond-type", REFUSE, None, "megalite's weight-decay groups are "
              "fixed (none on biases and norms)"),
         flag("--sgd-momentum", REFUSE, None, "megalite's optimizer is AdamW"),

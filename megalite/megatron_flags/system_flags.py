@@ -2,9 +2,9 @@
 does not implement as such."""
 from __future__ import annotations
 
-from megalite.megatron_flags.entry import (MegatronFlag, flag, COND, FSDP, KERNELS, LOG_ONLY,
-                                           NOTICE, NO_DATALOADER, NUMERICS, OVERLAP,
-                                           REFUSE, SAME)
+from megalite.megatron_flags.entry import (MegatronFlag, flag, same_reason, COND, FSDP,
+                                           KERNELS, LOG_ONLY, NOTICE, NO_DATALOADER,
+                                           OVERLAP, REFUSE, SAME)
 
 GROUPS: list[tuple[str, list[MegatronFlag]]] = [
     ("distributed", [
@@ -21,10 +21,8 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
              "--distributed-timeout-minutes throughout"),
         flag("--overlap-grad-reduce", NOTICE, 0, OVERLAP),
         flag("--no-align-grad-reduce", NOTICE, 0, OVERLAP),
-        flag("--ddp-num-buckets", NOTICE, None, "megalite all-reduces the gradients in its own "
-             "buckets"),
-        flag("--ddp-bucket-size", NOTICE, None, "megalite all-reduces the gradients in its own "
-             "buckets"),
+        *same_reason(NOTICE, None, "megalite all-reduces the gradients in its own buckets",
+                     "--ddp-num-buckets", "--ddp-bucket-size"),
         flag("--ddp-pad-buckets-for-high-nccl-busbw", NOTICE, 0, "megalite all-reduces the "
              "gradients in its own buckets"),
         flag("--ddp-reduce-scatter-with-fp32-accumulation", SAME, 0, "megalite's gradients "
@@ -65,22 +63,20 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--torch-fsdp2-no-reshard-after-forward", REFUSE, 0, FSDP),
         flag("--num-distributed-optimizer-instances", COND, None, "one distributed optimizer "
              "instance over all data-parallel ranks is what megalite implements", ["1"]),
-        flag("--cp-comm-type", NOTICE, "+", "context parallelism is not implemented, so there "
-             "is no context-parallel communication to choose"),
+        flag("--cp-comm-type", NOTICE, "+", "megalite's context parallelism passes keys/values "
+             "around a ring of point-to-point sends (Megatron's p2p)"),
         flag("--fake-process-group", REFUSE, 0, "megalite needs real process groups"),
         flag("--pipeline-model-parallel-comm-backend", NOTICE, None, "megalite's pipeline "
              "uses the default process-group backend"),
-        flag("--context-parallel-size", COND, None, "context parallelism is not implemented",
-             ["1"]),
-        flag("--hierarchical-context-parallel-sizes", REFUSE, "+", "context parallelism is not "
-             "implemented"),
-        flag("--max-seqlen-per-dp-cp-rank", REFUSE, None, "context parallelism is not "
-             "implemented"),
-        flag("--hybrid-context-parallel", REFUSE, 0, "context parallelism is not implemented"),
-        flag("--expert-model-parallel-size", COND, None, "mixture-of-experts layers are not "
-             "implemented", ["1"]),
-        flag("--expert-tensor-parallel-size", REFUSE, None, "mixture-of-experts layers are not "
-             "implemented"),
+        flag("--hierarchical-context-parallel-sizes", REFUSE, "+", "megalite's context "
+             "parallelism is one ring (no hierarchical a2a+p2p)"),
+        flag("--max-seqlen-per-dp-cp-rank", REFUSE, None, "megalite's context parallelism "
+             "splits every sequence evenly (no dynamic per-rank lengths)"),
+        flag("--hybrid-context-parallel", REFUSE, 0, "megalite's context parallelism "
+             "splits every sequence evenly (no hybrid CP)"),
+        flag("--expert-tensor-parallel-size", REFUSE, None, "megalite splits every expert "
+             "over the --tensor-model-parallel-size ranks, as the dense MLP (a separate expert "
+             "tensor-parallel size is not implemented)"),
         flag("--account-for-embedding-in-pipeline-split", REFUSE, 0, "use "
              "--pipeline-layer-split (layers per stage) to leave room for the embedding"),
         flag("--account-for-loss-in-pipeline-split", REFUSE, 0, "use --pipeline-layer-split "
@@ -114,12 +110,9 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--no-mmap-bin-files", NOTICE, 0, "megalite always memory-maps the token files"),
         flag("--sample-rate", REFUSE, None, "is not used by GPT pretraining"),
         flag("--num-workers", NOTICE, None, NO_DATALOADER + " (no worker processes)"),
-        flag("--reset-position-ids", REFUSE, 0, NUMERICS),
-        flag("--reset-attention-mask", REFUSE, 0, NUMERICS),
-        flag("--eod-mask-loss", REFUSE, 0, NUMERICS + " (every token counts in megalite's "
-             "loss)"),
         flag("--no-create-attention-mask-in-dataloader", SAME, 0, "megalite never builds "
-             "attention masks: attention is causal"),
+             "attention masks: attention is causal, or follows per-token document ids with "
+             "--reset-attention-mask"),
         flag("--num-dataset-builder-threads", NOTICE, None, "megalite builds the dataset "
              "indices in C++ on rank 0"),
         flag("--object-storage-cache-path", REFUSE, None, "object storage is not "

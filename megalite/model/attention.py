@@ -9,6 +9,8 @@ groups, d = head width, tp = tensor-parallel size):
   (per group: a/g query heads, one key head, one value head), so the contiguous row split gives
   rank r the groups g*r/tp .. and exactly the query heads that read them: attention needs no
   communication.
+* with ``qk_layernorm`` (Qwen3), each query and key head normalized over d (one [d] weight
+  for q, one for k: :func:`megalite.model.norms.build_head_norm`);
 * rotary embedding on q and k (LLaMA recipe), then
   ``torch.nn.functional.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` on
   [b, a/tp, s, d] queries against [b, g/tp, s, d] keys/values (query head j reads group
@@ -22,7 +24,8 @@ with no mask for one new token (decode), and with an offset causal mask otherwis
 keys arrive already rotated at their absolute positions, so cached keys never change.
 
 Masks. Without a mask the self-attention is causal (``is_causal``, SDPA's fast path) or
-unmasked; a mask, broadcastable to [b, a/tp, q, k], is either bool (True = attend: BERT's key
+unmasked; a :class:`~megalite.model.doc_attention.DocumentMask` (``--reset-attention-mask``)
+keeps each query inside its own document of a packed sample; a tensor mask, broadcastable to [b, a/tp, q, k], is either bool (True = attend: BERT's key
 padding) or an additive float tensor (0 where a key is seen, the dtype's most negative value
 where it is not, plus T5's position bias), built by the model and already holding the causal
 part when there is one. Scores are scaled by ``config.softmax_scale`` (None:
@@ -32,6 +35,11 @@ Cross-attention (:class:`CrossAttention`, encoder-decoder decoders): queries fro
 (``linear_q``), keys and values from the encoder output (``linear_kv``, whose full weight is
 stored per key/value group as [k_g; v_g], so a contiguous row split gives each rank whole
 groups), computed once per sequence when generating.
+
+Context parallelism (``ps.cp_size > 1``, training only): the queries, keys and values are
+this rank's two chunks of the sequence, and causal self-attention runs as a ring over the CP
+group (:func:`megalite.parallel.context_parallel.ring_attention`, which keeps only its inputs,
+output and log-sum-exp for backward, so selective recompute has nothing to add there).
 
 Attention dropout acts on a tensor split by heads, so it draws from the tracker's
 "model-parallel" stream (different masks on different ranks). Selective recompute wraps the
@@ -47,8 +55,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalite.model.config import TransformerConfig
+from megalite.model.doc_attention import DocumentMask
+from megalite.model.norms import build_head_norm
 from megalite.model.positions import apply_rotary
 from megalite.parallel.context import ModelContext
+from megalite.parallel.context_parallel import RingDocuments, ring_attention
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megalite.parallel.random import checkpoint, eager
 
@@ -67,6 +78,7 @@ class _HeadsMixin:
         self.dropout = c.attention_dropout
         self.scale = c.softmax_scale
         self.selective_recompute = c.recompute_granularity == "selective"
+        self.cp_ps = ctx.ps if ctx.ps.cp_size > 1 else None     # context parallelism: a ring
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
               dropout: float = 0.0) -> Tensor:
@@ -76,12 +88,16 @@ class _HeadsMixin:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Training/eval attention (selective recompute when asked) -> [b, a/tp, q, d]."""
-        # eager (a graph break under --compile): recompute and dropout replay RNG states
+        # eager (a graph break under --compile): the ring's p2p collectives, per-document
+        # attention (data-dependent splits), and recompute and dropout, which replay RNG states
+        if self.cp_ps is not None and self.causal and (mask is None
+                                                        or isinstance(mask, RingDocuments)):
+            return eager(ring_attention, q, k, v, self.cp_ps, self.scale, mask)
         if self.selective_recompute and torch.is_grad_enabled():
             if mask is None:
                 return eager(checkpoint, self.core, self.rng_tracker, q, k, v)
             return eager(checkpoint, self.core, self.rng_tracker, q, k, v, mask)
-        if self.training and self.dropout > 0:
+        if (self.training and self.dropout > 0) or isinstance(mask, DocumentMask):
             return eager(self.core, q, k, v, mask)
         return self.core(q, k, v, mask)
 
@@ -92,6 +108,8 @@ class _HeadsMixin:
         p = self.dropout if self.training else 0.0
         ctx = self.rng_tracker.fork() if p > 0 else contextlib.nullcontext()
         with ctx:
+            if isinstance(mask, DocumentMask):        # packed documents (doc_attention.py)
+                return mask.attend(q, k, v, self.scale, p)
             return self._sdpa(q, k, v, mask, self.causal, p)
 
     def _output(self, ctx: Tensor) -> Tensor:
@@ -118,6 +136,8 @@ class Attention(_HeadsMixin, nn.Module):
         self.linear_proj = RowParallelLinear(
             c.num_attention_heads * c.head_dim, c.hidden_size, ctx, bias=c.add_bias_linear,
             input_is_parallel=True, sequence_parallel=c.sequence_parallel)
+        if c.qk_layernorm:
+            self.q_layernorm, self.k_layernorm = build_head_norm(c, ctx), build_head_norm(c, ctx)
 
     def cached_core(self, q: Tensor, k: Tensor, v: Tensor, kv_cache,
                     mask: Tensor | None = None) -> Tensor:
@@ -148,6 +168,8 @@ class Attention(_HeadsMixin, nn.Module):
         q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, self.local_heads, self.head_dim)
         k = qkv[:, :, :, self.heads_per_group]                  # [s, b, g/tp, d]
         v = qkv[:, :, :, self.heads_per_group + 1]
+        if hasattr(self, "q_layernorm"):                        # per head, before RoPE
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # -> [b, n, s, d]

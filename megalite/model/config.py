@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from megalite.errors import MegaliteError
+from megalite.model import moe_config
 
 MODEL_TYPES = ("gpt", "bert", "t5")
 NORM_PLACEMENTS = ("pre", "post")
@@ -104,6 +105,10 @@ class TransformerConfig:
     """Biases on the QKV, attention output and both MLP linears (classic: True, LLaMA: False)."""
     add_qkv_bias: bool = False
     """A bias on the QKV projection even without add_bias_linear (Qwen2: True)."""
+    qk_layernorm: bool = False
+    """Normalize every query and key head over head_dim (``normalization``, its own weight of
+    [head_dim] for q and for k) before the rotary embedding: Megatron-LM's ``--qk-layernorm``,
+    Qwen3's q_norm / k_norm. Self-attention only (GPT and BERT models)."""
     untie_embeddings_and_output_weights: bool = False
     """False: logits use the word-embedding matrix (tied, GPT-2). True: a separate output layer."""
     hidden_dropout: float = 0.0
@@ -160,6 +165,31 @@ class TransformerConfig:
     decoder_start_token_id: int | None = None
     """model_type "t5": the first decoder input when generating; None means the tokenizer's
     [BOS] (what megalite's T5 data starts the decoder with). Hugging Face T5: 0 (its pad)."""
+    # ---- mixture of experts (megalite.model.moe; validated in megalite.model.moe_config) ----
+    num_experts: int | None = None
+    """Experts per MoE layer (``--num-experts``); None: a dense model."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to, k (``--moe-router-topk``)."""
+    moe_ffn_hidden_size: int | None = None
+    """Inner width of each expert (``--moe-ffn-hidden-size``); None means ffn_size."""
+    moe_layer_freq: int | list[int] = 1
+    """Which layers are MoE (``--moe-layer-freq``): N (layer i is MoE when i % N == 0) or a
+    list of 0/1 per layer (1: MoE)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Width of the shared expert(s) every token also goes through; None: none."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x . w) per token (Qwen2-MoE)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """"aux_loss", "seq_aux_loss" or "none" (megalite.model.router)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the load-balancing loss (0: off)."""
+    moe_z_loss_coeff: float | None = None
+    """Coefficient of the router z-loss (None: off)."""
+    moe_router_pre_softmax: bool = False
+    """Weights = the softmax scores of the selected experts as they are; False: renormalised
+    over the top k (Mixtral, Qwen3-MoE's norm_topk_prob)."""
+    moe_expert_capacity_factor: float | None = None
+    """Drop assignments beyond ceil(factor * T * k / E) per expert; None: dropless."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,6 +209,15 @@ class TransformerConfig:
     def ffn_size(self) -> int:
         """MLP inner width (ffn_hidden_size or 4 * hidden_size)."""
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def moe_ffn_size(self) -> int:
+        """Inner width of each expert (moe_ffn_hidden_size or ffn_size)."""
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    def is_moe_layer(self, i: int) -> bool:
+        """True when layer ``i`` (0-based) has experts instead of the dense MLP."""
+        return moe_config.is_moe_layer(self, i)
 
     @property
     def training_seq_length(self) -> int:
@@ -259,6 +298,10 @@ class TransformerConfig:
         if self.activation not in ACTIVATIONS:
             bad(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         self._validate_encoder_decoder(bad)
+        if self.qk_layernorm and self.is_encoder_decoder:
+            bad("qk_layernorm: the encoder-decoder's cross-attention has no query/key norms "
+                "(GPT and BERT models only)")
+        moe_config.validate(self, bad)
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
             bad(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, "
                 f"got {self.recompute_granularity!r}")
@@ -345,6 +388,7 @@ class TransformerConfig:
             bad(f"num_query_groups={self.query_groups} is not divisible by {tp_size}")
         if self.ffn_size % tp_size:
             bad(f"ffn_hidden_size={self.ffn_size} is not divisible by {tp_size}")
+        moe_config.validate_parallel(self, tp_size, bad)
         if self.sequence_parallel and seq_length is not None and seq_length % tp_size:
             bad(f"--sequence-parallel needs the sequence length ({seq_length}) divisible by "
                 f"{tp_size}")

@@ -34,6 +34,10 @@ keys and values; the output layer on the s target tokens:
                     + s * ( L_d * [2h(a+2g)d + 2ads + 2adh + 2had + 4adt + 2adh + 2mhf]
                             + 2hV ) )
 
+Mixture-of-experts layers (``num_experts`` E, top-k, expert width f_e, shared experts of
+width f_s): only the *active* parameters count, each token's k experts and the shared ones,
+so the MLP term 2mhf becomes 2mh(k f_e + f_s), plus the router's 2hE (and 2h for a shared
+expert gate); dropped assignments (capacity factor) are counted as if computed.
 Not counted: activation recompute (these are *model* FLOPs, the MFU convention, not hardware
 FLOPs), norms, softmax, activations, RoPE, the embedding lookup and the loss (all O(h) per
 token, not GEMMs). For LLaMA-2-7B at s=4096 this is the familiar 6*N_dense + 6*L*s*h per token.
@@ -69,12 +73,24 @@ def _layer_flops(config: TransformerConfig, score_flops: int) -> int:
             + 2 * mlp_mats * h * f)           # MLP
 
 
+def _moe_correction(config: TransformerConfig) -> int:
+    """Forward FLOPs per token an MoE layer adds to :func:`_layer_flops` (module doc): the
+    active experts and shared experts instead of the dense MLP, plus the router."""
+    h, e = config.hidden_size, config.num_experts
+    mats = 3 if config.activation in GATED_ACTIVATIONS else 2
+    active = config.moe_router_topk * config.moe_ffn_size + (
+        config.moe_shared_expert_intermediate_size or 0)
+    gate = 2 * h if config.moe_shared_expert_gate else 0
+    return 2 * mats * h * (active - config.ffn_size) + 2 * h * e + gate
+
+
 def _layers_flops_per_token(config: TransformerConfig, seq_length: int, causal: bool) -> float:
     """Forward GEMM FLOPs of the L transformer layers for one token (see module doc)."""
     a, d = config.num_attention_heads, config.head_dim
     # Q K^T and P V: 4*a*d*s for the whole s x s matrix, half of it causal
-    return float(config.num_layers * _layer_flops(config, (2 if causal else 4) * a * d *
-                                                  seq_length))
+    dense = config.num_layers * _layer_flops(config, (2 if causal else 4) * a * d * seq_length)
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    return float(dense + moe_layers * (_moe_correction(config) if moe_layers else 0))
 
 
 def gpt_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> float:

@@ -28,8 +28,25 @@ def build_norm(config: TransformerConfig, ctx: ModelContext) -> nn.Module:
     Uses torch's own ``nn.LayerNorm`` (weight and bias) and ``nn.RMSNorm`` (weight only), which
     match Hugging Face's GPT-2 and LLaMA norms to float32 rounding.
     """
-    h, eps = config.hidden_size, config.layernorm_epsilon
-    kw = dict(eps=eps, device=ctx.device, dtype=ctx.dtype)
-    norm = nn.LayerNorm(h, **kw) if config.normalization == "LayerNorm" else nn.RMSNorm(h, **kw)
-    mark_replicated(norm, config.sequence_parallel)
+    return _norm(config, ctx, config.hidden_size, config.sequence_parallel)
+
+
+def build_head_norm(config: TransformerConfig, ctx: ModelContext) -> nn.Module:
+    """``config.normalization`` over ``config.head_dim``, the query/key norm of
+    ``qk_layernorm``: input [..., heads, d] -> the same shape, each head normalized alone.
+
+    Its weight [d] is replicated on every tp rank, but each rank applies it to its own heads
+    only, so with tp > 1 each rank's gradient is a partial sum (with or without sequence
+    parallelism): it is marked like the norm weights under SP and summed over tp by the same
+    collective.
+    """
+    return _norm(config, ctx, config.head_dim, ctx.ps.tp_size > 1)
+
+
+def _norm(config: TransformerConfig, ctx: ModelContext, width: int,
+          partial_grad: bool) -> nn.Module:
+    kw = dict(eps=config.layernorm_epsilon, device=ctx.device, dtype=ctx.dtype)
+    norm = (nn.LayerNorm(width, **kw) if config.normalization == "LayerNorm"
+            else nn.RMSNorm(width, **kw))
+    mark_replicated(norm, partial_grad)
     return norm

@@ -122,6 +122,16 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                                # [s, d]
         return emb.cos()[:, None, None, :], emb.sin()[:, None, None, :]
 
+    def at(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of per-token positions ``position_ids`` [b, s] (packed documents with
+        ``--reset-position-ids``), each [s, b, 1, head_dim] float32; the same angles as
+        :meth:`forward` gives a position."""
+        inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling,
+                                 device=position_ids.device, **self.scaling_args)  # [d/2]
+        freqs = position_ids.t().float()[..., None] * inv_freq                   # [s, b, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]                   # [s, b, 1, d]
+        return emb.cos(), emb.sin()
+
 
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -129,7 +139,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate heads ``x`` [s, b, n, d] by the angles behind (cos, sin) [s, 1, 1, d].
+    """Rotate heads ``x`` [s, b, n, d] by the angles behind (cos, sin) [s, 1, 1, d] (or
+    [s, b, 1, d]: per-token positions).
 
     Math in float32, result in x's dtype.
     """

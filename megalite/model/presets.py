@@ -11,6 +11,18 @@ gpt2-small     GPT-2 124M: 12 layers, h=768, 12 heads, vocab 50257, 1024 positio
 llama2-7b      exactly LLaMA-2-7B: 32 layers, h=4096, 32 heads, ffn 11008, vocab 32000 6,738,415,616
 llama3.1-8b    exactly Llama-3.1-8B: 32 layers, h=4096, 32 heads / 8 kv groups, ffn   8,030,261,248
                14336, vocab 128256, theta 500000, llama3 rope scaling x8, 131072 positions
+mixtral-8x7b   exactly Mixtral-8x7B: 32 layers, h=4096, 32 heads / 8 kv groups, 8     46,702,792,704
+               experts of ffn 14336, top-2, vocab 32000, theta 1e6, 32768 positions   (12,879,925,248
+                                                                                       active)
+tiny-moe       LLaMA recipe with Qwen-MoE-style layers: 2 layers, h=64, 8 experts of   ~0.2M
+               width 32, top-4, a gated shared expert of width 64, vocab 1000
+qwen3-moe-     exactly a small ``Qwen3MoeForCausalLM``: 3 layers (the middle one       425,600
+tiny           dense: ``mlp_only_layers=[1]``), h=64, 4 heads / 2 kv groups of         (278,144
+               width 32, query/key norms, 16 experts of width 32, top-4                active)
+               renormalised, dense ffn 128, vocab 1000, theta 1e6, eps 1e-6
+qwen3-30b-a3b  exactly Qwen3-30B-A3B: 48 layers, h=2048, 32 heads / 4 kv groups of     30,532,122,624
+               width 128, query/key norms, 128 experts of width 768, top-8             (3,353,032,704
+               renormalised, vocab 151936, theta 1e6, 40960 positions                  active)
 tiny-bert      BERT, pre-norm (Megatron's), 2 layers, h=64, 4 heads, vocab 1000, 128     ~0.2M
                positions, binary head
 bert-base      exactly BERT-Base (post-norm, as ``BertForPreTraining`` of bert-base-       110,106,428
@@ -100,6 +112,33 @@ _BUILDERS = {
                                   rope_scaling="llama3", rope_scaling_factor=8.0,
                                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                                   rope_original_max_position_embeddings=8192),
+    # Mixtral 8x7B (MixtralForCausalLM): 8 experts of SwiGLU width 14336, top-2, renormalised
+    "mixtral-8x7b": lambda: _llama(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                   num_query_groups=8, ffn_hidden_size=14336, vocab_size=32000,
+                                   max_position_embeddings=32768, rotary_base=1e6,
+                                   num_experts=8, moe_router_topk=2),
+    # a small MoE of Qwen-MoE shape: many narrow experts, top-4, shared expert with its gate
+    "tiny-moe": lambda: _llama(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               num_query_groups=2, ffn_hidden_size=128, vocab_size=1000,
+                               max_position_embeddings=128, seq_length=64, num_experts=8,
+                               moe_router_topk=4, moe_ffn_hidden_size=32,
+                               moe_shared_expert_intermediate_size=64,
+                               moe_shared_expert_gate=True, moe_aux_loss_coeff=1e-3),
+    # Qwen3-MoE (Qwen3MoeForCausalLM): query/key norms, head width above h / heads, many
+    # narrow experts renormalised over the top k, no shared expert, RMSNorm eps 1e-6
+    "qwen3-moe-tiny": lambda: _llama(num_layers=3, hidden_size=64, num_attention_heads=4,
+                                     num_query_groups=2, kv_channels=32, ffn_hidden_size=128,
+                                     vocab_size=1000, max_position_embeddings=128,
+                                     seq_length=64, rotary_base=1e6, layernorm_epsilon=1e-6,
+                                     qk_layernorm=True, num_experts=16, moe_router_topk=4,
+                                     moe_ffn_hidden_size=32, moe_layer_freq=[1, 0, 1],
+                                     moe_aux_loss_coeff=1e-3),
+    "qwen3-30b-a3b": lambda: _llama(num_layers=48, hidden_size=2048, num_attention_heads=32,
+                                    num_query_groups=4, kv_channels=128, ffn_hidden_size=6144,
+                                    vocab_size=151936, max_position_embeddings=40960,
+                                    rotary_base=1e6, layernorm_epsilon=1e-6, qk_layernorm=True,
+                                    num_experts=128, moe_router_topk=8,
+                                    moe_ffn_hidden_size=768, moe_aux_loss_coeff=1e-3),
     "tiny-bert": lambda: _bert(num_layers=2, hidden_size=64, num_attention_heads=4,
                                vocab_size=1000, max_position_embeddings=128, seq_length=64,
                                norm_placement="pre", layernorm_epsilon=1e-5),

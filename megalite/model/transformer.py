@@ -33,6 +33,7 @@ from megalite.model import weights
 from megalite.model.attention import Attention, CrossAttention
 from megalite.model.config import TransformerConfig
 from megalite.model.mlp import MLP
+from megalite.model.moe import MoELayer
 from megalite.model.norms import build_norm, mark_replicated
 from megalite.model.positions import RotaryEmbedding, SinusoidalPositions
 from megalite.parallel.comm import reduce_scatter_to_sequence_parallel_region
@@ -102,23 +103,29 @@ class Embedding(nn.Module):
         return t[self.ps.tp_rank * local:(self.ps.tp_rank + 1) * local]
 
     def forward(self, input_ids: Tensor, position_offset: int = 0,
-                tokentype_ids: Tensor | None = None) -> Tensor:
+                tokentype_ids: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
         """``position_offset``: absolute position of ``input_ids[:, 0]`` (tokens already in an
         inference KV cache; 0 in training). ``tokentype_ids`` [b, s]: ids below the table's
-        size (None: type 0 everywhere), used when the embedding has a token-type table."""
+        size (None: type 0 everywhere), used when the embedding has a token-type table.
+        ``position_ids`` [b, s]: per-token positions instead (packed documents,
+        :mod:`megalite.model.doc_attention`)."""
         s = input_ids.shape[1]
         x = self.word_embeddings(input_ids).transpose(0, 1).contiguous()   # [s, b, h]
-        positions = self._local(torch.arange(position_offset, position_offset + s,
-                                             device=input_ids.device))
+        if position_ids is None:
+            positions = self._local(torch.arange(position_offset, position_offset + s,
+                                                 device=input_ids.device))[:, None]  # [s, 1]
+        else:
+            positions = self._local(position_ids.t())                          # [s, b]
         if self.sp:
             x = reduce_scatter_to_sequence_parallel_region(x, self.ps)     # [s/tp, b, h]
         if self.config.scale_embedding:
             x = x * math.sqrt(self.config.hidden_size)
         kind = self.config.position_embedding_type
         if kind == "learned_absolute":
-            x = x + self.position_embeddings(positions)[:, None, :]
+            x = x + self.position_embeddings(positions)
         elif kind == "sinusoidal":
-            x = x + self.sinusoidal.table[positions][:, None, :].to(x.dtype)
+            x = x + self.sinusoidal.table[positions].to(x.dtype)
         if hasattr(self, "tokentype_embeddings"):
             if tokentype_ids is None:
                 tokentype_ids = torch.zeros_like(input_ids)
@@ -134,6 +141,7 @@ class TransformerLayer(nn.Module):
     memory=None, memory_mask=None) -> [s, b, h]``; pre- or post-norm (module doc); ``causal``
     self-attention or not, with ``attention_mask`` (:mod:`megalite.model.attention`) when given.
 
+    ``moe``: a mixture-of-experts layer (:class:`~megalite.model.moe.MoELayer` as its ``mlp``).
     ``cross_attention``: a decoder layer of an encoder-decoder model, whose cross-attention
     (``cross_attention_norm``, ``cross_attention``; between the self-attention and the MLP)
     attends to ``memory`` (the encoder output [t, b, h]) under ``memory_mask``. With a
@@ -142,7 +150,7 @@ class TransformerLayer(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, ctx: ModelContext, causal: bool = True,
-                 cross_attention: bool = False):
+                 cross_attention: bool = False, moe: bool = False):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.post_norm = config.norm_placement == "post"
@@ -154,7 +162,8 @@ class TransformerLayer(nn.Module):
             self.cross_attention_norm = build_norm(config, ctx)
             self.cross_attention = CrossAttention(config, ctx)
         self.post_attention_norm = build_norm(config, ctx)
-        self.mlp = MLP(config, ctx)
+        # an MoE layer (--moe-layer-freq) has experts instead of the dense MLP
+        self.mlp = MoELayer(config, ctx) if moe else MLP(config, ctx)
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
                 kv_cache=None, attention_mask: Tensor | None = None,
@@ -309,15 +318,20 @@ class TransformerModelBase(ModelChunk):
         # A ModuleDict keyed by the global layer id keeps state-dict names stage-independent.
         lo, hi = self.layer_range
         meta = ctx.on_meta()
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(self.config, meta, self.causal)
-                                     for i in range(lo, hi)})
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(self.config, meta, self.causal,
+                                     moe=self.config.is_moe_layer(i))
+            for i in range(lo, hi)})
 
     def _run_layers(self, x: Tensor, s: int, offset: int = 0, kv_cache=None,
-                    attention_mask: Tensor | None = None) -> Tensor:
+                    attention_mask=None, position_ids: Tensor | None = None) -> Tensor:
         """This chunk's layers over ``x`` [s, b, h] ([s/tp, b, h] with SP) of a sequence of
-        ``s`` tokens at absolute positions ``offset..``; full recompute when configured."""
+        ``s`` tokens at absolute positions ``offset..`` (or at ``position_ids`` [b, s]: packed
+        documents); full recompute when configured."""
         cos = sin = None
-        if self.rotary is not None:
+        if self.rotary is not None and position_ids is not None:
+            cos, sin = self.rotary.at(position_ids)
+        elif self.rotary is not None:
             cos, sin = self.rotary(offset + s, device=x.device)
             cos, sin = cos[offset:], sin[offset:]             # the angles of positions offset..
         full_recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
@@ -338,6 +352,15 @@ class TransformerModelBase(ModelChunk):
                                     f"{tuple(inputs.shape)}")
             return inputs.shape[1]
         return inputs.shape[0] * (self.ps.tp_size if self.sequence_parallel else 1)
+
+    def _cp_positions(self, s: int, device) -> Tensor | None:
+        """Context parallelism: the global positions [s] of this rank's ``s`` tokens (its two
+        chunks of a sequence of ``s * cp``); None without it."""
+        if self.ps.cp_size == 1:
+            return None
+        from megalite.parallel.context_parallel import local_indices
+
+        return local_indices(s * self.ps.cp_size, self.ps.cp_size, self.ps.cp_rank, device)
 
     def _check_seq(self, s: int) -> None:
         if s > self.config.max_position_embeddings:

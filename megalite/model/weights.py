@@ -35,7 +35,8 @@ from megalite.parallel.sharding import (full_shape, gather_full_tensor, init_par
 __all__ = ["WORD_EMBEDDINGS", "POSITION_EMBEDDINGS", "OUTPUT_LAYER", "OUTPUT_BIAS",
            "VOCAB_TENSORS", "FINAL_NORM", "TOKENTYPE_EMBEDDINGS", "EMBEDDING_NORM",
            "LM_HEAD_DENSE", "LM_HEAD_NORM", "POOLER", "BINARY_HEAD", "INPUT_NORM",
-           "POST_ATTENTION_NORM", "LINEAR_QKV", "LINEAR_PROJ", "LINEAR_FC1", "LINEAR_FC2",
+           "POST_ATTENTION_NORM", "LINEAR_QKV", "LINEAR_PROJ", "Q_LAYERNORM", "K_LAYERNORM",
+           "LINEAR_FC1", "LINEAR_FC2",
            "ENCODER", "DECODER", "RELATIVE_POSITION_BIAS", "CROSS_ATTENTION_NORM",
            "CROSS_LINEAR_Q", "CROSS_LINEAR_KV", "CROSS_LINEAR_PROJ", "layer_prefix",
            "fit_vocab_rows",
@@ -66,6 +67,7 @@ BINARY_HEAD = "binary_head"
 INPUT_NORM = "input_norm"
 LINEAR_QKV = "attention.linear_qkv"
 LINEAR_PROJ = "attention.linear_proj"
+Q_LAYERNORM, K_LAYERNORM = "attention.q_layernorm", "attention.k_layernorm"   # qk_layernorm
 POST_ATTENTION_NORM = "post_attention_norm"
 LINEAR_FC1 = "mlp.linear_fc1"
 LINEAR_FC2 = "mlp.linear_fc2"
@@ -79,7 +81,8 @@ CROSS_LINEAR_KV = "cross_attention.linear_kv"
 CROSS_LINEAR_PROJ = "cross_attention.linear_proj"
 # The linears writing into the residual stream: drawn with std / sqrt(2 L) (the suffix also
 # matches the cross-attention's output projection).
-_RESIDUAL_OUTPUTS = (LINEAR_PROJ + ".weight", LINEAR_FC2 + ".weight")
+# "linear_fc2.weight" also matches the MoE experts' and shared experts' second linears.
+_RESIDUAL_OUTPUTS = (LINEAR_PROJ + ".weight", "linear_fc2.weight")
 
 
 def layer_prefix(i: int) -> str:

@@ -9,7 +9,10 @@ Which rank holds what (see ``megalite.parallel.layers``):
 * the last pipeline stage's copy of a tied word embedding (``shared_embedding``): after the
   embedding-group sum it equals the first stage's copy, which is counted there; never here;
 * data-parallel replicas hold identical (averaged) gradients: the sum runs over the
-  model-parallel (tp x pp) group only.
+  model-parallel (tp x pp) group only;
+* expert parameters (``is_expert``, with expert parallelism): each rank of the expert-parallel
+  group holds different experts, so their squared norms (and inf/nan flag) are first summed over
+  ``ps.ep_group``, then join the tp x pp sum like the rest.
 
 The squared norms are summed over ``ps.mp_group``; the result is the same float on every rank
 of the world, so decisions taken from it (skip on inf/nan, the clip factor) agree everywhere.
@@ -47,6 +50,8 @@ def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: Para
     """
     params, grads = list(params), list(grads)
     device = grads[0].device if grads else torch.device("cpu")
+    if getattr(ps, "ep_size", 1) > 1:
+        return _norm_with_expert_parallelism(params, grads, ps, device)
     norms = [torch.linalg.vector_norm(g.detach().float(), 2.0)
              for p, g in zip(params, grads) if counts_toward_norm(p, ps)]
     local = (torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms
@@ -63,6 +68,38 @@ def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: Para
     total = torch.stack([local.double() ** 2, bad.to(local.device)])
     dist.all_reduce(total, group=ps.mp_group)
     if total[1] > 0:
+        return float("inf")
+    return math.sqrt(float(total[0]))
+
+
+def _squared_norm_and_flag(params: list[Tensor], grads: list[Tensor], ps: ParallelState,
+                           device) -> Tensor:
+    """[sum of the counted gradients' squared norms, 1.0 if any gradient is inf/nan] (fp64)."""
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    bad = torch.zeros((), dtype=torch.float64, device=device)
+    for p, g in zip(params, grads):
+        if counts_toward_norm(p, ps):
+            sq = sq + torch.linalg.vector_norm(g.detach().float(), 2.0).double() ** 2
+        else:
+            bad = torch.maximum(bad, torch.isfinite(g).all().logical_not().double())
+    return torch.stack([sq, bad])
+
+
+def _norm_with_expert_parallelism(params: list[Tensor], grads: list[Tensor], ps: ParallelState,
+                                  device) -> float:
+    """The global norm when experts are split over ``ps.ep_group``: expert squared norms are
+    summed over it first, then everything over tp x pp (see the module docstring)."""
+    expert = [getattr(p, "is_expert", False) for p in params]
+    dense = _squared_norm_and_flag([p for p, e in zip(params, expert) if not e],
+                                   [g for g, e in zip(grads, expert) if not e], ps, device)
+    moe = _squared_norm_and_flag([p for p, e in zip(params, expert) if e],
+                                 [g for g, e in zip(grads, expert) if e], ps, device)
+    dist.all_reduce(moe, group=ps.ep_group)
+    total = dense + moe
+    if ps.mp_group is not None and len(ps.mp_group_ranks) > 1:
+        dist.all_reduce(total, group=ps.mp_group)
+    # a non-finite counted norm shows up in the squared sum itself
+    if total[1] > 0 or not math.isfinite(float(total[0])):
         return float("inf")
     return math.sqrt(float(total[0]))
 

@@ -17,6 +17,10 @@ stage  layouts                   how megalite drives it
                                  fp32, bf16 or fp16 (gradients accumulated and reduced in fp32)
 =====  ========================  ==========================================================
 
+Expert parallelism (``--expert-model-parallel-size`` > 1) with stages 1 and 2: the expert
+shadows go to DeepSpeed's MoE path, partitioned and reduced over megalite's expert-data-parallel
+group (:mod:`megalite.optim.zero_experts`); stage 3 with expert parallelism is refused.
+
 fp16: DeepSpeed's dynamic loss scaler owns the scale (set from megalite's flags; megalite's
 rule but for the timing of the first doubling, see ``deepspeed_setup._fp16_section``). Stages
 1/2: the schedule multiplies the loss by that scale (:attr:`ZeroOptimizer.loss_scale`), so the
@@ -58,6 +62,8 @@ from megalite.errors import MegaliteError
 from megalite.optim.deepspeed_setup import (allow_fp16_on_cpu, DeepSpeedMpu, deepspeed_config,
                                             validate_zero, without_shm_inference_op)
 from megalite.optim.base import StepResult, TrainingOptimizer, attach_main_grads
+from megalite.optim.zero_experts import (expert_marker, refuse_unsupported,
+                                         register_expert_groups, split_expert_groups)
 from megalite.optim.zero_state import ParamStateLoader, portable_index
 from megalite.parallel.grad_sync import sync_model_grads
 
@@ -87,6 +93,8 @@ class ZeroOptimizer(TrainingOptimizer):
                                          micro_batch_size=micro_batch_size,
                                          global_batch_size=global_batch_size)
         validate_zero(stage, ps, precision)
+        ep_size = getattr(ps, "ep_size", 1)
+        refuse_unsupported(stage, ep_size, config["zero_optimization"])
         if stage == 0:
             raise MegaliteError("ZeroOptimizer needs --zero-stage 1, 2 or 3")
         import deepspeed  # heavy import, only when ZeRO is used
@@ -124,13 +132,16 @@ class ZeroOptimizer(TrainingOptimizer):
                 s.tensor_model_parallel = getattr(p, "tensor_parallel_dim", None) is not None
                 if getattr(p, "shared_embedding", False):
                     s.ds_pipe_replicated = True
-            module = _ShadowModule(self.shadows)
-            sizes = [len(g["params"]) for g in groups]
-            opt_groups, i = [], 0
-            for g, n in zip(groups, sizes):
-                opt_groups.append({"params": self.shadows[i:i + n],
-                                   "weight_decay": g["weight_decay"]})
-                i += n
+            shadow_of = {id(p): s for p, s in zip(self.params, self.shadows)}
+            opt_groups = [{"params": [shadow_of[id(p)] for p in g["params"]],
+                           "weight_decay": g["weight_decay"]} for g in groups]
+            marker = None
+            if ep_size > 1:    # expert shadows go to DeepSpeed's MoE path (zero_experts)
+                experts = {id(s) for p, s in zip(self.params, self.shadows)
+                           if getattr(p, "is_expert", False)}
+                opt_groups = split_expert_groups(opt_groups, experts, register_expert_groups(ps))
+                marker = expert_marker(len(experts))
+            module = _ShadowModule(self.shadows, marker)
             if self.half:
                 self._grad_buffers = [torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                                       for p in self.params]
@@ -358,9 +369,11 @@ def _route_forward_through_engine(model: nn.Module, engine) -> None:
 class _ShadowModule(nn.Module):
     """Holds the shadow parameters so DeepSpeed can wrap them; never called forward."""
 
-    def __init__(self, shadows: list[nn.Parameter]):
+    def __init__(self, shadows: list[nn.Parameter], expert_marker: nn.Module | None = None):
         super().__init__()
         self.shadows = nn.ParameterList(shadows)
+        if expert_marker is not None:
+            self.expert_groups = expert_marker
 
     def forward(self, *args, **kwargs):  # pragma: no cover - DeepSpeed only needs parameters
         raise MegaliteError("the ZeRO shadow module is not a model")

@@ -15,6 +15,12 @@ After the last microbatch of a step, :func:`sync_model_grads` (what the optimize
    ``bucket_bytes`` (one all-reduce per bucket instead of one per parameter: per-call latency
    dominates for the many small tensors of a transformer), all buckets in flight at once.
 
+   With expert parallelism, expert parameters (marked ``is_expert`` by the MoE layer) differ
+   between the ranks of an expert-parallel group, so they are summed over
+   ``ps.expert_dp_group`` instead (the ranks holding the same experts) and divided by the full
+   dp size, as each expert's gradient already holds the whole EP group's tokens:
+   :func:`allreduce_expert_gradients`.
+
 All three are sums (or a mean), so their order does not matter mathematically, and all three
 use one flat all-reduce, :class:`FlatAllReduce`: the tensors of a list are reduced as one 1-D
 buffer, in place when they already lie back to back in one storage (the optimizer's flat fp32
@@ -22,6 +28,10 @@ buffer, in place when they already lie back to back in one storage (the optimize
 ``finish`` (wait, average, unpack) are separate so that a per-bucket hook can later start a
 data-parallel bucket as soon as its last gradient is accumulated (overlap with backward) while
 ``finish`` stays where :func:`sync_model_grads` runs.
+
+With context parallelism (:mod:`megalite.parallel.context_parallel`) the gradients are first
+averaged over ``ps.cp_group`` (:func:`allreduce_context_parallel_grads`): each CP rank's loss
+is the mean over its own part of every sequence.
 
 Each function touches no rank outside its group and is a no-op when its group has one member.
 """
@@ -35,8 +45,10 @@ from torch import Tensor, nn
 
 from megalite.distributed.parallel_state import ParallelState
 
-__all__ = ["FlatAllReduce", "allreduce_gradients", "allreduce_embedding_grads",
-           "allreduce_sequence_parallel_grads", "sync_model_grads", "tied_embedding_params"]
+__all__ = ["FlatAllReduce", "allreduce_gradients", "allreduce_expert_gradients",
+           "split_expert_grads", "allreduce_embedding_grads",
+           "allreduce_sequence_parallel_grads", "allreduce_context_parallel_grads",
+           "sync_model_grads", "tied_embedding_params"]
 
 
 def _flat_view(tensors: list[Tensor]) -> Tensor | None:
@@ -125,6 +137,33 @@ def allreduce_gradients(grads: list[Tensor], ps: ParallelState, *, average: bool
 
 
 @torch.no_grad()
+def allreduce_expert_gradients(grads: list[Tensor], ps: ParallelState, *,
+                               bucket_bytes: int = 25 * 2**20) -> None:
+    """Average the expert parameters' ``grads`` in place: sum over ``ps.expert_dp_group`` (the
+    ranks holding the same experts), divided by ``ps.dp_size`` (each rank's expert gradient
+    already sums the tokens of its whole expert-parallel group, i.e. ep_size dp shares)."""
+    if not grads or ps.dp_size == 1:
+        return
+    if ps.expert_dp_size == 1:
+        torch._foreach_div_(grads, ps.dp_size)
+        return
+    pending = [FlatAllReduce(bucket, ps.expert_dp_group, ps.dp_size).start()
+               for bucket in _buckets(grads, bucket_bytes)]
+    for reduction in pending:
+        reduction.finish()
+
+
+def split_expert_grads(params: list[Tensor], grads: list[Tensor]
+                       ) -> tuple[list[Tensor], list[Tensor]]:
+    """(dense gradients, expert gradients): ``grads[i]`` belongs to ``params[i]``; expert
+    parameters are those the MoE layer marked ``is_expert``."""
+    dense, expert = [], []
+    for p, g in zip(params, grads, strict=True):
+        (expert if getattr(p, "is_expert", False) else dense).append(g)
+    return dense, expert
+
+
+@torch.no_grad()
 def allreduce_sequence_parallel_grads(params: Iterable[Tensor], ps: ParallelState,
                                       grads: list[Tensor] | None = None) -> None:
     """Sum over tp the gradients of the ``params`` marked ``sequence_parallel`` (one flat
@@ -185,6 +224,21 @@ def allreduce_embedding_grads(model_chunks, ps: ParallelState, grad_attr: str = 
     FlatAllReduce([grad], ps.embedding_group).start().finish()
 
 
+@torch.no_grad()
+def allreduce_context_parallel_grads(grads: list[Tensor], ps: ParallelState) -> None:
+    """Average ``grads`` over ``ps.cp_group`` in place (same order and shapes on every CP
+    rank; one flat collective per dtype); a no-op when cp == 1."""
+    if ps.cp_size == 1 or not grads:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    pending = [FlatAllReduce(group, ps.cp_group, ps.cp_size).start()
+               for group in by_dtype.values()]
+    for reduction in pending:
+        reduction.finish()
+
+
 def sync_model_grads(model_chunks, params: list[Tensor], grads: list[Tensor], ps: ParallelState,
                      *, grad_attr: str, data_parallel: bool = True) -> None:
     """Make ``grads`` (``grads[i]`` belongs to ``params[i]``, this rank's parameters of
@@ -197,5 +251,9 @@ def sync_model_grads(model_chunks, params: list[Tensor], grads: list[Tensor], ps
     """
     allreduce_sequence_parallel_grads(params, ps, grads)
     allreduce_embedding_grads(model_chunks, ps, grad_attr=grad_attr)
+    allreduce_context_parallel_grads(grads, ps)
     if data_parallel:
+        if getattr(ps, "ep_size", 1) > 1:
+            grads, expert = split_expert_grads(params, grads)
+            allreduce_expert_gradients(expert, ps)
         allreduce_gradients(grads, ps, average=True)

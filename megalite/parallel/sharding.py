@@ -9,7 +9,8 @@ tensor:
   up]``): each block is split separately, so rank ``r`` holds block0[r] ++ block1[r] ++ ...
 * ``sequence_parallel``: replicated parameter that sees only this rank's sequence shard when
   sequence parallelism is on (norm weights, row-parallel bias): its gradient is a partial sum
-  and must be summed over TP before the optimizer step.
+  and must be summed over TP before the optimizer step. The query/key norms of
+  ``qk_layernorm`` carry it whenever TP > 1 (each rank normalizes its own heads).
 
 A parameter of full shape ``[n, ...]`` split on dim 0 over ``tp`` ranks has shape
 ``[n/tp, ...]`` on every rank; a replicated one has the full shape everywhere.

@@ -16,7 +16,9 @@ tracing it: the tensor-parallel collectives (:mod:`megalite.parallel.comm` runs 
 autograd-aware collectives under ``torch.compiler.disable``), so under TP/SP a layer becomes
 the compiled local math between its collectives; dropout drawn from the model-parallel RNG
 stream (:func:`megalite.model.transformer.dropout` runs eagerly when it is active), so the
-masks are the eager ones, identical across layouts and on resume; activation recompute
+masks are the eager ones, identical across layouts and on resume; context parallelism's ring
+attention and packed documents' per-document attention (:mod:`megalite.model.attention`);
+activation recompute
 (the checkpointed region recomputes the compiled layer; selective recompute's checkpoint of the
 attention core is eager). At TP=1 without dropout each layer is one graph.
 
@@ -27,7 +29,10 @@ one graph per layer shape and grad mode, compiled at the first iteration; the ti
 compiling is printed once, after that iteration (:func:`compile_report`).
 
 Refused at start-up with a one-line error: a family other than GPT (BERT and T5 are not
-supported yet) and DeepSpeed ZeRO-3 (its parameter-gathering module hooks). Generation
+supported yet), MoE layers (data-dependent expert batches), context parallelism (untested:
+its ring attention already runs eagerly inside the compiled layers) and DeepSpeed ZeRO-3 (its
+parameter-gathering module hooks). Packed documents' per-document attention runs eagerly
+inside the compiled layers (a graph break). Generation
 (``megalite generate``, the KV cache) is never compiled.
 """
 from __future__ import annotations
@@ -55,6 +60,17 @@ def check_compile(config) -> None:
         raise ConfigError(f"--compile (training.compile): --model-type {family} is not "
                           f"supported yet (compiled families: {', '.join(COMPILED_FAMILIES)})",
                           "training", "compile")
+    if config.model.num_experts:
+        # routing gives each expert a data-dependent number of tokens: recompiles, and the
+        # expert-parallel all-to-all would sit inside the graph
+        raise ConfigError("--compile (training.compile) is not supported with MoE layers "
+                          "(--num-experts) yet", "model", "num_experts")
+    if config.parallel.context_parallel_size > 1:
+        # the ring attention runs eagerly inside the compiled layers (a graph break), but no
+        # compiled context-parallel run has been tested
+        raise ConfigError("--compile (training.compile) is not supported with "
+                          "--context-parallel-size > 1 yet", "parallel",
+                          "context_parallel_size")
     if config.parallel.zero_stage == 3:
         # DeepSpeed's ZeRO-3 gathers each layer's parameters in module hooks, which the
         # compiled layers would have to trace; not supported yet.

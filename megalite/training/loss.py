@@ -5,7 +5,8 @@ vocab-parallel, :mod:`megalite.parallel.cross_entropy`). Everything after that i
 per step, which the pipeline schedule calls once per microbatch
 (:class:`~megalite.parallel.pipeline.schedules.MicrobatchLoss`):
 
-* the reduction over the microbatch's tokens (GPT pretraining: the mean, every token counts);
+* the reduction over the microbatch's tokens (GPT pretraining: the mean, every token counts;
+  with ``--eod-mask-loss`` the mean over the microbatch's ``loss_mask``);
 * what is backpropagated: that mean divided by the number of microbatches (gradients
   accumulate over them into the global-batch mean) and multiplied by the loss scale (fp16);
 * what is reported: the unscaled mean, detached; :meth:`GPTLoss.global_mean` turns the
@@ -42,8 +43,17 @@ class GPTLoss:
 
     def __call__(self, per_token_loss: Tensor, microbatch: dict) -> tuple[Tensor, Tensor]:
         """``per_token_loss`` ``[b, s]`` -> (mean * loss_scale / num_microbatches, the mean
-        detached); both fp32 scalars. ``microbatch`` is unused (no loss mask in GPT)."""
-        loss = per_token_loss.float().mean()
+        detached); both fp32 scalars. The mean is over every token, or over those where the
+        microbatch's ``loss_mask`` [b, s] is 1 when it has one (``--eod-mask-loss``:
+        Megatron-LM's per-microbatch sum(loss * mask) / sum(mask))."""
+        if "loss_denominator" in microbatch:    # context parallelism: this rank's share
+            masked = (per_token_loss.float() * microbatch["loss_mask"].float()).sum()
+            # (no loss token at all: the sum is 0, any positive divisor gives masked_token_mean's 0)
+            loss = masked / microbatch["loss_denominator"].sum().clamp(min=1e-6)
+        elif "loss_mask" in microbatch:
+            loss = masked_token_mean(per_token_loss, microbatch["loss_mask"])
+        else:
+            loss = per_token_loss.float().mean()
         return loss * (self.loss_scale / self.num_microbatches), loss.detach()
 
     def global_mean(self, reported: list[Tensor], ps: ParallelState,
@@ -51,13 +61,15 @@ class GPTLoss:
         """Mean over all microbatches of all DP ranks of the values ``reported`` by this step's
         schedule (non-empty on the last pipeline stage only); every rank gets it. One
         all-reduce over the world (only the last stage's tp_rank 0 ranks contribute) and one
-        host sync; ``device``: where this rank's collectives run."""
+        host sync; ``device``: where this rank's collectives run. With context parallelism
+        each CP rank reports the mean over its equal share of the tokens, so their mean is
+        the microbatch's (each token counted once)."""
         total = torch.zeros(1, dtype=torch.float64, device=device)
         if reported and ps.tp_rank == 0:
             total += torch.stack([l.double() for l in reported]).sum()
         if ps.world_size > 1:
             dist.all_reduce(total)
-        return float(total.item()) / (self.num_microbatches * ps.dp_size)
+        return float(total.item()) / (self.num_microbatches * ps.dp_size * ps.cp_size)
 
 
 def masked_token_mean(per_token: Tensor, loss_mask: Tensor) -> Tensor:

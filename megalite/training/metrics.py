@@ -153,6 +153,9 @@ _CONSOLE = [
     ("consumed_samples", "consumed samples", "{:.0f}"),
     ("lr", "lr", "{:.3E}"),
     ("loss", "loss", "{:.6f}"),
+    ("moe_aux_loss", "moe aux loss", "{:.4E}"),
+    ("moe_z_loss", "moe z loss", "{:.4E}"),
+    ("moe_max_load", "moe max load", "{:.3f}"),
     ("grad_norm", "grad norm", "{:.4f}"),
     ("loss_scale", "loss scale", "{:.1f}"),
     ("skipped_iters", "skipped", "{:.0f}"),
@@ -258,6 +261,8 @@ class MetricsLogger:
             if key not in ("iteration", "train_iters") and isinstance(v, (int, float)) \
                     and not isinstance(v, bool):
                 scalars[f"train/{key}"] = float(v)
+            elif isinstance(v, list):   # e.g. moe_expert_tokens: one scalar per entry
+                scalars.update({f"train/{key}/{j}": float(x) for j, x in enumerate(v)})
         self._scalars(scalars, iteration)
 
     def _scalars(self, scalars: dict[str, float], step: int) -> None:

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -29,9 +30,12 @@ from megalite.data.batches import BatchIterator
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.families import family_of
+from megalite.model import moe_stats
+from megalite.model.moe import set_aux_loss_scale
 from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
+from megalite.parallel.context_parallel import local_collate
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.compile import compile_for_training
@@ -77,11 +81,15 @@ class Trainer:
         if ps is None:
             if dist.is_available() and dist.is_initialized():
                 ps = ParallelState.build(par.tensor_model_parallel_size,
-                                         par.pipeline_model_parallel_size)
+                                         par.pipeline_model_parallel_size,
+                                         par.context_parallel_size,
+                                         par.expert_model_parallel_size)
             else:
-                if par.tensor_model_parallel_size * par.pipeline_model_parallel_size != 1:
+                if (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                        * par.context_parallel_size * par.expert_model_parallel_size != 1):
                     raise MegaliteError(
-                        "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1 need "
+                        "--tensor-model-parallel-size/--pipeline-model-parallel-size/"
+                        "--context-parallel-size/--expert-model-parallel-size > 1 need "
                         "several processes: start with torchrun, srun or mpirun")
                 ps = ParallelState.single()
         self.ps = ps
@@ -126,6 +134,8 @@ class Trainer:
                                     wandb=wandb_settings(config) if ps.rank == 0 else None)
         self.flops_per_iter = self.family.flops_per_iteration(
             config.model, self.global_batch_size, self.seq_length)
+        # MoE layers: router losses and per-expert loads for the log (model/moe_stats.py)
+        self.moe_stats = moe_stats.attach(self.model_chunks)
         self.peak_flops = None  # measured lazily, at the first log
 
     # ---- data ----------------------------------------------------------------------------
@@ -137,11 +147,15 @@ class Trainer:
         if datasets[0] is None:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
+        collate = self.family.collate_for(cfg)
+        if ps.cp_size > 1:   # context parallelism: each CP rank keeps only its chunks
+            collate = partial(local_collate, collate, self.seq_length, ps)
+
         def iterator(ds):
             if ds is None:
                 return None
             return BatchIterator(ds, g, tr.micro_batch_size, ps.dp_size, ps.dp_rank,
-                                 device=self.device, collate=self.family.collate)
+                                 device=self.device, collate=collate)
         return tuple(iterator(ds) for ds in datasets)
 
     # ---- one step --------------------------------------------------------------------------
@@ -151,9 +165,11 @@ class Trainer:
         microbatch on the last pipeline stage, none elsewhere)."""
         loss = self.family.loss_class(self.num_microbatches,
                                       1.0 if forward_only else self.optimizer.loss_scale)
+        if not forward_only:   # the MoE router losses are backpropagated as the LM loss
+            set_aux_loss_scale(self.optimizer.loss_scale / self.num_microbatches)
         return loss, forward_backward(
             self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
-            seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
+            seq_length=self.seq_length // self.ps.cp_size, micro_batch_size=self.config.training.micro_batch_size,
             dtype=self.dtype, forward_only=forward_only,
             backward_fn=None if forward_only else self.optimizer.backward)
 
@@ -276,7 +292,17 @@ class Trainer:
             "iteration_time_s": seconds_per_iter,
             **throughput,
             "peak_memory_gib": peak_memory_gib(self.device),
+            **self._moe_metrics(),
         })
+
+    def _moe_metrics(self) -> dict:
+        """The MoE router metrics of the interval since the last log (a collective over all
+        ranks; {} for a dense model)."""
+        if not self.moe_stats:
+            return {}
+        m = self.config.model
+        return moe_stats.collect(self.moe_stats, m.num_layers, m.num_experts,
+                                 self.num_microbatches, self.ps, self.device)
 
     def banner(self, resume: str) -> str:
         """The start-up lines rank 0 prints: layout, model and parameters, batch, precision,

@@ -14,6 +14,11 @@ give the single-process run's global-batch loss at every iteration:
 bf16 runs (same data) must train and stay within 3e-2 relative of fp32 (bf16 keeps 8 bits of
 mantissa: ~4e-3 relative per rounding, accumulated over 4 layers and 10 steps).
 
+Document masking (``--reset-position-ids --reset-attention-mask --eod-mask-loss``, issue 14)
+runs a few layouts that together cover TP+SP, PP, DP, ZeRO-1 and both recompute granularities
+against its own single-process curves, with the same tolerances (the masked attention is
+computed per document, so the layouts differ only in the same summation orders).
+
 Both recipes run: classic (learned positions, LayerNorm, GELU, biases, tied embeddings, which
 pipeline parallelism must keep tied across the first and last stage) and LLaMA (RoPE, RMSNorm,
 SwiGLU, GQA, no biases, untied). Each world size runs all its layouts in one group of processes.
@@ -25,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from harness import DistributedWorkers
-from layout_common import check_bf16, check_curve, train_many
+from layout_common import check_bf16, check_curve, layout_results, train_many
 
 CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 
@@ -56,6 +61,15 @@ LAYOUTS = {
         (2, 1, ["--zero-stage", "2", "--sequence-parallel"]),  # ZeRO-2 with TP (+SP)
     ],
 }
+
+DOC_FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+# (recipe, tp, pp, extra flags) of the document-masking layouts, world size 2.
+DOC_LAYOUTS = [
+    ("llama", 2, 1, ["--sequence-parallel", "--recompute-granularity", "selective"]),
+    ("classic", 1, 2, []),
+    ("llama", 1, 1, ["--recompute-granularity", "full"]),      # DP=2
+    ("classic", 1, 1, ["--zero-stage", "1"]),
+]
 
 
 def _argv(recipe: str, data_prefix: str, sp_model: str, tp: int, pp: int, extra: list[str]):
@@ -111,3 +125,17 @@ def test_layouts_match_single_process(world, data, reference):
     for (recipe, tp, pp, extra), curve in zip(cases, results[0]):
         what = f"{recipe} TP={tp} PP={pp} DP={world // (tp * pp)} {' '.join(extra)}"
         check_curve(curve, fp32[recipe], ITERS, what)
+
+
+@pytest.mark.timeout(1500)
+def test_document_masking_layouts_match_single_process(data, reference):
+    prefix, sp = data
+    single = dict(zip(RECIPES, layout_results(
+        1, [_argv(r, prefix, sp, 1, 1, DOC_FLAGS) for r in RECIPES], timeout=600)))
+    for recipe, curve in single.items():      # the samples do hold several documents
+        assert curve != reference[0][recipe], f"{recipe}: the document flags changed nothing"
+    curves = layout_results(2, [_argv(recipe, prefix, sp, tp, pp, DOC_FLAGS + extra)
+                                for recipe, tp, pp, extra in DOC_LAYOUTS], timeout=1200)
+    for (recipe, tp, pp, extra), curve in zip(DOC_LAYOUTS, curves):
+        what = f"documents {recipe} TP={tp} PP={pp} DP={2 // (tp * pp)} {' '.join(extra)}"
+        check_curve(curve, single[recipe], ITERS, what)

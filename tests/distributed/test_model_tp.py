@@ -37,6 +37,11 @@ RECIPES = {
         num_attention_heads=8, vocab_size=200, position_embedding_type="sinusoidal"),
     "llama": get_preset("tiny-llama").replace(num_attention_heads=8, num_query_groups=4,
                                               ffn_hidden_size=96, vocab_size=200),
+    # Qwen3's query/key norms: replicated [d] weights applied to each rank's own heads, whose
+    # gradients are partial sums over tp with or without SP
+    "llama-qk-norm": get_preset("tiny-llama").replace(
+        num_attention_heads=8, num_query_groups=4, ffn_hidden_size=96, vocab_size=200,
+        qk_layernorm=True),
 }
 CASES = [(name, sp) for name in RECIPES for sp in (False, True)]
 

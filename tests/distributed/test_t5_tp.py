@@ -35,7 +35,7 @@ RECIPES = {
                            scale_decoder_outputs=True, decoder_num_layers=3),
     "transformer": get_preset("transformer-base").replace(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
-        vocab_size=200, max_position_embeddings=64),
+        vocab_size=200, max_position_embeddings=64, seq_length=None, decoder_seq_length=None),
 }
 CASES = [(name, sp) for name in RECIPES for sp in (False, True)]
 

@@ -11,10 +11,11 @@ from megalite.parallel.sharding import gather_full_tensor
 
 def gathered_results(model, logits, loss, ps) -> dict:
     """After ``backward``: this rank's logits [b, s, Vp/tp] all-gathered over the vocabulary,
-    the loss, every gradient and weight as full tensors (sequence-parallel gradients summed
-    over tp first). Collective over the tp group."""
-    if model.config.sequence_parallel:
-        allreduce_sequence_parallel_grads(model.parameters(), ps)
+    the loss, every gradient and weight as full tensors (the partial gradients of replicated
+    parameters, marked ``sequence_parallel``, summed over tp first, as the optimizers do: the
+    norms under SP, the query/key norms of ``qk_layernorm`` always). Collective over the tp
+    group."""
+    allreduce_sequence_parallel_grads(model.parameters(), ps)
     full_logits = logits.detach()
     if ps.tp_size > 1:
         parts = [torch.empty_like(full_logits) for _ in range(ps.tp_size)]

@@ -1,6 +1,7 @@
 """Shared by the Hugging Face parity and conversion tests: random Hugging Face weights whose
 logits are O(1), so a logit comparison at 1e-4 is sensitive (HF's tiny-std init gives near-zero
-logits, which would hide a wrong mapping), and the T5 models of those tests."""
+logits, which would hide a wrong mapping), the T5 models of those tests and the small MoE
+models (plus dense Qwen3) of the MoE conversion and generation tests."""
 import torch
 
 T5_VERSIONS = {
@@ -94,3 +95,42 @@ def write_hf_t5_dir(directory, version: str, spiece_model: str, seed: int = 0) -
     shutil.move(os.path.join(source, "spiece.model"), os.path.join(str(directory), "spiece.model"))
     os.rmdir(source)
     return str(directory)
+
+
+MOE_KINDS = ["mixtral", "qwen2_moe", "qwen2_moe_norm", "qwen3_moe", "qwen3_moe_norm", "qwen3"]
+"""``hf_moe_config`` kinds; ``_norm``: ``norm_topk_prob`` true (weights renormalised over the
+top k), else false."""
+
+
+def hf_moe_config(kind: str, vocab_size: int):
+    """A small Hugging Face config of ``kind`` (:data:`MOE_KINDS`): 3 layers, h = 32, 4 heads /
+    2 kv groups, untied; the Qwens' middle layer dense (``mlp_only_layers``), 6 experts top-3;
+    Qwen3's head width 16 with 4 heads over h = 32 (h != heads x d, as in Qwen3's models)."""
+    import transformers
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+    if kind == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
+                                          num_experts_per_tok=2, **common)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(intermediate_size=40, head_dim=16, **common)
+    routed = dict(intermediate_size=40, moe_intermediate_size=24, num_experts=6,
+                  num_experts_per_tok=3, norm_topk_prob=kind.endswith("norm"),
+                  mlp_only_layers=[1])
+    if kind.startswith("qwen3_moe"):
+        return transformers.Qwen3MoeConfig(head_dim=16, **routed, **common)
+    return transformers.Qwen2MoeConfig(shared_expert_intermediate_size=36, **routed, **common)
+
+
+def hf_moe_model(kind: str, path, vocab_size: int, seed: int = 7):
+    """A random ``hf_moe_config`` model (eager attention, :func:`scale_up_` weights), saved
+    with ``save_pretrained`` into ``path``; returned in eval mode."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = hf_moe_config(kind, vocab_size)
+    cfg._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    scale_up_(model)
+    model.eval().save_pretrained(path)
+    return model

@@ -217,7 +217,7 @@ def test_reshard_with_optimizer_continues_the_loss_curve(
     assert "optimizer state included" in capsys.readouterr().err
     meta = json.loads((out / "iter_0000003" / "meta.json").read_text())
     assert meta["layout"] == {"tp_size": tp, "pp_size": pp, "dp_size": 1, "vp_size": 1,
-                              "world_size": tp * pp}
+                              "world_size": tp * pp, "ep_size": 1}
     if tp * pp == 1:
         assert_same_optimizer_state(os.path.join(root, recipe, "iter_0000003"),
                                     str(out / "iter_0000003"))

@@ -124,7 +124,7 @@ def test_directory_layout_manifest_and_metadata(tmp_path):
     meta = json.loads((tmp_path / "iter_0000100" / "meta.json").read_text())
     assert meta["iteration"] == 100 and meta["extra"] == {"consumed_samples": 700}
     assert meta["layout"] == {"tp_size": 1, "pp_size": 1, "dp_size": 1, "vp_size": 1,
-                              "world_size": 1}
+                              "world_size": 1, "ep_size": 1}
     qkv = meta["tensors"]["layers.0.attention.linear_qkv.weight"]
     assert qkv["tensor_parallel_dim"] == 0 and qkv["full_shape"] == [3 * 64, 64]
     with safe_open(os.path.join(path, "model_tp00_pp00.safetensors"), "pt") as f:

@@ -63,6 +63,9 @@ def test_compiled_training_matches_eager(capsys):
     (["--config", str(CONFIGS / "tiny-bert.yaml"), "--mock-data"], "--model-type bert"),
     (["--config", str(CONFIGS / "tiny-t5.yaml"), "--mock-data"], "--model-type t5"),
     (ARGV + ["--zero-stage", "3"], "--zero-stage 3"),
+    (ARGV + ["--num-experts", "4"], "--num-experts"),
+    (ARGV[:ARGV.index("--hidden-dropout")] + ["--context-parallel-size", "2"],  # no dropout
+     "--context-parallel-size"),
 ])
 def test_refused_layouts_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match="--compile") as e:

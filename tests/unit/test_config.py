@@ -67,7 +67,7 @@ def test_model_recipe_flags():
         "rope", "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights",
         "--ffn-hidden-size", "96", "--hidden-dropout", "0.1", "--attention-dropout", "0.2",
         "--recompute-granularity", "selective", "--norm-epsilon", "1e-6", "--add-qkv-bias",
-        "--mock-data"])
+        "--qk-layernorm", "--mock-data"])
     m = c.model
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.vocab_size) == (4, 64, 8, 500)
     assert m.activation == "swiglu" and m.add_bias_linear is False
@@ -75,7 +75,7 @@ def test_model_recipe_flags():
     assert m.normalization == "RMSNorm" and m.untie_embeddings_and_output_weights
     assert m.ffn_hidden_size == 96 and (m.hidden_dropout, m.attention_dropout) == (0.1, 0.2)
     assert m.recompute_granularity == "selective" and m.layernorm_epsilon == 1e-6
-    assert m.add_qkv_bias and not m.add_bias_linear
+    assert m.add_qkv_bias and not m.add_bias_linear and m.qk_layernorm
     # --seq-length gives max_position_embeddings when nothing else does
     assert m.seq_length == 32 and m.max_position_embeddings == 32 and c.seq_length == 32
 
@@ -110,6 +110,29 @@ def test_parallel_flags_and_sequence_parallel_has_one_source():
     t = TrainConfig(model=get_preset("tiny"), parallel=ParallelConfig(sequence_parallel=True))
     assert t.model.sequence_parallel is True
     assert "sequence_parallel" not in t.to_dict()["model"]
+
+
+def test_zero_with_expert_parallelism_stages_1_2_only():
+    """ZeRO-1/2 take expert parallelism (DeepSpeed's MoE path, megalite.optim.zero_experts);
+    ZeRO-3 is refused at start-up, also when the stage comes from a --deepspeed-config file,
+    and so is a file that switches off the reduce-scatter that path relies on."""
+    from megalite.optim.zero_experts import refuse_unsupported
+    moe = TINY + ["--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+                  "--expert-model-parallel-size", "2"]
+    for stage in (1, 2):
+        assert parse_train_args(moe + ["--zero-stage", str(stage)]).parallel.zero_stage == stage
+    assert error_of(moe + ["--zero-stage", "3"]) == (
+        "--zero-stage (parallel.zero_stage): 3 with --expert-model-parallel-size 2 is not "
+        "supported (ZeRO-3 would partition each rank's different experts as one parameter over "
+        "the data-parallel group); use --zero-stage 1 or 2 with expert parallelism")
+    with pytest.raises(MegaliteError, match=r"^--zero-stage 3 with --expert-model-parallel-size 4 "
+                                            r"is not supported .*use --zero-stage 1 or 2"):
+        refuse_unsupported(3, 4, {"stage": 3})
+    with pytest.raises(MegaliteError, match=r"reduce_scatter = false cannot be combined with "
+                                            r"--expert-model-parallel-size 2"):
+        refuse_unsupported(1, 2, {"reduce_scatter": False})
+    refuse_unsupported(2, 2, {"reduce_scatter": True})
+    refuse_unsupported(3, 1, {})          # no expert parallelism: nothing to refuse
 
 
 def test_precision_dtypes():
@@ -157,6 +180,13 @@ def test_yaml_presets_load(name):
         assert c.model.tied_embeddings and c.model.normalization == "LayerNorm"
     if name == "tiny-llama.yaml":
         assert c.model.activation == "swiglu" and c.model.position_embedding_type == "rope"
+
+
+def test_qk_layernorm_is_refused_for_the_encoder_decoder():
+    # its cross-attention has no query/key norms, so the flag would act on half the attention
+    with pytest.raises(MegaliteError, match="qk_layernorm: the encoder-decoder"):
+        get_preset("tiny-t5").replace(qk_layernorm=True)
+    assert get_preset("tiny-bert").replace(qk_layernorm=True).qk_layernorm
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -52,7 +52,8 @@ def test_accepted_flags_give_one_notice_line_or_none(m):
 
 @pytest.mark.parametrize("prefix, reason", FAMILIES)
 def test_refused_families_name_the_flag(prefix, reason):
-    flag = prefix + ("router-topk" if prefix.endswith("-") else "")
+    # --moe-router-topk is implemented now; --moe-router-topk-scaling-factor is not
+    flag = prefix + ("router-topk-scaling-factor" if prefix.endswith("-") else "")
     for argv in ([flag, "2"], [f"{flag}=2"]):
         with pytest.raises(ConfigError) as e:
             parse_args(TINY + argv)

@@ -68,6 +68,7 @@ def test_config_rejects_layouts_that_do_not_split():
 
 def test_presets_are_distinct_valid_configs():
     assert PRESETS == ["tiny", "tiny-llama", "gpt2-small", "1b", "llama2-7b", "llama3.1-8b",
+                       "mixtral-8x7b", "tiny-moe", "qwen3-moe-tiny", "qwen3-30b-a3b",
                        "tiny-bert", "bert-base", "bert-large", "tiny-t5", "t5-small", "t5-base",
                        "transformer-base"]
     for name in PRESETS:

@@ -102,3 +102,56 @@ def test_deepcopy_shares_the_state():
 
     ps = ParallelState.for_shapes(2, 1)
     assert copy.deepcopy(ps) is ps and copy.copy(ps) is ps
+
+
+def test_expert_groups_world8_by_hand():
+    lay = rank_layout(8, 2, 1, expert_model_parallel_size=2)   # tp 2 x dp 4, ep 2 carved out of dp
+    assert lay.dp_groups == ((0, 2, 4, 6), (1, 3, 5, 7))
+    assert lay.ep_groups == ((0, 2), (4, 6), (1, 3), (5, 7))
+    assert lay.expert_dp_groups == ((0, 4), (2, 6), (1, 5), (3, 7))
+    assert rank_layout(4, 1, 1, expert_model_parallel_size=4).ep_groups == ((0, 1, 2, 3),)
+    assert rank_layout(4, 1, 1, expert_model_parallel_size=4).expert_dp_groups == ((0,), (1,), (2,), (3,))
+    assert rank_layout(4).expert_dp_groups == rank_layout(4).dp_groups   # ep 1
+
+
+@pytest.mark.parametrize("world", [2, 4, 8, 16])
+def test_expert_groups_equal_megatron_core(world):
+    """Every (tp, pp, ep) of the world gives megatron-core 0.16.1's expert groups (its
+    RankGenerator with the expert order ``tp-ep-dp-pp`` and expert tp = tp, as Megatron builds
+    them when --expert-tensor-parallel-size is left at its default)."""
+    from megatron.core.parallel_state import RankGenerator
+    seen = 0
+    for tp, pp, ep in itertools.product(range(1, world + 1), repeat=3):
+        if world % (tp * pp) or (world // (tp * pp)) % ep:
+            continue
+        lay = rank_layout(world, tp, pp, expert_model_parallel_size=ep)
+        gen = RankGenerator(tp=tp, ep=ep, dp=lay.dp_size // ep, pp=pp, cp=1,
+                            order="tp-ep-dp-pp")
+        assert sorted(lay.ep_groups) == sorted(tuple(g) for g in gen.get_ranks("ep"))
+        assert sorted(lay.expert_dp_groups) == sorted(tuple(g) for g in gen.get_ranks("dp"))
+        for e in range(ep):
+            ps = ParallelState.for_shapes(tp, tp - 1, pp, pp - 1, lay.dp_size, ep, e)
+            assert ps.ep_group_ranks == lay.group_of(lay.ep_groups, ps.rank)
+            assert ps.expert_dp_group_ranks == lay.group_of(lay.expert_dp_groups, ps.rank)
+        for r in range(world):
+            ep_group = lay.group_of(lay.ep_groups, r)
+            assert set(ep_group) <= set(lay.group_of(lay.dp_groups, r))
+            assert ep_group.index(r) == lay.coordinates(r)[1] % ep
+        seen += ep > 1
+    assert seen > 0
+
+
+def test_for_shapes_expert_rank():
+    ps = ParallelState.for_shapes(2, tp_rank=1, dp_size=4, ep_size=2, ep_rank=1)
+    assert (ps.ep_size, ps.ep_rank, ps.expert_dp_size, ps.dp_rank, ps.rank) == (2, 1, 2, 1, 3)
+    assert ps.ep_group_ranks == (1, 3) and ps.expert_dp_group_ranks == (3, 7)
+    single = ParallelState.single()
+    assert (single.ep_size, single.ep_rank, single.expert_dp_size) == (1, 0, 1)
+
+
+def test_expert_parallel_size_not_dividing_dp_is_a_clear_error():
+    with pytest.raises(MegaliteError, match=r"--expert-model-parallel-size 3 does not divide "
+                                            r"the data-parallel size 4"):
+        rank_layout(8, 2, 1, expert_model_parallel_size=3)
+    with pytest.raises(MegaliteError, match="--expert-model-parallel-size must be a positive"):
+        rank_layout(8, 1, 1, expert_model_parallel_size=0)

@@ -26,7 +26,8 @@ MODELS = {
     # untied: a random tied post-norm model repeats its largest embedding row
     "transformer": get_preset("transformer-base").replace(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
-        vocab_size=1000, max_position_embeddings=64, init_method_std=0.05,
+        vocab_size=1000, max_position_embeddings=64, seq_length=None, decoder_seq_length=None,
+        init_method_std=0.05,
         untie_embeddings_and_output_weights=True),
 }
 
