@@ -293,7 +293,7 @@ OPTIONS = [
          "torch.compile (inductor) each transformer layer, the final norm and the loss: fused "
          "norms, rotary embedding, SwiGLU and residual adds; the first iteration compiles "
          "(its time is logged once); numerics equal eager to fp32 rounding. GPT only; not "
-         "with --zero-stage 3"),
+         "with MoE layers, --context-parallel-size > 1 or --zero-stage 3"),
     ]),
     ("checkpoints", "training", [
         ("--save", None, dict(metavar="DIR"), "checkpoint directory to write"),
