@@ -360,6 +360,10 @@ class TrainingConfig:
     """Peak TFLOP/s of one device for MFU; None: the table of GPUs, or measured on CPU."""
     exit_duration_in_mins: float | None = None
     """Save and stop after this many minutes of training."""
+    compile: bool = False
+    """torch.compile each transformer layer, the final norm and the loss (GPT; inductor fuses
+    the norms, rotary embedding, gated activation and residual adds); compile time is logged
+    once, after the first iteration (megalite.training.compile)."""
 
     def __post_init__(self) -> None:
         check_types(self, "training")

@@ -289,6 +289,11 @@ OPTIONS = [
          "logged MFU (default: the dense peak from megalite's table of GPUs; on CPU, a "
          "matmul measured at the first log, as for GPUs not in the table)"),
         ("--exit-duration-in-mins", None, dict(type=float), "save and stop after this long"),
+        ("--compile", None, dict(action="store_true"),
+         "torch.compile (inductor) each transformer layer, the final norm and the loss: fused "
+         "norms, rotary embedding, SwiGLU and residual adds; the first iteration compiles "
+         "(its time is logged once); numerics equal eager to fp32 rounding. GPT only; not "
+         "with MoE layers, --context-parallel-size > 1 or --zero-stage 3"),
     ]),
     ("checkpoints", "training", [
         ("--save", None, dict(metavar="DIR"), "checkpoint directory to write"),

@@ -61,7 +61,7 @@ from megalite.model.positions import apply_rotary
 from megalite.parallel.context import ModelContext
 from megalite.parallel.context_parallel import RingDocuments, ring_attention
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megalite.parallel.random import checkpoint
+from megalite.parallel.random import checkpoint, eager
 
 
 class _HeadsMixin:
@@ -88,13 +88,17 @@ class _HeadsMixin:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Training/eval attention (selective recompute when asked) -> [b, a/tp, q, d]."""
+        # eager (a graph break under --compile): the ring's p2p collectives, per-document
+        # attention (data-dependent splits), and recompute and dropout, which replay RNG states
         if self.cp_ps is not None and self.causal and (mask is None
                                                         or isinstance(mask, RingDocuments)):
-            return ring_attention(q, k, v, self.cp_ps, self.scale, docs=mask)
+            return eager(ring_attention, q, k, v, self.cp_ps, self.scale, mask)
         if self.selective_recompute and torch.is_grad_enabled():
             if mask is None:
-                return checkpoint(self.core, self.rng_tracker, q, k, v)
-            return checkpoint(self.core, self.rng_tracker, q, k, v, mask)
+                return eager(checkpoint, self.core, self.rng_tracker, q, k, v)
+            return eager(checkpoint, self.core, self.rng_tracker, q, k, v, mask)
+        if (self.training and self.dropout > 0) or isinstance(mask, DocumentMask):
+            return eager(self.core, q, k, v, mask)
         return self.core(q, k, v, mask)
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

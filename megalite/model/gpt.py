@@ -120,6 +120,12 @@ class GPTModel(TransformerModelBase):
             kv_cache.advance(s)
         if not self.post_process:
             return x
+        return self.lm_head(x, labels)
+
+    def lm_head(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """The last stage's head: final norm, logits, then the per-token loss [b, s] (or the
+        logits [b, s, Vp/tp] without ``labels``) of ``x`` [s, b, h] ([s/tp, b, h] with SP);
+        one region for ``--compile`` (:mod:`megalite.training.compile`)."""
         return self._lm_output(self._logits(self.final_norm(x)), labels)
 
     def forward_microbatch(self, hidden: Tensor | None, microbatch: dict) -> Tensor:

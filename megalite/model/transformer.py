@@ -40,7 +40,7 @@ from megalite.parallel.comm import reduce_scatter_to_sequence_parallel_region
 from megalite.parallel.context import ModelContext
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
-from megalite.parallel.random import RNGStatesTracker, checkpoint
+from megalite.parallel.random import RNGStatesTracker, checkpoint, eager
 
 __all__ = ["dropout", "Embedding", "TransformerLayer", "ModelChunk", "TransformerModelBase"]
 
@@ -49,6 +49,10 @@ def dropout(x: Tensor, p: float, training: bool, tracker: RNGStatesTracker, spli
     """Dropout drawing from the "model-parallel" stream when ``x`` is split across tp ranks."""
     if not training or p == 0.0:
         return x
+    return eager(_dropout, x, p, tracker, split)   # eager masks under --compile too
+
+
+def _dropout(x: Tensor, p: float, tracker: RNGStatesTracker, split: bool) -> Tensor:
     with tracker.fork() if split else contextlib.nullcontext():
         return F.dropout(x, p, training=True)
 

@@ -38,6 +38,7 @@ from megalite.parallel.context import ModelContext
 from megalite.parallel.context_parallel import local_collate
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
+from megalite.training.compile import compile_for_training
 from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
                                        throughput_metrics)
 from megalite.training.signals import StopMonitor
@@ -121,6 +122,7 @@ class Trainer:
         check_saved_parts(self.start, tr)
         self.weights_only_start = self._load_weights_only(self.start)
         self.optimizer = build_optimizer(self.model_chunks, config, ps)
+        self.compile_clock = compile_for_training(self.model_chunks, config)   # --compile
         self.lr_schedule = RunLRSchedule.from_config(config.optim, tr, self.global_batch_size)
         self.iteration = 0
         self._last_saved = -1  # iteration of the last checkpoint written by this process
@@ -176,6 +178,8 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.train()
         self.optimizer.zero_grad()
+        if self.compile_clock is not None:
+            self.compile_clock.begin()
         loss, reported = self._forward_backward(self.train_data.next_global_batch(),
                                                 forward_only=False)
         self.optimizer.finish_grad_sync()
@@ -185,7 +189,12 @@ class Trainer:
         if result.skipped:
             self.skipped_iters += 1
         # after the step: the mean's host sync must not hold up queueing the update
-        return loss.global_mean(reported, self.ps, self.device), result
+        mean = loss.global_mean(reported, self.ps, self.device)
+        if self.compile_clock is not None:
+            line = self.compile_clock.end()   # once, after the first iteration
+            if line and self.ps.rank == 0:
+                print(line, flush=True)
+        return mean, result
 
     @torch.no_grad()
     def evaluate(self, data: BatchIterator, iters: int) -> float:
