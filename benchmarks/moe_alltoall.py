@@ -78,7 +78,7 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
     from megalite.parallel.expert_dispatch import AllToAllDispatcher
 
     init_distributed("gloo")
-    ps = ParallelState.build(1, 1, args.ep)
+    ps = ParallelState.build(1, 1, expert_model_parallel_size=args.ep)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     counter = _Counter(rank)
     dist.all_to_all_single = counter

@@ -208,8 +208,9 @@ class BaselineLoop:
 
     def __init__(self, model: BaselineGPT, dataset, *, micro: int, global_batch: int,
                  lr: float, min_lr: float, warmup: int, decay: int, weight_decay: float,
-                 betas: tuple[float, float], eps: float, clip: float):
+                 betas: tuple[float, float], eps: float, clip: float, device=None):
         self.model, self.dataset = model, dataset
+        self.device = device or next(model.parameters()).device   # where the batches go
         self.micro, self.global_batch = micro, global_batch
         self.sched = (lr, min_lr, warmup, decay)
         self.clip = clip
@@ -222,7 +223,7 @@ class BaselineLoop:
         self.iteration = 0
 
     def get_batch(self, ids: list[int]) -> tuple[Tensor, Tensor]:
-        data = torch.from_numpy(np.stack([self.dataset[i] for i in ids]))
+        data = torch.from_numpy(np.stack([self.dataset[i] for i in ids])).to(self.device)
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
     def step(self) -> float:

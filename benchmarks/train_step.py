@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--recipe both] [--layers 4] [--hidden 256] [--heads 8]
         [--groups 4] [--vocab 8192] [--seq 256] [--micro-batch 4] [--global-batch 4]
-        [--warmup 3] [--steps 12] [--threads 2] [--profile N]
+        [--warmup 3] [--steps 12] [--threads 2] [--profile N] [--compile]
 
 For each recipe (``llama``: RoPE, RMSNorm, SwiGLU, GQA, no biases, untied; ``classic``: learned
 positions, LayerNorm, GELU, biases, tied) it builds
@@ -30,11 +30,21 @@ all of them (fp32 re-association only: measured ~1e-7 to 2e-7 over 23 steps; the
 what the benchmark checks and reports as ``losses_agree``). ``--profile N`` then profiles N
 more steps of each and prints, per operator, self CPU ms per step of both and the difference.
 
-Prints one JSON object. Not a test: no assertion on time.
+``--compile`` adds a third loop, megalite with ``--compile`` (a second Trainer from the same
+flags: the same weights and batches), timed and profiled in the same interleaved rounds; its
+first warmup step compiles. The JSON then has ``compiled_vs_baseline`` and
+``compiled_vs_eager`` (step time ratios: below 1 the compiled step is faster), its losses
+against the baseline's, and with ``--profile`` the self CPU ms per step of each loop by kind
+(GEMM, attention, inductor's fused kernels, the remaining aten elementwise ops, optimizer,
+autograd bookkeeping); inductor's kernels are named after the ops they fuse
+(``cpp_fused_add_mean_mul_pow_rsqrt``: a residual add and an RMSNorm).
+
+Prints one JSON object (the trainer's own lines go to stderr). Not a test: no assertion on time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -90,10 +100,17 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-def profile_compare(recipe: str, runners: dict, steps: int, rows: int) -> None:
+# Profiler rows counted: aten operators, autograd nodes, the optimizer, and (--compile, with
+# inductor's kernel profiling on) the generated C++ kernels, named after the ops they fuse.
+_PROFILED = ("aten::", "autograd::", "Optimizer", "graph_", "mkl", "mkldnn")
+
+
+def profile_compare(recipe: str, runners: dict, steps: int, rows: int) -> dict:
     """Profile ``steps`` more steps of each runner (interleaved) and print to stderr, per
-    operator, the self CPU milliseconds per step of each and their difference, largest
-    differences first (where megalite spends time the baseline does not, or vice versa)."""
+    operator, the self CPU milliseconds per step of each runner and the difference of the
+    first two (megalite - baseline, or with --compile compiled - eager megalite), largest
+    differences first. Returns {runner: {kind: ms per step}} over the kinds of
+    :func:`op_kind`."""
     from torch.profiler import ProfilerActivity, profile
     per_op = {name: {} for name in runners}
     for k in range(steps):
@@ -101,18 +118,46 @@ def profile_compare(recipe: str, runners: dict, steps: int, rows: int) -> None:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 runners[name]()
             for e in prof.key_averages():
-                if e.key.startswith(("aten::", "autograd::", "Optimizer")) or "Backward" in e.key:
+                if e.key.startswith(_PROFILED) or "Backward" in e.key:
                     per_op[name][e.key] = per_op[name].get(e.key, 0.0) + e.self_cpu_time_total
-    a, b = per_op["megalite"], per_op["baseline"]
-    ops = sorted(set(a) | set(b), key=lambda op: -abs(a.get(op, 0.0) - b.get(op, 0.0)))
+    names = list(runners)
+    a, b = per_op[names[0]], per_op[names[1]]
+    ops = sorted(set().union(*per_op.values()),
+                 key=lambda op: -abs(a.get(op, 0.0) - b.get(op, 0.0)))
     print(f"\n=== {recipe}: self CPU ms per step over {steps} profiled steps each, "
-          f"largest |megalite - baseline| first ===", file=sys.stderr)
-    print(f"{'operator':60s} {'megalite':>9s} {'baseline':>9s} {'diff':>9s}", file=sys.stderr)
+          f"largest |{names[0]} - {names[1]}| first ===", file=sys.stderr)
+    print(f"{'operator':60s} " + " ".join(f"{n[:9]:>9s}" for n in names) + f" {'diff':>9s}",
+          file=sys.stderr)
     for op in ops[:rows]:
-        ma, mb = a.get(op, 0.0) / steps / 1e3, b.get(op, 0.0) / steps / 1e3
-        print(f"{op[:60]:60s} {ma:9.1f} {mb:9.1f} {ma - mb:+9.1f}", file=sys.stderr)
-    print(f"{'total (listed kinds)':60s} {sum(a.values()) / steps / 1e3:9.1f} "
-          f"{sum(b.values()) / steps / 1e3:9.1f}", file=sys.stderr)
+        ms = [per_op[n].get(op, 0.0) / steps / 1e3 for n in names]
+        print(f"{op[:60]:60s} " + " ".join(f"{m:9.1f}" for m in ms) + f" {ms[0] - ms[1]:+9.1f}",
+              file=sys.stderr)
+    print(f"{'total (listed kinds)':60s} "
+          + " ".join(f"{sum(per_op[n].values()) / steps / 1e3:9.1f}" for n in names),
+          file=sys.stderr)
+    kinds = {}
+    for n in names:
+        kinds[n] = {}
+        for op, us in per_op[n].items():
+            kind = op_kind(op)
+            kinds[n][kind] = round(kinds[n].get(kind, 0.0) + us / steps / 1e3, 2)
+    return kinds
+
+
+def op_kind(op: str) -> str:
+    """A profiler row's kind: "gemm", "attention", "fused (inductor)", "elementwise/other
+    aten", "optimizer", or "autograd" (the nodes' own bookkeeping)."""
+    if op.startswith("graph_") and "cpp_fused" in op:
+        return "fused (inductor)"
+    if any(k in op for k in ("::mm", "::addmm", "::bmm", "::linear", "::matmul", "mkl")):
+        return "gemm"
+    if "attention" in op or "flash" in op:
+        return "attention"
+    if op.startswith("Optimizer") or "_foreach" in op:
+        return "optimizer"
+    if op.startswith("aten::"):
+        return "elementwise/other aten"
+    return "autograd"
 
 
 def run_recipe(args, recipe: str, peak: float) -> dict:
@@ -127,6 +172,7 @@ def run_recipe(args, recipe: str, peak: float) -> dict:
                           eps=m.layernorm_epsilon, rope_base=m.rotary_base)
     model = BaselineGPT(bcfg)
     model.load_state_dict(from_megalite_state_dict(chunk.full_state_dict(), bcfg), strict=True)
+    model.to(trainer.device)   # a GPU when there is one, as megalite's
     o = config.optim
     base = BaselineLoop(model, trainer.train_data.dataset, micro=args.micro_batch,
                         global_batch=args.global_batch, lr=o.lr, min_lr=o.min_lr,
@@ -138,11 +184,14 @@ def run_recipe(args, recipe: str, peak: float) -> dict:
         return trainer.train_step()[0]
 
     runners = {"megalite": mega_step, "baseline": base.step}
+    if args.compile:   # megalite --compile first: the profile's difference is compiled - eager
+        compiled = Trainer(parse_train_args(megalite_argv(args, recipe, total) + ["--compile"]))
+        runners = {"compiled": lambda: compiled.train_step()[0], **runners}
     times = {k: [] for k in runners}
     cpu = {k: [] for k in runners}
     losses = {k: [] for k in runners}
     for k in range(args.warmup + args.steps):
-        order = ("megalite", "baseline") if k % 2 == 0 else ("baseline", "megalite")
+        order = list(runners) if k % 2 == 0 else list(runners)[::-1]
         for name in order:
             c0, t0 = time.process_time(), time.perf_counter()
             loss = runners[name]()
@@ -151,8 +200,8 @@ def run_recipe(args, recipe: str, peak: float) -> dict:
             if k >= args.warmup:
                 times[name].append(dt)
                 cpu[name].append(dc)
-    if args.profile:
-        profile_compare(recipe, runners, args.profile, args.profile_rows)
+    kinds = profile_compare(recipe, runners, args.profile, args.profile_rows) \
+        if args.profile else None
 
     tokens = args.global_batch * args.seq
     flops = flops_per_iteration(m, args.global_batch, args.seq)
@@ -168,19 +217,31 @@ def run_recipe(args, recipe: str, peak: float) -> dict:
                      "cpu_s_median": round(statistics.median(cpu[name]), 4),
                      "tokens_per_cpu_s": round(tokens / statistics.median(cpu[name]), 1),
                      "step_s_all": [round(t, 4) for t in times[name]]}
-    pair = [a / b for a, b in zip(times["megalite"], times["baseline"])]
-    out["ratio_of_medians"] = round(out["megalite"]["step_s_median"]
-                                    / out["baseline"]["step_s_median"], 4)
-    out["median_pair_ratio"] = round(statistics.median(pair), 4)
-    out["cpu_ratio_of_medians"] = round(out["megalite"]["cpu_s_median"]
-                                        / out["baseline"]["cpu_s_median"], 4)
-    diffs = [rel(a, b) for a, b in zip(losses["megalite"], losses["baseline"])]
-    out["losses"] = {"megalite": [round(x, 6) for x in losses["megalite"]],
-                     "baseline": [round(x, 6) for x in losses["baseline"]],
-                     "max_rel_diff_first_3": max(diffs[:3]),
-                     "max_rel_diff_all": max(diffs),
-                     "losses_agree": max(diffs) <= LOSS_RTOL}
+    out.update(ratios(out, times, "megalite", "baseline"))
+    if args.compile:   # time ratios (< 1: the first is faster); speedup = 1 / ratio
+        out["compiled_vs_baseline"] = ratios(out, times, "compiled", "baseline")
+        out["compiled_vs_eager"] = ratios(out, times, "compiled", "megalite")
+    if kinds:
+        out["profile_ms_per_step_by_kind"] = kinds
+    out["losses"] = {name: [round(x, 6) for x in losses[name]] for name in runners}
+    for name in runners:
+        if name == "baseline":
+            continue
+        diffs = [rel(a, b) for a, b in zip(losses[name], losses["baseline"])]
+        prefix = "" if name == "megalite" else f"{name}_"
+        out["losses"].update({f"{prefix}max_rel_diff_first_3": max(diffs[:3]),
+                              f"{prefix}max_rel_diff_all": max(diffs),
+                              f"{prefix}losses_agree": max(diffs) <= LOSS_RTOL})
     return out
+
+
+def ratios(out: dict, times: dict, a: str, b: str) -> dict:
+    """Step time of ``a`` over ``b``: ratio of the wall medians, median of the per-pair
+    ratios (the steps were interleaved), ratio of the CPU-time medians."""
+    pair = [x / y for x, y in zip(times[a], times[b])]
+    return {"ratio_of_medians": round(out[a]["step_s_median"] / out[b]["step_s_median"], 4),
+            "median_pair_ratio": round(statistics.median(pair), 4),
+            "cpu_ratio_of_medians": round(out[a]["cpu_s_median"] / out[b]["cpu_s_median"], 4)}
 
 
 def loadavg() -> list[float] | None:
@@ -214,10 +275,16 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="then profile N more steps of each (per-operator table to stderr)")
     ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--compile", action="store_true",
+                    help="also megalite --compile (timed and profiled with the other two; "
+                         "its first --warmup step compiles)")
     args = ap.parse_args()
     if args.vocab % 128:
         ap.error("--vocab must be a multiple of 128 (megalite pads the vocabulary otherwise)")
     torch.set_num_threads(args.threads)
+    if args.compile and args.profile:   # name inductor's kernels in the profile
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True
     peak, peak_source = device_peak_flops(torch.float32)
     out = {"benchmark": "train_step", "config": vars(args), "torch": torch.__version__,
            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
@@ -225,7 +292,9 @@ def main() -> None:
            "peak_flops": peak, "peak_source": peak_source, "recipes": {}}
     recipes = ("llama", "classic") if args.recipe == "both" else (args.recipe,)
     for recipe in recipes:
-        out["recipes"][recipe] = run_recipe(args, recipe, peak)
+        # stdout carries only the JSON: the trainer's lines (--compile's timing) go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            out["recipes"][recipe] = run_recipe(args, recipe, peak)
     out["loadavg_end"] = loadavg()
     out["matmul_flops_end"] = measure_matmul_flops(torch.float32)
     print(json.dumps(out, indent=1))

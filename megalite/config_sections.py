@@ -21,7 +21,8 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 # ---- the sections -------------------------------------------------------------------------------
 @dataclass
 class ParallelConfig:
-    """How the model and the batch are split over the ranks (data-parallel size = world / (tp*pp))."""
+    """How the model and the batch are split over the ranks (data-parallel size = world /
+    (tp*cp*pp))."""
 
     tensor_model_parallel_size: int = 1
     """Ranks each layer's weights are split over (heads, MLP width, vocabulary)."""
@@ -30,6 +31,9 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     """Ranks each MoE layer's experts are split over, carved out of the data-parallel ranks
     (must divide the data-parallel size and --num-experts)."""
+    context_parallel_size: int = 1
+    """Ranks each sequence is split over (load-balanced chunks, ring attention; GPT only):
+    activation memory per rank falls as 1/cp (megalite.parallel.context_parallel)."""
     sequence_parallel: bool = False
     """Split norms/dropout activations along the sequence over the TP ranks (the model's
     TransformerConfig.sequence_parallel is derived from this field)."""
@@ -53,7 +57,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check_types(self, "parallel")
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "expert_model_parallel_size"):
+                     "expert_model_parallel_size", "context_parallel_size"):
             at_least(self, "parallel", name, 1)
         at_least(self, "parallel", "distributed_timeout_minutes", 0, strict=True)
         at_least(self, "parallel", "num_layers_per_virtual_pipeline_stage", 1, optional=True)
@@ -360,6 +364,10 @@ class TrainingConfig:
     """Peak TFLOP/s of one device for MFU; None: the table of GPUs, or measured on CPU."""
     exit_duration_in_mins: float | None = None
     """Save and stop after this many minutes of training."""
+    compile: bool = False
+    """torch.compile each transformer layer, the final norm and the loss (GPT; inductor fuses
+    the norms, rotary embedding, gated activation and residual adds); compile time is logged
+    once, after the first iteration (megalite.training.compile)."""
 
     def __post_init__(self) -> None:
         check_types(self, "training")

@@ -146,6 +146,8 @@ OPTIONS = [
         ("--expert-model-parallel-size", None, dict(type=int),
          "ranks the experts of each MoE layer are split over, out of the data-parallel ranks "
          "(tokens travel to their experts by all-to-all)"),
+        ("--context-parallel-size", None, dict(type=int),
+         "ranks each sequence is split over (context parallelism; GPT only)"),
         ("--sequence-parallel", None, dict(action="store_true"),
          "sequence parallelism inside the tensor-parallel group"),
         ("--num-layers-per-virtual-pipeline-stage", None, dict(type=int),
@@ -292,6 +294,11 @@ OPTIONS = [
          "logged MFU (default: the dense peak from megalite's table of GPUs; on CPU, a "
          "matmul measured at the first log, as for GPUs not in the table)"),
         ("--exit-duration-in-mins", None, dict(type=float), "save and stop after this long"),
+        ("--compile", None, dict(action="store_true"),
+         "torch.compile (inductor) each transformer layer, the final norm and the loss: fused "
+         "norms, rotary embedding, SwiGLU and residual adds; the first iteration compiles "
+         "(its time is logged once); numerics equal eager to fp32 rounding. GPT only; not "
+         "with MoE layers, --context-parallel-size > 1 or --zero-stage 3"),
     ]),
     ("checkpoints", "training", [
         ("--save", None, dict(metavar="DIR"), "checkpoint directory to write"),

@@ -117,7 +117,8 @@ class _SavedStates:
         saved = meta["layout"]
         self.path, self.files, self.rank_file = path, files, rank_file
         self.verify = verify_checksums
-        self.layout = rank_layout(saved["world_size"], saved["tp_size"], saved["pp_size"])
+        self.layout = rank_layout(saved["world_size"], saved["tp_size"], saved["pp_size"],
+                                  saved.get("cp_size", 1))
         self._sources: dict[tuple[int, int], _Source] = {}
 
     def _optimizer_state(self, rank: int) -> dict:

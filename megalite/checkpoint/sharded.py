@@ -116,10 +116,11 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
     # ZeRO-3 partitions parameters over the DP group: gather them (collective) one at a time,
     # so the device never holds more than one full parameter beyond its partitions.
     tensors, host = {}, {}
-    # expert parallelism: expert rank e of the first expert-dp replica (dp rank e) writes its
-    # experts; dp rank 0 also writes the dense weights
-    ep_rank = getattr(ps, "ep_rank", 0)
-    writer = ps.dp_rank < getattr(ps, "ep_size", 1)
+    # one copy of the weights per (tp, pp) shard: data- and context-parallel ranks hold the
+    # same; with expert parallelism, expert rank e of the first expert-dp replica (dp rank e)
+    # writes its experts and dp rank 0 also writes the dense weights
+    ep_rank = ps.ep_rank
+    writer = ps.cp_rank == 0 and ps.dp_rank < ps.ep_size
     for n, p in params.items():
         expert = getattr(p, "is_expert", False)
         with gathered([p]):   # collective under ZeRO-3: every rank enters it for every p
@@ -137,7 +138,8 @@ def _write_rank_files(tmp: str, model_chunks: list, optimizer: Any, ps: Parallel
         files[name] = io.finish_file(path)
     state = {
         "format": FORMAT, "rank": ps.rank,
-        "coordinates": {"tp": ps.tp_rank, "pp": ps.pp_rank, "dp": ps.dp_rank},
+        "coordinates": {"tp": ps.tp_rank, "pp": ps.pp_rank, "dp": ps.dp_rank,
+                        "cp": ps.cp_rank},
         "param_names": list(params), "layer_ranges": _layer_ranges(model_chunks),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": capture_rng_states(rng_tracker) if save_rng else None,
@@ -240,9 +242,7 @@ def _commit(directory: str, name: str, tmp: str, nonce: str, iteration: int, rep
     model_config = chunks[0].config
     meta = {
         "format": FORMAT, "iteration": iteration, "saved_at_unix": time.time(),
-        "layout": {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
-                   "vp_size": len(chunks), "world_size": ps.world_size,
-                   "ep_size": getattr(ps, "ep_size", 1)},
+        "layout": _layout(ps, chunks),
         "model_config": dataclasses.asdict(model_config), "config_type": config_type,
         "tensors": tensors, "extra": extra, "torch_version": torch.__version__,
     }
@@ -329,10 +329,9 @@ def _load_local(directory: str, chunks: list, optimizer: Any, ps: ParallelState,
         raise MegaliteError(f"{os.path.join(path, io.META)}: unknown format "
                             f"{meta.get('format')!r} (expected {FORMAT})")
     saved = meta["layout"]
-    layout = {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
-              "vp_size": len(chunks), "world_size": ps.world_size}
-    changed = (any(saved.get(k) != v for k, v in layout.items())
-               or saved.get("ep_size", 1) != getattr(ps, "ep_size", 1))
+    layout = _layout(ps, chunks)
+    changed = any(saved.get(k, 1 if k == "ep_size" else None) != v
+                  for k, v in layout.items()) or saved.get("cp_size", 1) != ps.cp_size
     # A weights-only checkpoint (``megalite convert from-hf``) has no rank files: the run starts
     # a fresh optimizer and keeps its own RNG seeding.
     weights_only = bool((meta.get("extra") or {}).get("weights_only"))
@@ -437,6 +436,18 @@ def _refuse(path: str, saved: dict, layout: dict) -> None:
         f"(load_optimizer=False)")
 
 
+def _layout(ps: ParallelState, chunks: list) -> dict:
+    """The layout a checkpoint records (``cp_size`` only with context parallelism, so the
+    metadata of other layouts is what it was before CP existed; ``ep_size`` always, 1 read for
+    checkpoints from before expert parallelism)."""
+    layout = {"tp_size": ps.tp_size, "pp_size": ps.pp_size, "dp_size": ps.dp_size,
+              "vp_size": len(chunks), "world_size": ps.world_size, "ep_size": ps.ep_size}
+    if ps.cp_size > 1:
+        layout["cp_size"] = ps.cp_size
+    return layout
+
+
 def _fmt(layout: dict) -> str:
-    return (f"TP={layout.get('tp_size')} PP={layout.get('pp_size')} DP={layout.get('dp_size')} "
+    return (f"TP={layout.get('tp_size')} CP={layout.get('cp_size', 1)} "
+            f"PP={layout.get('pp_size')} DP={layout.get('dp_size')} "
             f"VP={layout.get('vp_size')}")

@@ -1,20 +1,31 @@
-"""Process-group layout: tensor (TP), pipeline (PP), data (DP) and expert (EP) parallelism.
+"""Process-group layout: tensor (TP), context (CP), data (DP), pipeline (PP) and expert (EP)
+parallelism.
 
 One :class:`ParallelState` object describes the layout and holds this rank's groups; it is
 passed explicitly to every layer and function that communicates (no module globals).
 
-Rank order (as Megatron): tensor-parallel ranks are contiguous, then data-parallel, then
-pipeline-parallel::
+Rank order (as Megatron): tensor-parallel ranks are contiguous, then context-parallel, then
+data-parallel, then pipeline-parallel (TP < CP < DP < PP)::
 
-    rank = pp_rank * (tp * dp) + dp_rank * tp + tp_rank
+    rank = pp_rank * (tp * cp * dp) + dp_rank * (tp * cp) + cp_rank * tp + tp_rank
 
-so the TP group (the chattiest: several collectives per layer) stays inside a node. Example,
-world 8 = tp 2 x dp 2 x pp 2::
+Why this order: the nearer two ranks are, the more likely they share a node's fast links, and
+the groups are ordered by how much they talk. TP exchanges activations several times per layer
+(every rank waits for it), CP passes every layer's keys/values around its ring (in the
+attention's critical path too, but once per layer), DP reduces gradients once per step
+(overlappable) and PP sends one activation per microbatch between neighbours. With cp = 1 the
+order is the previous TP < DP < PP one, so layouts without CP keep their ranks. Example,
+world 8 = tp 2 x dp 2 x pp 2 (cp 1)::
 
     tp groups [0,1] [2,3] [4,5] [6,7]     dp groups [0,2] [1,3] [4,6] [5,7]
     pp groups [0,4] [1,5] [2,6] [3,7]     mp (tp x pp) groups [0,1,4,5] [2,3,6,7]
     embedding groups (first and last stage of each pipeline; only when pp > 1): here the pp
     groups again; with pp = 4 they would be [stage 0, stage 3] of each pipeline.
+
+and world 8 = tp 2 x cp 2 x dp 2: tp groups [0,1] [2,3] [4,5] [6,7], cp groups [0,2] [1,3]
+[4,6] [5,7], dp groups [0,4] [1,5] [2,6] [3,7]. The context-parallel ranks of a group hold the
+same weights and the same samples, each a part of every sequence
+(:mod:`megalite.parallel.context_parallel`).
 
 Expert parallelism (Megatron's layout) is carved out of the data-parallel ranks: the dp ranks
 of one (tp, pp) coordinate split into blocks of ``ep`` consecutive dp ranks, each block one EP
@@ -63,8 +74,13 @@ class RankLayout:
     mp_groups: tuple[tuple[int, ...], ...]
     """Model-parallel groups (tp x pp: one whole model replica), e.g. for global grad norms."""
     embedding_groups: tuple[tuple[int, ...], ...] = ()
-    """Per (tp_rank, dp_rank): the first and the last pipeline stage, which hold the two copies
-    of a tied word embedding (their gradients are summed over it). Empty when pp == 1."""
+    """Per (tp_rank, cp_rank, dp_rank): the first and the last pipeline stage, which hold the
+    two copies of a tied word embedding (their gradients are summed over it). Empty when
+    pp == 1."""
+    cp_size: int = 1
+    """Context-parallel size: ranks splitting each sequence."""
+    cp_groups: tuple[tuple[int, ...], ...] = ()
+    """Ranks holding the parts of the same sequences, in cp_rank order (tp stride apart)."""
     ep_size: int = 1
     """Expert-parallel size: ranks (out of the dp ranks) the experts are split over."""
     ep_groups: tuple[tuple[int, ...], ...] = ()
@@ -73,17 +89,22 @@ class RankLayout:
     """Ranks holding the same experts (same ep_rank): dp ranks of stride ``ep``."""
 
     def coordinates(self, rank: int) -> tuple[int, int, int]:
-        """``(tp_rank, dp_rank, pp_rank)`` of a global rank."""
+        """``(tp_rank, dp_rank, pp_rank)`` of a global rank (its cp_rank: :meth:`cp_rank_of`)."""
         if not 0 <= rank < self.world_size:
             raise MegaliteError(f"rank {rank} is outside world size {self.world_size}")
         tp_rank = rank % self.tp_size
-        dp_rank = (rank // self.tp_size) % self.dp_size
-        pp_rank = rank // (self.tp_size * self.dp_size)
+        dp_rank = (rank // (self.tp_size * self.cp_size)) % self.dp_size
+        pp_rank = rank // (self.tp_size * self.cp_size * self.dp_size)
         return tp_rank, dp_rank, pp_rank
 
-    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+    def cp_rank_of(self, rank: int) -> int:
+        """The context-parallel rank of a global rank."""
+        return (rank // self.tp_size) % self.cp_size
+
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int = 0) -> int:
         """Global rank of the given coordinates."""
-        return pp_rank * self.tp_size * self.dp_size + dp_rank * self.tp_size + tp_rank
+        tc = self.tp_size * self.cp_size
+        return pp_rank * tc * self.dp_size + dp_rank * tc + cp_rank * self.tp_size + tp_rank
 
     def group_of(self, groups: tuple[tuple[int, ...], ...], rank: int) -> tuple[int, ...]:
         """The group among ``groups`` that contains ``rank``."""
@@ -92,44 +113,59 @@ class RankLayout:
 
 def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
                 pipeline_model_parallel_size: int = 1,
-                expert_model_parallel_size: int = 1) -> RankLayout:
+                context_parallel_size: int = 1, expert_model_parallel_size: int = 1
+                ) -> RankLayout:
     """Compute every group of the layout; MegaliteError if the sizes do not fit the world."""
-    tp, pp, ep = (tensor_model_parallel_size, pipeline_model_parallel_size,
-                  expert_model_parallel_size)
+    tp, pp, cp, ep = (tensor_model_parallel_size, pipeline_model_parallel_size,
+                      context_parallel_size, expert_model_parallel_size)
     for flag, value in (("--tensor-model-parallel-size", tp),
                         ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp),
                         ("--expert-model-parallel-size", ep), ("world size", world_size)):
         if not isinstance(value, int) or value < 1:
             raise MegaliteError(f"{flag} must be a positive integer, got {value!r}")
-    if world_size % (tp * pp) != 0:
+    if world_size % (tp * cp * pp) != 0:
+        cp_part = f" x --context-parallel-size {cp}" if cp > 1 else ""
         raise MegaliteError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp} = {tp * pp}; choose sizes whose product "
-            f"divides the number of processes")
-    dp = world_size // (tp * pp)
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}"
+            f"{cp_part} x --pipeline-model-parallel-size {pp} = {tp * cp * pp}; choose sizes "
+            f"whose product divides the number of processes")
+    dp = world_size // (tp * cp * pp)
+    if ep > 1 and cp > 1:
+        raise MegaliteError(f"--expert-model-parallel-size {ep} with --context-parallel-size "
+                            f"{cp}: expert and context parallelism together are not "
+                            f"implemented; use one of them")
     if dp % ep:
         raise MegaliteError(
             f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
             f"(world {world_size} / (tp {tp} x pp {pp})): expert-parallel ranks are carved out "
             f"of the data-parallel ranks")
 
-    def r(t: int, d: int, p: int) -> int:
-        return p * tp * dp + d * tp + t
+    def r(t: int, d: int, p: int, c: int = 0) -> int:
+        return p * tp * cp * dp + d * tp * cp + c * tp + t
 
-    tp_groups = tuple(tuple(r(t, d, p) for t in range(tp)) for p in range(pp) for d in range(dp))
-    dp_groups = tuple(tuple(r(t, d, p) for d in range(dp)) for p in range(pp) for t in range(tp))
-    pp_groups = tuple(tuple(r(t, d, p) for p in range(pp)) for d in range(dp) for t in range(tp))
-    mp_groups = tuple(tuple(sorted(r(t, d, p) for p in range(pp) for t in range(tp)))
-                      for d in range(dp))
-    embedding_groups = (tuple((r(t, d, 0), r(t, d, pp - 1)) for d in range(dp) for t in range(tp))
+    every = [(t, c, d) for d in range(dp) for c in range(cp) for t in range(tp)]
+    tp_groups = tuple(tuple(r(t, d, p, c) for t in range(tp))
+                      for p in range(pp) for d in range(dp) for c in range(cp))
+    cp_groups = tuple(tuple(r(t, d, p, c) for c in range(cp))
+                      for p in range(pp) for d in range(dp) for t in range(tp))
+    dp_groups = tuple(tuple(r(t, d, p, c) for d in range(dp))
+                      for p in range(pp) for c in range(cp) for t in range(tp))
+    pp_groups = tuple(tuple(r(t, d, p, c) for p in range(pp)) for t, c, d in every)
+    mp_groups = tuple(tuple(sorted(r(t, d, p, c) for p in range(pp) for t in range(tp)))
+                      for d in range(dp) for c in range(cp))
+    embedding_groups = (tuple((r(t, d, 0, c), r(t, d, pp - 1, c)) for t, c, d in every)
                         if pp > 1 else ())
     # dp index d = e_dp * ep + e: ep inner (consecutive), expert-dp outer (Megatron's order)
-    ep_groups = tuple(tuple(r(t, x * ep + e, p) for e in range(ep))
-                      for p in range(pp) for t in range(tp) for x in range(dp // ep))
-    expert_dp_groups = tuple(tuple(r(t, x * ep + e, p) for x in range(dp // ep))
-                             for p in range(pp) for t in range(tp) for e in range(ep))
+    # (over every cp rank too: with cp > 1, ep is 1 and these are the singletons / dp groups)
+    ep_groups = tuple(tuple(r(t, x * ep + e, p, c) for e in range(ep))
+                      for p in range(pp) for c in range(cp) for t in range(tp)
+                      for x in range(dp // ep))
+    expert_dp_groups = tuple(tuple(r(t, x * ep + e, p, c) for x in range(dp // ep))
+                             for p in range(pp) for c in range(cp) for t in range(tp)
+                             for e in range(ep))
     return RankLayout(world_size, tp, pp, dp, tp_groups, dp_groups, pp_groups, mp_groups,
-                      embedding_groups, ep, ep_groups, expert_dp_groups)
+                      embedding_groups, cp, cp_groups, ep, ep_groups, expert_dp_groups)
 
 
 @dataclass(frozen=True)
@@ -150,7 +186,7 @@ class ParallelState:
     rank: int
     """Global rank."""
     world_size: int
-    """Global number of processes (tp_size * pp_size * dp_size)."""
+    """Global number of processes (tp_size * cp_size * pp_size * dp_size)."""
     tp_rank: int
     """Rank inside the tensor-parallel group (which vocabulary/column/row shard it holds)."""
     pp_rank: int
@@ -178,8 +214,17 @@ class ParallelState:
     ranks holding a tied word embedding's two copies. Only on those two ranks, only when
     pp > 1 and distributed; None otherwise."""
     embedding_ranks: tuple[int, ...] | None = None
-    """Global ranks (first stage, last stage) of this rank's (tp_rank, dp_rank) pipeline, for
-    every rank of it; None when pp == 1."""
+    """Global ranks (first stage, last stage) of this rank's (tp_rank, cp_rank, dp_rank)
+    pipeline, for every rank of it; None when pp == 1."""
+    cp_size: int = 1
+    """Context-parallel size: ranks each sequence is split over (same weights, same samples)."""
+    cp_rank: int = 0
+    """Rank inside the context-parallel group (which chunks of each sequence it holds)."""
+    cp_group: dist.ProcessGroup | None = None
+    """Context-parallel process group; None when cp == 1 or not distributed."""
+    cp_group_ranks: tuple[int, ...] = field(default=(0,))
+    """Global ranks of this rank's context-parallel group, in cp_rank order (the ring)."""
+
     ep_size: int = 1
     """Expert-parallel size: the experts are split over this many of the dp ranks."""
     ep_rank: int = 0
@@ -199,8 +244,8 @@ class ParallelState:
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
-    def build(cls, tensor_model_parallel_size: int = 1,
-              pipeline_model_parallel_size: int = 1,
+    def build(cls, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+              context_parallel_size: int = 1,
               expert_model_parallel_size: int = 1) -> "ParallelState":
         """Create every group of the layout; call on all ranks after ``init_process_group``.
 
@@ -211,7 +256,7 @@ class ParallelState:
                                 "first (call megalite.distributed.parallel_state.init_distributed)")
         world, rank = dist.get_world_size(), dist.get_rank()
         layout = rank_layout(world, tensor_model_parallel_size, pipeline_model_parallel_size,
-                             expert_model_parallel_size)
+                             context_parallel_size, expert_model_parallel_size)
         tp_rank, dp_rank, pp_rank = layout.coordinates(rank)
 
         def mine(groups: tuple[tuple[int, ...], ...]) -> dist.ProcessGroup:
@@ -244,6 +289,11 @@ class ParallelState:
             embedding_group=embedding_group, embedding_ranks=_embedding_ranks(layout, rank),
             **_expert_coordinates(layout, rank), ep_group=ep_group,
             expert_dp_group=expert_dp_group,
+            # last and only when cp > 1: layouts without CP create the same groups as before
+            # it existed
+            cp_size=layout.cp_size, cp_rank=layout.cp_rank_of(rank),
+            cp_group=mine(layout.cp_groups) if layout.cp_size > 1 else None,
+            cp_group_ranks=layout.group_of(layout.cp_groups, rank),
         )
 
     @classmethod
@@ -258,7 +308,8 @@ class ParallelState:
         """A group-less state for building a rank's model (e.g. on the meta device) to inspect
         its per-rank shapes; it must never be used to communicate. ``ep_rank`` picks which
         experts it holds (its dp_rank is then ``ep_rank``)."""
-        layout = rank_layout(tp_size * pp_size * dp_size, tp_size, pp_size, ep_size)
+        layout = rank_layout(tp_size * pp_size * dp_size, tp_size, pp_size,
+                             expert_model_parallel_size=ep_size)
         for name, value, size in (("tp_rank", tp_rank, tp_size), ("pp_rank", pp_rank, pp_size),
                                   ("ep_rank", ep_rank, ep_size)):
             if not 0 <= value < size:
@@ -291,7 +342,8 @@ class ParallelState:
 
     def layout(self) -> RankLayout:
         """All groups of this layout as rank lists."""
-        return rank_layout(self.world_size, self.tp_size, self.pp_size, self.ep_size)
+        return rank_layout(self.world_size, self.tp_size, self.pp_size, self.cp_size,
+                           self.ep_size)
 
     def __deepcopy__(self, memo: dict) -> "ParallelState":
         # Immutable, and process groups are shared handles that cannot be copied: deep-copying a
@@ -302,8 +354,9 @@ class ParallelState:
         return self
 
     def __repr__(self) -> str:  # groups are opaque handles; print the coordinates
+        cp = f", cp={self.cp_rank}/{self.cp_size}" if self.cp_size > 1 else ""
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/"
-                f"{self.tp_size}, dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/"
+                f"{self.tp_size}{cp}, dp={self.dp_rank}/{self.dp_size}, pp={self.pp_rank}/"
                 f"{self.pp_size}, ep={self.ep_rank}/{self.ep_size}, "
                 f"distributed={self.distributed})")
 
@@ -313,8 +366,9 @@ def _embedding_ranks(layout: RankLayout, rank: int) -> tuple[int, ...] | None:
     if layout.pp_size == 1:
         return None
     tp_rank, dp_rank, _ = layout.coordinates(rank)
-    return (layout.rank_of(tp_rank, dp_rank, 0),
-            layout.rank_of(tp_rank, dp_rank, layout.pp_size - 1))
+    cp_rank = layout.cp_rank_of(rank)
+    return (layout.rank_of(tp_rank, dp_rank, 0, cp_rank),
+            layout.rank_of(tp_rank, dp_rank, layout.pp_size - 1, cp_rank))
 
 
 def _expert_coordinates(layout: RankLayout, rank: int) -> dict:

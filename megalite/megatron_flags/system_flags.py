@@ -62,18 +62,17 @@ GROUPS: list[tuple[str, list[MegatronFlag]]] = [
         flag("--torch-fsdp2-no-reshard-after-forward", REFUSE, 0, FSDP),
         flag("--num-distributed-optimizer-instances", COND, None, "one distributed optimizer "
              "instance over all data-parallel ranks is what megalite implements", ["1"]),
-        flag("--cp-comm-type", NOTICE, "+", "context parallelism is not implemented, so there "
-             "is no context-parallel communication to choose"),
+        flag("--cp-comm-type", NOTICE, "+", "megalite's context parallelism passes keys/values "
+             "around a ring of point-to-point sends (Megatron's p2p)"),
         flag("--fake-process-group", REFUSE, 0, "megalite needs real process groups"),
         flag("--pipeline-model-parallel-comm-backend", NOTICE, None, "megalite's pipeline "
              "uses the default process-group backend"),
-        flag("--context-parallel-size", COND, None, "context parallelism is not implemented",
-             ["1"]),
-        flag("--hierarchical-context-parallel-sizes", REFUSE, "+", "context parallelism is not "
-             "implemented"),
-        flag("--max-seqlen-per-dp-cp-rank", REFUSE, None, "context parallelism is not "
-             "implemented"),
-        flag("--hybrid-context-parallel", REFUSE, 0, "context parallelism is not implemented"),
+        flag("--hierarchical-context-parallel-sizes", REFUSE, "+", "megalite's context "
+             "parallelism is one ring (no hierarchical a2a+p2p)"),
+        flag("--max-seqlen-per-dp-cp-rank", REFUSE, None, "megalite's context parallelism "
+             "splits every sequence evenly (no dynamic per-rank lengths)"),
+        flag("--hybrid-context-parallel", REFUSE, 0, "megalite's context parallelism "
+             "splits every sequence evenly (no hybrid CP)"),
         flag("--expert-tensor-parallel-size", REFUSE, None, "megalite splits every expert "
              "over the --tensor-model-parallel-size ranks, as the dense MLP (a separate expert "
              "tensor-parallel size is not implemented)"),

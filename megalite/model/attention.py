@@ -36,6 +36,11 @@ Cross-attention (:class:`CrossAttention`, encoder-decoder decoders): queries fro
 stored per key/value group as [k_g; v_g], so a contiguous row split gives each rank whole
 groups), computed once per sequence when generating.
 
+Context parallelism (``ps.cp_size > 1``, training only): the queries, keys and values are
+this rank's two chunks of the sequence, and causal self-attention runs as a ring over the CP
+group (:func:`megalite.parallel.context_parallel.ring_attention`, which keeps only its inputs,
+output and log-sum-exp for backward, so selective recompute has nothing to add there).
+
 Attention dropout acts on a tensor split by heads, so it draws from the tracker's
 "model-parallel" stream (different masks on different ranks). Selective recompute wraps the
 attention core (the part whose activations grow with s^2) in
@@ -54,8 +59,9 @@ from megalite.model.doc_attention import DocumentMask
 from megalite.model.norms import build_head_norm
 from megalite.model.positions import apply_rotary
 from megalite.parallel.context import ModelContext
+from megalite.parallel.context_parallel import RingDocuments, ring_attention
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megalite.parallel.random import checkpoint
+from megalite.parallel.random import checkpoint, eager
 
 
 class _HeadsMixin:
@@ -72,6 +78,7 @@ class _HeadsMixin:
         self.dropout = c.attention_dropout
         self.scale = c.softmax_scale
         self.selective_recompute = c.recompute_granularity == "selective"
+        self.cp_ps = ctx.ps if ctx.ps.cp_size > 1 else None     # context parallelism: a ring
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
               dropout: float = 0.0) -> Tensor:
@@ -81,10 +88,17 @@ class _HeadsMixin:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Training/eval attention (selective recompute when asked) -> [b, a/tp, q, d]."""
+        # eager (a graph break under --compile): the ring's p2p collectives, per-document
+        # attention (data-dependent splits), and recompute and dropout, which replay RNG states
+        if self.cp_ps is not None and self.causal and (mask is None
+                                                        or isinstance(mask, RingDocuments)):
+            return eager(ring_attention, q, k, v, self.cp_ps, self.scale, mask)
         if self.selective_recompute and torch.is_grad_enabled():
             if mask is None:
-                return checkpoint(self.core, self.rng_tracker, q, k, v)
-            return checkpoint(self.core, self.rng_tracker, q, k, v, mask)
+                return eager(checkpoint, self.core, self.rng_tracker, q, k, v)
+            return eager(checkpoint, self.core, self.rng_tracker, q, k, v, mask)
+        if (self.training and self.dropout > 0) or isinstance(mask, DocumentMask):
+            return eager(self.core, q, k, v, mask)
         return self.core(q, k, v, mask)
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

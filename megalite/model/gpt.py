@@ -34,6 +34,7 @@ from megalite.inference.kv_cache import cache_offset
 from megalite.model.config import TransformerConfig, padded_vocab_size
 from megalite.model.doc_attention import DocumentMask
 from megalite.model.norms import build_norm
+from megalite.parallel.context_parallel import RingDocuments
 from megalite.model.transformer import Embedding, TransformerModelBase
 from megalite.parallel.context import ModelContext
 from megalite.parallel.layers import ColumnParallelLinear
@@ -87,26 +88,44 @@ class GPTModel(TransformerModelBase):
         kv_cache: inference only (:class:`megalite.inference.kv_cache.KVCache`, one per model
             chunk): the s tokens sit at absolute positions ``kv_cache.offset ..`` and attend to
             every cached token; their keys/values are appended and the offset advanced by s.
-            Not with sequence parallelism.
+            Not with sequence parallelism or context parallelism.
         position_ids, doc_ids: packed documents (training; [b, s] int64, the microbatch fields
             of :mod:`megalite.model.doc_attention`): per-token positions
             (``--reset-position-ids``), attention inside each document
             (``--reset-attention-mask``). None: positions 0.. and causal attention.
+
+        Context parallelism (``ps.cp_size > 1``): ``inputs``, ``labels`` and the document
+        fields are this rank's two chunks of each sequence ([b, s/cp],
+        :mod:`megalite.parallel.context_parallel`), and so are the returned logits / per-token
+        loss; positions default to the chunks' global ones.
         """
         if kv_cache is not None and (position_ids is not None or doc_ids is not None):
             raise MegaliteError("packed-document fields (position_ids, doc_ids) are for "
                                 "training; generation with a KV cache takes one document a row")
+        if self.ps.cp_size > 1 and kv_cache is not None:
+            raise MegaliteError("generation with --context-parallel-size > 1 is not supported "
+                                "(the KV cache holds whole sequences): generate with CP 1")
         offset = cache_offset(kv_cache, self.sequence_parallel)
         s = self._seq_of(inputs, "GPTModel")
-        self._check_seq(offset + s)
+        if self.ps.cp_size > 1 and position_ids is None:     # the chunks' global positions
+            b = inputs.shape[0] if self.pre_process else inputs.shape[1]
+            position_ids = self._cp_positions(s, inputs.device).expand(b, s)
+        self._check_seq(offset + s * self.ps.cp_size)
         x = (self.embedding(inputs, offset, position_ids=position_ids) if self.pre_process
              else inputs)
-        mask = None if doc_ids is None else DocumentMask(doc_ids)
+        mask = None if doc_ids is None else (
+            DocumentMask(doc_ids) if self.ps.cp_size == 1 else RingDocuments(doc_ids, self.ps))
         x = self._run_layers(x, s, offset, kv_cache, mask, position_ids)
         if kv_cache is not None:
             kv_cache.advance(s)
         if not self.post_process:
             return x
+        return self.lm_head(x, labels)
+
+    def lm_head(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """The last stage's head: final norm, logits, then the per-token loss [b, s] (or the
+        logits [b, s, Vp/tp] without ``labels``) of ``x`` [s, b, h] ([s/tp, b, h] with SP);
+        one region for ``--compile`` (:mod:`megalite.training.compile`)."""
         return self._lm_output(self._logits(self.final_norm(x)), labels)
 
     def forward_microbatch(self, hidden: Tensor | None, microbatch: dict) -> Tensor:

@@ -40,7 +40,7 @@ from megalite.parallel.comm import reduce_scatter_to_sequence_parallel_region
 from megalite.parallel.context import ModelContext
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import VocabParallelEmbedding, parallel_lm_logits
-from megalite.parallel.random import RNGStatesTracker, checkpoint
+from megalite.parallel.random import RNGStatesTracker, checkpoint, eager
 
 __all__ = ["dropout", "Embedding", "TransformerLayer", "ModelChunk", "TransformerModelBase"]
 
@@ -49,6 +49,10 @@ def dropout(x: Tensor, p: float, training: bool, tracker: RNGStatesTracker, spli
     """Dropout drawing from the "model-parallel" stream when ``x`` is split across tp ranks."""
     if not training or p == 0.0:
         return x
+    return eager(_dropout, x, p, tracker, split)   # eager masks under --compile too
+
+
+def _dropout(x: Tensor, p: float, tracker: RNGStatesTracker, split: bool) -> Tensor:
     with tracker.fork() if split else contextlib.nullcontext():
         return F.dropout(x, p, training=True)
 
@@ -348,6 +352,15 @@ class TransformerModelBase(ModelChunk):
                                     f"{tuple(inputs.shape)}")
             return inputs.shape[1]
         return inputs.shape[0] * (self.ps.tp_size if self.sequence_parallel else 1)
+
+    def _cp_positions(self, s: int, device) -> Tensor | None:
+        """Context parallelism: the global positions [s] of this rank's ``s`` tokens (its two
+        chunks of a sequence of ``s * cp``); None without it."""
+        if self.ps.cp_size == 1:
+            return None
+        from megalite.parallel.context_parallel import local_indices
+
+        return local_indices(s * self.ps.cp_size, self.ps.cp_size, self.ps.cp_rank, device)
 
     def _check_seq(self, s: int) -> None:
         if s > self.config.max_position_embeddings:

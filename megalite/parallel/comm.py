@@ -163,37 +163,45 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return all_gather(g, 0, ctx.ps), None
 
 
+# Under ``--compile`` (megalite/training/compile.py) the collectives run eagerly: torch.compile
+# stops its graph at them (a graph break) instead of tracing process-group calls; recursive, so
+# nothing they call is compiled either. Outside compiled code this is a plain call.
+@torch.compiler.disable
+def _apply(fn: type[torch.autograd.Function], *args) -> Tensor:
+    return fn.apply(*args)
+
+
 # -- public API ---------------------------------------------------------------------------------
 def copy_to_tp_region(x: Tensor, ps: ParallelState) -> Tensor:
     """Enter a TP region with a replicated input: forward identity, backward all-reduce."""
-    return x if ps.tp_size == 1 else _CopyToTP.apply(x, ps)
+    return x if ps.tp_size == 1 else _apply(_CopyToTP, x, ps)
 
 
 def reduce_from_tp_region(x: Tensor, ps: ParallelState) -> Tensor:
     """Leave a TP region by summing partial results: forward all-reduce, backward identity."""
-    return x if ps.tp_size == 1 else _ReduceFromTP.apply(x, ps)
+    return x if ps.tp_size == 1 else _apply(_ReduceFromTP, x, ps)
 
 
 def scatter_to_tp_region(x: Tensor, ps: ParallelState, dim: int = -1) -> Tensor:
     """Keep this rank's chunk of ``dim`` (forward); all-gather the gradient (backward)."""
-    return x if ps.tp_size == 1 else _ScatterToTP.apply(x, ps, dim)
+    return x if ps.tp_size == 1 else _apply(_ScatterToTP, x, ps, dim)
 
 
 def gather_from_tp_region(x: Tensor, ps: ParallelState, dim: int = -1) -> Tensor:
     """All-gather ``dim`` (forward); keep this rank's chunk of the gradient (backward)."""
-    return x if ps.tp_size == 1 else _GatherFromTP.apply(x, ps, dim)
+    return x if ps.tp_size == 1 else _apply(_GatherFromTP, x, ps, dim)
 
 
 def scatter_to_sequence_parallel_region(x: Tensor, ps: ParallelState) -> Tensor:
     """``[s, b, h] -> [s/tp, b, h]`` (this rank's positions); backward all-gathers dim 0."""
-    return x if ps.tp_size == 1 else _ScatterToTP.apply(x, ps, 0)
+    return x if ps.tp_size == 1 else _apply(_ScatterToTP, x, ps, 0)
 
 
 def gather_from_sequence_parallel_region(x: Tensor, ps: ParallelState) -> Tensor:
     """``[s/tp, b, h] -> [s, b, h]``; backward reduce-scatters the (partial) gradient."""
-    return x if ps.tp_size == 1 else _GatherFromSP.apply(x, ps)
+    return x if ps.tp_size == 1 else _apply(_GatherFromSP, x, ps)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: Tensor, ps: ParallelState) -> Tensor:
     """Partial sums ``[s, b, h]`` -> summed ``[s/tp, b, h]``; backward all-gathers dim 0."""
-    return x if ps.tp_size == 1 else _ReduceScatterToSP.apply(x, ps)
+    return x if ps.tp_size == 1 else _apply(_ReduceScatterToSP, x, ps)

@@ -80,4 +80,11 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, ps: ParallelSta
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} "
                          f"disagree on the token dimensions")
+    if ps.tp_size > 1:   # collectives: eager under --compile (megalite.parallel.comm._apply)
+        return _eager_apply(logits, target, ps)
+    return _VocabParallelCrossEntropy.apply(logits, target, ps)
+
+
+@torch.compiler.disable
+def _eager_apply(logits: Tensor, target: Tensor, ps: ParallelState) -> Tensor:
     return _VocabParallelCrossEntropy.apply(logits, target, ps)

@@ -14,7 +14,9 @@ Two kinds of bucket:
   (:mod:`megalite.parallel.grad_sync`): with sequence parallelism the ``sequence_parallel``
   ones (sum over tp), with pp > 1 and tied embeddings the pipeline ends' word-embedding copies
   (sum over the first and last stage). Their dp reduction must come after that sum to keep
-  today's order of additions, so they are reduced in :meth:`finish` and never overlapped;
+  today's order of additions, so they are reduced in :meth:`finish` and never overlapped
+  (with context parallelism that is every parameter: all gradients are averaged over the
+  context-parallel group first, so nothing overlaps);
 * *expert* buckets (expert parallelism: the parameters marked ``is_expert``) are summed over
   ``ps.expert_dp_group`` instead and divided by the full dp size
   (:func:`~megalite.parallel.grad_sync.allreduce_expert_gradients`'s rule), in :meth:`finish`.
@@ -105,6 +107,8 @@ class GradBuckets:
             else set()
         if ps.tp_size > 1:
             special |= {id(p) for p in params if getattr(p, "sequence_parallel", False)}
+        if getattr(ps, "cp_size", 1) > 1:   # every gradient is averaged over cp first
+            special = {id(p) for p in params}
         experts = {id(p) for p in params if getattr(p, "is_expert", False)} \
             if getattr(ps, "ep_size", 1) > 1 else set()
 

@@ -29,6 +29,10 @@ buffer, in place when they already lie back to back in one storage (the optimize
 data-parallel bucket as soon as its last gradient is accumulated (overlap with backward) while
 ``finish`` stays where :func:`sync_model_grads` runs.
 
+With context parallelism (:mod:`megalite.parallel.context_parallel`) the gradients are first
+averaged over ``ps.cp_group`` (:func:`allreduce_context_parallel_grads`): each CP rank's loss
+is the mean over its own part of every sequence.
+
 Each function touches no rank outside its group and is a no-op when its group has one member.
 """
 from __future__ import annotations
@@ -43,7 +47,8 @@ from megalite.distributed.parallel_state import ParallelState
 
 __all__ = ["FlatAllReduce", "allreduce_gradients", "allreduce_expert_gradients",
            "split_expert_grads", "allreduce_embedding_grads",
-           "allreduce_sequence_parallel_grads", "sync_model_grads", "tied_embedding_params"]
+           "allreduce_sequence_parallel_grads", "allreduce_context_parallel_grads",
+           "sync_model_grads", "tied_embedding_params"]
 
 
 def _flat_view(tensors: list[Tensor]) -> Tensor | None:
@@ -219,6 +224,21 @@ def allreduce_embedding_grads(model_chunks, ps: ParallelState, grad_attr: str = 
     FlatAllReduce([grad], ps.embedding_group).start().finish()
 
 
+@torch.no_grad()
+def allreduce_context_parallel_grads(grads: list[Tensor], ps: ParallelState) -> None:
+    """Average ``grads`` over ``ps.cp_group`` in place (same order and shapes on every CP
+    rank; one flat collective per dtype); a no-op when cp == 1."""
+    if ps.cp_size == 1 or not grads:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    pending = [FlatAllReduce(group, ps.cp_group, ps.cp_size).start()
+               for group in by_dtype.values()]
+    for reduction in pending:
+        reduction.finish()
+
+
 def sync_model_grads(model_chunks, params: list[Tensor], grads: list[Tensor], ps: ParallelState,
                      *, grad_attr: str, data_parallel: bool = True, buckets=None) -> None:
     """Make ``grads`` (``grads[i]`` belongs to ``params[i]``, this rank's parameters of
@@ -233,6 +253,7 @@ def sync_model_grads(model_chunks, params: list[Tensor], grads: list[Tensor], ps
     """
     allreduce_sequence_parallel_grads(params, ps, grads)
     allreduce_embedding_grads(model_chunks, ps, grad_attr=grad_attr)
+    allreduce_context_parallel_grads(grads, ps)
     if data_parallel and buckets is not None:
         buckets.finish()
     elif data_parallel:

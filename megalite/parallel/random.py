@@ -23,7 +23,7 @@ from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 
-__all__ = ["RNGStatesTracker", "model_parallel_seed", "checkpoint", "MODEL_PARALLEL_RNG",
+__all__ = ["RNGStatesTracker", "model_parallel_seed", "checkpoint", "eager", "MODEL_PARALLEL_RNG",
            "TP_SEED_OFFSET", "PP_SEED_STRIDE"]
 
 MODEL_PARALLEL_RNG = "model-parallel"
@@ -142,3 +142,13 @@ def checkpoint(function: Callable[..., Any], tracker: RNGStatesTracker | None, *
     return torch.utils.checkpoint.checkpoint(
         function, *args, use_reentrant=False,
         context_fn=lambda: (record_forward(), replay_in_recompute()))
+
+
+@torch.compiler.disable
+def eager(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, never traced by torch.compile (``--compile``): a compiled region
+    reaching it stops its graph there (a graph break) and runs it, and everything it calls,
+    eagerly. For what draws from the tracker's streams or the default generator (dropout,
+    recompute that replays them): the eager masks and generator states, identical to a run
+    without ``--compile``. A plain call outside compiled code."""
+    return function(*args)

@@ -81,6 +81,8 @@ class RunPlan:
     """Per pipeline stage."""
     data: list[str]
     """One line per data prefix (documents, tokens), or the mock-data note."""
+    cp: int = 1
+    """Context-parallel size (each rank holds 1/cp of every sequence's activations)."""
 
 
 def _data_lines(config: TrainConfig, check_ids: bool = True) -> list[str]:
@@ -120,8 +122,9 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
 
     par, tr, m = config.parallel, config.training, config.model
     layout = rank_layout(world_size, par.tensor_model_parallel_size,
-                         par.pipeline_model_parallel_size, par.expert_model_parallel_size)
-    tp, pp, dp = layout.tp_size, layout.pp_size, layout.dp_size
+                         par.pipeline_model_parallel_size, par.context_parallel_size,
+                         par.expert_model_parallel_size)
+    tp, pp, dp, cp = layout.tp_size, layout.pp_size, layout.dp_size, layout.cp_size
     m.validate_parallel(tp, m.training_seq_length)
     vp = par.virtual_pipeline_size(m.num_layers)
     ranges = layer_ranges(m.num_layers, pp, vp, par.pipeline_layer_split)
@@ -133,7 +136,8 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
 
     z = par.zero_stage
     half = config.precision.bf16 or config.precision.fp16
-    act_layer = family_of(m).activation_bytes_per_layer(config, tp)
+    # context parallelism: every activation (and logit) of a rank is its 1/cp of the tokens
+    act_layer = family_of(m).activation_bytes_per_layer(config, tp) / cp
     # the positions whose logits are computed (an encoder-decoder's: the decoder's)
     out_tokens = (m.decoder_seq_length if m.is_encoder_decoder else None) or m.training_seq_length
     if vp == 1:
@@ -159,7 +163,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
             "optimizer": params * (8 + (4 if half else 0)) / (dp if z >= 1 else 1),
             "activations": act_layer * in_flight_layers if p == 0 else
             act_layer * sum(b - a for a, b in ranges[p]) * min(pp - p, num_micro),
-            "logits": (out_tokens * tr.micro_batch_size * m.padded_vocab(tp) / tp
+            "logits": (out_tokens / cp * tr.micro_batch_size * m.padded_vocab(tp) / tp
                        * 4 * 2) if p == pp - 1 else 0.0,
         }
         mem["total"] = sum(mem.values())
@@ -167,7 +171,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
     if m.tied_embeddings and pp > 1:  # the last stage's copy of the word embedding
         total -= m.padded_vocab(tp) * m.hidden_size
     return RunPlan(world_size, tp, pp, dp, vp, num_micro,
-                   tr.global_batch_size or tr.micro_batch_size * dp, total, stages, data)
+                   tr.global_batch_size or tr.micro_batch_size * dp, total, stages, data, cp)
 
 
 def _tokenizer_line(config: TrainConfig) -> str:
@@ -188,8 +192,10 @@ def summary_lines(plan: RunPlan, config: TrainConfig, title: str) -> list[str]:
         layers = f"{m.num_layers} encoder + {m.decoder_layers} decoder"
         seq = f"{m.training_seq_length} (encoder) / {m.decoder_seq_length} (decoder)"
     return [
-        f"{title}: {plan.world_size} process(es) = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
-        + (f", {plan.vp} virtual chunks per stage" if plan.vp > 1 else ""),
+        f"{title}: {plan.world_size} process(es) = TP {plan.tp} x "
+        + (f"CP {plan.cp} x " if plan.cp > 1 else "") + f"PP {plan.pp} x DP {plan.dp}"
+        + (f", {plan.vp} virtual chunks per stage" if plan.vp > 1 else "")
+        + (f" (each rank holds 1/{plan.cp} of every sequence)" if plan.cp > 1 else ""),
         "model: " + ("" if config.model.model_type == "gpt" else
                      f"{config.model.model_type.upper()} {config.model.norm_placement}-norm, ")
         + f"{layers} layers, hidden {config.model.hidden_size}, "

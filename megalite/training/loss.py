@@ -46,7 +46,11 @@ class GPTLoss:
         detached); both fp32 scalars. The mean is over every token, or over those where the
         microbatch's ``loss_mask`` [b, s] is 1 when it has one (``--eod-mask-loss``:
         Megatron-LM's per-microbatch sum(loss * mask) / sum(mask))."""
-        if "loss_mask" in microbatch:
+        if "loss_denominator" in microbatch:    # context parallelism: this rank's share
+            masked = (per_token_loss.float() * microbatch["loss_mask"].float()).sum()
+            # (no loss token at all: the sum is 0, any positive divisor gives masked_token_mean's 0)
+            loss = masked / microbatch["loss_denominator"].sum().clamp(min=1e-6)
+        elif "loss_mask" in microbatch:
             loss = masked_token_mean(per_token_loss, microbatch["loss_mask"])
         else:
             loss = per_token_loss.float().mean()
@@ -56,23 +60,27 @@ class GPTLoss:
                   device: torch.device) -> Tensor:
         """This rank's share of the step's loss sum, float64 ``[1]``: the sum of ``reported``
         on the last pipeline stage's tp_rank 0 ranks, 0 elsewhere. Summed over the world it
-        is ``num_microbatches * dp_size`` times the global-batch mean (:meth:`mean_of`)."""
+        is ``num_microbatches * dp_size * cp_size`` times the global-batch mean
+        (:meth:`mean_of`)."""
         total = torch.zeros(1, dtype=torch.float64, device=device)
         if reported and ps.tp_rank == 0:
             total += torch.stack([l.double() for l in reported]).sum()
         return total
 
     def mean_of(self, world_sum: float, ps: ParallelState) -> float:
-        """The global-batch mean loss from the world sum of :meth:`local_sum`."""
-        return world_sum / (self.num_microbatches * ps.dp_size)
+        """The global-batch mean loss from the world sum of :meth:`local_sum` (every CP rank
+        reports the mean of its share of each microbatch's tokens)."""
+        return world_sum / (self.num_microbatches * ps.dp_size * ps.cp_size)
 
     def global_mean(self, reported: list[Tensor], ps: ParallelState,
                     device: torch.device) -> float:
         """Mean over all microbatches of all DP ranks of the values ``reported`` by this step's
         schedule (non-empty on the last pipeline stage only); every rank gets it. One
         all-reduce over the world (only the last stage's tp_rank 0 ranks contribute) and one
-        host sync; ``device``: where this rank's collectives run. (The training loop sums
-        :meth:`local_sum` in one collective with its stop flags instead.)"""
+        host sync; ``device``: where this rank's collectives run. With context parallelism
+        each CP rank reports the mean over its equal share of the tokens, so their mean is
+        the microbatch's (each token counted once). (The training loop sums
+        :meth:`local_sum` in one collective with its stop votes instead.)"""
         total = self.local_sum(reported, ps, device)
         if ps.world_size > 1:
             dist.all_reduce(total)

@@ -19,6 +19,8 @@ from megalite.config import SECTION_TYPES, TrainConfig, build_model_config
 from megalite.config_checks import option_name
 from megalite.errors import ConfigError, MegaliteError
 from megalite.families import family_of
+from megalite.parallel.context_parallel import check_context_parallel
+from megalite.training.compile import check_compile
 from megalite.train_args import TrainArgs, merge_model_values, parse_args
 from megalite.training.megatron_args import (check_recompute, overlap_notice,
                                              parallel_overrides, section_overrides)
@@ -134,6 +136,8 @@ def _check_run(config: TrainConfig) -> None:
     if ds is not None and not os.path.isfile(ds):
         raise ConfigError(f"{option_name('parallel', 'deepspeed_config')}: {ds}: no such file",
                           "parallel", "deepspeed_config")
+    check_context_parallel(config)
+    check_compile(config)
     family = family_of(config.model)
     if family.check_run is not None:
         family.check_run(config)

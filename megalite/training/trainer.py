@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,10 @@ from megalite.model.moe import set_aux_loss_scale
 from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
+from megalite.parallel.context_parallel import local_collate
 from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.random import model_parallel_seed
+from megalite.training.compile import compile_for_training
 from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
                                        throughput_metrics)
 from megalite.training.signals import StopMonitor
@@ -79,13 +82,14 @@ class Trainer:
             if dist.is_available() and dist.is_initialized():
                 ps = ParallelState.build(par.tensor_model_parallel_size,
                                          par.pipeline_model_parallel_size,
+                                         par.context_parallel_size,
                                          par.expert_model_parallel_size)
             else:
                 if (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-                        * par.expert_model_parallel_size != 1):
+                        * par.context_parallel_size * par.expert_model_parallel_size != 1):
                     raise MegaliteError(
                         "--tensor-model-parallel-size/--pipeline-model-parallel-size/"
-                        "--expert-model-parallel-size > 1 need "
+                        "--context-parallel-size/--expert-model-parallel-size > 1 need "
                         "several processes: start with torchrun, srun or mpirun")
                 ps = ParallelState.single()
         self.ps = ps
@@ -118,6 +122,7 @@ class Trainer:
         check_saved_parts(self.start, tr)
         self.weights_only_start = self._load_weights_only(self.start)
         self.optimizer = build_optimizer(self.model_chunks, config, ps)
+        self.compile_clock = compile_for_training(self.model_chunks, config)   # --compile
         self.lr_schedule = RunLRSchedule.from_config(config.optim, tr, self.global_batch_size)
         self.iteration = 0
         self._last_saved = -1  # iteration of the last checkpoint written by this process
@@ -143,6 +148,8 @@ class Trainer:
             raise MegaliteError(f"--split {cfg.data.split!r} leaves no training data")
 
         collate = self.family.collate_for(cfg)
+        if ps.cp_size > 1:   # context parallelism: each CP rank keeps only its chunks
+            collate = partial(local_collate, collate, self.seq_length, ps)
         stage_fields = self.family.stage_fields
         fields = None if stage_fields is None else \
             stage_fields(cfg, ps.is_first_pp_stage, ps.is_last_pp_stage)
@@ -167,7 +174,7 @@ class Trainer:
             set_aux_loss_scale(self.optimizer.loss_scale / self.num_microbatches)
         return loss, forward_backward(
             self.model_chunks, iter(microbatches), self.num_microbatches, self.ps, loss,
-            seq_length=self.seq_length, micro_batch_size=self.config.training.micro_batch_size,
+            seq_length=self.seq_length // self.ps.cp_size, micro_batch_size=self.config.training.micro_batch_size,
             dtype=self.dtype, forward_only=forward_only,
             backward_fn=None if forward_only else self.optimizer.backward,
             before_last_backward=None if forward_only else self.optimizer.before_last_backward)
@@ -178,6 +185,8 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.train()
         self.optimizer.zero_grad()
+        if self.compile_clock is not None:
+            self.compile_clock.begin()
         loss, reported = self._forward_backward(self.train_data.next_global_batch(),
                                                 forward_only=False)
         self.optimizer.finish_grad_sync()
@@ -192,7 +201,15 @@ class Trainer:
         """Run one iteration; returns (global-batch mean loss, optimizer StepResult)."""
         loss, reported, result = self._step()
         # after the step: the mean's host sync must not hold up queueing the update
-        return loss.global_mean(reported, self.ps, self.device), result
+        mean = loss.global_mean(reported, self.ps, self.device)
+        self._report_compile_time()
+        return mean, result
+
+    def _report_compile_time(self) -> None:
+        if self.compile_clock is not None:
+            line = self.compile_clock.end()   # once, after the first iteration
+            if line and self.ps.rank == 0:
+                print(line, flush=True)
 
     def _lean_step(self, monitor: StopMonitor) -> tuple[float, object, str | None]:
         """One iteration of the loop: (global-batch mean loss, StepResult, the reason every
@@ -205,6 +222,7 @@ class Trainer:
         if self.ps.world_size > 1:
             dist.all_reduce(stats)
         total, signal_votes, time_votes = stats.tolist()
+        self._report_compile_time()
         return loss.mean_of(total, self.ps), result, monitor.decide(signal_votes, time_votes)
 
     @torch.no_grad()

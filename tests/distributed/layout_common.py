@@ -58,15 +58,15 @@ def layout_results(world: int, runs: list[list[str]], timeout: float = 1500) -> 
 
 
 def train_and_rewind(argv: list[str], tp: int, pp: int, directory: str | None = None,
-                     rewind_to: int | None = None, ep: int = 1) -> list[float]:
-    """One ``megalite train`` run in a (tp, pp, ep) layout of the worker group (top level, for
+                     rewind_to: int | None = None, ep: int = 1, cp: int = 1) -> list[float]:
+    """One ``megalite train`` run in a (tp, pp, ep, cp) layout of the worker group (top level, for
     ``DistributedWorkers.run``); with ``rewind_to``, ``directory``'s ``latest`` is then pointed
     at that iteration (:func:`rewind_latest`). Returns the loss curve."""
     from megalite.distributed.parallel_state import ParallelState
     from megalite.training.prepare import parse_train_args
     from megalite.training.trainer import pretrain
 
-    ps = ParallelState.build(tp, pp, ep)
+    ps = ParallelState.build(tp, pp, context_parallel_size=cp, expert_model_parallel_size=ep)
     losses = pretrain(parse_train_args(argv), ps).losses
     if rewind_to is not None:
         rewind_latest(ps, directory, rewind_to)

@@ -53,7 +53,7 @@ def _reference(hidden, probs, ids, weights):
 
 
 def _run(ep: int, routing: str):
-    ps = ParallelState.build(1, 1, ep)
+    ps = ParallelState.build(1, 1, expert_model_parallel_size=ep)
     hidden_all, probs_all, ids_all, weights = _problem(routing)
     r = ps.dp_rank
     hidden = hidden_all[r].clone().requires_grad_()
@@ -112,7 +112,7 @@ def test_alltoall_dispatch_equals_local_mixture(workers, ep, routing):
 
 
 def _bad_ids():
-    ps = ParallelState.build(1, 1, 2)
+    ps = ParallelState.build(1, 1, expert_model_parallel_size=2)
     disp = AllToAllDispatcher(E, ps)
     try:
         disp.dispatch(torch.zeros(3, H), torch.ones(3, 1), torch.full((3, 1), E))

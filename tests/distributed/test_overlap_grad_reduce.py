@@ -14,7 +14,8 @@ after a stage's last microbatch, the tied-embedding copies' sum over the first a
 before their dp reduction) and TP=2 x DP=2 with sequence parallelism (the sequence-parallel
 sums over tp before the dp reduction); mixture-of-experts layers with expert parallelism
 (EP=2 at dp 2 and EP=2 x DP=2: expert gradients over the expert-data-parallel group after the
-backward pass, dense ones overlapped); packed documents (document masking) through PP=2 x DP=2.
+backward pass, dense ones overlapped); packed documents (document masking) through PP=2 x DP=2;
+context parallelism (CP=2 x DP=2: nothing overlaps, the gradients are still bit-identical).
 """
 from __future__ import annotations
 
@@ -39,14 +40,15 @@ def _argv(config: str, extra: list[str]) -> list[str]:
 
 def _run(argv: list[str], tp: int, pp: int):
     """(losses, per step: the gradients after the sync, buckets started during backward)."""
-    from megalite.distributed.parallel_state import ParallelState
     from megalite.training.prepare import parse_train_args
     from megalite.training.trainer import Trainer
 
     argv = argv + ["--tensor-model-parallel-size", str(tp),
                    "--pipeline-model-parallel-size", str(pp)]
-    trainer = Trainer(parse_train_args(argv), ParallelState.build(tp, pp))
+    trainer = Trainer(parse_train_args(argv))   # its layout from the flags (CP and EP too)
     opt = trainer.optimizer
+    layout = {f: getattr(trainer.ps, f) for f in ("tp_size", "pp_size", "cp_size", "ep_size",
+                                                   "dp_size")}
     grads, started = [], []
     finish = opt.finish_grad_sync
 
@@ -61,7 +63,7 @@ def _run(argv: list[str], tp: int, pp: int):
 
     opt.finish_grad_sync = finish_and_record
     losses = [trainer.train_step()[0] for _ in range(ITERS)]
-    return losses, grads, started
+    return losses, grads, started, layout
 
 
 def compare(argv: list[str], tp: int, pp: int):
@@ -71,7 +73,7 @@ def compare(argv: list[str], tp: int, pp: int):
 
 
 def _check(results, what: str, dp_owned: bool = True) -> None:
-    for rank, ((loss_off, g_off, s_off), (loss_on, g_on, s_on)) in enumerate(results):
+    for rank, ((loss_off, g_off, s_off, _), (loss_on, g_on, s_on, _)) in enumerate(results):
         assert loss_on == loss_off, f"{what} rank {rank}: losses {loss_on} vs {loss_off}"
         assert len(g_on) == len(g_off)
         for step, (a, b) in enumerate(zip(g_on, g_off)):
@@ -109,7 +111,9 @@ DOCS = ["--tokenizer-type", "NullTokenizer", "--reset-position-ids", "--reset-at
 def test_expert_parallel_overlap_is_bit_identical(two):
     # EP2 at dp 2: each expert on one rank, its gradient only divided by dp
     argv = _argv("tiny-llama", MOE + ["--expert-model-parallel-size", "2"])
-    _check(two.run(compare, argv, 1, 1, timeout=600), "MoE EP=2")
+    results = two.run(compare, argv, 1, 1, timeout=600)
+    assert results[0][0][3]["ep_size"] == 2 and results[0][0][3]["dp_size"] == 2
+    _check(results, "MoE EP=2")
 
 
 def test_zero1_ignores_the_flag(two):
@@ -124,8 +128,18 @@ def test_pp_and_tp_layouts_overlap_is_bit_identical():
              ("tiny-llama", 2, 1, ["--sequence-parallel"]),         # TP2 x DP2 + SP
              ("tiny-gpt", 2, 1, ["--sequence-parallel", "--bf16"]),
              ("tiny-gpt", 1, 2, DOCS),                   # packed documents through PP
-             ("tiny-llama", 1, 1, MOE + ["--expert-model-parallel-size", "2"])]  # EP2 x DP2
+             ("tiny-llama", 1, 1, MOE + ["--expert-model-parallel-size", "2"])]  # EP2, dp 4
     with DistributedWorkers(4, timeout=1200) as w:
         for config, tp, pp, extra in cases:
             results = w.run(compare, _argv(config, extra), tp, pp, timeout=900)
-            _check(results, f"{config} TP={tp} PP={pp} DP=2 {extra}")
+            layout = results[0][0][3]
+            assert (layout["tp_size"], layout["pp_size"]) == (tp, pp)
+            assert layout["dp_size"] == 4 // (tp * pp)
+            _check(results, f"{config} TP={tp} PP={pp} {extra}")
+        # CP2 x DP2: every gradient is averaged over cp first, so nothing may overlap (the
+        # flag then changes nothing, and must not change a bit)
+        results = w.run(compare, _argv("tiny-llama", ["--context-parallel-size", "2"]), 1, 1,
+                        timeout=900)
+        assert (results[0][0][3]["cp_size"], results[0][0][3]["dp_size"]) == (2, 2)
+        _check(results, "CP=2 x DP=2", dp_owned=False)
+        assert all(s == [0] * ITERS for r in results for s in (r[0][2], r[1][2]))

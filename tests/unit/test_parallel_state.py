@@ -105,12 +105,12 @@ def test_deepcopy_shares_the_state():
 
 
 def test_expert_groups_world8_by_hand():
-    lay = rank_layout(8, 2, 1, 2)   # tp 2 x dp 4, ep 2 carved out of dp
+    lay = rank_layout(8, 2, 1, expert_model_parallel_size=2)   # tp 2 x dp 4, ep 2 carved out of dp
     assert lay.dp_groups == ((0, 2, 4, 6), (1, 3, 5, 7))
     assert lay.ep_groups == ((0, 2), (4, 6), (1, 3), (5, 7))
     assert lay.expert_dp_groups == ((0, 4), (2, 6), (1, 5), (3, 7))
-    assert rank_layout(4, 1, 1, 4).ep_groups == ((0, 1, 2, 3),)
-    assert rank_layout(4, 1, 1, 4).expert_dp_groups == ((0,), (1,), (2,), (3,))
+    assert rank_layout(4, 1, 1, expert_model_parallel_size=4).ep_groups == ((0, 1, 2, 3),)
+    assert rank_layout(4, 1, 1, expert_model_parallel_size=4).expert_dp_groups == ((0,), (1,), (2,), (3,))
     assert rank_layout(4).expert_dp_groups == rank_layout(4).dp_groups   # ep 1
 
 
@@ -124,7 +124,7 @@ def test_expert_groups_equal_megatron_core(world):
     for tp, pp, ep in itertools.product(range(1, world + 1), repeat=3):
         if world % (tp * pp) or (world // (tp * pp)) % ep:
             continue
-        lay = rank_layout(world, tp, pp, ep)
+        lay = rank_layout(world, tp, pp, expert_model_parallel_size=ep)
         gen = RankGenerator(tp=tp, ep=ep, dp=lay.dp_size // ep, pp=pp, cp=1,
                             order="tp-ep-dp-pp")
         assert sorted(lay.ep_groups) == sorted(tuple(g) for g in gen.get_ranks("ep"))
@@ -152,6 +152,6 @@ def test_for_shapes_expert_rank():
 def test_expert_parallel_size_not_dividing_dp_is_a_clear_error():
     with pytest.raises(MegaliteError, match=r"--expert-model-parallel-size 3 does not divide "
                                             r"the data-parallel size 4"):
-        rank_layout(8, 2, 1, 3)
+        rank_layout(8, 2, 1, expert_model_parallel_size=3)
     with pytest.raises(MegaliteError, match="--expert-model-parallel-size must be a positive"):
-        rank_layout(8, 1, 1, 0)
+        rank_layout(8, 1, 1, expert_model_parallel_size=0)
