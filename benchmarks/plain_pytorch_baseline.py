@@ -189,7 +189,9 @@ def from_megalite_state_dict(sd: dict[str, Tensor], c: BaselineConfig) -> dict[s
 
 
 def cosine_lr(it: int, lr: float, min_lr: float, warmup: int, decay: int) -> float:
-    """Learning rate of step ``it`` (1-based): linear warmup from 0, cosine decay to min_lr."""
+    """Learning rate after ``it`` optimizer steps, used by the next one (Megatron-LM's rule,
+    which megalite follows: linear warmup from 0, so the first step runs at lr 0; cosine decay
+    to min_lr)."""
     if it <= warmup:
         return lr * it / warmup
     if it >= decay:
@@ -241,7 +243,7 @@ class BaselineLoop:
             total += loss.item()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        lr = cosine_lr(self.iteration, *self.sched)
+        lr = cosine_lr(self.iteration - 1, *self.sched)   # steps done before this one
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()

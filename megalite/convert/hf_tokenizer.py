@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import sys
 from dataclasses import dataclass
 

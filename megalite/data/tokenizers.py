@@ -376,6 +376,6 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
         return GPT2BPETokenizer(_require_file("--vocab-file", vocab_file, tokenizer_type),
                                 _require_file("--merge-file", merge_file, tokenizer_type))
     if merge_file:
-        raise MegaliteError(f"--merge-file is only used by --tokenizer-type GPT2BPETokenizer")
+        raise MegaliteError("--merge-file is only used by --tokenizer-type GPT2BPETokenizer")
     return BertWordPieceTokenizer(_require_file("--vocab-file", vocab_file, tokenizer_type),
                                   lower_case=tokenizer_type == "BertWordPieceLowerCase")

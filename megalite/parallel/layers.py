@@ -22,7 +22,6 @@ its layers on the meta device and initializes each parameter once, by name
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
