@@ -90,8 +90,8 @@ class DDPLoop(BaselineLoop):
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
         super().__init__(ddp, dataset, **kw)
         self.rank, self.world = rank, world
-        # megalite's schedule (Megatron-LM's: the first warmup step at lr_at(0)), so both
-        # loops take the same steps (the baseline's own cosine_lr is one step ahead)
+        # megalite's own schedule object (Megatron-LM's rule: the first warm-up step at
+        # lr_at(0)), so both loops take the same steps whatever the baseline's helper does
         self.lr_at = lr_at
 
     def step(self) -> float:
