@@ -17,7 +17,6 @@ its own microbatches (sample ids by DP rank); the same global-batch loss after t
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
