@@ -248,21 +248,29 @@ def _blocks(q_runs, k_runs, own: bool) -> list[tuple[int, slice, slice, bool]]:
     return out
 
 
-def _step_forward(step: int, q: Tensor, kv: Tensor, ps: ParallelState, scale: float,
-                  docs: RingDocuments | None) -> list:
-    """[(index of the query rows, out_b, lse_b)] of ring step ``step`` (empty: skipped)."""
+def _step_blocks(step: int, q: Tensor, ps: ParallelState, docs: RingDocuments | None) -> list:
+    """[(index of the query rows, index of the key rows, causal)] of ring step ``step``: the
+    whole chunks (plain causal), or the visible pairs of document runs (empty: skipped)."""
     src = (ps.cp_rank - step) % ps.cp_size
     if docs is None:
         rows, keys, causal = _plan(step, ps, q.shape[2] // 2)
         plan = [(slice(None), rows, keys, causal)]
     else:
         plan = docs.blocks[src]
-    out = []
+    blocks = []
     for bi, rows, keys, causal in plan:
         bsel = bi if isinstance(bi, slice) else slice(bi, bi + 1)
-        o_b, l_b = _block_forward(q[bsel, :, rows], kv[0][bsel, :, keys], kv[1][bsel, :, keys],
-                                  causal, scale)
-        out.append(((bsel, slice(None), rows), o_b, l_b))
+        blocks.append(((bsel, slice(None), rows), (bsel, slice(None), keys), causal))
+    return blocks
+
+
+def _step_forward(step: int, q: Tensor, kv: Tensor, ps: ParallelState, scale: float,
+                  docs: RingDocuments | None) -> list:
+    """[(index of the query rows, out_b, lse_b)] of ring step ``step`` (empty: skipped)."""
+    out = []
+    for qi, ki, causal in _step_blocks(step, q, ps, docs):
+        o_b, l_b = _block_forward(q[qi], kv[0][ki], kv[1][ki], causal, scale)
+        out.append((qi, o_b, l_b))
     return out
 
 
@@ -270,19 +278,9 @@ def _step_backward(step: int, dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, 
                    ps: ParallelState, scale: float, docs: RingDocuments | None) -> list:
     """[(index of the query rows, index of the key rows, dq_b, dk_b, dv_b)] of ring step
     ``step`` (empty: skipped)."""
-    src = (ps.cp_rank - step) % ps.cp_size
-    if docs is None:
-        rows, keys, causal = _plan(step, ps, q.shape[2] // 2)
-        plan = [(slice(None), rows, keys, causal)]
-    else:
-        plan = docs.blocks[src]
-    grads = []
-    for bi, rows, keys, causal in plan:
-        bsel = bi if isinstance(bi, slice) else slice(bi, bi + 1)
-        qi, ki = (bsel, slice(None), rows), (bsel, slice(None), keys)
-        grads.append((qi, ki) + _block_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki],
-                                                out[qi], lse[qi], causal, scale))
-    return grads
+    return [(qi, ki) + _block_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki], out[qi], lse[qi],
+                                       causal, scale)
+            for qi, ki, causal in _step_blocks(step, q, ps, docs)]
 
 
 class _RingAttention(torch.autograd.Function):
