@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+from megalite.data.tokenizers import bert_wordpiece_pipeline
 from megalite.errors import MegaliteError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -33,25 +34,13 @@ def output_path(prefix: str) -> str:
     return prefix + ".vocab.txt"
 
 
-def bert_tokenizer_pipeline(lower_case: bool):
-    """A ``tokenizers.Tokenizer`` with an empty WordPiece model and megalite's BERT
-    normalizer and pre-tokenizer (:class:`BertWordPieceTokenizer`'s settings)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lower_case)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return tok
-
-
 def _symbols(lines, lower_case: bool) -> tuple[list[str], list[str]]:
     """The characters of the text after BERT's normalizer and pre-tokenizer, and the
     ``##``-prefixed ones that continue a word, each sorted by code point (the trainer's own
     first step, with no merge)."""
     from tokenizers import trainers
 
-    tok = bert_tokenizer_pipeline(lower_case)
+    tok = bert_wordpiece_pipeline(None, lower_case)
     trainer = trainers.WordPieceTrainer(vocab_size=len(SPECIAL_TOKENS) + 1, show_progress=False,
                                         special_tokens=list(SPECIAL_TOKENS))
     tok.train_from_iterator(lines, trainer=trainer)
@@ -85,7 +74,7 @@ def train_vocab(make_lines, vocab_size: int, lower_case: bool, min_frequency: in
     if vocab_size < least:  # the trainer would keep them all and exceed the size
         raise MegaliteError(f"--vocab-size {vocab_size} is smaller than the {least} special "
                             f"tokens and characters of the text; raise it")
-    tok = bert_tokenizer_pipeline(lower_case)
+    tok = bert_wordpiece_pipeline(None, lower_case)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
         special_tokens=[*SPECIAL_TOKENS, *chars, *continuations], continuing_subword_prefix="##")

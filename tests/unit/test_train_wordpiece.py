@@ -10,8 +10,7 @@ import pytest
 from megalite.cli import run_main
 from megalite.data.tokenizers import build_tokenizer
 from megalite.dataprep import train_tokenizer
-from megalite.dataprep.wordpiece_trainer import (SPECIAL_TOKENS, bert_tokenizer_pipeline,
-                                                 train_vocab, write_vocab)
+from megalite.dataprep.wordpiece_trainer import SPECIAL_TOKENS, train_vocab, write_vocab
 
 
 def _train(argv, capsys):
@@ -19,11 +18,14 @@ def _train(argv, capsys):
     return rc, capsys.readouterr().err
 
 
-def _trained_model_pipeline(trained, lower_case: bool):
-    """The trained WordPiece model behind BERT's normalizer and pre-tokenizer, without the
-    added tokens the trainer registered (the characters given to it as special tokens)."""
-    tok = bert_tokenizer_pipeline(lower_case)
-    tok.model = trained.model
+def _trained_model_pipeline(trained):
+    """The trained WordPiece model behind the normalizer and pre-tokenizer it was trained
+    behind, without the added tokens the trainer registered (the characters given to it as
+    special tokens)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer(trained.model)
+    tok.normalizer, tok.pre_tokenizer = trained.normalizer, trained.pre_tokenizer
     return tok
 
 
@@ -38,7 +40,7 @@ def test_megalite_tokenizes_as_the_trained_model(corpus_texts, tmp_path, lower_c
     write_vocab(tokens, path)
     ours = build_tokenizer("BertWordPieceLowerCase" if lower_case else "BertWordPieceCase",
                            vocab_file=path)
-    ref = _trained_model_pipeline(trained, lower_case)
+    ref = _trained_model_pipeline(trained)
     assert ours.vocab_size == ref.get_vocab_size() == 2000
     assert ours.eod == tokens.index("[SEP]") == 3
     unk = 0
