@@ -13,11 +13,15 @@ from megalite.errors import MegaliteError
 # name -> (module, one-line summary)
 SUBCOMMANDS = {
     "quickstart": ("megalite.quickstart", "run the main job on the built-in corpus (no downloads)"),
-    "train": ("megalite.training.main", "pretrain a GPT model (YAML config + Megatron-LM flags)"),
+    "train": ("megalite.training.main",
+              "pretrain a GPT, BERT or T5 model (YAML config + Megatron-LM flags)"),
     "generate": ("megalite.generate", "continue a prompt from a checkpoint (KV cache, any TP size)"),
     "preprocess": ("megalite.dataprep.preprocess_data", "tokenize jsonl into .bin/.idx token files"),
     "merge-datasets": ("megalite.dataprep.merge_datasets", "merge several .bin/.idx datasets into one"),
-    "train-tokenizer": ("megalite.dataprep.train_tokenizer", "train a SentencePiece model from jsonl"),
+    "train-tokenizer": ("megalite.dataprep.train_tokenizer",
+                        "train a SentencePiece model or a BERT WordPiece vocab.txt from jsonl"),
+    "builtin-corpus": ("megalite.dataprep.write_corpus",
+                       "write the built-in corpus (the quickstart's text) as jsonl"),
     "convert": ("megalite.convert.cli", "checkpoints to/from Hugging Face, or to another TP/PP"),
 }
 

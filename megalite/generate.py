@@ -20,8 +20,9 @@ a new document (the end-of-document token is the context).
 
 Encoder-decoder (T5) checkpoints: the prompt is the encoder's input, encoded once; the decoder
 starts from the decoder start id and decodes with a KV cache (self-attention cached,
-cross-attention keys/values computed once); rank 0 prints what the decoder produced. The start
-and stop ids and the text: :mod:`megalite.inference.seq2seq_tokens`.
+cross-attention keys/values computed once); rank 0 prints what the decoder produced. Sentinel
+names in the prompt (``<extra_id_0>``) are the sentinel ids. The start and stop ids, the prompt
+and the text: :mod:`megalite.inference.seq2seq_tokens`.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Example: torchrun "
                 "--nproc-per-node 2 -m megalite generate --load ckpt --prompt 'The os module' "
                 "--tensor-model-parallel-size 2 --top-p 0.9. For an encoder-decoder (T5) "
-                "checkpoint the prompt is the encoder input and the output is the decoder's.")
+                "checkpoint the prompt is the encoder input (sentinels by name, <extra_id_0>) and the "
+                "output is the decoder's.")
     p.add_argument("--load", required=True, metavar="DIR",
                    help="checkpoint directory (its 'latest'), or one iter_XXXXXXX directory")
     p.add_argument("--iteration", type=int, default=None, metavar="N",
@@ -239,7 +241,7 @@ def prepare(args) -> Prepared:
     config = saved.replace(sequence_parallel=False, recompute_granularity=None,
                            hidden_dropout=0.0, attention_dropout=0.0)
     if saved.is_encoder_decoder:
-        return _prepare_seq2seq(args, config, tokenizer, train_config, prompt_ids, ids, tp)
+        return _prepare_seq2seq(args, config, tokenizer, train_config, tp)
     limit = saved.max_position_embeddings
     if len(ids) > limit or (len(ids) == limit and args.max_new_tokens > 0):
         raise MegaliteError(f"--prompt is {len(ids)} tokens long; the model has "
@@ -252,11 +254,13 @@ def prepare(args) -> Prepared:
     return Prepared(config, tokenizer, prompt_ids, ids, new, tp)
 
 
-def _prepare_seq2seq(args, config, tokenizer, train_config, prompt_ids, ids, tp) -> Prepared:
+def _prepare_seq2seq(args, config, tokenizer, train_config, tp) -> Prepared:
     """An encoder-decoder's prompt is the encoder input (as many tokens as the positions
     allow; relative positions: any); the decoder makes up to --max-new-tokens tokens."""
-    from megalite.inference.seq2seq_tokens import seq2seq_ids
+    from megalite.inference.seq2seq_tokens import encode_prompt, seq2seq_ids
     special = seq2seq_ids(tokenizer, config, train_config)
+    prompt_ids = encode_prompt(tokenizer, args.prompt, special)   # sentinels by name
+    ids = prompt_ids or [tokenizer.eod]
     new = args.max_new_tokens
     if config.position_embedding_type != "relative":
         limit = config.max_position_embeddings

@@ -4,7 +4,8 @@
   as jsonl ``{"text": ...}``; ``corpus_texts``: its documents as a list of str.
 - ``sp_model``: a SentencePiece BPE ``.model`` (vocab 1000) trained on it with
   ``megalite train-tokenizer --character-coverage 1.0``; eos ``</s>`` = 2; no ``<unk>`` on the corpus.
-- ``wordpiece_vocab``: a BERT ``vocab.txt`` (vocab 2000, lower-cased) trained with ``tokenizers``.
+- ``wordpiece_vocab``: a BERT ``vocab.txt`` (vocab 2000, lower-cased; [PAD] [UNK] [CLS] [SEP]
+  [MASK] = 0-4) trained with ``megalite train-tokenizer --model-type wordpiece``.
 - ``hf_tokenizer_json``: a byte-level BPE ``tokenizer.json`` (vocab 2000) with ``<|endoftext|>``.
 - ``corpus_token_dataset``: prefix of the corpus tokenised with ``sp_model`` (``--append-eod``),
   i.e. ``PREFIX.bin``/``PREFIX.idx``, uint16.
@@ -66,17 +67,13 @@ def sp_model(corpus_jsonl, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def wordpiece_vocab(corpus_jsonl, tmp_path_factory) -> str:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from megalite.dataprep import train_tokenizer
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=WORDPIECE_VOCAB_SIZE, show_progress=False,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(read_jsonl_texts(corpus_jsonl), trainer=trainer)
-    out = tmp_path_factory.mktemp("wordpiece")
-    (path,) = tok.model.save(str(out))  # writes vocab.txt
-    return path
+    prefix = str(tmp_path_factory.mktemp("wordpiece") / "wp")
+    assert train_tokenizer.main(["--input", corpus_jsonl, "--output-prefix", prefix,
+                                 "--model-type", "wordpiece",
+                                 "--vocab-size", str(WORDPIECE_VOCAB_SIZE)]) == 0
+    return prefix + ".vocab.txt"
 
 
 @pytest.fixture(scope="session")

@@ -171,6 +171,19 @@ class _HFTokenizersTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def bert_wordpiece_pipeline(vocab: dict | None, lower_case: bool):
+    """A ``tokenizers.Tokenizer``: WordPiece over ``vocab`` (token -> id; None: empty, for
+    training) behind BERT's normalizer and pre-tokenizer (what :class:`BertWordPieceTokenizer`
+    runs, and what ``train-tokenizer --model-type wordpiece`` trains behind)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece(vocab or {}, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lower_case)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
 class BertWordPieceTokenizer(_HFTokenizersTokenizer):
     """BERT WordPiece from a ``vocab.txt`` (one token per line), cased or lower-cased.
 
@@ -179,8 +192,7 @@ class BertWordPieceTokenizer(_HFTokenizersTokenizer):
     """
 
     def __init__(self, vocab_file: str, lower_case: bool):
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, normalizers, pre_tokenizers
+        from tokenizers import decoders, models
 
         try:
             vocab = models.WordPiece.read_file(vocab_file)
@@ -189,10 +201,7 @@ class BertWordPieceTokenizer(_HFTokenizersTokenizer):
         for special in ("[UNK]", "[SEP]"):
             if special not in vocab:
                 raise MegaliteError(f"--vocab-file {vocab_file}: no {special} token in the vocab")
-        tok = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=lower_case)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok = bert_wordpiece_pipeline(vocab, lower_case)
         tok.decoder = decoders.WordPiece(prefix="##")
         self._tok = tok
         self.vocab_file = vocab_file

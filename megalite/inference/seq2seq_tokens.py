@@ -11,14 +11,18 @@ text of what it generated.
   and the appended [BOS]/[EOS] lie past a WordPiece tokenizer's ids, and T5's sentinels past its
   SentencePiece model's. In the text, ids the tokenizer cannot decode are written by name
   (``<extra_id_3>``, ``[BOS]``), or ``<id N>`` when the name is unknown.
+* prompt: those names in the prompt text are the ids they name (:func:`encode_prompt`), so a
+  prompt can hold sentinels, as the T5 data's encoder inputs do: ``"the os module
+  <extra_id_0> files"`` asks the model to fill span 0.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from megalite.errors import MegaliteError
 
-__all__ = ["Seq2SeqIds", "seq2seq_ids", "seq2seq_text"]
+__all__ = ["Seq2SeqIds", "encode_prompt", "seq2seq_ids", "seq2seq_text"]
 
 
 @dataclass
@@ -81,3 +85,18 @@ def seq2seq_text(tokenizer, new_ids: list[int], ids: Seq2SeqIds) -> str:
     if run:
         pieces.append(tokenizer.decode(run))
     return " ".join(p for p in pieces if p)
+
+
+def encode_prompt(tokenizer, text: str, ids: Seq2SeqIds) -> list[int]:
+    """The encoder input of ``text``: each name of ``ids.names`` (``<extra_id_0>``, ...) in it
+    is the id it names, the text between them is tokenized piece by piece."""
+    if not ids.names:
+        return tokenizer.encode(text)
+    by_name = {name: i for i, name in ids.names.items()}
+    pattern = "|".join(re.escape(n) for n in sorted(by_name, key=len, reverse=True))
+    out, start = [], 0
+    for match in re.finditer(pattern, text):
+        out += tokenizer.encode(text[start:match.start()]) if match.start() > start else []
+        out.append(by_name[match.group()])
+        start = match.end()
+    return out + (tokenizer.encode(text[start:]) if start < len(text) else [])

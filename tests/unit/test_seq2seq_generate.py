@@ -15,7 +15,7 @@ import torch
 from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.inference import KVCache, SamplingConfig, generate_seq2seq_tokens
-from megalite.inference.seq2seq_tokens import Seq2SeqIds, seq2seq_ids, seq2seq_text
+from megalite.inference.seq2seq_tokens import Seq2SeqIds, encode_prompt, seq2seq_ids, seq2seq_text
 from megalite.model import get_preset
 from megalite.model.encoder_decoder import EncoderDecoderModel
 from megalite.parallel.context import ModelContext
@@ -109,6 +109,13 @@ def test_wordpiece_t5_starts_with_bos_and_stops_at_eos(wordpiece_vocab):
     text = seq2seq_text(tok, tok.encode("the os module") + [vocab.sentinels[1]] +
                         tok.encode("provides"), ids)
     assert text == "the os module <extra_id_1> provides"
+    # a prompt names sentinels as the output does: they are the sentinel ids, not text
+    s0, s1, s2 = vocab.sentinels
+    assert encode_prompt(tok, "The os module <extra_id_1>provides<extra_id_0>", ids) == \
+        tok.encode("the os module") + [s1] + tok.encode("provides") + [s0]
+    assert encode_prompt(tok, "<extra_id_2> [EOS]<extra_id_3>", ids) == \
+        [s2, vocab.eos] + tok.encode("<extra_id_3>")   # only 3 sentinels: _3 stays text
+    assert encode_prompt(tok, "no sentinel", Seq2SeqIds(0, 1)) == tok.encode("no sentinel")
     assert seq2seq_ids(tok, cfg.replace(decoder_start_token_id=5), {}).start == 5
     assert seq2seq_text(tok, [tok.vocab_size + 9], Seq2SeqIds(0, 1)) == f"<id {tok.vocab_size + 9}>"
 
