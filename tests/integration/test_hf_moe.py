@@ -38,6 +38,15 @@ def load_megalite(ckpt):
     return model, cfg
 
 
+def hf_tensors(directory) -> dict:
+    """Every tensor of the safetensors files in an HF directory, by name."""
+    out = {}
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out
+
+
 def convert(*argv) -> int:
     return megalite_main(["convert", *map(str, argv)])
 
@@ -63,11 +72,7 @@ def test_from_hf_logits_round_trip_and_greedy_generation(kind, tmp_path, capsys)
 
     # to-hf: the same tensors, bit for bit, under the same names
     assert convert("to-hf", "--load", ckpt, "--save", back) == 0
-    original = load_file(os.path.join(hf_dir, "model.safetensors"))
-    returned = {}
-    for name in os.listdir(back):
-        if name.endswith(".safetensors"):
-            returned.update(load_file(os.path.join(back, name)))
+    original, returned = load_file(os.path.join(hf_dir, "model.safetensors")), hf_tensors(back)
     assert set(returned) == set(original)
     for name, t in original.items():
         assert torch.equal(returned[name], t), name
@@ -97,11 +102,7 @@ def test_from_hf_into_expert_parallel_layout_and_back(tmp_path, capsys):
     files = [f for _, _, fs in os.walk(ckpt) for f in fs]
     assert any("_ep01" in f for f in files), files
     assert convert("to-hf", "--load", ckpt, "--save", back) == 0
-    original = load_file(os.path.join(hf_dir, "model.safetensors"))
-    returned = {}
-    for name in os.listdir(back):
-        if name.endswith(".safetensors"):
-            returned.update(load_file(os.path.join(back, name)))
+    original, returned = load_file(os.path.join(hf_dir, "model.safetensors")), hf_tensors(back)
     assert set(returned) == set(original)
     assert all(torch.equal(returned[n], t) for n, t in original.items())
     assert convert("from-hf", "--load", hf_dir, "--save", tmp_path / "bad",
