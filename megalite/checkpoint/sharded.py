@@ -448,6 +448,8 @@ def _layout(ps: ParallelState, chunks: list) -> dict:
 
 
 def _fmt(layout: dict) -> str:
-    return (f"TP={layout.get('tp_size')} CP={layout.get('cp_size', 1)} "
-            f"PP={layout.get('pp_size')} DP={layout.get('dp_size')} "
-            f"VP={layout.get('vp_size')}")
+    # CP and EP only where used, so messages about other layouts read as before
+    cp = f" CP={layout['cp_size']}" if layout.get("cp_size", 1) > 1 else ""
+    ep = f" EP={layout['ep_size']}" if layout.get("ep_size", 1) > 1 else ""
+    return (f"TP={layout.get('tp_size')}{cp} PP={layout.get('pp_size')} "
+            f"DP={layout.get('dp_size')}{ep} VP={layout.get('vp_size')}")
