@@ -33,14 +33,21 @@ __all__ = ["StepResult", "TrainingOptimizer", "param_groups", "unique_parameters
 
 @dataclass
 class StepResult:
-    """What one optimizer step did (the same values on every rank)."""
+    """What one optimizer step did (the same values on every rank). ``grad_norm`` and
+    ``skipped`` may be 0-dim tensors still on the device, so that a step needs no host sync;
+    :meth:`host` reads them back."""
 
-    grad_norm: float
+    grad_norm: float | Tensor
     """Global L2 norm of the unscaled gradient before clipping (inf/nan when it overflowed)."""
-    skipped: bool
-    """True when the step was skipped because a gradient was inf/nan somewhere."""
+    skipped: bool | Tensor
+    """True (or 1.0) when the step was skipped because a gradient was inf/nan somewhere."""
     loss_scale: float
     """Loss scale used for this step's backward (1.0 unless fp16)."""
+
+    def host(self) -> "StepResult":
+        """The same result with Python numbers (a host sync when they are on a device)."""
+        return StepResult(grad_norm=float(self.grad_norm), skipped=bool(self.skipped),
+                          loss_scale=float(self.loss_scale))
 
 
 def unique_parameters(model_chunks) -> list[tuple[str, nn.Parameter]]:

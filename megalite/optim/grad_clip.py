@@ -19,7 +19,6 @@ of the world, so decisions taken from it (skip on inf/nan, the clip factor) agre
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -28,7 +27,8 @@ from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 
-__all__ = ["counts_toward_norm", "global_grad_norm", "clip_by_global_norm"]
+__all__ = ["counts_toward_norm", "grad_norm_tensor", "global_grad_norm",
+           "clip_by_global_norm"]
 
 
 def counts_toward_norm(param: Tensor, ps: ParallelState) -> bool:
@@ -39,8 +39,16 @@ def counts_toward_norm(param: Tensor, ps: ParallelState) -> bool:
 
 
 def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: ParallelState) -> float:
-    """L2 norm of the full model's gradient. ``grads[i]`` is the gradient of ``params[i]``
-    (``.grad`` or an fp32 ``main_grad``). Collective over ``ps.mp_group`` when it has >1 rank.
+    """:func:`grad_norm_tensor` read back as a Python float (one host sync)."""
+    return float(grad_norm_tensor(params, grads, ps))
+
+
+def grad_norm_tensor(params: Iterable[Tensor], grads: Iterable[Tensor], ps: ParallelState
+                     ) -> Tensor:
+    """L2 norm of the full model's gradient, a 0-dim tensor on the gradients' device (fp32 in
+    a single process, fp64 across ranks; inf when any gradient is inf/nan), never read back to
+    the host. ``grads[i]`` is the gradient of ``params[i]`` (``.grad`` or an fp32
+    ``main_grad``). Collective over ``ps.mp_group`` when it has >1 rank.
 
     Computed as torch's ``clip_grad_norm_`` does (norm of the per-tensor norms, fp32), so a
     single process gives the same float; across ranks the squared partial norms are summed.
@@ -61,15 +69,17 @@ def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: Para
     uncounted = [g for p, g in zip(params, grads) if not counts_toward_norm(p, ps)]
     bad = (torch.stack([torch.isfinite(g).all() for g in uncounted]).logical_not().any()
            .double() if uncounted else torch.zeros((), dtype=torch.float64, device=device))
-    mp_size = len(ps.mp_group_ranks)
-    if ps.mp_group is None or mp_size == 1:
-        return float("inf") if bad.item() else float(local)
+    if ps.mp_group is None or len(ps.mp_group_ranks) == 1:
+        return torch.where(bad > 0, float("inf"), local)
     # float64 for the cross-rank sum: squaring an fp32 norm near 1e19 would overflow fp32.
     total = torch.stack([local.double() ** 2, bad.to(local.device)])
     dist.all_reduce(total, group=ps.mp_group)
-    if total[1] > 0:
-        return float("inf")
-    return math.sqrt(float(total[0]))
+    return _norm_of(total)
+
+
+def _norm_of(total: Tensor) -> Tensor:
+    """sqrt of the squared-norm sum ``total[0]``, or inf when the flag ``total[1]`` is set."""
+    return torch.where(total[1] > 0, float("inf"), total[0].sqrt())
 
 
 def _squared_norm_and_flag(params: list[Tensor], grads: list[Tensor], ps: ParallelState,
@@ -86,7 +96,7 @@ def _squared_norm_and_flag(params: list[Tensor], grads: list[Tensor], ps: Parall
 
 
 def _norm_with_expert_parallelism(params: list[Tensor], grads: list[Tensor], ps: ParallelState,
-                                  device) -> float:
+                                  device) -> Tensor:
     """The global norm when experts are split over ``ps.ep_group``: expert squared norms are
     summed over it first, then everything over tp x pp (see the module docstring)."""
     expert = [getattr(p, "is_expert", False) for p in params]
@@ -98,21 +108,23 @@ def _norm_with_expert_parallelism(params: list[Tensor], grads: list[Tensor], ps:
     total = dense + moe
     if ps.mp_group is not None and len(ps.mp_group_ranks) > 1:
         dist.all_reduce(total, group=ps.mp_group)
-    # a non-finite counted norm shows up in the squared sum itself
-    if total[1] > 0 or not math.isfinite(float(total[0])):
-        return float("inf")
-    return math.sqrt(float(total[0]))
+    # a non-finite counted norm shows up in the squared sum itself: inf either way
+    return _norm_of(torch.stack([total[0], total[1] + total[0].isfinite().logical_not()]))
 
 
 @torch.no_grad()
-def clip_by_global_norm(grads: list[Tensor], total_norm: float, max_norm: float) -> float:
-    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is < 1 (torch's
-    rule; ``max_norm <= 0`` disables clipping). Returns the factor applied (1.0 if none)."""
-    if max_norm <= 0 or not math.isfinite(total_norm):
-        return 1.0
-    # fp32 arithmetic in torch's order, so a single process matches clip_grad_norm_ bitwise.
-    coef = float(max_norm / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6))
-    if coef >= 1.0:
-        return 1.0
-    torch._foreach_mul_(grads, coef)   # an fp32 value held exactly in the Python float
+def clip_by_global_norm(grads: list[Tensor], total_norm: Tensor | float, max_norm: float
+                        ) -> Tensor:
+    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` clamped to at most 1
+    (torch's ``clip_grad_norm_`` rule and fp32 arithmetic, so a single process matches it
+    bitwise; a factor of exactly 1 leaves every value as it was). ``max_norm <= 0`` disables
+    clipping; a non-finite norm (a step to be skipped) leaves the gradients alone. Computed on
+    the device, no host sync. Returns the factor applied (a 0-dim fp32 tensor)."""
+    device = grads[0].device if grads else torch.device("cpu")
+    norm = torch.as_tensor(total_norm, device=device).float()
+    if max_norm <= 0:
+        return torch.ones((), dtype=torch.float32, device=device)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    coef = torch.where(norm.isfinite(), coef, 1.0)
+    torch._foreach_mul_(grads, coef)
     return coef

@@ -3,10 +3,13 @@
 SLURM warns a job before its time limit (``#SBATCH --signal=B:USR1@300``) and sends SIGTERM
 when it preempts or cancels it. Either may reach only some ranks (``B:`` signals the batch
 shell alone; a node may be signalled before another). So a handler only *records* the signal;
-once per iteration, after the optimizer step, :meth:`StopMonitor.should_stop` all-reduces one
-int (bit 1: a signal arrived here; bit 2: ``--exit-duration-in-mins`` elapsed here) with MAX
-over the world. Every rank gets the same answer at the same iteration, saves the checkpoint
-(a collective) and leaves the loop; ``megalite train`` then exits with :data:`EXIT_STOPPED`.
+once per iteration, after the optimizer step, every rank's votes (:meth:`StopMonitor.local_votes`:
+a signal arrived here, ``--exit-duration-in-mins`` elapsed here) are summed over the world in
+the training loop's one collective with the loss, and read back during the next iteration
+(:mod:`megalite.training.trainer`); :meth:`StopMonitor.should_stop` is the same agreement as a
+collective of its own. Every rank gets the same answer at the same iteration, saves the
+checkpoint (a collective) and leaves the loop; ``megalite train`` then exits with
+:data:`EXIT_STOPPED`.
 
 Requeue policy (decided here, implemented in ``launch/slurm/*.sbatch``): Python never calls
 ``scontrol``. The batch script traps the signal, forwards it to the training step, and when

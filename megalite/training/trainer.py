@@ -8,15 +8,16 @@ One iteration::
          the last stage; backward through the optimizer's backward_fn)
       -> optimizer.finish_grad_sync(): DP gradient all-reduce (or ZeRO's reduce-scatter), tied
          embedding and sequence-parallel gradient sums (parallel/grad_sync.py)
-      -> optimizer.step(lr): unscale, overflow check, global-norm clip, AdamW
-      -> metrics: the loss is the mean over the whole global batch (all microbatches, all DP ranks)
+      -> (the previous iteration's loss, gradient norm and stop votes read back: _settle)
+      -> optimizer.step(lr): unscale, overflow check, global-norm clip, AdamW (on the device)
+      -> metrics: the loss is the mean over the whole global batch (all microbatches, all DP
+         ranks), summed with every rank's stop votes in one all-reduce left in flight
 
 What each rank holds: the chunks of its pipeline stage, sharded over its tensor-parallel group;
 its own microbatches (sample ids by DP rank); the same global-batch loss after the reduction.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +32,7 @@ from megalite.errors import MegaliteError
 from megalite.families import family_of
 from megalite.model import moe_stats
 from megalite.model.moe import set_aux_loss_scale
+from megalite.optim.base import StepResult
 from megalite.optim.build import build_optimizer
 from megalite.parallel.pipeline.schedules import forward_backward
 from megalite.parallel.context import ModelContext
@@ -41,6 +43,7 @@ from megalite.training.compile import compile_for_training
 from megalite.training.metrics import (MetricsLogger, device_peak_flops, peak_memory_gib,
                                        throughput_metrics)
 from megalite.training.signals import StopMonitor
+from megalite.training.step_stats import Settled, StepStats
 from megalite.training.resume import check_saved_parts, plan_start, saved_parts
 from megalite.training.schedule import (RunLRSchedule, dataset_num_samples,
                                         reconcile_lr_schedule, with_train_iterations)
@@ -127,6 +130,7 @@ class Trainer:
         self._last_saved = -1  # iteration of the last checkpoint written by this process
         self.optimizer_resharded = False   # set by load(): the saved state came by name
         self.skipped_iters = 0
+        self.stats = StepStats(ps, self.device)  # the loss and stop votes, read back late
         self.train_data, self.valid_data, self.test_data = self._build_data()
         self.logger = MetricsLogger(enabled=ps.rank == 0, log_json=tr.log_json,
                                     tensorboard_dir=tr.tensorboard_dir,
@@ -180,7 +184,12 @@ class Trainer:
 
     def _step(self) -> tuple[object, list[torch.Tensor], object]:
         """One iteration without the loss reduction: (the step's loss object, the losses it
-        reported on this rank, the optimizer's StepResult)."""
+        reported on this rank, the optimizer's StepResult, possibly still on the device).
+
+        The previous iteration's stats are read back (:meth:`_settle`) after this iteration's
+        forward/backward is queued and before its optimizer step, which needs the previous
+        step's skip for its learning rate: on a GPU the read waits only for work that is
+        already done or queued ahead of this iteration's, so the device never runs dry."""
         for chunk in self.model_chunks:
             chunk.train()
         self.optimizer.zero_grad()
@@ -189,40 +198,40 @@ class Trainer:
         loss, reported = self._forward_backward(self.train_data.next_global_batch(),
                                                 forward_only=False)
         self.optimizer.finish_grad_sync()
+        self._settle()
         # Megatron-LM's scheduler advances only after steps that were taken (not skipped)
         result = self.optimizer.step(self.lr_schedule.lr_at(self.iteration - self.skipped_iters))
         self.iteration += 1
-        if result.skipped:
-            self.skipped_iters += 1
         return loss, reported, result
 
-    def train_step(self) -> tuple[float, "object"]:
-        """Run one iteration; returns (global-batch mean loss, optimizer StepResult)."""
+    def _settle(self) -> None:
+        """Read back the pending iteration (:mod:`megalite.training.step_stats`) and count
+        its skip, before the next optimizer step takes its learning rate."""
+        settled = self.stats.settle()
+        if settled is not None:
+            self.skipped_iters += settled.step.skipped
+
+    def _take_settled(self, now: bool) -> list[Settled]:
+        """The iterations read back since the last call, in order; ``now``: the current one
+        too (a log, evaluation, checkpoint or the end needs its numbers)."""
+        if now:
+            self._settle()
+        return self.stats.take()
+
+    def train_step(self) -> tuple[float, StepResult]:
+        """Run one iteration and read its results back; returns (global-batch mean loss,
+        optimizer StepResult in Python numbers)."""
         loss, reported, result = self._step()
-        # after the step: the mean's host sync must not hold up queueing the update
-        mean = loss.global_mean(reported, self.ps, self.device)
+        self.stats.queue(self.iteration, loss, reported, result, [0.0, 0.0])
+        (settled,) = self._take_settled(now=True)
         self._report_compile_time()
-        return mean, result
+        return settled.loss, settled.step
 
     def _report_compile_time(self) -> None:
         if self.compile_clock is not None:
             line = self.compile_clock.end()   # once, after the first iteration
             if line and self.ps.rank == 0:
                 print(line, flush=True)
-
-    def _lean_step(self, monitor: StopMonitor) -> tuple[float, object, str | None]:
-        """One iteration of the loop: (global-batch mean loss, StepResult, the reason every
-        rank stops after it or None). The loss sum and every rank's stop votes travel in one
-        float64 all-reduce over the world, read back with the iteration's one host sync."""
-        loss, reported, result = self._step()
-        stats = torch.cat([loss.local_sum(reported, self.ps, self.device),
-                           torch.tensor(monitor.local_votes(), dtype=torch.float64,
-                                        device=self.device)])
-        if self.ps.world_size > 1:
-            dist.all_reduce(stats)
-        total, signal_votes, time_votes = stats.tolist()
-        self._report_compile_time()
-        return loss.mean_of(total, self.ps), result, monitor.decide(signal_votes, time_votes)
 
     @torch.no_grad()
     def evaluate(self, data: BatchIterator, iters: int) -> float:
@@ -267,37 +276,54 @@ class Trainer:
         return result
 
     def _loop(self, result: TrainResult, monitor: StopMonitor) -> None:
-        """Iterations until train_iters, or until every rank agrees to stop (result.stopped)."""
+        """Iterations until train_iters, or until every rank agrees to stop (result.stopped).
+
+        Each iteration's loss and stop votes are read one iteration later (:meth:`_step`),
+        except where the loop needs them at once: at --log-interval, evaluation and checkpoint
+        iterations, --exit-interval and the last iteration. A stop vote read during iteration
+        i+1 (a signal or the time budget noticed after iteration i) stops every rank after
+        iteration i+1."""
         tr = self.config.training
         interval_start, interval_iters = time.perf_counter(), 0
+        stop, last = None, None
+
+        def record(now: bool) -> None:
+            nonlocal stop, last
+            for last in self._take_settled(now):
+                result.losses.append(last.loss)
+                result.grad_norms.append(last.step.grad_norm)
+                stop = stop or last.stop
+
         while self.iteration < tr.train_iters:
-            loss, step, stop = self._lean_step(monitor)
-            if not math.isfinite(loss):
-                raise MegaliteError(f"iteration {self.iteration}: the loss is {loss}; "
-                                    "lower --lr or use --bf16/--fp16 loss scaling")
-            result.losses.append(loss)
-            result.grad_norms.append(float(step.grad_norm))
+            loss, reported, step = self._step()
+            self.stats.queue(self.iteration, loss, reported, step, monitor.local_votes())
+            self._report_compile_time()
             interval_iters += 1
-            if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+            it = self.iteration
+            log = it % tr.log_interval == 0 or it == tr.train_iters
+            evaluate = bool(tr.eval_interval and self.valid_data and it % tr.eval_interval == 0)
+            save = bool(tr.save and tr.save_interval and it % tr.save_interval == 0)
+            exit_now = bool(tr.exit_interval and it % tr.exit_interval == 0)
+            record(now=log or evaluate or save or exit_now)
+            if stop is not None:   # read during this iteration: stop after it
+                record(now=True)
+            if log:
                 elapsed = time.perf_counter() - interval_start
-                self._log(loss, step, elapsed / interval_iters)
+                self._log(last.loss, last.step, elapsed / interval_iters)
                 interval_start, interval_iters = time.perf_counter(), 0
-            if tr.eval_interval and self.valid_data and self.iteration % tr.eval_interval == 0:
+            if evaluate:
                 # The k-th evaluation reads the k-th block of validation samples: a function of
                 # the iteration alone, so a resumed run evaluates on the same samples.
-                k = self.iteration // tr.eval_interval - 1
+                k = it // tr.eval_interval - 1
                 self.valid_data.consumed_samples = k * tr.eval_iters * self.global_batch_size
-                result.valid_losses[self.iteration] = self.evaluate(self.valid_data, tr.eval_iters)
-                self.logger.log_eval(self.iteration, "valid", result.valid_losses[self.iteration])
-            if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
+                result.valid_losses[it] = self.evaluate(self.valid_data, tr.eval_iters)
+                self.logger.log_eval(it, "valid", result.valid_losses[it])
+            if save:
                 self.save()
             # Preemption / time budget: the votes went with the loss (one collective), so every
             # rank stops after the same iteration (training/signals.py).
-            if self.iteration < tr.train_iters:
-                result.stopped = stop
-                if not result.stopped and tr.exit_interval and \
-                        self.iteration % tr.exit_interval == 0:
-                    result.stopped = "exit-interval"
+            if it < tr.train_iters:
+                result.stopped = stop or ("exit-interval" if exit_now else None)
                 if result.stopped:
                     return
 

@@ -89,8 +89,10 @@ def test_signal_stop_then_resume_equals_uninterrupted(tmp_path):
 
     save = str(tmp_path / "ckpt")
     first = _SignalAt(parse_train_args(_args("--save", save))).train()
-    assert first.stopped == "signal" and first.iteration == 3
-    assert open(os.path.join(save, "latest")).read().strip() == "iter_0000003"
+    # the votes of iteration 3 are read during iteration 4 (trainer._loop): every rank stops
+    # after iteration 4
+    assert first.stopped == "signal" and first.iteration == 4
+    assert open(os.path.join(save, "latest")).read().strip() == "iter_0000004"
     second = pretrain(parse_train_args(_args("--save", save, "--load", save)))
     assert second.stopped is None
     # bitwise: the same process, layout and arithmetic, and the checkpoint holds the RNG and
@@ -102,11 +104,12 @@ def test_exit_duration_stops_with_checkpoint_and_exit_status(tmp_path, capsys):
     from megalite.cli import main
 
     save = str(tmp_path / "ckpt")
-    # 1e-9 minutes: elapsed after the first iteration; every rank (here one) stops there
+    # 1e-9 minutes: elapsed at the first iteration's vote, read during the second; every
+    # rank (here one) stops after it
     rc = main(["train", *_args("--save", save, "--exit-duration-in-mins", "1e-9")])
     assert rc == EXIT_STOPPED
-    assert "stopping at iteration 1 (time)" in capsys.readouterr().out
-    assert os.path.isdir(os.path.join(save, "iter_0000001"))
+    assert "stopping at iteration 2 (time)" in capsys.readouterr().out
+    assert os.path.isdir(os.path.join(save, "iter_0000002"))
     assert main(["train", *_args("--save", save, "--load", save)]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert os.path.isdir(os.path.join(save, "iter_0000008"))
