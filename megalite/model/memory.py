@@ -105,9 +105,8 @@ def attention_scores_note(config, device: str | None = None) -> str:
     parts = []
     for kind, (mask, grad) in _attention_kinds(config).items():
         why = scores_stored_because(config, dev, mask=mask, mask_grad=grad)
-        name = "" if kind == "attention" else kind + " "
-        parts.append(f"{name}attention scores counted: SDPA math backend ({why})" if why else
-                     f"{name}attention scores not stored: fused SDPA on {dev}")
+        parts.append(f"{kind} scores counted: SDPA math backend ({why})" if why else
+                     f"{kind} scores not stored: fused SDPA on {dev}")
     return "; ".join(parts)
 
 

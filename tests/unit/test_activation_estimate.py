@@ -101,8 +101,8 @@ def test_t5_counts_self_attention_scores_where_the_bias_forces_math():
     assert encoder_decoder_activation_bytes(c, t, "cpu") * 4 == pytest.approx(
         4 * layer(s, 1) + 4 * (layer(d, 1) + cross), rel=1e-12)
     assert attention_scores_note(c, "cpu") == (
-        "self-attention attention scores counted: SDPA math backend (learned position bias "
-        "on cpu); cross-attention attention scores not stored: fused SDPA on cpu")
+        "self-attention scores counted: SDPA math backend (learned position bias on cpu); "
+        "cross-attention scores not stored: fused SDPA on cpu")
     assert encoder_decoder_activation_bytes(c, t, "cuda") * 4 == pytest.approx(
         4 * layer(s, 0) + 4 * (layer(d, 0) + cross), rel=1e-12)
 
