@@ -19,7 +19,9 @@ Memory estimate per rank (bytes; P = parameters of the rank, d = DP size, ZeRO s
   else 0);                                                         / d when z >= 1
 - activations, per layer and microbatch: the model family's estimate
   (:mod:`megalite.families`; for GPT and BERT :func:`megalite.model.memory.
-  activation_bytes_per_layer`, Korthikanti et al. 2022).
+  activation_bytes_per_layer`, Korthikanti et al. 2022), with the s x s attention scores
+  only where the attention kernel keeps them (the math backend; never the fused SDPA
+  kernels): the plan prints which, for the device a run started here would use.
   Times the layers this rank holds, times the microbatches in flight on the first stage (the
   worst): 1F1B ``min(pp, microbatches)``; interleaved ``min((pp-1)*2 + (vp-1)*pp + 1,
   microbatches*vp)`` chunks of ``layers/(pp*vp)`` layers.
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from megalite.config import TrainConfig, check_batch_sizes
 from megalite.errors import MegaliteError
 from megalite.families import family_of
-from megalite.model.memory import activation_bytes_per_layer
+from megalite.model.memory import activation_bytes_per_layer, attention_scores_note
 
 __all__ = ["StagePlan", "RunPlan", "plan_run", "activation_bytes_per_layer", "dry_run",
            "summary_lines"]
@@ -83,6 +85,8 @@ class RunPlan:
     """One line per data prefix (documents, tokens), or the mock-data note."""
     cp: int = 1
     """Context-parallel size (each rank holds 1/cp of every sequence's activations)."""
+    attention_scores: str = ""
+    """Whether the activation estimate counts the s x s attention scores, and why."""
 
 
 def _data_lines(config: TrainConfig, check_ids: bool = True) -> list[str]:
@@ -109,11 +113,14 @@ def _data_lines(config: TrainConfig, check_ids: bool = True) -> list[str]:
     return lines
 
 
-def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> RunPlan:
+def plan_run(config: TrainConfig, world_size: int, check_data: bool = True,
+             device: str | None = None) -> RunPlan:
     """Validate ``config`` on ``world_size`` processes and compute the plan (no processes).
 
     ``check_data=False`` skips the token-id check of the data files (collective when a process
-    group exists): for a running job, whose datasets were checked when they were built."""
+    group exists): for a running job, whose datasets were checked when they were built.
+    ``device``: "cpu" or "cuda", where the attention runs (which kernel, so whether the
+    scores are kept: :mod:`megalite.model.memory`); None: CUDA when this process has it."""
     import torch
 
     from megalite.distributed.parallel_state import ParallelState, rank_layout
@@ -137,7 +144,7 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
     z = par.zero_stage
     half = config.precision.bf16 or config.precision.fp16
     # context parallelism: every activation (and logit) of a rank is its 1/cp of the tokens
-    act_layer = family_of(m).activation_bytes_per_layer(config, tp) / cp
+    act_layer = family_of(m).activation_bytes_per_layer(config, tp, device=device) / cp
     # the positions whose logits are computed (an encoder-decoder's: the decoder's)
     out_tokens = (m.decoder_seq_length if m.is_encoder_decoder else None) or m.training_seq_length
     if vp == 1:
@@ -171,7 +178,8 @@ def plan_run(config: TrainConfig, world_size: int, check_data: bool = True) -> R
     if m.tied_embeddings and pp > 1:  # the last stage's copy of the word embedding
         total -= m.padded_vocab(tp) * m.hidden_size
     return RunPlan(world_size, tp, pp, dp, vp, num_micro,
-                   tr.global_batch_size or tr.micro_batch_size * dp, total, stages, data, cp)
+                   tr.global_batch_size or tr.micro_batch_size * dp, total, stages, data, cp,
+                   attention_scores_note(config, device))
 
 
 def _tokenizer_line(config: TrainConfig) -> str:
@@ -222,6 +230,7 @@ def format_plan(plan: RunPlan, config: TrainConfig) -> str:
             f"per rank ~{mem['total'] / GIB:.3f} GiB (weights {mem['weights'] / GIB:.3f}, grads "
             f"{mem['grads'] / GIB:.3f}, optimizer {mem['optimizer'] / GIB:.3f}, activations "
             f"{mem['activations'] / GIB:.3f}, logits {mem['logits'] / GIB:.3f})")
+    lines.append(f"activations: {plan.attention_scores}")
     lines.append("ok: nothing was trained (remove --dry-run to start)")
     return "\n".join(lines)
 

@@ -59,8 +59,9 @@ def test_memory_formula_fp32_and_zero():
     p = st.params
     assert st.memory_bytes["weights"] == p * 4 and st.memory_bytes["grads"] == p * 4
     assert st.memory_bytes["optimizer"] == p * 8
-    s, b, h, a = 64, 4, 64, 4  # tiny-gpt
-    per_layer = s * b * h * (10 + 24 / 2 + 5 * a * s / (h * 2)) * 2  # x2: fp32 activations
+    # tiny-gpt: causal SDPA without dropout keeps no s x s scores (fused kernel): no 5as/h
+    s, b, h = 64, 4, 64
+    per_layer = s * b * h * (10 + 24 / 2) * 2  # x2: fp32 activations
     assert activation_bytes_per_layer(cfg, 2) == per_layer
     assert st.memory_bytes["activations"] == per_layer * 4  # 4 layers, 1 microbatch in flight
     bf16_z3 = plan_run(_config("--bf16", "--zero-stage", "3"), 4).stages[0]
@@ -128,9 +129,10 @@ def test_bert_dry_run(wordpiece_sentence_dataset, wordpiece_vocab, sp_model, cap
     plan = plan_run(cfg, 4)
     assert plan.total_params == _full_model_params(parse_train_args(
         base[1:] + wordpiece + ["--make-vocab-size-divisible-by", "256"]))
-    s, b, h, a = 64, 4, 64, 4      # tiny-bert: the transformer layers' estimate, as GPT's
+    s, b, h = 64, 4, 64     # tiny-bert: the transformer layers' estimate, as GPT's; its
     assert plan.stages[0].memory_bytes["activations"] == \
-        4 * s * b * h * (10 + 24 / 2 + 5 * a * s / (h * 2)) * 2
+        4 * s * b * h * (10 + 24 / 2) * 2      # padding mask keeps the fused kernel: no 5as/h
+    assert "activations: attention scores not stored: fused SDPA on " in out
     # BERT data needs a WordPiece vocabulary: refused before anything runs
     assert main(base + ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
                         sp_model]) == 2
