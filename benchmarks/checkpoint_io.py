@@ -29,37 +29,7 @@ import sys
 import tempfile
 import time
 
-
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class _AnonPeak:
-    """Samples RssAnon (anonymous memory: tensors, not file pages) every 2 ms in a thread.
-
-    VmHWM also counts the pages of memory-mapped files (safetensors are read through mmap);
-    those are clean page cache that the kernel drops under pressure, so the anonymous peak is
-    the figure that decides whether a load fits in memory."""
-
-    def __init__(self) -> None:
-        import threading
-        self.peak = _rss_mib("RssAnon")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss_mib("RssAnon"))
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, _rss_mib("RssAnon"))
+from proc_memory import AnonPeak, status_mib
 
 
 def _reset_peak() -> None:
@@ -101,9 +71,9 @@ def phase(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
     if args.phase == "save":
         model.init_weights(1)
-    base, base_anon = _rss_mib("VmRSS"), _rss_mib("RssAnon")
+    base, base_anon = status_mib("VmRSS"), status_mib("RssAnon")
     _reset_peak()
-    sampler = _AnonPeak()
+    sampler = AnonPeak()
     t0 = time.perf_counter()
     if args.phase == "save":
         path = save_checkpoint(args.dir, 1, model_chunks=[model], optimizer=opt, config={},
@@ -118,7 +88,7 @@ def phase(args: argparse.Namespace) -> dict:
         out["verify_checksums"] = args.verify
     out["seconds"] = time.perf_counter() - t0
     out["peak_extra_anon_mib"] = sampler.stop() - base_anon
-    out["peak_extra_rss_mib"] = _rss_mib("VmHWM") - base
+    out["peak_extra_rss_mib"] = status_mib("VmHWM") - base
     if "bytes" in out:
         out["gb_per_s"] = out["bytes"] / out["seconds"] / 1e9
     return out

@@ -31,39 +31,12 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _anon_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class _Peak:
-    """The peak of RssAnon while in the ``with`` block, sampled every 2 ms in a thread."""
-
-    def __enter__(self) -> "_Peak":
-        self.peak, self._stop = _anon_mib(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _anon_mib())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _anon_mib())
+from proc_memory import AnonPeak, status_mib
 
 
 def _saved_bytes(model, step) -> int:
@@ -121,8 +94,8 @@ def _rank(rank: int, cp: int, store: str, args, queue) -> None:
     for _ in range(args.iters):
         model.zero_grad(set_to_none=True)
         dist.barrier()
-        with _Peak() as peak:
-            base = _anon_mib()
+        with AnonPeak() as peak:
+            base = status_mib()
             t0, c0 = time.perf_counter(), time.process_time()
             saved = _saved_bytes(model, step)
             times.append(time.perf_counter() - t0)

@@ -32,36 +32,11 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
+from proc_memory import AnonPeak, status_mib
+
 KERNELS = ("causal", "per_doc", "dense_mask", "flex")
-
-
-def _anon_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class _Peak:
-    """The peak of RssAnon, sampled every 2 ms in a thread."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = _anon_mib(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _anon_mib())
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, _anon_mib())
 
 
 def _doc_ids(seq: int, lo: int, hi: int, seed: int):
@@ -127,8 +102,8 @@ def _one(args) -> dict:
         step()
         compile_s = time.perf_counter() - t0
     step()                                                     # warm-up
-    base = _anon_mib()
-    peak = _Peak()
+    base = status_mib()
+    peak = AnonPeak()
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from typing import Iterator
 
@@ -154,23 +153,15 @@ def iter_builtin_texts() -> Iterator[str]:
 
 
 def _write_here(path: str, max_documents: int | None) -> int:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-corpus-", dir=directory)
+    from megalite.atomic_text import atomic_text_file  # here: the __main__ block sets sys.path
+
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for text in iter_builtin_texts():
-                if max_documents is not None and count >= max_documents:
-                    break
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                count += 1
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_text_file(path, prefix=".tmp-corpus-") as f:
+        for text in iter_builtin_texts():
+            if max_documents is not None and count >= max_documents:
+                break
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
@@ -178,7 +169,8 @@ def write_builtin_corpus(path: str, max_documents: int | None = None) -> int:
     """Write the corpus as jsonl lines ``{"text": ...}`` to ``path``; return the document count.
 
     ``max_documents`` keeps only the first documents. The work runs in a fresh, isolated
-    interpreter (``python -I -S`` on this file, which imports only the standard library), so the
+    interpreter (``python -I -S`` on this file, which imports only the standard library and the
+    stdlib-only :mod:`megalite.atomic_text`), so the
     bytes depend only on the Python installation, not on what the calling process has imported
     or patched, and the ~200 module imports stay out of the caller. The file is written under a
     temporary name in the same directory and renamed into place.
@@ -195,5 +187,8 @@ def write_builtin_corpus(path: str, max_documents: int | None = None) -> int:
 
 
 if __name__ == "__main__":  # the fresh interpreter of write_builtin_corpus
+    # -I leaves this file's directory off sys.path; the package root goes after the standard
+    # library, so the corpus modules cannot be shadowed by it.
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     _limit = int(sys.argv[2])
     print(_write_here(sys.argv[1], None if _limit < 0 else _limit))

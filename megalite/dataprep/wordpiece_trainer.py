@@ -16,9 +16,7 @@ the same directory and renamed into place. Use it with ``--tokenizer-type BertWo
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
+from megalite.atomic_text import atomic_text_file
 from megalite.data.tokenizers import bert_wordpiece_pipeline
 from megalite.errors import MegaliteError
 
@@ -89,14 +87,5 @@ def train_vocab(make_lines, vocab_size: int, lower_case: bool, min_frequency: in
 
 def write_vocab(tokens: list[str], path: str) -> None:
     """``tokens`` one a line to ``path``, through a temporary name in the same directory."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-vocab-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(f"{token}\n" for token in tokens)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_text_file(path, prefix=".tmp-vocab-") as f:
+        f.writelines(f"{token}\n" for token in tokens)

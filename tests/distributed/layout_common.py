@@ -1,10 +1,25 @@
 """What the layout-equivalence tests of every model family share (test_layouts.py: GPT,
-test_bert_layouts.py: BERT, test_t5_layouts.py: T5): runs of ``megalite train`` in a worker,
-the tolerance checks of a loss curve against the single-process one (their reasons are in those
-modules' docstrings), and rewinding ``latest`` to an earlier checkpoint for resume tests."""
+test_bert_layouts.py: BERT, test_t5_layouts.py: T5, test_moe_ep_layouts.py: MoE, ...): their
+``data`` fixture, runs of ``megalite train`` in a worker group (:func:`layout_results`, also for
+the single-process reference curves), the tolerance checks of a loss curve against the
+single-process one (their reasons are in those modules' docstrings), and rewinding ``latest`` to
+an earlier checkpoint for resume tests."""
 from __future__ import annotations
 
 import os
+from typing import Callable
+
+
+def data_fixture(tokens: str, tokenizer: str):
+    """A test module's ``data`` fixture: (token-file prefix, tokenizer file), the values of the
+    session fixtures named ``tokens`` and ``tokenizer`` (tests/conftest.py). Use it as
+    ``data = data_fixture("corpus_token_dataset", "sp_model")``."""
+    import pytest  # not at the top: the workers import this module too
+
+    @pytest.fixture(scope="module", name="data")
+    def data(request) -> tuple[str, str]:
+        return request.getfixturevalue(tokens), request.getfixturevalue(tokenizer)
+    return data
 
 
 def train_many(runs: list[list[str]]) -> list[list[float]]:
@@ -45,13 +60,15 @@ def rewind_latest(ps, directory: str, iteration: int) -> None:
     dist.barrier()
 
 
-def layout_results(world: int, runs: list[list[str]], timeout: float = 1500) -> list[list[float]]:
-    """The loss curves of ``runs`` trained in one group of ``world`` processes, after checking
-    that every rank reported the same global-batch losses."""
+def layout_results(world: int, runs: list[list[str]], timeout: float = 1500,
+                   fn: Callable[[list[list[str]]], list] = train_many) -> list:
+    """``fn(runs)`` in one group of ``world`` processes (by default :func:`train_many`: the
+    loss curves of ``runs``), after checking that every rank returned the same (the same
+    global-batch losses). ``fn`` must be top level, like :func:`train_many`."""
     from harness import DistributedWorkers
 
     with DistributedWorkers(world) as workers:
-        results = workers.run(train_many, runs, timeout=timeout)
+        results = workers.run(fn, runs, timeout=timeout)
     for rank_curves in results:
         assert rank_curves == results[0]
     return results[0]

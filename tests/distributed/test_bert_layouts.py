@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DistributedWorkers
-from layout_common import check_bf16, check_curve, train_many
+from layout_common import check_bf16, check_curve, data_fixture, layout_results
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "megalite" / "configs" / "tiny-bert.yaml")
 ITERS = 10
@@ -54,9 +53,7 @@ def _argv(variant, prefix, vocab, tp, pp, extra):
             "--pipeline-model-parallel-size", str(pp)] + VARIANTS[variant] + extra
 
 
-@pytest.fixture(scope="module")
-def data(wordpiece_sentence_dataset, wordpiece_vocab):
-    return wordpiece_sentence_dataset, wordpiece_vocab
+data = data_fixture("wordpiece_sentence_dataset", "wordpiece_vocab")
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +62,7 @@ def reference(data):
     prefix, vocab = data
     runs = [_argv(v, prefix, vocab, 1, 1, []) for v in VARIANTS]
     runs.append(_argv("pre", prefix, vocab, 1, 1, ["--bf16"]))
-    with DistributedWorkers(1) as workers:
-        (curves,) = workers.run(train_many, runs, timeout=900)
+    curves = layout_results(1, runs, timeout=900)
     return dict(zip(VARIANTS, curves)), curves[-1]
 
 
@@ -87,12 +83,9 @@ def test_layouts_match_single_process(world, data, reference):
     runs = [_argv(v, prefix, vocab, tp, pp, extra) for v, tp, pp, extra in cases]
     if world == 2:
         runs += [_argv("pre", prefix, vocab, 1, 1, ["--bf16"] + extra) for extra in BF16_LAYOUTS]
-    with DistributedWorkers(world) as workers:
-        results = workers.run(train_many, runs, timeout=1500)
-    for rank_curves in results:            # every rank reports the same global-batch loss
-        assert rank_curves == results[0]
-    for (variant, tp, pp, extra), curve in zip(cases, results[0]):
+    curves = layout_results(world, runs, timeout=1500)  # checks that the ranks agree
+    for (variant, tp, pp, extra), curve in zip(cases, curves):
         what = f"BERT {variant} TP={tp} PP={pp} DP={world // (tp * pp)} {' '.join(extra)}"
         check_curve(curve, fp32[variant], ITERS, what)
-    for extra, curve in zip(BF16_LAYOUTS, results[0][len(cases):]):
+    for extra, curve in zip(BF16_LAYOUTS, curves[len(cases):]):
         check_bf16(curve, fp32["pre"], BF16_REL, f"BERT bf16 DP=2 {' '.join(extra)}")

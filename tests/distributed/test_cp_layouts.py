@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import pytest
 
-from layout_common import check_bf16, check_curve, layout_results
+from layout_common import check_bf16, check_curve, data_fixture, layout_results
 from test_layouts import DOC_FLAGS, ITERS, RECIPES, _argv
 
 # (tp, pp, cp, extra flags) by world size; dp = world / (tp * pp * cp).
@@ -52,9 +52,7 @@ def _cp_argv(recipe: str, variant: str, data, tp: int, pp: int, cp: int,
                  ["--context-parallel-size", str(cp)] + VARIANTS[variant] + extra)
 
 
-@pytest.fixture(scope="module")
-def data(corpus_token_dataset, sp_model):
-    return corpus_token_dataset, sp_model
+data = data_fixture("corpus_token_dataset", "sp_model")
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DistributedWorkers
-from layout_common import check_bf16, check_curve, layout_results, train_many
+from layout_common import check_bf16, check_curve, data_fixture, layout_results
 
 CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 
@@ -84,9 +83,7 @@ def _argv(recipe: str, data_prefix: str, sp_model: str, tp: int, pp: int, extra:
     ] + extra
 
 
-@pytest.fixture(scope="module")
-def data(corpus_token_dataset, sp_model):
-    return corpus_token_dataset, sp_model
+data = data_fixture("corpus_token_dataset", "sp_model")
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +92,7 @@ def reference(data):
     prefix, sp = data
     runs = [_argv(r, prefix, sp, 1, 1, []) for r in RECIPES]
     runs += [_argv(r, prefix, sp, 1, 1, ["--bf16"]) for r in RECIPES]
-    with DistributedWorkers(1) as workers:
-        (curves,) = workers.run(train_many, runs, timeout=600)
+    curves = layout_results(1, runs, timeout=600)
     names = list(RECIPES)
     return ({r: c for r, c in zip(names, curves[:2])},
             {r: c for r, c in zip(names, curves[2:])})
@@ -118,11 +114,8 @@ def test_layouts_match_single_process(world, data, reference):
     fp32, _ = reference
     cases = [(recipe, tp, pp, extra) for recipe in RECIPES for tp, pp, extra in LAYOUTS[world]]
     runs = [_argv(recipe, prefix, sp, tp, pp, extra) for recipe, tp, pp, extra in cases]
-    with DistributedWorkers(world) as workers:
-        results = workers.run(train_many, runs, timeout=1200)
-    for rank_curves in results:            # every rank reports the same global-batch loss
-        assert rank_curves == results[0]
-    for (recipe, tp, pp, extra), curve in zip(cases, results[0]):
+    curves = layout_results(world, runs, timeout=1200)  # checks that the ranks agree
+    for (recipe, tp, pp, extra), curve in zip(cases, curves):
         what = f"{recipe} TP={tp} PP={pp} DP={world // (tp * pp)} {' '.join(extra)}"
         check_curve(curve, fp32[recipe], ITERS, what)
 

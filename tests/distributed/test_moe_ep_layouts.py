@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from harness import DistributedWorkers
-from layout_common import check_curve
+from layout_common import check_curve, data_fixture, layout_results
 
 CONFIGS = Path(__file__).resolve().parents[2] / "megalite" / "configs"
 ITERS = 8
@@ -83,17 +83,14 @@ def train_reporting_experts(runs: list[list[str]]) -> list[tuple[list[float], li
     return out
 
 
-@pytest.fixture(scope="module")
-def data(corpus_token_dataset, sp_model):
-    return corpus_token_dataset, sp_model
+data = data_fixture("corpus_token_dataset", "sp_model")
 
 
 @pytest.fixture(scope="module")
 def reference(data):
     prefix, sp = data
     runs = [_argv(m, prefix, sp, 1, 1, 1, []) for m in MODELS]
-    with DistributedWorkers(1) as workers:
-        (results,) = workers.run(train_reporting_experts, runs, timeout=900)
+    results = layout_results(1, runs, timeout=900, fn=train_reporting_experts)
     for (curve, held), model in zip(results, MODELS):
         assert held == list(range(E)), model
         assert curve[-1] < curve[0] - 0.2, f"{model}: loss did not fall: {curve}"
