@@ -2,7 +2,7 @@
 
     python benchmarks/dp_step.py [--layers 4] [--hidden 512] [--ffn 1408] [--vocab 32000]
         [--seq 256] [--global-batch 8] [--micro-batch 4] [--warmup 3] [--steps 12]
-        [--threads 1] [--bucket-mb 25]
+        [--threads 1] [--bucket-mb 25] [--compile]
 
 Two processes (gloo, one data-parallel rank each) build, from the same initial weights and
 on the same ``--mock-data`` batches (rank r takes the r-th microbatch of each step of the
@@ -10,6 +10,8 @@ global batch, megalite's order):
 
 * ``overlap``: megalite's ``Trainer.train_step()`` with ``--overlap-grad-reduce``;
 * ``no_overlap``: the same with ``--no-overlap-grad-reduce``;
+* ``compiled`` (with ``--compile``): ``overlap`` plus megalite's ``--compile`` (its first
+  warm-up step compiles);
 * ``ddp``: the plain-PyTorch LLaMA-recipe model of ``benchmarks/plain_pytorch_baseline.py``
   wrapped in ``torch.nn.parallel.DistributedDataParallel`` (``bucket_cap_mb`` = ``--bucket-mb``,
   ``no_sync`` on all but the last microbatch), ``clip_grad_norm_``, ``torch.optim.AdamW``, and
@@ -130,8 +132,11 @@ def worker(rank: int, world: int, store: str, args, out_path: str) -> None:
                             world_size=world)
     torch.set_num_threads(args.threads)
     runners = {}
-    for name, overlap in (("overlap", True), ("no_overlap", False)):
-        trainer = Trainer(parse_train_args(megalite_argv(args, overlap)))
+    variants = [("overlap", True, []), ("no_overlap", False, [])]
+    if args.compile:
+        variants.append(("compiled", True, ["--compile"]))
+    for name, overlap, extra in variants:
+        trainer = Trainer(parse_train_args(megalite_argv(args, overlap) + extra))
         runners[name] = (lambda t: (lambda: t.train_step()[0]))(trainer)
     (chunk,) = trainer.model_chunks
     m = trainer.config.model
@@ -154,7 +159,7 @@ def worker(rank: int, world: int, store: str, args, out_path: str) -> None:
     times = {n: [] for n in names}
     losses = {n: [] for n in names}
     for k in range(args.warmup + args.steps):
-        order = names[k % 3:] + names[:k % 3]
+        order = names[k % len(names):] + names[:k % len(names)]
         for name in order:
             dist.barrier()
             t0 = time.perf_counter()
@@ -174,6 +179,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
+    ap.add_argument("--compile", action="store_true",
+                    help="also megalite with --overlap-grad-reduce --compile")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "out.json")
@@ -205,6 +212,12 @@ def main() -> None:
            "megalite_overlap_bit_identical": losses["overlap"] == losses["no_overlap"],
            "ddp_max_rel_diff": rel(losses["ddp"], losses["overlap"]),
            "step_s_all": {n: [round(x, 4) for x in t] for n, t in times.items()}}
+    if "compiled" in med:
+        out.update({"ddp_over_compiled": round(med["ddp"] / med["compiled"], 4),
+                    "overlap_over_compiled": round(med["overlap"] / med["compiled"], 4),
+                    "compiled_max_rel_diff": rel(losses["compiled"], losses["overlap"])})
+        out["median_round_ratio"].update({"ddp/compiled": pair("ddp", "compiled"),
+                                          "overlap/compiled": pair("overlap", "compiled")})
     print(json.dumps(out, indent=1))
 
 
