@@ -20,28 +20,23 @@ ends, so a run killed by a timeout leaves what it measured and names the phase i
   ``transformers.LlamaForCausalLM`` (eager attention: an independent implementation), logits
   compared through ``hf_models.verify_logits`` on the device, first fp32 then both models
   cast to bf16. Tolerances: fp32 ``FP32_TOL``; bf16 relative to the bf16 noise floor.
-* ``train_eager`` / ``train_compiled``: megalite's own step (``Trainer.train_step``: data,
-  schedule forward/backward with gradient accumulation over the microbatches, grad sync, norm,
-  clip, AdamW) of the preset (``1b``: LLaMA recipe, TinyLlama-1.1B's shape) at
-  ``--seq-length`` 4096, ``--bf16``, ``--mock-data``, TP=PP=DP=1; the compiled phase adds
-  ``--compile`` when megalite has that option (else it records ``{"skipped": ...}``).
-  ``--warmup`` steps untimed (the first one's time, compilation included, is reported), then
-  ``--steps`` steps, each between two ``torch.cuda.synchronize`` calls. Tokens/s, TFLOP/s and
-  MFU from megalite's FLOPs formula (``Trainer.flops_per_iter``, :mod:`megalite.model.flops`)
-  against ``--peak-tflops`` (989: H100/H200 SXM dense bf16), via megalite's
-  ``throughput_metrics``. Peak memory (``torch.cuda.max_memory_allocated``, reset after the
-  trainer is built, so the steps' peak with every persistent tensor counted) against the
-  ``--dry-run`` planner's estimate (``megalite.training.dry_run.plan_run``), also planned with
-  selective recompute: that drops the s x s score matrix, which fused attention kernels
-  never store. One more step under the profiler names the SDPA op the model ran.
+* ``train_eager`` / ``train_compiled``: ``Trainer.train_step`` (data, forward/backward over
+  the microbatches, grad sync, norm, clip, AdamW) of the preset (``1b``: TinyLlama-1.1B's
+  shape) at ``--seq-length`` 4096, ``--bf16``, ``--mock-data``, TP=PP=DP=1, ``--compile`` in
+  the compiled phase (or ``{"skipped": ...}``). ``--warmup`` untimed steps (the first one's
+  time, compilation included, is reported), then ``--steps`` steps between two
+  ``torch.cuda.synchronize`` calls. Tokens/s, TFLOP/s and MFU from megalite's FLOPs formula
+  and ``throughput_metrics`` against ``--peak-tflops`` (989: H100/H200 SXM dense bf16). Peak
+  memory (``max_memory_allocated``, reset after the build) against the ``--dry-run`` plan
+  and its note on the s x s attention scores. One profiled step names the SDPA op. Then
+  ``--steps`` iterations of megalite's own loop (``Trainer.train``: each iteration's loss and
+  stop votes read one iteration late), timed whole: ``train_step_over_loop`` is the step time
+  above (read at once) over the loop's.
 
-Precision: megalite's ``--bf16`` holds the model's parameters in bf16 (no autocast) with fp32
-master weights and fp32 gradient accumulators in the optimizer; the parity phase casts both
-models' parameters to bf16 the same way. This script calls ``.item()`` nowhere inside a timed
-step; megalite's step itself reads the loss and the gradient norm on the host once each.
-
-Needs neither DeepSpeed, megatron-core, sentencex nor ``megalite._C`` (tests/unit/
-test_gpu_check.py runs ``--cpu`` with those unimportable); no network. No assertion on time.
+``--bf16``: bf16 parameters (no autocast), fp32 masters and gradient accumulators; parity
+casts both models to bf16 the same way. No ``.item()`` here inside a timed step. Needs no
+DeepSpeed, megatron-core, sentencex or ``megalite._C`` (tests/unit/test_gpu_check.py runs
+``--cpu`` with those unimportable); no network. No assertion on time.
 """
 from __future__ import annotations
 
@@ -322,7 +317,8 @@ def compile_available() -> bool:
 
 
 def train_argv(args, compiled: bool) -> list[str]:
-    iters = args.warmup + args.steps + 1            # + 1: the profiled step
+    # + 1: the profiled step; + steps: megalite's own loop (phase_train)
+    iters = args.warmup + 2 * args.steps + 1
     argv = ["--model-preset", args.preset, "--bf16", "--mock-data",
             "--seq-length", str(args.seq_length),
             "--max-position-embeddings", str(max(args.seq_length, args.parity_seq)),
@@ -335,19 +331,15 @@ def train_argv(args, compiled: bool) -> list[str]:
 
 
 def memory_plan(config) -> dict:
-    """The ``--dry-run`` planner's per-rank estimate (GiB), as planned and with the score
-    matrix dropped (selective recompute's accounting)."""
-    import dataclasses
-
+    """The ``--dry-run`` planner's per-rank estimate (GiB) for this device, and its note on
+    whether it counts the s x s attention scores (only where the math backend keeps them)."""
     from megalite.training.dry_run import GIB, plan_run
-    mem = plan_run(config, 1, check_data=False).stages[0].memory_bytes
-    no_scores = dataclasses.replace(
-        config, model=config.model.replace(recompute_granularity="selective"))
-    mem2 = plan_run(no_scores, 1, check_data=False).stages[0].memory_bytes
+    plan = plan_run(config, 1, check_data=False)
+    mem = plan.stages[0].memory_bytes
     return {"estimate_gib": round(mem["total"] / GIB, 3),
             "estimate_parts_gib": {k: round(v / GIB, 3) for k, v in mem.items()
                                    if k != "total"},
-            "estimate_without_score_matrix_gib": round(mem2["total"] / GIB, 3)}
+            "attention_scores": plan.attention_scores}
 
 
 def phase_train(args, dev, compiled: bool) -> dict:
@@ -375,6 +367,14 @@ def phase_train(args, dev, compiled: bool) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         trainer.train_step()
         sync(dev)
+    # megalite's own loop (Trainer.train) over --steps more iterations: it reads each
+    # iteration's loss and stop votes one iteration late, against the per-step reads above
+    sync(dev)
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):   # its one log line, not into the JSON
+        loop = trainer.train()
+    sync(dev)
+    loop_s = (time.perf_counter() - t) / args.steps
     timed = times[args.warmup:]
     step_s = sum(timed) / len(timed)
     tokens = trainer.global_batch_size * trainer.seq_length
@@ -392,6 +392,8 @@ def phase_train(args, dev, compiled: bool) -> dict:
            "tflops": _sig(rates["tflops_per_device"]), "mfu": _sig(rates["mfu"]),
            "peak_tflops": args.peak_tflops, "losses": [round(x, 5) for x in losses],
            "ln_vocab": round(math.log(config.model.vocab_size), 4),
+           "loop_step_s_mean": round(loop_s, 4), "train_step_over_loop": round(step_s / loop_s, 4),
+           "loop_losses": [round(x, 5) for x in loop.losses],
            "sdpa_ops": ops, "sdpa_backend": backend_of(ops)}
     mem = memory_plan(trainer.config)
     mem["peak_gib"] = round(peak, 3)
@@ -412,7 +414,8 @@ def summarize(report: Report) -> None:
     eager, comp = ph.get("train_eager", {}), ph.get("train_compiled", {})
     for name, r in (("eager", eager), ("compiled", comp)):
         if r.get("status") == "ok":
-            s[name] = {k: r[k] for k in ("tokens_per_s", "tflops", "mfu", "step_s_mean")}
+            s[name] = {k: r[k] for k in ("tokens_per_s", "tflops", "mfu", "step_s_mean",
+                                         "train_step_over_loop")}
             s[name]["peak_gib"] = r["memory"]["peak_gib"]
             s[name]["dry_run_estimate_gib"] = r["memory"]["estimate_gib"]
     if eager.get("status") == "ok" and comp.get("status") == "ok":
