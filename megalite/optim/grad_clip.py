@@ -27,8 +27,7 @@ from torch import Tensor
 
 from megalite.distributed.parallel_state import ParallelState
 
-__all__ = ["counts_toward_norm", "grad_norm_tensor", "global_grad_norm",
-           "clip_by_global_norm"]
+__all__ = ["counts_toward_norm", "grad_norm_tensor", "clip_by_global_norm"]
 
 
 def counts_toward_norm(param: Tensor, ps: ParallelState) -> bool:
@@ -36,11 +35,6 @@ def counts_toward_norm(param: Tensor, ps: ParallelState) -> bool:
     if getattr(param, "shared_embedding", False):
         return False
     return getattr(param, "tensor_parallel_dim", None) is not None or ps.tp_rank == 0
-
-
-def global_grad_norm(params: Iterable[Tensor], grads: Iterable[Tensor], ps: ParallelState) -> float:
-    """:func:`grad_norm_tensor` read back as a Python float (one host sync)."""
-    return float(grad_norm_tensor(params, grads, ps))
 
 
 def grad_norm_tensor(params: Iterable[Tensor], grads: Iterable[Tensor], ps: ParallelState

@@ -40,7 +40,6 @@ class Settled:
     """An iteration's results read back: global-batch mean loss, the optimizer's result in
     Python numbers, and the stop reason its votes gave (None: go on)."""
 
-    iteration: int
     loss: float
     step: StepResult
     stop: str | None
@@ -82,7 +81,7 @@ class StepStats:
         if not math.isfinite(mean):
             raise MegaliteError(f"iteration {p.iteration}: the loss is {mean}; "
                                 "lower --lr or use --bf16/--fp16 loss scaling")
-        settled = Settled(p.iteration, mean, p.step.host(),
+        settled = Settled(mean, p.step.host(),
                           StopMonitor.decide(signal_votes, time_votes))
         self._settled.append(settled)
         return settled

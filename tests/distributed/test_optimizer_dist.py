@@ -218,7 +218,7 @@ def workers4():
 # -- clipping at TP=2 vs torch on the single-process model -----------------------------------
 def tp_clipped_grads(recipe: str, sp: bool):
     """One accumulation at TP=2 (or in one process): (global norm, full clipped grads)."""
-    from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
+    from megalite.optim.grad_clip import clip_by_global_norm, grad_norm_tensor
     ps, chunks = build(recipe, 2 if dist.is_initialized() else 1, 1, sp)
     opt = make_optimizer(chunks, ps, 0, {})
     tokens, labels = global_batch()
@@ -230,7 +230,7 @@ def tp_clipped_grads(recipe: str, sp: bool):
         norm = float(torch.nn.utils.clip_grad_norm_(opt.params, 0.01))
     else:
         grads = [p.grad for p in opt.params]
-        norm = global_grad_norm(opt.params, grads, ps)
+        norm = float(grad_norm_tensor(opt.params, grads, ps))
         clip_by_global_norm(grads, norm, 0.01)
     return norm, {n: gather_full_tensor(p.grad, p, ps) for n, p in chunks[0].named_parameters()}
 

@@ -17,7 +17,7 @@ from megalite.distributed.parallel_state import ParallelState
 from megalite.errors import MegaliteError
 from megalite.model import get_preset
 from megalite.model.gpt import GPTModel
-from megalite.optim.grad_clip import clip_by_global_norm, global_grad_norm
+from megalite.optim.grad_clip import clip_by_global_norm, grad_norm_tensor
 from megalite.optim.loss_scaler import LossScaler, build_loss_scaler
 from megalite.optim.base import param_groups
 from megalite.optim.optimizer import Optimizer
@@ -104,7 +104,7 @@ def test_clip_matches_torch(max_norm):
         h.grad = p.grad.clone()
     ref_norm = torch.nn.utils.clip_grad_norm_(holders, max_norm)
     grads = [p.grad for p in params]
-    norm = global_grad_norm(params, grads, PS)
+    norm = float(grad_norm_tensor(params, grads, PS))
     coef = clip_by_global_norm(grads, norm, max_norm)
     assert (coef < 1.0) == (max_norm < norm)
     # same formula and order as torch: the same float, the same clipped gradients
@@ -266,6 +266,29 @@ def test_state_dict_round_trip_is_bitwise(precision):
     for (n, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     assert ropt.loss_scale == opt.loss_scale
+
+
+def test_state_from_before_the_fused_kernel_resumes_with_it():
+    """A checkpoint saved by the per-tensor AdamW (its param groups say fused=None) loads into
+    the fused optimizer, which still skips a non-finite step on the device (found_inf): the
+    per-tensor implementation refuses found_inf, so the groups must be switched back."""
+    model = make_model()
+    opt = Optimizer([model], OptimConfig(), PrecisionConfig(), PS)
+    train_step(model, opt)
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["adamw"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    opt.load_state_dict(old)
+    assert all(g["fused"] for g in opt.adamw.param_groups)
+    accumulate(model, opt)
+    before = copy.deepcopy(model.state_dict())
+    next(model.parameters()).grad[0, 0] = float("inf")
+    assert opt.step(1e-3).skipped
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    opt.zero_grad()
+    train_step(model, opt)                          # and the next step is taken
+    assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_load_state_dict_refuses_other_layout():
