@@ -82,8 +82,10 @@ class ModelFamily:
     of that tokenizer (the run's :class:`~megalite.config.DataConfig`)."""
     forward_flops_per_token: Callable[[TransformerConfig, int], float] | None = None
     """``(model config, seq_length) -> float``: forward GEMM FLOPs of one token."""
-    activation_bytes_per_layer: Callable[[Any, int], float] | None = None
-    """``(TrainConfig, tp) -> float``: activation bytes of one layer for one microbatch."""
+    activation_bytes_per_layer: Callable[..., float] | None = None
+    """``(TrainConfig, tp, device=None) -> float``: activation bytes of one layer for one
+    microbatch; ``device`` ("cpu"/"cuda", None: this process's) decides whether the attention
+    scores are kept (:mod:`megalite.model.memory`)."""
     hf_converter: Any = None
     """The Hugging Face converter: a module with ``param_mappings``, ``to_hf``, ``from_hf``,
     ``config_to_hf``, ``config_from_hf`` (:mod:`megalite.convert.hf_models` for GPT)."""
